@@ -1,0 +1,104 @@
+"""Noise schedules in float64, read from any Diffusers scheduler config.
+
+Indexing follows Diffusers: ``abar[t] = alphas_cumprod[t]`` for ``t = 0 … N-1``; ``abar[-1] := 1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+# Zero-terminal-SNR schedules end in abar = 0, where x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
+# is undefined; Diffusers' Euler-type schedulers use the same floor.
+ZERO_SNR_FLOOR = 2.0**-24
+
+
+def cosine_alphas_cumprod(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM cosine schedule (Diffusers ``squaredcos_cap_v2``).
+
+    ``f(u) = cos((u + 0.008) / 1.008 * pi/2)^2``, ``beta_t = min(1 - f((t+1)/N) / f(t/N), max_beta)``.
+    """
+    u = np.arange(num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps
+    f = np.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = np.minimum(1.0 - f[1:] / f[:-1], max_beta)
+    return np.cumprod(1.0 - betas)
+
+
+def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
+    """float64 betas of a DDPM / DDIM / PNDM / Stable Diffusion scheduler config (or the config's object)."""
+    n = int(config.get("num_train_timesteps", 1000))
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = np.asarray(trained, dtype=np.float64)
+        if betas.shape != (n,):
+            raise ValueError(
+                f"trained_betas has {betas.size} entries but num_train_timesteps is {n}; "
+                "pass num_train_timesteps=len(trained_betas)."
+            )
+    else:
+        kind = config.get("beta_schedule", "linear")
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float64)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            abar = cosine_alphas_cumprod(n)
+            betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+        else:
+            raise ValueError(
+                f"beta_schedule={kind!r} is not supported; use 'linear', 'scaled_linear', "
+                "'squaredcos_cap_v2' or pass trained_betas."
+            )
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescale_zero_terminal_snr(betas)
+    if np.any(betas <= 0) or np.any(betas > 1):
+        raise ValueError("betas must lie in (0, 1]; check beta_start, beta_end or trained_betas.")
+    return betas
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, Algorithm 1: shift and scale sqrt(abar) so that abar[N-1] = 0."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+
+def alphas_cumprod_from_config(config: Mapping[str, Any] | Any) -> np.ndarray:
+    """float64 ``alphas_cumprod`` (length N) of a scheduler, its config, or a plain mapping."""
+    if hasattr(config, "config") and not isinstance(config, Mapping):
+        config = config.config
+    abar = np.cumprod(1.0 - betas_from_config(config))
+    return np.maximum(abar, ZERO_SNR_FLOOR)
+
+
+def as_alphas_cumprod(schedule: Any) -> np.ndarray:
+    """Accept a Diffusers scheduler, its config, or an array of alphas_cumprod; return float64 abar."""
+    if isinstance(schedule, (np.ndarray, Sequence)) or hasattr(schedule, "detach"):
+        abar = np.asarray(schedule.detach().cpu() if hasattr(schedule, "detach") else schedule, dtype=np.float64)
+        if abar.ndim != 1 or abar.size < 2 or np.any(abar <= 0) or np.any(abar > 1) or np.any(np.diff(abar) > 0):
+            raise ValueError(
+                "alphas_cumprod must be a 1-D, non-increasing array in (0, 1]; "
+                "pass a Diffusers scheduler or its config instead."
+            )
+        return abar
+    return alphas_cumprod_from_config(schedule)
+
+
+def schedule_fingerprint(alphas_cumprod: np.ndarray) -> str:
+    """A short hash of the schedule at 6 significant digits, so float32 copies of it hash alike."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    text = ",".join(f"{v:.5e}" for v in abar)
+    return f"N{abar.size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def extended(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.ndarray:
+    """``abar[index]`` with the convention ``abar[-1] = 1`` (clean data)."""
+    idx = np.asarray(index)
+    return np.where(idx < 0, 1.0, np.asarray(alphas_cumprod, dtype=np.float64)[np.maximum(idx, 0)])

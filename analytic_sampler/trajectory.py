@@ -1,0 +1,155 @@
+"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (Analytic-DPM's DP).
+
+The DDPM-type K-step bound with the analytic variance is, up to constants, ``(d/2) sum_k J(t_{k-1}, t_k)``::
+
+    J(s, t) = log(1 - b_ts * ms_eps[t] / bb[t])
+
+and ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .schedule import as_alphas_cumprod
+
+_BLOCK = 256  # rows of the cost matrix per block: a 256 x N float64 slab stays in cache
+
+
+def _check_steps(num_train_timesteps: int, num_steps: int) -> int:
+    if not 2 <= int(num_steps) <= num_train_timesteps:
+        raise ValueError(
+            f"num_steps={num_steps} must be between 2 and num_train_timesteps={num_train_timesteps}; "
+            "the first step is t=N-1 and the last t=0."
+        )
+    return int(num_steps)
+
+
+def even_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """``linspace(0, N-1, K).round()``, descending."""
+    k = _check_steps(num_train_timesteps, num_steps)
+    return np.linspace(0, num_train_timesteps - 1, k).round().astype(int)[::-1].tolist()
+
+
+def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending."""
+    k = _check_steps(num_train_timesteps, num_steps)
+    t = np.linspace(0.0, np.sqrt(num_train_timesteps - 1), k) ** 2
+    t = np.maximum.accumulate(np.round(t).astype(int) - np.arange(k)) + np.arange(k)
+    return t[::-1].tolist()
+
+
+def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    """Check a user trajectory: integers, strictly descending, inside [0, N-1], at least two."""
+    ts = [int(t) for t in timesteps]
+    if len(ts) < 2:
+        raise ValueError("custom timesteps need at least two entries (K >= 2).")
+    if any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"custom timesteps must be strictly descending (e.g. [999, 500, 0]); got {ts[:6]}…")
+    if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
+        raise ValueError(f"custom timesteps must lie in [0, {num_train_timesteps - 1}]; got {ts[0]} … {ts[-1]}.")
+    return ts
+
+
+def _cost_matrix(abar: np.ndarray, ms_eps: np.ndarray) -> torch.Tensor:
+    """``J[s, t]`` for s < t as float64; +inf where s >= t or ms_eps[t] is not estimated."""
+    a = torch.from_numpy(abar)
+    ms = torch.from_numpy(ms_eps)
+    b_ts = 1.0 - a[None, :] / a[:, None]
+    j = torch.log1p(-b_ts * (ms / (1.0 - a))[None, :])
+    j = torch.where(torch.isfinite(j), j, torch.full_like(j, float("inf")))
+    return j.masked_fill_(torch.ones_like(j, dtype=torch.bool).tril_(), float("inf"))
+
+
+def trajectory_cost(alphas_cumprod, ms_eps, timesteps: Sequence[int]) -> float:
+    """``sum_k J(t_{k-1}, t_k)`` of a descending trajectory ending at 0."""
+    abar = as_alphas_cumprod(alphas_cumprod)
+    ms = np.asarray(ms_eps, dtype=np.float64)
+    t = np.asarray(timesteps[:-1], dtype=np.int64)
+    s = np.asarray(timesteps[1:], dtype=np.int64)
+    return float(np.sum(np.log1p(-(1.0 - abar[t] / abar[s]) * ms[t] / (1.0 - abar[t]))))
+
+
+class TrajectoryDP:
+    """One dynamic-programming pass up to ``max_steps``; ``path(K)`` for any K <= max_steps.
+
+    Where ms_eps > 1 (an imperfect model near t = N-1) ``J`` is undefined. The DP then runs on the
+    prefix ``[0, p]`` before the first such timestep and the remaining steps are spread evenly over
+    ``(p, N-1]``, in proportion to its length; a warning says so.
+    """
+
+    def __init__(self, alphas_cumprod, ms_eps, max_steps: int):
+        self.abar = as_alphas_cumprod(alphas_cumprod)
+        n = self.abar.size
+        self.max_steps = _check_steps(n, max_steps)
+        self.ms_eps = np.asarray(ms_eps, dtype=np.float64)
+        if self.ms_eps.shape != (n,):
+            raise ValueError(f"ms_eps has {self.ms_eps.size} entries, the schedule {n}; use the model's own table.")
+        bad = np.flatnonzero(self.ms_eps[1:] > 1.0) + 1
+        self.prefix_end = int(bad[0]) - 1 if bad.size else n - 1
+        if bad.size:
+            warnings.warn(
+                f"ms_eps > 1 at {bad.size} timestep(s) from t={bad[0]} on: the model's eps has more energy than "
+                f"true noise there. The optimal trajectory is solved on [0, {self.prefix_end}] and the steps "
+                f"above it are spread evenly.",
+                stacklevel=2,
+            )
+        self._argmin, self._cost = self._solve(min(self.max_steps, self.prefix_end + 1))
+
+    def _solve(self, levels: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        p = self.prefix_end
+        jt = _cost_matrix(self.abar[: p + 1], self.ms_eps[: p + 1]).t().contiguous()  # jt[t, s] = J(s, t)
+        cost = torch.full((levels + 1, p + 1), float("inf"), dtype=torch.float64)
+        cost[1, 0] = 0.0
+        argmin = [torch.zeros(p + 1, dtype=torch.int64)] * 2
+        for k in range(2, levels + 1):
+            # C_k[t] = min_s C_{k-1}[s] + J(s, t) over k-2 <= s < t, in row blocks that stay in cache.
+            lo, arg = k - 2, torch.zeros(p + 1, dtype=torch.int64)
+            for a in range(lo + 1, p + 1, _BLOCK):
+                b = min(a + _BLOCK, p + 1)
+                cost[k, a:b], arg[a:b] = (jt[a:b, lo:b] + cost[k - 1, None, lo:b]).min(dim=1)
+            argmin.append(arg + lo)
+        return argmin, cost
+
+    def _tail_split(self, num_steps: int) -> tuple[int, int]:
+        """Points in the DP prefix and in the evenly spread tail above it."""
+        n, p = self.abar.size, self.prefix_end
+        if p == n - 1:
+            return num_steps, 0
+        tail = max(1, int(round((num_steps - 1) * (n - 1 - p) / (n - 1))))
+        head = min(max(num_steps - tail, 2), p + 1)
+        return head, num_steps - head
+
+    def path(self, num_steps: int) -> list[int]:
+        """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""
+        k = _check_steps(self.abar.size, num_steps)
+        if k > self.max_steps:
+            raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
+        head, tail = self._tail_split(k)
+        if head < 2 or (tail == 0 and self.prefix_end < self.abar.size - 1):
+            return even_trajectory(self.abar.size, k)
+        t = self.prefix_end
+        if not torch.isfinite(self._cost[head, t]):
+            raise ValueError(
+                f"no {head}-step trajectory reaches t={t} through estimated timesteps; estimate ms_eps at more "
+                "timesteps (a trajectory may only visit timesteps where the table has a value)."
+            )
+        points = [t]
+        for level in range(head, 1, -1):
+            t = int(self._argmin[level][t])
+            points.append(t)
+        top = np.linspace(self.prefix_end, self.abar.size - 1, tail + 1).round().astype(int)[1:]
+        return top[::-1].tolist() + points
+
+    def cost(self, num_steps: int) -> float:
+        """``sum_k J`` along ``path(num_steps)``."""
+        return trajectory_cost(self.abar, self.ms_eps, self.path(num_steps))
+
+
+def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int) -> list[int]:
+    """The K-step trajectory minimising Analytic-DPM's bound, descending N-1 … 0."""
+    return TrajectoryDP(alphas_cumprod, ms_eps, num_steps).path(num_steps)

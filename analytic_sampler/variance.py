@@ -1,0 +1,87 @@
+"""The analytic optimal reverse variance of Analytic-DPM and its Theorem 2 bounds.
+
+For a pair ``s < t`` (``s = -1`` is clean data) with ``a_ts = abar[t] / abar[s]``, ``b_ts = 1 - a_ts``,
+``bb = 1 - abar`` and ``lambda^2 = eta^2 * bb[s] * b_ts / bb[t]``::
+
+    c[t]       = clip((bb[t] / abar[t]) * (1 - ms_eps[t]), 0, min(bb[t] / abar[t], ((b - a) / 2)^2))
+    sigma^2    = lambda^2 + (sqrt(abar[s]) - sqrt((bb[s] - lambda^2) * abar[t] / bb[t]))^2 * c[t]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .schedule import extended
+
+DataRange = tuple[float, float] | None
+
+
+def validate_ms_eps(ms_eps: Sequence[float] | np.ndarray, num_train_timesteps: int, needed=None) -> np.ndarray:
+    """Return ms_eps as float64, refusing a wrong length or NaN at the timesteps in ``needed``."""
+    ms = np.asarray(ms_eps, dtype=np.float64)
+    if ms.ndim != 1 or ms.size != num_train_timesteps:
+        raise ValueError(
+            f"ms_eps has {ms.size} entries but the schedule has num_train_timesteps={num_train_timesteps}; "
+            "estimate the table with the same scheduler config as the model (estimate_moments)."
+        )
+    idx = np.arange(num_train_timesteps) if needed is None else np.asarray(needed, dtype=np.int64)
+    missing = idx[~np.isfinite(ms[idx])]
+    if missing.size:
+        shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
+        raise ValueError(
+            f"ms_eps is NaN/inf at {missing.size} needed timestep(s) ({shown}); estimate them with "
+            "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
+        )
+    return ms
+
+
+def _pair(alphas_cumprod, prev_t, t, eta):
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    t = np.asarray(t, dtype=np.int64)
+    prev_t = np.asarray(prev_t, dtype=np.int64)
+    if np.any(prev_t >= t) or np.any(prev_t < -1) or np.any(t >= abar.size) or np.any(t < 0):
+        raise ValueError("need -1 <= prev_t < t < num_train_timesteps for every pair.")
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
+    a_t, a_s = abar[t], extended(abar, prev_t)
+    bb_t, bb_s = 1.0 - a_t, 1.0 - a_s
+    btilde = bb_s * (1.0 - a_t / a_s) / bb_t
+    lam2 = float(eta) ** 2 * btilde
+    coef = np.sqrt(a_s) - np.sqrt(np.maximum(bb_s - lam2, 0.0) * a_t / bb_t)
+    return t, a_t, bb_t, lam2, coef
+
+
+def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0)) -> np.ndarray:
+    """Upper bound on ``c[t]``: ``bb[t]/abar[t]``, and ``((b-a)/2)^2`` for data in ``[a, b]``."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)[np.asarray(t, dtype=np.int64)]
+    upper = (1.0 - abar) / abar
+    if data_range is not None:
+        lo, hi = data_range
+        upper = np.minimum(upper, ((hi - lo) / 2.0) ** 2)
+    return upper
+
+
+def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
+    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t."""
+    t, a_t, bb_t, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    ms = np.asarray(ms_eps, dtype=np.float64)[t]
+    c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
+    return lam2 + coef**2 * c
+
+
+def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
+    """Theorem 2: ``(lambda^2, lambda^2 + coef^2 * c_max)``, the range of any optimal sigma^2."""
+    t, _, _, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    return lam2, lam2 + coef**2 * covariance_upper_bound(alphas_cumprod, t, data_range)
+
+
+def ddpm_variance(alphas_cumprod, prev_t, t, kind: str = "btilde"):
+    """DDPM's fixed choices on a pair: ``btilde = bb[s] b_ts / bb[t]`` (fixed_small) or ``beta = b_ts`` (fixed_large)."""
+    t, a_t, bb_t, lam2, _ = _pair(alphas_cumprod, prev_t, t, 1.0)
+    if kind == "btilde":
+        return lam2
+    if kind == "beta":
+        return 1.0 - a_t / extended(alphas_cumprod, prev_t)
+    raise ValueError(f"kind={kind!r}; use 'btilde' or 'beta'.")

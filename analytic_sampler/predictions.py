@@ -1,0 +1,51 @@
+"""Model-output conventions: prediction types and learned-variance (2C) outputs.
+
+With ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqrt(1 - abar) x0``:
+
+    epsilon:      x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+    sample:       eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+    v_prediction: x0 = sqrt(abar) x_t - sqrt(1 - abar) v,   eps = sqrt(abar) v + sqrt(1 - abar) x_t
+"""
+
+from __future__ import annotations
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+    return prediction_type
+
+
+def split_learned_variance(model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(prediction, variance_half)``: a 2C-channel output (learned variance) is cut in two, a C-channel one is not."""
+    channels = sample.shape[1]
+    if model_output.shape[1] == 2 * channels:
+        return model_output[:, :channels], model_output[:, channels:]
+    if model_output.shape[1] != channels:
+        raise ValueError(
+            f"model output has {model_output.shape[1]} channels for a {channels}-channel sample; expected "
+            f"{channels} (fixed variance) or {2 * channels} (learned variance)."
+        )
+    return model_output, None
+
+
+def to_x0_and_eps(
+    prediction: torch.Tensor, sample: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` from a model prediction of the given type; the abar terms broadcast against sample."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_one_minus_abar * prediction) / sqrt_abar, prediction
+    if prediction_type == "sample":
+        return prediction, (sample - sqrt_abar * prediction) / sqrt_one_minus_abar
+    if prediction_type == "v_prediction":
+        return sqrt_abar * sample - sqrt_one_minus_abar * prediction, sqrt_abar * prediction + sqrt_one_minus_abar * sample
+    raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+
+
+def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+    return (sample - sqrt_abar * x0) / sqrt_one_minus_abar

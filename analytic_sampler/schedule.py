@@ -92,7 +92,11 @@ def as_alphas_cumprod(schedule: Any) -> np.ndarray:
 
 
 def schedule_fingerprint(alphas_cumprod: np.ndarray) -> str:
-    """A short hash of the schedule at 6 significant digits, so float32 copies of it hash alike."""
+    """A short id of a float64 schedule (hash of its values at 6 significant digits).
+
+    Tables and schedulers compute it from the config in float64, so equal configs give equal ids;
+    compare arrays of other precisions with ``np.allclose`` instead.
+    """
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     text = ",".join(f"{v:.5e}" for v in abar)
     return f"N{abar.size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,257 @@
+"""``AnalyticDPMScheduler``: Analytic-DPM's reverse process as a drop-in Diffusers scheduler.
+
+One step from ``t`` to the previous point ``s`` of the trajectory (``s = -1`` after the last one)::
+
+    x0_hat = x0 predicted by the model (clipped to the data range when clip_sample is on)
+    eps    = (x_t - sqrt(abar[t]) x0_hat) / sqrt(1 - abar[t])
+    x_s    = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps + sigma(s, t) z
+
+with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` the clipped analytic variance of
+:func:`analytic_sampler.analytic_variance`. The last step returns ``x0_hat`` with no noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
+from .schedule import alphas_cumprod_from_config, extended, schedule_fingerprint
+from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+from .variance import analytic_variance, validate_ms_eps
+
+TRAJECTORIES = ("optimal", "even", "quadratic")
+
+
+@dataclass
+class AnalyticDPMSchedulerOutput(BaseOutput):
+    """``prev_sample``: x at the previous trajectory point; ``pred_original_sample``: x0_hat used for it."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
+    """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a precomputed ``ms_eps`` table.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
+            the model's training schedule, as in ``DDPMScheduler``.
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; 2C-channel (learned-variance)
+            outputs are accepted and their variance half is ignored.
+        clip_sample, clip_sample_range: clip x0_hat to ``[-range, range]``.
+        ms_eps: the table ``E||eps_theta(x_t, t)||^2 / d`` (length ``num_train_timesteps``), from
+            :func:`analytic_sampler.estimate_moments`; NaN where not estimated.
+        eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
+        trajectory: ``"optimal"`` (Analytic-DPM's DP), ``"even"`` or ``"quadratic"``; explicit timesteps go to
+            ``set_timesteps(timesteps=...)``.
+        data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
+        variance_cap_y: optional cap on the variance of the step into ``t_1``,
+            ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
+        table_fingerprint: the schedule fingerprint the table was estimated for; a mismatch is refused.
+    """
+
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        ms_eps: list[float] | None = None,
+        eta: float = 1.0,
+        trajectory: str = "optimal",
+        data_range: tuple[float, float] | None = (-1.0, 1.0),
+        variance_cap_y: float | None = None,
+        table_fingerprint: str | None = None,
+        rescale_betas_zero_snr: bool = False,
+    ):
+        if ms_eps is None:
+            raise ValueError(
+                "AnalyticDPMScheduler needs the model's variance table: run "
+                "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
+                "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
+            )
+        if trajectory not in TRAJECTORIES:
+            raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
+        check_prediction_type(prediction_type)
+        self._check_eta(eta)
+        abar = alphas_cumprod_from_config(self.config)
+        if table_fingerprint is not None and table_fingerprint != schedule_fingerprint(abar):
+            raise ValueError(
+                f"the variance table was estimated for schedule {table_fingerprint}, but this scheduler's config "
+                f"gives {schedule_fingerprint(abar)}; estimate a table with this model's own scheduler config."
+            )
+        ms = validate_ms_eps(ms_eps, num_train_timesteps, needed=[])
+        # The config keeps plain floats (NaN for timesteps that were not estimated) so it serialises to JSON.
+        self.register_to_config(ms_eps=[float(v) for v in ms])
+        if data_range is not None:
+            self.register_to_config(data_range=tuple(float(v) for v in data_range))
+
+        self.alphas_cumprod_64 = abar
+        self.alphas_cumprod = torch.from_numpy(abar).float()
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
+        self.trajectory: list[int] = []
+        self._dp: TrajectoryDP | None = None
+        self._coefficients: dict[tuple, torch.Tensor] = {}
+        self._step_index: int | None = None
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_table(cls, table, scheduler_config=None, **kwargs) -> "AnalyticDPMScheduler":
+        """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone)."""
+        if scheduler_config is None:
+            abar = np.asarray(table.alphas_cumprod, dtype=np.float64)
+            betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+            scheduler_config = {"num_train_timesteps": abar.size, "trained_betas": betas.tolist()}
+        elif hasattr(scheduler_config, "config"):
+            scheduler_config = scheduler_config.config
+        table.check_schedule(alphas_cumprod_from_config(scheduler_config))
+        kwargs.setdefault("data_range", table.data_range)
+        return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
+
+    @staticmethod
+    def _check_eta(eta: float) -> float:
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
+        return float(eta)
+
+    @property
+    def ms_eps(self) -> np.ndarray:
+        return np.asarray(self.config.ms_eps, dtype=np.float64)
+
+    # ------------------------------------------------------------------ Diffusers scheduler API
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        return sample
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: list[int] | None = None,
+    ) -> None:
+        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points."""
+        n = self.config.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("pass either num_inference_steps or timesteps, not both.")
+            trajectory = validate_timesteps(timesteps, n)
+        elif num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps (K) or an explicit list of timesteps.")
+        elif self.config.trajectory == "optimal":
+            trajectory = self._optimal(int(num_inference_steps))
+        elif self.config.trajectory == "quadratic":
+            trajectory = quadratic_trajectory(n, num_inference_steps)
+        else:
+            trajectory = even_trajectory(n, num_inference_steps)
+        validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])
+
+        self.trajectory = trajectory
+        self.num_inference_steps = len(trajectory)
+        self.timesteps = torch.tensor(trajectory, dtype=torch.int64, device=device)
+        self._coefficients = {}
+        self._step_index = None
+        self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
+
+    def _optimal(self, num_steps: int) -> list[int]:
+        if self._dp is None or self._dp.max_steps < num_steps or not np.array_equal(self._dp.ms_eps, self.ms_eps, equal_nan=True):
+            self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps)
+        return self._dp.path(num_steps)
+
+    def step_coefficients(self, eta: float) -> np.ndarray:
+        """Per-step float64 table, one row per trajectory point ``t_K … t_1``:
+        ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma]``."""
+        t = np.asarray(self.trajectory, dtype=np.int64)
+        s = np.append(t[1:], -1)
+        abar = self.alphas_cumprod_64
+        a_t, a_s = abar[t], extended(abar, s)
+        lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
+        var = np.zeros(t.size)
+        var[:-1] = analytic_variance(abar, self.ms_eps, s[:-1], t[:-1], eta, self.config.data_range)
+        if self.config.variance_cap_y is not None and t.size >= 2:
+            lo, hi = self.config.data_range or (-1.0, 1.0)
+            cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
+            var[-2] = min(var[-2], cap)
+        return np.stack([np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0)), np.sqrt(var)], 1)
+
+    def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (eta, device, dtype)
+        if key not in self._coefficients:
+            self._coefficients[key] = torch.from_numpy(self.step_coefficients(eta)).to(device=device, dtype=dtype)
+        return self._coefficients[key]
+
+    def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
+        t = int(timestep)
+        if t not in self.trajectory:
+            raise ValueError(f"timestep {t} is not on the trajectory {self.trajectory[:4]}…; call set_timesteps first.")
+        return self.trajectory.index(t)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+        variance_noise: torch.Tensor | None = None,
+        **unused,
+    ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One reverse step ``x_t -> x_s``. ``eta`` (e.g. from DDIMPipeline) overrides the config's;
+        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat."""
+        if not self.trajectory:
+            raise ValueError("call set_timesteps(num_inference_steps) before step().")
+        if self._step_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        i = self._step_index
+        eta = self.config.eta if eta is None else self._check_eta(eta)
+        coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
+        sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef, std = coef.unbind()
+
+        prediction, _ = split_learned_variance(model_output, sample)
+        x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)
+        if self.config.clip_sample:
+            r = self.config.clip_sample_range
+            x0 = x0.clamp(-r, r)
+            if use_clipped_model_output is not False:
+                eps = eps_from_x0(x0, sample, sqrt_abar_t, sqrt_bb_t)
+        prev_sample = sqrt_abar_s * x0 + eps_coef * eps
+        if i < len(self.trajectory) - 1:
+            if variance_noise is None:
+                variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            prev_sample = prev_sample + std * variance_noise
+        self._step_index = i + 1 if i + 1 < len(self.trajectory) else None
+
+        if not return_dict:
+            return prev_sample, x0
+        return AnalyticDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise`` (img2img and training)."""
+        abar = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)[timesteps]
+        abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+        i = self.index_for_timestep(timestep)
+        return self.trajectory[i + 1] if i + 1 < len(self.trajectory) else -1
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps

@@ -1,0 +1,52 @@
+"""Shared fixtures: the isotropic Gaussian world where Analytic-DPM is exact (DESIGN.md §1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+from analytic_sampler.schedule import alphas_cumprod_from_config
+
+
+class ExactGaussianEps(torch.nn.Module):
+    """The exact eps model for x0 ~ N(0, v I): ``eps*(x_t, t) = sqrt(1-abar[t]) x_t / (abar[t] v + 1-abar[t])``."""
+
+    def __init__(self, alphas_cumprod: np.ndarray, v: float):
+        super().__init__()
+        self.register_buffer("abar", torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+        self.v = v
+
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).long().reshape(-1)
+        a = self.abar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return (1 - a).sqrt() * x / (a * self.v + 1 - a)
+
+    def exact_ms_eps(self) -> np.ndarray:
+        abar = self.abar.numpy()
+        return (1 - abar) / (abar * self.v + 1 - abar)
+
+
+@pytest.fixture
+def linear_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+
+
+@pytest.fixture
+def gaussian_model(linear_scheduler) -> ExactGaussianEps:
+    return ExactGaussianEps(alphas_cumprod_from_config(linear_scheduler.config), v=0.25)
+
+
+def tiny_unet(channels: int = 1, out_channels: int | None = None, size: int = 8, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=out_channels or channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()

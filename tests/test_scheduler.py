@@ -1,0 +1,240 @@
+"""AnalyticDPMScheduler: exactness, agreement with Diffusers' schedulers, pipelines, round trips, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler
+
+from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
+from analytic_sampler.trajectory import even_trajectory
+from analytic_sampler.variance import ddpm_variance
+
+from conftest import tiny_unet
+
+N = 1000
+
+
+def sample_variance(scheduler, model, num_steps: int, n: int = 2000) -> float:
+    scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, int(t)), t, x, generator=g).prev_sample
+    return float(x.var())
+
+
+@pytest.mark.parametrize("num_steps", [2, 5, 10])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("trajectory", ["even", "optimal"])
+def test_exact_on_isotropic_gaussian(gaussian_model, linear_scheduler, num_steps, eta, trajectory):
+    sched = AnalyticDPMScheduler.from_config(
+        linear_scheduler.config, ms_eps=gaussian_model.exact_ms_eps().tolist(), eta=eta,
+        trajectory=trajectory, clip_sample=False, data_range=None,
+    )
+    assert abs(sample_variance(sched, gaussian_model, num_steps) / gaussian_model.v - 1) < 0.02
+
+
+@pytest.mark.parametrize("num_steps", [2, 5, 10])
+def test_ddpm_is_not_exact_at_few_steps(gaussian_model, num_steps):
+    ddpm = DDPMScheduler(num_train_timesteps=N, clip_sample=False)
+    ddpm.set_timesteps(timesteps=even_trajectory(N, num_steps))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 1, 8, 8, generator=g)
+    for t in ddpm.timesteps:
+        x = ddpm.step(gaussian_model(x, int(t)), t, x, generator=g).prev_sample
+    assert abs(float(x.var()) / gaussian_model.v - 1) > 0.2
+
+
+def test_unit_ms_eps_gives_ddpm_fixed_small_variance(linear_scheduler):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[1.0] * N, trajectory="even")
+    sched.set_timesteps(10)
+    t = np.array(sched.trajectory)
+    sigma = sched.step_coefficients(1.0)[:, 4]
+    ddpm = DDPMScheduler(num_train_timesteps=N)
+    ddpm.set_timesteps(timesteps=sched.trajectory)
+    expected = np.array([float(ddpm._get_variance(int(ti))) for ti in t[:-1]])
+    np.testing.assert_allclose(sigma[:-1] ** 2, expected, rtol=1e-5, atol=1e-7)  # DDPM works in float32
+    np.testing.assert_allclose(sigma[:-1] ** 2, ddpm_variance(sched.alphas_cumprod_64, t[1:], t[:-1]), rtol=1e-12)
+    assert sigma[-1] == 0.0  # the last step is deterministic
+
+
+def _means_agree(ours, theirs, timesteps, their_kwargs, clip):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, 8, generator=g) * 1.5
+    out = torch.randn(4, 3, 8, 8, generator=g)
+    zero = torch.zeros_like(x)
+    for i, t in enumerate(timesteps):
+        mine = ours.step(out, t, x, variance_noise=zero).prev_sample
+        std = ours.step_coefficients(ours.config.eta)[i, 4]
+        their = theirs.step(out, t, x, generator=torch.Generator().manual_seed(2), **their_kwargs).prev_sample
+        if isinstance(theirs, DDPMScheduler) and t > 0:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+            their = their - theirs._get_variance(t) ** 0.5 * noise
+        assert torch.allclose(mine, their, atol=1e-5), (t, (mine - their).abs().max())
+        assert std >= 0
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_mean_matches_ddpm_step(clip, prediction_type):
+    ddpm = DDPMScheduler(num_train_timesteps=N, clip_sample=clip, prediction_type=prediction_type)
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, ms_eps=[0.9] * N, trajectory="even")
+    ours.set_timesteps(10)
+    ddpm.set_timesteps(timesteps=ours.trajectory)
+    _means_agree(ours, ddpm, ours.trajectory, {}, clip)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_mean_matches_ddim_step(clip, prediction_type):
+    # DDIM steps from t to t - N/K, so its trajectory is ours only with evenly strided ("trailing") timesteps;
+    # its last step goes to abar = 1 (set_alpha_to_one), which is ours: x0_hat, no noise.
+    ddim = DDIMScheduler(num_train_timesteps=N, clip_sample=clip, prediction_type=prediction_type,
+                         timestep_spacing="trailing", set_alpha_to_one=True)
+    ddim.set_timesteps(10)
+    ours = AnalyticDPMScheduler.from_config(ddim.config, ms_eps=[0.9] * N, eta=0.0)
+    ours.set_timesteps(timesteps=ddim.timesteps.tolist())
+    _means_agree(ours, ddim, ours.trajectory, {"eta": 0.0, "use_clipped_model_output": True}, clip)
+
+
+def test_learned_variance_output_is_accepted(linear_scheduler):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.9] * N)
+    sched.set_timesteps(5)
+    x = torch.randn(2, 3, 8, 8)
+    eps = torch.randn(2, 3, 8, 8)
+    a = sched.step(torch.cat([eps, torch.randn_like(eps)], 1), sched.timesteps[0], x, variance_noise=torch.zeros_like(x))
+    sched.set_timesteps(5)
+    b = sched.step(eps, sched.timesteps[0], x, variance_noise=torch.zeros_like(x))
+    assert torch.equal(a.prev_sample, b.prev_sample)
+    with pytest.raises(ValueError, match="expected 3 \\(fixed variance\\) or 6"):
+        sched.step(torch.randn(2, 5, 8, 8), sched.timesteps[1], x)
+
+
+@pytest.mark.parametrize("num_steps", [2, 10, 50])
+def test_ddpm_pipeline_with_tiny_unet(num_steps):
+    unet = tiny_unet(channels=3)
+    table = np.linspace(0.2, 0.999, N)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=N))
+    pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, ms_eps=table.tolist())
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe(batch_size=2, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(0), output_type="np").images
+    first, second = run(), run()
+    assert first.shape == (2, 8, 8, 3)
+    assert np.isfinite(first).all() and np.array_equal(first, second)
+    assert len(pipe.scheduler.timesteps) == num_steps
+
+
+def test_ddim_pipeline_after_assignment_uses_eta_zero_by_default():
+    unet = tiny_unet(channels=1)
+    ms = np.linspace(0.2, 0.999, N).tolist()
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=N))
+    pipe.scheduler = AnalyticDPMScheduler.from_config(pipe.scheduler.config, ms_eps=ms)
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+    b = pipe(batch_size=2, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(5), output_type="np").images
+    # eta=0 is deterministic given the initial noise, so only the starting noise differs here.
+    c = pipe(batch_size=2, num_inference_steps=5, eta=1.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert a.shape == (2, 8, 8, 1) and not np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_hand_written_loop_and_save_load_round_trip(tmp_path, linear_scheduler):
+    ms = np.linspace(0.3, 0.99, N)
+    ms[5] = np.nan  # not estimated, never visited by an even 10-step trajectory
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms.tolist(), trajectory="even", eta=0.5)
+    sched.save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.eta == 0.5 and loaded.config.trajectory == "even"
+    np.testing.assert_array_equal(loaded.ms_eps, sched.ms_eps)
+    outs = []
+    for s in (sched, loaded):
+        s.set_timesteps(10)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(2, 1, 8, 8, generator=g)
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x), t, x, generator=g).prev_sample
+        outs.append(x)
+    assert torch.equal(*outs)
+
+
+def test_config_round_trip_with_ddpm_ddim_pndm():
+    ms = [0.5] * N
+    for cls in (DDPMScheduler, DDIMScheduler, PNDMScheduler):
+        base = cls(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
+        ours = AnalyticDPMScheduler.from_config(base.config, ms_eps=ms)
+        np.testing.assert_allclose(ours.alphas_cumprod.numpy(), base.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7)
+        back = cls.from_config(ours.config)
+        assert torch.equal(back.alphas_cumprod, base.alphas_cumprod)
+
+
+def test_explicit_timesteps_and_optimal_default(linear_scheduler, gaussian_model):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=gaussian_model.exact_ms_eps().tolist())
+    sched.set_timesteps(timesteps=[999, 600, 100, 0])
+    assert sched.timesteps.tolist() == [999, 600, 100, 0]
+    sched.set_timesteps(10)
+    assert sched.config.trajectory == "optimal" and sched.trajectory[0] == 999 and sched.trajectory[-1] == 0
+    assert sched.trajectory != even_trajectory(N, 10)
+
+
+def test_variance_cap_on_step_into_t1(linear_scheduler):
+    kw = dict(ms_eps=[0.0] * N, trajectory="even")
+    free = AnalyticDPMScheduler.from_config(linear_scheduler.config, **kw)
+    capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, variance_cap_y=1.0, **kw)
+    for s in (free, capped):
+        s.set_timesteps(5)
+    cap = 2 / 255 * np.sqrt(np.pi / 2)
+    assert free.step_coefficients(1.0)[-2, 4] > cap
+    assert capped.step_coefficients(1.0)[-2, 4] == pytest.approx(cap)
+    np.testing.assert_array_equal(free.step_coefficients(1.0)[:-2], capped.step_coefficients(1.0)[:-2])
+
+
+# ---------------------------------------------------------------- error paths (DESIGN.md §4)
+def test_missing_table_is_refused(linear_scheduler):
+    with pytest.raises(ValueError, match="needs the model's variance table.*estimate_moments"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config)
+
+
+def test_wrong_length_and_nan_tables_are_refused(linear_scheduler):
+    with pytest.raises(ValueError, match="ms_eps has 10 entries.*num_train_timesteps=1000"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * 10)
+    ms = [0.5] * N
+    ms[999] = float("nan")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
+    with pytest.raises(ValueError, match="NaN/inf at 1 needed timestep\\(s\\) \\(999\\).*estimate_moments"):
+        sched.set_timesteps(10)
+
+
+def test_mismatched_fingerprint_is_refused(linear_scheduler):
+    cosine = DDPMScheduler(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
+    cosine_print = schedule_fingerprint(alphas_cumprod_from_config(cosine.config))
+    ok = AnalyticDPMScheduler.from_config(cosine.config, ms_eps=[0.5] * N, table_fingerprint=cosine_print)
+    assert ok.config.table_fingerprint == cosine_print
+    with pytest.raises(ValueError, match=f"estimated for schedule {cosine_print}.*this model's own scheduler config"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, table_fingerprint=cosine_print)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_inference_steps=1), "num_steps=1 must be between 2 and num_train_timesteps=1000"),
+    (dict(num_inference_steps=1001), "num_steps=1001 must be between 2"),
+    (dict(timesteps=[0, 500, 999]), "strictly descending"),
+    (dict(timesteps=[1200, 0]), "must lie in \\[0, 999\\]"),
+    (dict(), "needs num_inference_steps"),
+])
+def test_bad_timesteps_are_refused(linear_scheduler, bad, message):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even")
+    with pytest.raises(ValueError, match=message):
+        sched.set_timesteps(**bad)
+
+
+def test_bad_options_are_refused(linear_scheduler):
+    with pytest.raises(ValueError, match="eta=1.5 is outside \\[0, 1\\]"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, eta=1.5)
+    with pytest.raises(ValueError, match="trajectory='fast'"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="fast")
+    with pytest.raises(ValueError, match="prediction_type='x0'"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, prediction_type="x0")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N)
+    with pytest.raises(ValueError, match="call set_timesteps"):
+        sched.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2))

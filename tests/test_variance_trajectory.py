@@ -1,0 +1,149 @@
+"""analytic_variance against DESIGN.md §1's closed forms and Theorem 2; the trajectory DP against brute force."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+
+from analytic_sampler.schedule import alphas_cumprod_from_config, cosine_alphas_cumprod, schedule_fingerprint
+from analytic_sampler.trajectory import (
+    TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory, trajectory_cost,
+)
+from analytic_sampler.variance import analytic_variance, ddpm_variance, variance_bounds
+
+ABAR = alphas_cumprod_from_config({"num_train_timesteps": 1000})
+RNG = np.random.default_rng(0)
+
+
+def random_pairs(n=500, n_train=1000):
+    t = RNG.integers(1, n_train, size=n)
+    s = np.array([RNG.integers(-1, ti) for ti in t])
+    return s, t
+
+
+def test_ddpm_type_closed_form():
+    ms = RNG.uniform(0.0, 1.0, 1000)
+    s, t = random_pairs()
+    a_s = np.where(s < 0, 1.0, ABAR[np.maximum(s, 0)])
+    a_t = ABAR[t]
+    b_ts = 1 - a_t / a_s
+    btilde = (1 - a_s) * b_ts / (1 - a_t)
+    c = np.clip((1 - a_t) / a_t * (1 - ms[t]), 0, np.minimum((1 - a_t) / a_t, 1.0))
+    expected = btilde + a_s * b_ts**2 / (1 - a_t) ** 2 * c
+    np.testing.assert_allclose(analytic_variance(ABAR, ms, s, t, eta=1.0), expected, rtol=1e-10, atol=1e-300)
+
+
+def test_ddim_type_closed_form_and_intermediate_eta():
+    ms = RNG.uniform(0.0, 1.0, 1000)
+    s, t = random_pairs()
+    a_s = np.where(s < 0, 1.0, ABAR[np.maximum(s, 0)])
+    a_t = ABAR[t]
+    c = np.clip((1 - a_t) / a_t * (1 - ms[t]), 0, 1.0)
+    expected = (np.sqrt(a_s) - np.sqrt((1 - a_s) * a_t / (1 - a_t))) ** 2 * c
+    np.testing.assert_allclose(analytic_variance(ABAR, ms, s, t, eta=0.0), expected, rtol=1e-10, atol=1e-300)
+    mid = analytic_variance(ABAR, ms, s, t, eta=0.5)
+    lam2 = 0.25 * ddpm_variance(ABAR, s, t, "btilde")
+    assert np.all(mid >= lam2 - 1e-15)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0), None])
+def test_stays_inside_theorem2_bounds(eta, data_range):
+    ms = RNG.uniform(-0.5, 1.5, 1000)
+    s, t = random_pairs()
+    var = analytic_variance(ABAR, ms, s, t, eta=eta, data_range=data_range)
+    lower, upper = variance_bounds(ABAR, s, t, eta=eta, data_range=data_range)
+    assert np.all(var >= lower * (1 - 1e-12)) and np.all(var <= upper * (1 + 1e-12))
+    # ms_eps <= 0 saturates the upper bound, ms_eps >= 1 the lower one.
+    hi, lo = ms[t] <= 0, ms[t] >= 1
+    np.testing.assert_allclose(var[hi], upper[hi], rtol=1e-12)
+    np.testing.assert_allclose(var[lo], lower[lo], rtol=1e-12)
+    # The unbounded variant's second upper bound (sqrt(bb_t / a_ts) - sqrt(bb_s - lambda^2))^2 + lambda^2.
+    a_s = np.where(s < 0, 1.0, ABAR[np.maximum(s, 0)])
+    a_t = ABAR[t]
+    second = lower + (np.sqrt((1 - a_t) * a_s / a_t) - np.sqrt(np.maximum(1 - a_s - lower, 0))) ** 2
+    assert np.all(var <= second * (1 + 1e-9))
+
+
+def test_bad_pairs_are_refused():
+    with pytest.raises(ValueError, match="prev_t < t"):
+        analytic_variance(ABAR, np.zeros(1000), 10, 5)
+    with pytest.raises(ValueError, match="eta=2"):
+        analytic_variance(ABAR, np.zeros(1000), 1, 5, eta=2)
+
+
+@pytest.mark.parametrize("n", [9, 12])
+def test_dp_equals_exhaustive_search(n):
+    abar = np.cumprod(1 - np.linspace(0.05, 0.4, n))
+    ms = np.minimum((1 - abar) / (abar * 0.3 + 1 - abar) * (1 + 0.1 * np.sin(3 * np.arange(n))), 1)
+    dp = TrajectoryDP(abar, ms, n)
+    for k in range(2, n + 1):
+        best = min(
+            (trajectory_cost(abar, ms, [n - 1, *mid[::-1], 0]), [n - 1, *mid[::-1], 0])
+            for mid in itertools.combinations(range(1, n - 1), k - 2)
+        )
+        assert dp.cost(k) == pytest.approx(best[0], abs=1e-12)
+        assert dp.path(k) == best[1] == optimal_trajectory(abar, ms, k)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_optimal_never_worse_than_even(schedule):
+    abar = ABAR if schedule == "linear" else cosine_alphas_cumprod(1000)
+    ms = np.clip((1 - abar) / (abar * 0.2 + 1 - abar) + RNG.normal(0, 0.01, 1000), 0, 1)
+    dp = TrajectoryDP(abar, ms, 100)
+    for k in (2, 5, 10, 25, 100):
+        path = dp.path(k)
+        assert len(path) == k and path[0] == 999 and path[-1] == 0 and all(np.diff(path) < 0)
+        assert dp.cost(k) <= trajectory_cost(abar, ms, even_trajectory(1000, k)) + 1e-12
+
+
+def test_ms_eps_above_one_is_handled_with_a_warning():
+    ms = (1 - ABAR) / (ABAR * 0.2 + 1 - ABAR)
+    ms[900:] = 1.02
+    with pytest.warns(UserWarning, match="ms_eps > 1 at 100 timestep\\(s\\) from t=900.*solved on \\[0, 899\\]"):
+        dp = TrajectoryDP(ABAR, ms, 20)
+    for k in (2, 3, 10, 20):
+        path = dp.path(k)
+        assert len(path) == k and path[0] == 999 and path[-1] == 0 and all(np.diff(path) < 0)
+    assert 899 in dp.path(10)
+    assert np.isfinite(trajectory_cost(ABAR, np.minimum(ms, 1), dp.path(10)))
+
+
+def test_partial_table_restricts_the_path():
+    ms = (1 - ABAR) / (ABAR * 0.2 + 1 - ABAR)
+    ms_partial = np.full(1000, np.nan)
+    keep = np.array(even_trajectory(1000, 51))
+    ms_partial[keep] = ms[keep]
+    path = optimal_trajectory(ABAR, ms_partial, 10)
+    assert set(path) <= set(keep.tolist())
+    with pytest.raises(ValueError, match="no 60-step trajectory.*estimate ms_eps at more timesteps"):
+        optimal_trajectory(ABAR, ms_partial, 60)
+
+
+def test_even_and_quadratic_trajectories():
+    assert even_trajectory(1000, 10) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert even_trajectory(1000, 1000) == list(range(999, -1, -1))
+    q = quadratic_trajectory(20, 15)
+    assert len(q) == 15 and q[0] == 19 and q[-1] == 0 and all(np.diff(q) < 0)
+    with pytest.raises(ValueError, match="num_steps=1 must be between 2"):
+        even_trajectory(1000, 1)
+
+
+def test_schedule_configs():
+    lin = alphas_cumprod_from_config({"num_train_timesteps": 1000, "beta_schedule": "linear"})
+    sd = alphas_cumprod_from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                     "beta_start": 0.00085, "beta_end": 0.012})
+    betas = np.linspace(1e-4, 0.02, 1000)
+    trained = alphas_cumprod_from_config({"num_train_timesteps": 1000, "trained_betas": betas.tolist()})
+    zsnr = alphas_cumprod_from_config({"num_train_timesteps": 1000, "rescale_betas_zero_snr": True})
+    assert lin.dtype == np.float64 and np.array_equal(lin, trained)
+    assert sd[-1] == pytest.approx(0.0047, rel=0.01) and zsnr[-1] == 2.0**-24
+    assert schedule_fingerprint(lin) == schedule_fingerprint(trained)
+    assert schedule_fingerprint(lin) != schedule_fingerprint(sd)
+    with pytest.raises(ValueError, match="beta_schedule='sigmoid' is not supported"):
+        alphas_cumprod_from_config({"beta_schedule": "sigmoid"})
+    with pytest.raises(ValueError, match="trained_betas has 3 entries but num_train_timesteps is 1000"):
+        alphas_cumprod_from_config({"trained_betas": [0.1, 0.2, 0.3]})

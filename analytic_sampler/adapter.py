@@ -1,0 +1,178 @@
+"""``EpsilonAdapter``: any Diffusers UNet or callable ``model(sample, timestep, **kwargs)`` as an epsilon model.
+
+With ``abar = alphas_cumprod[t]`` the other parameterisations convert as::
+
+    v_prediction:  eps = sqrt(abar) v + sqrt(1 - abar) x_t
+    sample:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
+
+Classifier-free guidance combines the two passes in epsilon space: ``eps = eps_u + s (eps_c - eps_u)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .schedule import as_alphas_cumprod
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def model_output_tensor(output: Any) -> torch.Tensor:
+    """The tensor in a model's output: the tensor itself, the first entry of a tuple, or ``.sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        return output.sample
+    raise TypeError(
+        f"the model returned {type(output).__name__}; it must return a tensor, a tuple whose first entry is "
+        "a tensor, or an object with a `.sample` tensor (e.g. UNet2DOutput)."
+    )
+
+
+class EpsilonAdapter:
+    """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon.
+
+    Args:
+        model: a Diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` or any callable ``model(sample, timestep, **kw)``.
+        schedule: a Diffusers scheduler, its config, or an array of ``alphas_cumprod``.
+        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        timestep_shift, timestep_scale: the model is called with ``(t + timestep_shift) * timestep_scale``
+            (e.g. shift ``-1`` for checkpoints indexed from 1, scale ``1000 / N`` for rescaled timesteps).
+        guidance_scale: classifier-free guidance scale ``s``; needs ``uncond_kwargs``.
+        uncond_kwargs: model kwargs of the unconditional pass; they override the conditional kwargs.
+        **model_kwargs: passed to every model call (e.g. ``encoder_hidden_states``, ``class_labels``).
+    """
+
+    def __init__(
+        self,
+        model,
+        schedule,
+        prediction_type: str = "epsilon",
+        timestep_shift: int | float = 0,
+        timestep_scale: float = 1.0,
+        guidance_scale: float | None = None,
+        uncond_kwargs: Mapping[str, Any] | None = None,
+        **model_kwargs,
+    ):
+        if isinstance(model, EpsilonAdapter):
+            raise TypeError("model is already an EpsilonAdapter; use EpsilonAdapter.wrap(model, schedule) to reuse it.")
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(sample, timestep, **kwargs); got {type(model).__name__}.")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+        if guidance_scale is not None and uncond_kwargs is None:
+            raise ValueError(
+                "guidance_scale needs uncond_kwargs, the model kwargs of the unconditional pass "
+                "(e.g. uncond_kwargs={'encoder_hidden_states': empty_prompt_embeds})."
+            )
+        self.model = model
+        self.alphas_cumprod = as_alphas_cumprod(schedule)
+        self.prediction_type = prediction_type
+        self.timestep_shift = timestep_shift
+        self.timestep_scale = float(timestep_scale)
+        self.guidance_scale = guidance_scale
+        self.uncond_kwargs = dict(uncond_kwargs or {})
+        self.model_kwargs = model_kwargs
+        abar = torch.from_numpy(self.alphas_cumprod)
+        self._coefficients = torch.stack([abar.sqrt(), (1.0 - abar).sqrt()])  # float64, (2, N)
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def wrap(cls, model_or_adapter, schedule, **kwargs) -> EpsilonAdapter:
+        """``model_or_adapter`` if it is already an adapter for this schedule, else ``EpsilonAdapter(model, ...)``."""
+        if not isinstance(model_or_adapter, EpsilonAdapter):
+            return cls(model_or_adapter, schedule, **kwargs)
+        if kwargs:
+            raise ValueError(
+                f"got an EpsilonAdapter together with adapter options {sorted(kwargs)}; set them on the adapter itself."
+            )
+        abar = as_alphas_cumprod(schedule)
+        theirs = model_or_adapter.alphas_cumprod
+        if abar.shape != theirs.shape or not np.allclose(abar, theirs, rtol=1e-5, atol=0.0):
+            raise ValueError(
+                "the EpsilonAdapter was built for a different noise schedule than the one given; "
+                "build the adapter with the same scheduler."
+            )
+        return model_or_adapter
+
+    def coefficients(self, t: int | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sqrt(abar[t]), sqrt(1 - abar[t]))`` in ``like``'s dtype and device, shaped to broadcast over it."""
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self._coefficients.to(device=like.device, dtype=like.dtype)
+        table = self._cache[key]
+        if isinstance(t, torch.Tensor):
+            t = t.to(device=like.device, dtype=torch.long)
+            if t.ndim == 1:
+                shape = (-1,) + (1,) * (like.ndim - 1)
+                return table[0, t].view(shape), table[1, t].view(shape)
+        return table[0, t], table[1, t]
+
+    def model_timestep(self, t: int | torch.Tensor) -> int | float | torch.Tensor:
+        """The timestep the model sees: ``(t + timestep_shift) * timestep_scale``."""
+        if self.timestep_shift == 0 and self.timestep_scale == 1.0:
+            return t
+        return (t + self.timestep_shift) * self.timestep_scale
+
+    @staticmethod
+    def split_output(model_output: Any, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(main, variance_half)``: a 2C-channel output (learned variance) splits in two, else ``(output, None)``."""
+        out = model_output_tensor(model_output)
+        channels = sample.shape[1]
+        if out.shape[1] == 2 * channels:
+            return out[:, :channels], out[:, channels:]
+        if out.shape[1] != channels:
+            raise ValueError(
+                f"the model returned {out.shape[1]} channels for a {channels}-channel sample; expected {channels} "
+                f"or {2 * channels} (learned variance). Check the model matches the data's channel count."
+            )
+        return out, None
+
+    def to_epsilon(self, main: torch.Tensor, sample: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """Convert the model's main output (eps, v or x0, per ``prediction_type``) to epsilon."""
+        if self.prediction_type == "epsilon":
+            return main
+        root_abar, root_bb = self.coefficients(t, sample)
+        if self.prediction_type == "v_prediction":
+            return root_abar * main + root_bb * sample
+        return (sample - root_abar * main) / root_bb
+
+    def _call_model(self, x_t: torch.Tensor, t: int | torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        return self.split_output(self.model(x_t, self.model_timestep(t), **kwargs), x_t)[0]
+
+    def _guided(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        uncond = {**cond, **self.uncond_kwargs}
+        batchable = all(
+            isinstance(cond[k], torch.Tensor) and isinstance(uncond[k], torch.Tensor) and cond[k].shape == uncond[k].shape
+            for k in cond
+        )
+        if batchable:
+            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
+            out_u, out_c = self._call_model(torch.cat([x_t, x_t]), t2, both).chunk(2)
+        else:
+            out_u, out_c = self._call_model(x_t, t, uncond), self._call_model(x_t, t, cond)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+    def __call__(self, x_t: torch.Tensor, t: int | torch.Tensor, **extra_kwargs) -> torch.Tensor:
+        """Epsilon at training timestep(s) ``t`` (an int or a LongTensor of shape ``(B,)``)."""
+        kwargs = {**self.model_kwargs, **extra_kwargs}
+        if self.guidance_scale is None:
+            main = self._call_model(x_t, t, kwargs)
+        else:
+            main = self._guided(x_t, t, kwargs)
+        return self.to_epsilon(main, x_t, t)
+
+    def __repr__(self) -> str:
+        guidance = "" if self.guidance_scale is None else f", guidance_scale={self.guidance_scale}"
+        return (
+            f"EpsilonAdapter({type(self.model).__name__}, N={self.alphas_cumprod.size}, "
+            f"prediction_type={self.prediction_type!r}, timestep_shift={self.timestep_shift}, "
+            f"timestep_scale={self.timestep_scale}{guidance})"
+        )

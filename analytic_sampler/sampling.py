@@ -1,0 +1,70 @@
+"""A plain sampling loop over any Diffusers scheduler, and image-grid output."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.inference_mode()
+def sample(
+    unet,
+    scheduler,
+    num_samples: int,
+    num_inference_steps: int | None = None,
+    timesteps: Sequence[int] | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    **step_kwargs,
+) -> torch.Tensor:
+    """Draw ``num_samples`` images with ``scheduler`` in batches; float32 on the CPU, clipped to [-1, 1].
+
+    The initial noise of sample i is the same for every scheduler (one generator per call, seeded),
+    so methods compared at the same seed start from the same x_T.
+    """
+    device = torch.device(device)
+    unet = unet.to(device).eval()
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    batch_size = batch_size or num_samples
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    out = []
+    bar = tqdm(total=num_samples * len(scheduler.timesteps), desc="sampling", unit="step", disable=not progress, leave=False)
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_output = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
+            bar.update(n)
+        out.append(x.clamp(-1, 1).float().cpu())
+    bar.close()
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 4) -> str:
+    """Tile images in [-1, 1] (N, C, H, W) into one PNG, each pixel enlarged ``scale`` times."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), 255, dtype=np.uint8)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, img in enumerate(pixels):
+        r, col = divmod(i, nrow)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = img
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return str(path)

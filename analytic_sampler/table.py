@@ -1,0 +1,260 @@
+"""``VarianceTable``: the per-timestep moment ``ms_eps[t] = E ||eps_theta(x_t, t)||^2 / d`` of one model.
+
+From per-timestep sums ``S1 = sum m``, ``S2 = sum m^2`` over ``n`` draws of ``m = ||eps_theta||^2 / d``::
+
+    ms_eps = S1 / n,    stderr = sqrt(var / n),    var = (S2 - n ms_eps^2) / (n - 1)
+
+Saved as ``variance_table.safetensors`` (arrays) + ``variance_table.json`` (metadata); loadable from a
+local folder or the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .schedule import as_alphas_cumprod, schedule_fingerprint
+from .variance import validate_ms_eps
+
+FORMAT_VERSION = 1
+ARRAYS_NAME = "variance_table.safetensors"
+META_NAME = "variance_table.json"
+_ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64, "alphas_cumprod": np.float64}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _corrupt(name: str, problem: str) -> ValueError:
+    return ValueError(
+        f"{name}: {problem}. The variance table is corrupted or incomplete; download it again "
+        "(or delete it from the Hub cache) or re-estimate it with estimate_moments."
+    )
+
+
+@dataclass
+class VarianceTable:
+    """Monte Carlo estimate of ``ms_eps`` for one model and noise schedule.
+
+    ``ms_eps``, ``stderr`` and ``counts`` have one entry per training timestep; NaN / NaN / 0 where not
+    estimated. ``stderr`` is NaN where fewer than two draws were made.
+    """
+
+    ms_eps: np.ndarray
+    stderr: np.ndarray
+    counts: np.ndarray
+    alphas_cumprod: np.ndarray
+    data_range: tuple[float, float] | None = (-1.0, 1.0)
+    fingerprint: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.alphas_cumprod = as_alphas_cumprod(self.alphas_cumprod)
+        n = self.alphas_cumprod.size
+        self.counts = np.asarray(self.counts, dtype=np.int64)
+        if self.counts.shape != (n,) or np.any(self.counts < 0):
+            raise ValueError(f"counts must be {n} non-negative integers, one per training timestep; got shape {self.counts.shape}.")
+        self.ms_eps = validate_ms_eps(self.ms_eps, n, needed=np.flatnonzero(self.counts))
+        self.stderr = np.asarray(self.stderr, dtype=np.float64)
+        if self.stderr.shape != (n,):
+            raise ValueError(f"stderr has {self.stderr.size} entries but the schedule has {n}; pass one per timestep.")
+        if self.data_range is not None:
+            lo, hi = (float(v) for v in self.data_range)
+            if not lo < hi:
+                raise ValueError(f"data_range={self.data_range} must be (low, high) with low < high, or None.")
+            self.data_range = (lo, hi)
+        expected = schedule_fingerprint(self.alphas_cumprod)
+        if self.fingerprint and self.fingerprint != expected:
+            raise ValueError(
+                f"fingerprint {self.fingerprint!r} does not match alphas_cumprod ({expected!r}); "
+                "leave fingerprint empty to compute it."
+            )
+        self.fingerprint = expected
+        self.provenance = dict(self.provenance)
+
+    @classmethod
+    def from_sums(cls, sums, sums_sq, counts, alphas_cumprod, **kwargs) -> VarianceTable:
+        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated)."""
+        s1, s2 = np.asarray(sums, dtype=np.float64), np.asarray(sums_sq, dtype=np.float64)
+        n = np.asarray(counts, dtype=np.int64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean = np.where(n > 0, s1 / n, np.nan)
+            var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1)
+            stderr = np.where(n > 1, np.sqrt(var / n), np.nan)
+        return cls(mean, stderr, n, alphas_cumprod, **kwargs)
+
+    def sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(S1, S2)`` recovered from mean, stderr and counts (zero where not estimated)."""
+        n = self.counts
+        mean = np.where(n > 0, self.ms_eps, 0.0)
+        m2 = np.where(n > 1, self.stderr**2 * n * (n - 1), 0.0)  # sum of squared deviations
+        return mean * n, m2 + n * mean**2
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.size)
+
+    @property
+    def estimated(self) -> np.ndarray:
+        """Boolean mask of the timesteps with at least one draw."""
+        return self.counts > 0
+
+    def check_schedule(self, alphas_cumprod_or_scheduler) -> VarianceTable:
+        """Refuse a scheduler / schedule other than the one this table was estimated for; return ``self``."""
+        abar = as_alphas_cumprod(alphas_cumprod_or_scheduler)
+        if abar.shape != self.alphas_cumprod.shape or not np.allclose(abar, self.alphas_cumprod, rtol=1e-5, atol=0.0):
+            raise ValueError(
+                f"the variance table was estimated for schedule {self.fingerprint}, the scheduler uses "
+                f"{schedule_fingerprint(abar)}; estimate a table for this model/schedule with estimate_moments "
+                "(or load the table that belongs to this model)."
+            )
+        return self
+
+    def merge(self, other: VarianceTable) -> VarianceTable:
+        """Pool two independent estimates (e.g. runs with different seeds or data shards) by adding their sums."""
+        self.check_schedule(other.alphas_cumprod)
+        if self.data_range != other.data_range:
+            raise ValueError(
+                f"cannot merge tables with data_range {self.data_range} and {other.data_range}; "
+                "estimate both with the same data_range."
+            )
+        (a1, a2), (b1, b2) = self.sums(), other.sums()
+        common = {k: v for k, v in self.provenance.items() if k in other.provenance and other.provenance[k] == v}
+        provenance = {**common, "merged_from": [self.provenance, other.provenance]}
+        return VarianceTable.from_sums(
+            a1 + b1, a2 + b2, self.counts + other.counts, self.alphas_cumprod,
+            data_range=self.data_range, provenance=provenance,
+        )
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``variance_table.safetensors`` and ``variance_table.json`` into ``directory``; return it."""
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        arrays_path = os.path.join(directory, ARRAYS_NAME)
+        save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in _ARRAY_DTYPES.items()}, arrays_path)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "num_train_timesteps": self.num_train_timesteps,
+            "fingerprint": self.fingerprint,
+            "data_range": None if self.data_range is None else list(self.data_range),
+            "provenance": self.provenance,
+            "arrays_sha256": _sha256(arrays_path),
+        }
+        with open(os.path.join(directory, META_NAME), "w") as f:
+            json.dump(meta, f, indent=2, sort_keys=True)
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        dir_or_repo_id: str | os.PathLike,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> VarianceTable:
+        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (honours ``HF_HUB_OFFLINE``)."""
+        local = os.path.join(os.fspath(dir_or_repo_id), subfolder or "")
+        if os.path.isdir(local):
+            meta_path, arrays_path = (os.path.join(local, name) for name in (META_NAME, ARRAYS_NAME))
+            for path in (meta_path, arrays_path):
+                if not os.path.isfile(path):
+                    raise _corrupt(path, "file not found")
+        else:
+            meta_path, arrays_path = (
+                _download(os.fspath(dir_or_repo_id), name, subfolder, revision, cache_dir) for name in (META_NAME, ARRAYS_NAME)
+            )
+        return cls._read(meta_path, arrays_path)
+
+    @classmethod
+    def _read(cls, meta_path: str, arrays_path: str) -> VarianceTable:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise _corrupt(meta_path, f"not valid JSON ({err})") from err
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+            version = meta.get("format_version") if isinstance(meta, dict) else None
+            raise ValueError(
+                f"{meta_path}: table format version {version!r}, this package reads version {FORMAT_VERSION}; "
+                "upgrade analytic-sampler or re-estimate the table."
+            )
+        if meta.get("arrays_sha256") != _sha256(arrays_path):
+            raise _corrupt(arrays_path, f"checksum does not match the one recorded in {os.path.basename(meta_path)}")
+        try:
+            arrays = load_file(arrays_path)
+        except (SafetensorError, OSError) as err:
+            raise _corrupt(arrays_path, f"unreadable safetensors file ({err})") from err
+        for key, dtype in _ARRAY_DTYPES.items():
+            value = arrays.get(key)
+            if value is None or value.dtype != dtype or value.shape != (meta.get("num_train_timesteps"),):
+                raise _corrupt(arrays_path, f"array {key!r} missing or not {np.dtype(dtype).name}[{meta.get('num_train_timesteps')}]")
+        data_range = meta.get("data_range")
+        try:
+            return cls(
+                arrays["ms_eps"], arrays["stderr"], arrays["counts"], arrays["alphas_cumprod"],
+                data_range=None if data_range is None else tuple(data_range),
+                fingerprint=meta.get("fingerprint", ""),
+                provenance=meta.get("provenance", {}),
+            )
+        except ValueError as err:
+            raise _corrupt(arrays_path, str(err)) from err
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        subfolder: str | None = None,
+        commit_message: str = "Upload variance table",
+        private: bool | None = None,
+        token: str | None = None,
+    ):
+        """Create ``repo_id`` if needed and upload the two table files (into ``subfolder``); return the commit info."""
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, commit_message=commit_message
+            )
+
+    def __repr__(self) -> str:
+        est = self.estimated
+        span = f"[{np.min(self.ms_eps[est]):.4g}, {np.max(self.ms_eps[est]):.4g}]" if est.any() else "[]"
+        draws = f"{self.counts[est].min()}-{self.counts[est].max()}" if est.any() else "0"
+        model = self.provenance.get("model_id")
+        return (
+            f"VarianceTable(N={self.num_train_timesteps}, estimated={int(est.sum())}, draws/timestep={draws}, "
+            f"ms_eps in {span}, data_range={self.data_range}, fingerprint={self.fingerprint!r}"
+            + (f", model_id={model!r})" if model else ")")
+        )
+
+
+def _download(repo_id: str, filename: str, subfolder, revision, cache_dir) -> str:
+    try:
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+    except HFValidationError as err:
+        raise ValueError(
+            f"{repo_id!r} is neither a local folder nor a valid Hub repo id; pass the folder that holds "
+            f"{META_NAME} and {ARRAYS_NAME}, or a repo id like 'user/model'."
+        ) from err
+    except (EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, OSError) as err:
+        where = "/".join(p for p in (repo_id, subfolder, filename) if p)
+        raise ValueError(
+            f"could not get {where} from the Hugging Face Hub ({type(err).__name__}: {err}); check the repo id, "
+            "subfolder and revision, download it while online (it is then cached for HF_HUB_OFFLINE=1), "
+            "or re-estimate the table with estimate_moments."
+        ) from err

@@ -7,6 +7,7 @@ trajectory through :class:`AnalyticDPMScheduler`.
 
 from ._version import __version__
 from .adapter import EpsilonAdapter
+from .likelihood import NLLResult, nll_bpd
 from .moments import estimate_moments
 from .scheduler import AnalyticDPMScheduler
 from .table import VarianceTable
@@ -17,11 +18,13 @@ __all__ = [
     "__version__",
     "AnalyticDPMScheduler",
     "EpsilonAdapter",
+    "NLLResult",
     "VarianceTable",
     "TrajectoryDP",
     "analytic_variance",
     "estimate_moments",
     "even_trajectory",
+    "nll_bpd",
     "optimal_trajectory",
     "quadratic_trajectory",
     "variance_bounds",

@@ -1,0 +1,217 @@
+"""The variational bound of a K-step DDPM-type chain (eta = 1), in bits/dim.
+
+For a descending trajectory ``t_K > … > t_1`` and data ``x0`` of dimension d::
+
+    L = KL(q(x_{t_K} | x0) || N(0, I))
+        + sum_{k>=2} KL(q(x_{t_{k-1}} | x_{t_k}, x0) || p(x_{t_{k-1}} | x_{t_k}))
+        - log p(x0 | x_{t_1}),                        bits/dim = L / (d ln 2)
+
+``q(x_s | x_t, x0) = N(mu~, btilde(s, t))`` and ``p(x_s | x_t) = N(mu_theta, sigma^2)`` with the DDPM mean
+``mu_theta = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - btilde) eps_hat`` (x0_hat not clipped) and sigma^2 from
+the chosen variance: ``analytic`` (clipped Analytic-DPM), ``beta`` (``b_ts``), ``btilde`` or ``learned``
+(Improved DDPM's learned range on the respaced pair: ``log sigma^2 = f log b_ts + (1 - f) log btilde``,
+``f = (v + 1) / 2``). Each KL term is estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
+
+Decoder ``p(x0 | x_{t_1})``: mean ``x0_hat(x_{t_1})`` (clipped to the data range for the discretised decoder)
+and, by default, the **same variance for every method**, ``1 - abar[t_1]`` (DDPM's ``beta`` of the last step);
+``decoder_variance="analytic"`` uses the method-free analytic ``c[t_1]`` instead, ``float`` a fixed value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import EpsilonAdapter
+from .data import check_range, iter_batches
+from .schedule import as_alphas_cumprod, extended
+from .trajectory import validate_timesteps
+from .variance import analytic_variance, covariance_upper_bound, validate_ms_eps
+
+VARIANCES = ("analytic", "beta", "btilde", "learned")
+DECODERS = ("discretized", "gaussian")
+
+
+@dataclass
+class NLLResult:
+    """Bits/dim of the bound: ``mean`` ± ``stderr`` over data points, with the per-term split."""
+
+    mean: float
+    stderr: float
+    num_samples: int
+    prior: float
+    transitions: float
+    decoder: float
+    per_step: list[float] = field(default_factory=list)  # mean KL of each pair (t_{k-1}, t_k), K-1 entries, bits/dim
+    timesteps: list[int] = field(default_factory=list)
+    variance: str = ""
+
+
+def normal_kl(mean1, var1, mean2, var2) -> torch.Tensor:
+    """Elementwise ``KL(N(mean1, var1) || N(mean2, var2))`` in nats."""
+    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x, mean, std, bin_width: float = 2.0 / 255, data_range=(-1.0, 1.0)) -> torch.Tensor:
+    """Elementwise log-probability (nats) of the bin ``[x - w/2, x + w/2]`` under ``N(mean, std^2)``;
+    the bins at the edges of ``data_range`` are open."""
+    half = bin_width / 2
+    upper, lower = (x + half - mean) / std, (x - half - mean) / std
+    log_cdf_upper, log_sf_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(-lower)
+    # log(Phi(u) - Phi(l)) on the side of the mean where the bin lies, so that far tails stay finite.
+    left = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper).clamp(max=1 - 1e-12))
+    right = log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower).clamp(max=1 - 1e-12))
+    mid = torch.where(x > mean, right, left)
+    lo, hi = data_range
+    return torch.where(x - half <= lo, log_cdf_upper, torch.where(x + half >= hi, log_sf_lower, mid))
+
+
+def _variances(kind: str, abar, ms_eps, s, t, data_range, learned_v=None):
+    """sigma^2 on the pairs ``(s, t)`` as float64 numpy (or a tensor for ``learned``)."""
+    a_t, a_s = abar[t], extended(abar, s)
+    b_ts = 1.0 - a_t / a_s
+    btilde = (1.0 - a_s) * b_ts / (1.0 - a_t)
+    if kind == "analytic":
+        return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
+    if kind == "beta":
+        return b_ts
+    if kind == "btilde":
+        return btilde
+    frac = (learned_v + 1.0) / 2.0
+    return torch.exp(frac * math.log(b_ts) + (1.0 - frac) * math.log(btilde))
+
+
+def nll_bpd(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    timesteps: Sequence[int],
+    variance: str = "analytic",
+    ms_eps=None,
+    decoder: str = "discretized",
+    batch_size: int = 256,
+    seed: int = 0,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
+    bin_width: float = 2.0 / 255,
+    decoder_variance: str | float = "beta",
+    num_samples: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    prediction_type: str | None = None,
+) -> NLLResult:
+    """The K-step bound in bits/dim over ``data`` (all of it, or the first ``num_samples`` images).
+
+    ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
+    2C outputs. ``ms_eps`` (a table's) is needed for ``analytic``. Noise is drawn on the CPU from a generator
+    seeded per batch, so the figure is reproducible.
+    """
+    abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
+    n = abar.size
+    traj = validate_timesteps(timesteps, n)
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r}; use one of {DECODERS}.")
+    if decoder == "discretized" and data_range is None:
+        raise ValueError("the discretized decoder needs the data range of the bins; pass data_range=(a, b) or decoder='gaussian'.")
+    if variance == "analytic" or decoder_variance == "analytic":
+        if ms_eps is None:
+            raise ValueError("the analytic variance needs the model's table: pass ms_eps=table.ms_eps.")
+        ms_eps = validate_ms_eps(ms_eps, n, needed=traj)
+    if prediction_type is None and not isinstance(model, EpsilonAdapter):
+        config = getattr(scheduler_or_alphas_cumprod, "config", scheduler_or_alphas_cumprod)
+        prediction_type = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
+    raw = model.model if isinstance(model, EpsilonAdapter) else model
+    adapter = EpsilonAdapter.wrap(model, abar, **({} if prediction_type is None else {"prediction_type": prediction_type}))
+    if device is None:
+        param = next(raw.parameters(), None) if isinstance(raw, torch.nn.Module) else None
+        device = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    t = np.asarray(traj, dtype=np.int64)
+    s = np.append(t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
+    sigma2 = None if variance == "learned" else _variances(variance, abar, ms_eps, s[:-1], t[:-1], data_range)
+    if decoder_variance == "analytic":
+        dec_var = float(np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[t[-1]]), 1e-20,
+                                covariance_upper_bound(abar, t[-1], data_range)))
+    elif decoder_variance == "beta":
+        dec_var = float(1.0 - abar[t[-1]])
+    else:
+        dec_var = float(decoder_variance)
+
+    per_sample, per_step_sum, prior_sum, decoder_sum, total = [], np.zeros(len(t) - 1), 0.0, 0.0, 0
+    bar = tqdm(desc=f"NLL {variance} K={len(t)}", unit="img", disable=not progress, total=num_samples)
+    with torch.inference_mode():
+        for b, x0 in enumerate(iter_batches(data, batch_size)):
+            if num_samples is not None and total >= num_samples:
+                break
+            x0 = x0[: None if num_samples is None else num_samples - total].to(device=device, dtype=torch.float32)
+            check_range(x0, data_range)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
+            d = x0[0].numel()
+            # prior: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)), summed over dimensions
+            a_T = float(abar[t[0]])
+            prior = 0.5 * ((1 - a_T) + a_T * x0.double() ** 2 - 1 - math.log(1 - a_T)).flatten(1).sum(1)
+            steps = torch.zeros(x0.shape[0], len(t) - 1, dtype=torch.float64, device=device)
+            for k in range(len(t)):
+                a_t, a_s = float(abar[t[k]]), float(extended(abar, s[k]))
+                noise = torch.randn(x0.shape, generator=gen).to(device)
+                x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * noise
+                t_batch = torch.full((x0.shape[0],), int(t[k]), device=device)
+                main, v = adapter.split_output(raw(x_t, adapter.model_timestep(t_batch)), x_t)
+                eps = adapter.to_epsilon(main, x_t, int(t[k]))
+                x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+                if k == len(t) - 1:
+                    decoded = _decoder_log_likelihood(x0, x0_hat, dec_var, decoder, bin_width, data_range)
+                    continue
+                btilde = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
+                true_mean = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
+                mean = math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - btilde, 0.0)) * eps
+                if variance == "learned":
+                    if v is None:
+                        raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
+                    var = _variances("learned", abar, None, s[k], t[k], data_range, v.double())
+                else:
+                    var = torch.tensor(float(sigma2[k]), dtype=torch.float64, device=device)
+                kl = normal_kl(true_mean.double(), torch.tensor(btilde, dtype=torch.float64), mean.double(), var)
+                steps[:, k] = kl.flatten(1).sum(1)
+            total_nats = prior + steps.sum(1) - decoded
+            per_sample.append((total_nats / (d * math.log(2))).cpu())
+            per_step_sum += steps.sum(0).cpu().numpy()
+            prior_sum += float(prior.sum())
+            decoder_sum += float(-decoded.sum())
+            total += x0.shape[0]
+            bar.update(x0.shape[0])
+    bar.close()
+    if total == 0:
+        raise ValueError("the data yielded no images; pass a non-empty data set.")
+    bpd = torch.cat(per_sample).numpy()
+    scale = 1.0 / (total * d * math.log(2))
+    return NLLResult(
+        mean=float(bpd.mean()),
+        stderr=float(bpd.std(ddof=1) / math.sqrt(total)) if total > 1 else float("nan"),
+        num_samples=total,
+        prior=prior_sum * scale,
+        transitions=float(per_step_sum.sum() * scale),
+        decoder=decoder_sum * scale,
+        per_step=(per_step_sum * scale).tolist(),
+        timesteps=[int(x) for x in t],
+        variance=variance,
+    )
+
+
+def _decoder_log_likelihood(x0, x0_hat, var: float, decoder: str, bin_width: float, data_range) -> torch.Tensor:
+    """``log p(x0 | x_{t_1})`` summed over dimensions, float64 per image."""
+    std = math.sqrt(var)
+    if decoder == "gaussian":
+        logp = -0.5 * (math.log(2 * math.pi * var) + (x0.double() - x0_hat.double()) ** 2 / var)
+    else:
+        lo, hi = data_range
+        mean = x0_hat.clamp(lo, hi).double()
+        logp = discretized_gaussian_log_likelihood(x0.double(), mean, std, bin_width, data_range)
+    return logp.flatten(1).sum(1)

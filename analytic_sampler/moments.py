@@ -1,0 +1,259 @@
+"""Monte Carlo estimate of ``ms_eps[t] = E_{x0, eps} ||eps_theta(x_t, t)||^2 / d`` with
+``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps``.
+
+Work list: every (timestep, sample) pair, pair ``i`` -> timestep ``timesteps[i % T]``, sample ``i // T``,
+cut into batches that mix timesteps. The noise of batch ``b`` is drawn on the CPU from a generator seeded
+with ``(seed, b)``, so results are reproducible bit for bit and independent of where the model runs.
+Per-timestep sums of ``m = ||eps_theta||^2 / d`` and ``m^2`` accumulate in float64 on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ._version import __version__
+from .adapter import EpsilonAdapter
+from .data import check_range, take_samples
+from .schedule import as_alphas_cumprod, schedule_fingerprint
+from .table import VarianceTable
+
+CHECKPOINT_FORMAT = 1
+
+
+def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.ndarray:
+    if timesteps is None:
+        return np.arange(num_train_timesteps)
+    ts = np.asarray(timesteps, dtype=np.int64).ravel()
+    if ts.size == 0 or ts.min() < 0 or ts.max() >= num_train_timesteps:
+        raise ValueError(f"timesteps must be a non-empty list of integers in [0, {num_train_timesteps - 1}].")
+    if np.unique(ts).size != ts.size:
+        raise ValueError("timesteps contains duplicates; pass each timestep once (raise num_samples for more draws).")
+    return np.sort(ts)
+
+
+def _module(model) -> Any:
+    return model.model if isinstance(model, EpsilonAdapter) else model
+
+
+def _config_value(obj, key: str):
+    config = getattr(obj, "config", obj)
+    return config.get(key) if isinstance(config, Mapping) else None
+
+
+def _default_device(module) -> torch.device:
+    if isinstance(module, torch.nn.Module):
+        param = next(module.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(module):
+    """Switch off dropout while estimating, restoring the module's mode afterwards."""
+    training = isinstance(module, torch.nn.Module) and module.training
+    if training:
+        module.eval()
+    try:
+        yield
+    finally:
+        if training:
+            module.train()
+
+
+def _fold(values: torch.Tensor, offset: int, period: int) -> torch.Tensor:
+    """Per-timestep sums of ``values`` for pairs ``offset, offset+1, …``: ``out[k] = sum_{i % period = k} values[i]``.
+
+    A padded reshape and a column sum; unlike ``index_add_`` on CUDA (atomics) it is deterministic.
+    """
+    start = offset % period
+    rows = -(-(start + values.numel()) // period)
+    padded = values.new_zeros(rows * period)
+    padded[start : start + values.numel()] = values
+    return padded.view(rows, period).sum(0)
+
+
+def _batch_kwargs(kwargs: dict[str, Any], sample_idx: torch.Tensor, num_samples: int) -> dict[str, Any]:
+    """Tensors with one row per data sample are indexed per pair, single-row tensors expanded; others pass as is."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == num_samples:
+            value = value[sample_idx]
+        elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 1:
+            value = value.expand(sample_idx.numel(), *value.shape[1:])
+        out[key] = value
+    return out
+
+
+def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Tensors move to ``device``; floating ones also take the model input ``dtype``."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
+
+
+def _noise_generator(seed: int, batch: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _check_finite(sums: torch.Tensor, sums_sq: torch.Tensor, timesteps: np.ndarray) -> None:
+    bad = (~(torch.isfinite(sums) & torch.isfinite(sums_sq))).cpu().numpy()
+    if bad.any():
+        shown = ", ".join(map(str, timesteps[bad][:8].tolist())) + (" …" if bad.sum() > 8 else "")
+        raise ValueError(
+            f"the model returned NaN/inf at timestep(s) {shown}; check the weights, the dtype (float16 overflow?) "
+            "and the timestep convention (timestep_shift / timestep_scale of EpsilonAdapter)."
+        )
+
+
+def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        saved, next_batch, sums, sums_sq = state["run"], state["next_batch"], state["sums"], state["sums_sq"]
+    except Exception as err:  # any unreadable or foreign file
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to start the estimate over."
+        ) from err
+    if state.get("format") != CHECKPOINT_FORMAT or saved != run:
+        diff = ", ".join(f"{k}: {saved.get(k)!r} != {v!r}" for k, v in run.items() if saved.get(k) != v)
+        raise ValueError(
+            f"checkpoint {path} belongs to a run with different settings ({diff or 'format'}); delete the file "
+            "to start over, or rerun with the same settings to resume."
+        )
+    return next_batch, sums, sums_sq
+
+
+def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor, sums_sq: torch.Tensor) -> None:
+    """Write to a temporary file, then ``os.replace``: an interruption never leaves a half-written checkpoint."""
+    state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch, "sums": sums.cpu(), "sums_sq": sums_sq.cpu()}
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def estimate_moments(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    num_samples: int = 1000,
+    timesteps: Sequence[int] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    progress: bool = True,
+    prediction_type: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> VarianceTable:
+    """Estimate ``ms_eps`` at ``timesteps`` (default: all) from the first ``num_samples`` images of ``data``.
+
+    Args:
+        model: a Diffusers UNet, an ``EpsilonAdapter`` or a callable ``model(sample, timestep, **kwargs)``.
+        data: anything ``data.take_samples`` reads (tensor, DataLoader, Dataset, folder of images); the same
+            ``x0`` serve every timestep, with fresh noise for every (sample, timestep) pair.
+        scheduler_or_alphas_cumprod: the model's noise schedule (scheduler, config or ``alphas_cumprod``).
+        batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
+        device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
+        dtype: dtype of the model inputs (e.g. ``torch.float16``); the sums stay float64.
+        data_range: declared range of ``x0`` (checked); ``None`` for unbounded data such as latents.
+        checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
+            a run started with an existing checkpoint of the same settings resumes from it.
+        prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data.
+        provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+    """
+    if num_samples < 1 or batch_size < 1 or checkpoint_every < 1:
+        raise ValueError("num_samples, batch_size and checkpoint_every must all be at least 1.")
+    abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
+    ts = _timesteps(timesteps, abar.size)
+    if not isinstance(model, EpsilonAdapter):
+        prediction_type = prediction_type or _config_value(scheduler_or_alphas_cumprod, "prediction_type") or "epsilon"
+    adapter = EpsilonAdapter.wrap(model, abar, **({} if prediction_type is None else {"prediction_type": prediction_type}))
+    module = _module(adapter)
+    if device is None:
+        device = _default_device(module)
+    elif isinstance(module, torch.nn.Module):
+        module.to(device)
+    device = torch.device(device)
+
+    x0 = take_samples(data, num_samples).float()
+    check_range(x0, data_range)
+    run = {
+        "schedule": schedule_fingerprint(abar),
+        "timesteps": hashlib.sha256(ts.tobytes()).hexdigest()[:16],
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        "seed": seed,
+        "data": hashlib.sha256(str(tuple(x0.shape)).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
+        "prediction_type": adapter.prediction_type,
+        "dtype": str(dtype),
+    }
+
+    num_t, num_pairs = ts.size, ts.size * num_samples
+    num_batches = -(-num_pairs // batch_size)
+    work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
+    x0 = x0.to(device=device, dtype=work_dtype)
+    roots = torch.from_numpy(np.stack([np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])])).to(device=device, dtype=work_dtype)
+    ts_device = torch.from_numpy(ts).to(device)
+    kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
+    shape = (1,) * (x0.ndim - 1)
+
+    path = None if checkpoint is None else os.fspath(checkpoint)
+    resumed = None if path is None else _load_checkpoint(path, run)
+    if resumed is None:
+        start, sums, sums_sq = 0, torch.zeros(num_t, dtype=torch.float64), torch.zeros(num_t, dtype=torch.float64)
+    else:
+        start, sums, sums_sq = resumed
+    sums, sums_sq = sums.to(device), sums_sq.to(device)
+
+    with torch.inference_mode(), _eval_mode(module), tqdm(
+        total=num_batches, initial=start, disable=not progress, desc="estimating ms_eps", unit="batch"
+    ) as bar:
+        for b in range(start, num_batches):
+            offset = b * batch_size
+            pair = torch.arange(offset, min(offset + batch_size, num_pairs), device=device)
+            k, s = pair % num_t, pair // num_t
+            noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
+            x_t = roots[0, k].view(-1, *shape) * x0[s] + roots[1, k].view(-1, *shape) * noise.to(device, work_dtype)
+            eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
+            m = torch.linalg.vector_norm(eps.flatten(1), dim=1, dtype=torch.float64).square() / eps[0].numel()
+            sums += _fold(m, offset, num_t)
+            sums_sq += _fold(m * m, offset, num_t)
+            bar.update()
+            if (b + 1) % checkpoint_every == 0 or b + 1 == num_batches:
+                _check_finite(sums, sums_sq, ts)
+                if path is not None:
+                    _save_checkpoint(path, run, b + 1, sums, sums_sq)
+
+    full = np.zeros((3, abar.size))
+    full[0, ts], full[1, ts], full[2, ts] = sums.cpu().numpy(), sums_sq.cpu().numpy(), num_samples
+    record = {
+        "model_id": _config_value(module, "_name_or_path") or type(module).__name__,
+        "data": f"{num_samples} images of shape {tuple(x0.shape[1:])}",
+        "num_samples": num_samples,
+        "num_timesteps_estimated": int(num_t),
+        "seed": seed,
+        "batch_size": batch_size,
+        "prediction_type": adapter.prediction_type,
+        "timestep_shift": adapter.timestep_shift,
+        "timestep_scale": adapter.timestep_scale,
+        "dtype": str(dtype or x0.dtype),
+        "package_version": __version__,
+        **(provenance or {}),
+    }
+    return VarianceTable.from_sums(full[0], full[1], full[2], abar, data_range=data_range, provenance=record)

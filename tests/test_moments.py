@@ -1,0 +1,220 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from analytic_sampler.adapter import EpsilonAdapter
+from analytic_sampler.data import check_range, iter_batches, take_samples
+from analytic_sampler.moments import estimate_moments
+from analytic_sampler.schedule import alphas_cumprod_from_config
+
+N = 1000
+ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "linear"})
+V = 0.25
+SHAPE = (3, 8, 8)
+FEW = [0, 250, 500, 750, 999]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """On a busy 2-core machine, two OpenMP threads per tiny op wait on each other (~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact eps for x0 ~ N(0, v I): eps*(x_t, t) = sqrt(1 - abar[t]) x_t / (abar[t] v + 1 - abar[t])."""
+
+    def __init__(self, v=V):
+        super().__init__()
+        self.register_buffer("abar", torch.from_numpy(ABAR))
+        self.v = v
+
+    def forward(self, x, t):
+        a = self.abar[t].view(-1, 1, 1, 1).to(x.dtype)
+        return (1 - a).sqrt() * x / (a * self.v + 1 - a)
+
+
+class Flaky(GaussianEps):
+    """GaussianEps that raises on its ``fail_at``-th call, like an interrupted job."""
+
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward(self, x, t):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("interrupted")
+        return super().forward(x, t)
+
+
+def gaussian_data(n, seed=0):
+    return V**0.5 * torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model=None, n=64, timesteps=FEW, **kwargs):
+    kwargs = {"batch_size": 16, "data_range": None, "progress": False, **kwargs}
+    return estimate_moments(model or GaussianEps(), gaussian_data(n), ABAR, num_samples=n, timesteps=timesteps, **kwargs)
+
+
+def assert_same(a, b):
+    for key in ("ms_eps", "stderr", "counts"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
+
+
+def test_exact_gaussian_within_three_standard_errors():
+    ts = np.linspace(0, N - 1, 50).round().astype(int)
+    table = estimate_moments(
+        GaussianEps(), gaussian_data(2000), ABAR, num_samples=2000, timesteps=ts, batch_size=1000,
+        data_range=None, progress=False,
+    )
+    exact = (1 - ABAR) / (ABAR * V + 1 - ABAR)
+    z = (table.ms_eps[ts] - exact[ts]) / table.stderr[ts]
+    assert np.all(np.abs(z) < 3), z
+    assert 0.5 < np.mean(z**2) < 2  # the standard errors are calibrated
+    rest = np.setdiff1d(np.arange(N), ts)
+    assert np.all(np.isnan(table.ms_eps[rest])) and np.all(np.isnan(table.stderr[rest]))
+    assert np.all(table.counts[rest] == 0) and np.all(table.counts[ts] == 2000)
+    assert table.estimated.sum() == 50 and table.data_range is None
+    assert table.provenance["num_samples"] == 2000 and table.provenance["model_id"] == "GaussianEps"
+
+
+def test_seed_determinism():
+    a, b, c = run(seed=3), run(seed=3), run(seed=4)
+    assert_same(a, b)
+    assert not np.any(a.ms_eps[FEW] == c.ms_eps[FEW])
+
+
+def test_batches_mix_timesteps():
+    seen = []
+
+    def model(x, t):
+        seen.append(t.tolist())
+        return x
+
+    run(model, n=8, batch_size=4)
+    assert all(len(set(t)) == 4 for t in seen)
+    assert sorted(sum(seen, [])) == sorted(FEW * 8)
+
+
+def test_interrupted_run_resumes_bit_identical(tmp_path):
+    full = run()
+    path = tmp_path / "ck.pt"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(Flaky(fail_at=12), checkpoint=path, checkpoint_every=5)  # 20 batches; 10 checkpointed
+    resumed_model = Flaky()
+    resumed = run(resumed_model, checkpoint=path, checkpoint_every=5)
+    assert resumed_model.calls == 10
+    assert_same(resumed, full)
+    finished_model = Flaky()
+    assert_same(run(finished_model, checkpoint=path), full)  # a finished checkpoint needs no model calls
+    assert finished_model.calls == 0
+    with pytest.raises(ValueError, match=r"different settings \(seed: 0 != 1\); delete the file"):
+        run(checkpoint=path, seed=1)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable .*delete it to start the estimate over"):
+        run(checkpoint=path)
+
+
+def test_model_returning_nan_is_named():
+    def model(x, t):
+        return torch.where((t >= 500).view(-1, 1, 1, 1), torch.nan, x)
+
+    with pytest.raises(ValueError, match=r"the model returned NaN/inf at timestep\(s\) 500, 750, 999; check"):
+        run(model)
+
+
+def test_data_out_of_range():
+    data = gaussian_data(8) + 3
+    with pytest.raises(ValueError, match=r"data outside the declared range \[-1, 1\] \(min .*, max .*\); rescale"):
+        estimate_moments(GaussianEps(), data, ABAR, num_samples=8, progress=False)
+    with pytest.raises(ValueError, match="data contains NaN"):
+        check_range(torch.tensor([0.0, float("nan")]), None)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="timesteps contains duplicates"):
+        run(timesteps=[1, 1])
+    with pytest.raises(ValueError, match=r"integers in \[0, 999\]"):
+        run(timesteps=[1000])
+    with pytest.raises(ValueError, match="data holds only 64 images but num_samples=65"):
+        estimate_moments(GaussianEps(), gaussian_data(64), ABAR, num_samples=65, progress=False)
+
+
+def test_data_sources_agree():
+    x = gaussian_data(10).clamp(-1, 1)
+    pairs = TensorDataset(x, torch.arange(10))
+    dicts = [{"pixel_values": x[:4]}, {"pixel_values": x[4:]}]
+    for source in (x, DataLoader(pairs, batch_size=3), pairs, dicts, [x[:7], x[7:]]):
+        assert torch.equal(take_samples(source, 9), x[:9])
+    assert [b.shape[0] for b in iter_batches(DataLoader(pairs, batch_size=3), 4)] == [4, 4, 2]
+    table_tensor = estimate_moments(GaussianEps(), x, ABAR, num_samples=9, timesteps=FEW, batch_size=8, progress=False)
+    table_loader = estimate_moments(GaussianEps(), DataLoader(pairs, batch_size=4), ABAR, num_samples=9, timesteps=FEW,
+                                    batch_size=8, progress=False)
+    assert_same(table_tensor, table_loader)
+    with pytest.raises(ValueError, match="put the images under one of"):
+        take_samples([{"labels": x}], 2)
+    with pytest.raises(ValueError, match=r"must have shape \(B, C, H, W\); got \(3, 8, 8\)"):
+        take_samples([x[0]], 1)
+    with pytest.raises(ValueError, match=r"images of shape \(3, 4, 4\) follow \(3, 8, 8\)"):
+        take_samples([x[:2], torch.zeros(2, 3, 4, 4)], 4)
+
+
+def test_folder_of_pngs(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
+    pixels[0, 0, 0] = (0, 255, 128)
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    x = take_samples(tmp_path, 3)
+    assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32
+    torch.testing.assert_close(x, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert take_samples(str(tmp_path), 2, channels=1).shape == (2, 1, 8, 8)
+    (tmp_path / "grey").mkdir()
+    Image.fromarray(pixels[0, :, :, 0]).save(tmp_path / "grey" / "a.png")
+    assert take_samples(tmp_path / "grey", 1).shape == (1, 1, 8, 8)  # the first file's mode sets the channels
+    Image.fromarray(pixels[0, :4]).save(tmp_path / "small.png")
+    with pytest.raises(ValueError, match="small.png is 8x4 but 0.png is 8x8; all images in the folder must have the same size"):
+        take_samples(tmp_path, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        take_samples(tmp_path / "empty", 1)
+    with pytest.raises(ValueError, match="is not a folder"):
+        take_samples(tmp_path / "missing", 1)
+
+
+def test_per_sample_conditioning_and_eval_mode():
+    class Labelled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x, t, class_labels):
+            assert not self.training
+            return self.drop(torch.ones_like(x)) * class_labels.view(-1, 1, 1, 1)
+
+    model = Labelled().train()
+    labels = torch.arange(64) % 2 + 1.0  # ||eps||^2 / d = 1 or 4 per sample
+    table = run(model, model_kwargs={"class_labels": labels})
+    np.testing.assert_allclose(table.ms_eps[FEW], 2.5)
+    assert model.training
+
+
+def test_tiny_unet_with_scheduler_prediction_type():
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=N, prediction_type="v_prediction")
+    data = gaussian_data(6).clamp(-1, 1)
+    table = estimate_moments(unet, data, scheduler, num_samples=6, timesteps=[0, 999], batch_size=4, progress=False)
+    assert table.provenance["prediction_type"] == "v_prediction"
+    assert np.all(np.isfinite(table.ms_eps[[0, 999]])) and table.counts[[0, 999]].tolist() == [6, 6]
+    adapter = EpsilonAdapter(unet, scheduler, prediction_type="sample")
+    assert estimate_moments(adapter, data, scheduler, num_samples=6, timesteps=[5], progress=False).provenance[
+        "prediction_type"] == "sample"

@@ -5,7 +5,8 @@ With ``abar = alphas_cumprod[t]`` the other parameterisations convert as::
     v_prediction:  eps = sqrt(abar) v + sqrt(1 - abar) x_t
     sample:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)
 
-Classifier-free guidance combines the two passes in epsilon space: ``eps = eps_u + s (eps_c - eps_u)``.
+Classifier-free guidance combines the two passes ``eps = eps_u + s (eps_c - eps_u)``; the conversions are
+affine in the model output, so combining before converting is the same.
 """
 
 from __future__ import annotations
@@ -149,11 +150,11 @@ class EpsilonAdapter:
     def _guided(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         uncond = {**cond, **self.uncond_kwargs}
         batchable = all(
-            isinstance(cond[k], torch.Tensor) and isinstance(uncond[k], torch.Tensor) and cond[k].shape == uncond[k].shape
-            for k in cond
+            isinstance(cond.get(k), torch.Tensor) and isinstance(v, torch.Tensor) and cond[k].shape == v.shape
+            for k, v in uncond.items()
         )
         if batchable:
-            both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+            both = {k: torch.cat([v, cond[k]]) for k, v in uncond.items()}
             t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
             out_u, out_c = self._call_model(torch.cat([x_t, x_t]), t2, both).chunk(2)
         else:

@@ -28,7 +28,7 @@ def _pil_to_tensor(image, channels: int | None) -> torch.Tensor:
 
 
 def _as_tensor(item: Any, channels: int | None) -> torch.Tensor:
-    """The image tensor in a batch or dataset item: a tensor / array, the first entry of a tuple, a dict key, a PIL image."""
+    """The images in a batch or dataset item: a tensor / array, a tuple's first entry, a dict entry, a PIL image."""
     if isinstance(item, dict):
         key = next((k for k in IMAGE_KEYS if k in item), None)
         if key is None:
@@ -50,7 +50,9 @@ def _as_tensor(item: Any, channels: int | None) -> torch.Tensor:
 
 def _check_batch(x: torch.Tensor) -> torch.Tensor:
     if x.ndim != 4:
-        raise ValueError(f"image batches must have shape (B, C, H, W); got {tuple(x.shape)}. Add the missing batch/channel axis.")
+        raise ValueError(
+            f"image batches must have shape (B, C, H, W); got {tuple(x.shape)}. Add the missing batch/channel axis."
+        )
     return x if x.is_floating_point() else x.float()
 
 
@@ -59,7 +61,7 @@ def _folder_images(path: str, channels: int | None) -> Iterator[torch.Tensor]:
 
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}; point data at a folder of images.")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}; point data at image files.")
     size = None
     for name in files:
         with Image.open(os.path.join(path, name)) as image:
@@ -77,10 +79,10 @@ def _pieces(data: Any, channels: int | None) -> Iterator[torch.Tensor]:
     """The data as a stream of ``(b, C, H, W)`` tensors of any length ``b``."""
     if isinstance(data, (str, os.PathLike)):
         if not os.path.isdir(data):
-            raise ValueError(f"data={os.fspath(data)!r} is not a folder; pass a folder of images, a tensor or a DataLoader.")
+            raise ValueError(f"data={os.fspath(data)!r} is not a folder; pass a folder of images, a tensor or a loader.")
         yield from _folder_images(os.fspath(data), channels)
-    elif isinstance(data, (torch.Tensor, np.ndarray)):
-        yield _check_batch(torch.as_tensor(data))
+    elif isinstance(data, (torch.Tensor, np.ndarray, dict)):  # a single batch
+        yield _check_batch(_as_tensor(data, channels))
     elif hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple)):
         for i in range(len(data)):  # a map-style Dataset: one sample per item
             yield _check_batch(_as_tensor(data[i], channels)[None])
@@ -106,7 +108,7 @@ def iter_batches(data: Any, batch_size: int, channels: int | None = None) -> Ite
     for piece in _pieces(data, channels):
         shape = shape or piece.shape[1:]
         if piece.shape[1:] != shape:
-            raise ValueError(f"images of shape {tuple(piece.shape[1:])} follow {tuple(shape)}; all images must have one shape.")
+            raise ValueError(f"images of shape {tuple(piece.shape[1:])} follow {tuple(shape)}; all must have one shape.")
         buffer.append(piece)
         held += piece.shape[0]
         while held >= batch_size:
@@ -124,7 +126,9 @@ def take_samples(data: Any, num_samples: int, channels: int | None = None) -> to
     batch = next(iter_batches(data, num_samples, channels), None)
     total = 0 if batch is None else batch.shape[0]
     if total < num_samples:
-        raise ValueError(f"data holds only {total} images but num_samples={num_samples}; lower num_samples or pass more data.")
+        raise ValueError(
+            f"data holds only {total} images but num_samples={num_samples}; lower num_samples or pass more data."
+        )
     return batch
 
 

@@ -134,9 +134,10 @@ def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor,
     return next_batch, sums, sums_sq
 
 
-def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor, sums_sq: torch.Tensor) -> None:
+def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor, sums_sq: torch.Tensor):
     """Write to a temporary file, then ``os.replace``: an interruption never leaves a half-written checkpoint."""
-    state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch, "sums": sums.cpu(), "sums_sq": sums_sq.cpu()}
+    state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch}
+    state.update(sums=sums.cpu(), sums_sq=sums_sq.cpu())
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -176,6 +177,9 @@ def estimate_moments(
         prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
         model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data.
         provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+
+    To spread the work over machines, run shards with different seeds (or data) and pool them with
+    ``VarianceTable.merge``.
     """
     if num_samples < 1 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("num_samples, batch_size and checkpoint_every must all be at least 1.")
@@ -183,7 +187,8 @@ def estimate_moments(
     ts = _timesteps(timesteps, abar.size)
     if not isinstance(model, EpsilonAdapter):
         prediction_type = prediction_type or _config_value(scheduler_or_alphas_cumprod, "prediction_type") or "epsilon"
-    adapter = EpsilonAdapter.wrap(model, abar, **({} if prediction_type is None else {"prediction_type": prediction_type}))
+    options = {} if prediction_type is None else {"prediction_type": prediction_type}
+    adapter = EpsilonAdapter.wrap(model, abar, **options)
     module = _module(adapter)
     if device is None:
         device = _default_device(module)
@@ -199,7 +204,7 @@ def estimate_moments(
         "num_samples": num_samples,
         "batch_size": batch_size,
         "seed": seed,
-        "data": hashlib.sha256(str(tuple(x0.shape)).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
+        "data": hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
         "prediction_type": adapter.prediction_type,
         "dtype": str(dtype),
     }
@@ -230,7 +235,8 @@ def estimate_moments(
             k, s = pair % num_t, pair // num_t
             noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
             x_t = roots[0, k].view(-1, *shape) * x0[s] + roots[1, k].view(-1, *shape) * noise.to(device, work_dtype)
-            eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
+            x_t = x_t if dtype is None else x_t.to(dtype)
+            eps = adapter(x_t, ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
             m = torch.linalg.vector_norm(eps.flatten(1), dim=1, dtype=torch.float64).square() / eps[0].numel()
             sums += _fold(m, offset, num_t)
             sums_sq += _fold(m * m, offset, num_t)

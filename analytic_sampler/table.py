@@ -68,7 +68,9 @@ class VarianceTable:
         n = self.alphas_cumprod.size
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if self.counts.shape != (n,) or np.any(self.counts < 0):
-            raise ValueError(f"counts must be {n} non-negative integers, one per training timestep; got shape {self.counts.shape}.")
+            raise ValueError(
+                f"counts must be {n} non-negative integers, one per training timestep; got shape {self.counts.shape}."
+            )
         self.ms_eps = validate_ms_eps(self.ms_eps, n, needed=np.flatnonzero(self.counts))
         self.stderr = np.asarray(self.stderr, dtype=np.float64)
         if self.stderr.shape != (n,):
@@ -175,8 +177,9 @@ class VarianceTable:
                 if not os.path.isfile(path):
                     raise _corrupt(path, "file not found")
         else:
+            repo_id = os.fspath(dir_or_repo_id)
             meta_path, arrays_path = (
-                _download(os.fspath(dir_or_repo_id), name, subfolder, revision, cache_dir) for name in (META_NAME, ARRAYS_NAME)
+                _download(repo_id, name, subfolder, revision, cache_dir) for name in (META_NAME, ARRAYS_NAME)
             )
         return cls._read(meta_path, arrays_path)
 
@@ -199,10 +202,11 @@ class VarianceTable:
             arrays = load_file(arrays_path)
         except (SafetensorError, OSError) as err:
             raise _corrupt(arrays_path, f"unreadable safetensors file ({err})") from err
+        n = meta.get("num_train_timesteps")
         for key, dtype in _ARRAY_DTYPES.items():
             value = arrays.get(key)
-            if value is None or value.dtype != dtype or value.shape != (meta.get("num_train_timesteps"),):
-                raise _corrupt(arrays_path, f"array {key!r} missing or not {np.dtype(dtype).name}[{meta.get('num_train_timesteps')}]")
+            if value is None or value.dtype != dtype or value.shape != (n,):
+                raise _corrupt(arrays_path, f"array {key!r} missing or not {np.dtype(dtype).name}[{n}]")
         data_range = meta.get("data_range")
         try:
             return cls(

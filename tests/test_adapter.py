@@ -111,6 +111,15 @@ def test_classifier_free_guidance(kind):
     assert calls == ([6] if kind == "tensor" else [3, 3])
 
 
+def test_guidance_with_a_key_only_in_the_unconditional_pass():
+    def model(sample, timestep, scale=torch.ones(1)):
+        return sample * scale.view(-1, 1, 1, 1)
+
+    x = torch.randn(2, 3, 4, 4)
+    adapter = EpsilonAdapter(model, ABAR, guidance_scale=2.0, uncond_kwargs={"scale": torch.zeros(2)})
+    torch.testing.assert_close(adapter(x, 5), 2.0 * x)
+
+
 def tiny_unet(out_channels=3):
     torch.manual_seed(0)
     return UNet2DModel(

@@ -59,7 +59,8 @@ def gaussian_data(n, seed=0):
 
 def run(model=None, n=64, timesteps=FEW, **kwargs):
     kwargs = {"batch_size": 16, "data_range": None, "progress": False, **kwargs}
-    return estimate_moments(model or GaussianEps(), gaussian_data(n), ABAR, num_samples=n, timesteps=timesteps, **kwargs)
+    model = model or GaussianEps()
+    return estimate_moments(model, gaussian_data(n), ABAR, num_samples=n, timesteps=timesteps, **kwargs)
 
 
 def assert_same(a, b):
@@ -150,7 +151,7 @@ def test_data_sources_agree():
     x = gaussian_data(10).clamp(-1, 1)
     pairs = TensorDataset(x, torch.arange(10))
     dicts = [{"pixel_values": x[:4]}, {"pixel_values": x[4:]}]
-    for source in (x, DataLoader(pairs, batch_size=3), pairs, dicts, [x[:7], x[7:]]):
+    for source in (x, x.numpy(), {"images": x}, DataLoader(pairs, batch_size=3), pairs, dicts, [x[:7], x[7:]]):
         assert torch.equal(take_samples(source, 9), x[:9])
     assert [b.shape[0] for b in iter_batches(DataLoader(pairs, batch_size=3), 4)] == [4, 4, 2]
     table_tensor = estimate_moments(GaussianEps(), x, ABAR, num_samples=9, timesteps=FEW, batch_size=8, progress=False)
@@ -178,7 +179,7 @@ def test_folder_of_pngs(tmp_path):
     Image.fromarray(pixels[0, :, :, 0]).save(tmp_path / "grey" / "a.png")
     assert take_samples(tmp_path / "grey", 1).shape == (1, 1, 8, 8)  # the first file's mode sets the channels
     Image.fromarray(pixels[0, :4]).save(tmp_path / "small.png")
-    with pytest.raises(ValueError, match="small.png is 8x4 but 0.png is 8x8; all images in the folder must have the same size"):
+    with pytest.raises(ValueError, match="small.png is 8x4 but 0.png is 8x8; all images in the folder must have the"):
         take_samples(tmp_path, 4)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .predictions import check_prediction_type, split_learned_variance, to_epsilon
 from .schedule import as_alphas_cumprod
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
@@ -65,8 +64,7 @@ class EpsilonAdapter:
             raise TypeError("model is already an EpsilonAdapter; use EpsilonAdapter.wrap(model, schedule) to reuse it.")
         if not callable(model):
             raise TypeError(f"model must be callable as model(sample, timestep, **kwargs); got {type(model).__name__}.")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
+        check_prediction_type(prediction_type)
         if guidance_scale is not None and uncond_kwargs is None:
             raise ValueError(
                 "guidance_scale needs uncond_kwargs, the model kwargs of the unconditional pass "
@@ -124,25 +122,13 @@ class EpsilonAdapter:
     @staticmethod
     def split_output(model_output: Any, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(main, variance_half)``: a 2C-channel output (learned variance) splits in two, else ``(output, None)``."""
-        out = model_output_tensor(model_output)
-        channels = sample.shape[1]
-        if out.shape[1] == 2 * channels:
-            return out[:, :channels], out[:, channels:]
-        if out.shape[1] != channels:
-            raise ValueError(
-                f"the model returned {out.shape[1]} channels for a {channels}-channel sample; expected {channels} "
-                f"or {2 * channels} (learned variance). Check the model matches the data's channel count."
-            )
-        return out, None
+        return split_learned_variance(model_output_tensor(model_output), sample)
 
     def to_epsilon(self, main: torch.Tensor, sample: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         """Convert the model's main output (eps, v or x0, per ``prediction_type``) to epsilon."""
         if self.prediction_type == "epsilon":
             return main
-        root_abar, root_bb = self.coefficients(t, sample)
-        if self.prediction_type == "v_prediction":
-            return root_abar * main + root_bb * sample
-        return (sample - root_abar * main) / root_bb
+        return to_epsilon(main, sample, *self.coefficients(t, sample), self.prediction_type)
 
     def _call_model(self, x_t: torch.Tensor, t: int | torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
         return self.split_output(self.model(x_t, self.model_timestep(t), **kwargs), x_t)[0]

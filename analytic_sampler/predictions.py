@@ -28,9 +28,19 @@ def split_learned_variance(model_output: torch.Tensor, sample: torch.Tensor) -> 
     if model_output.shape[1] != channels:
         raise ValueError(
             f"model output has {model_output.shape[1]} channels for a {channels}-channel sample; expected "
-            f"{channels} (fixed variance) or {2 * channels} (learned variance)."
+            f"{channels} (fixed variance) or {2 * channels} (learned variance). Check that the model matches the data's "
+            "channel count."
         )
     return model_output, None
+
+
+def to_epsilon(
+    prediction: torch.Tensor, sample: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """``eps_hat`` from a model prediction of the given type."""
+    if prediction_type == "epsilon":
+        return prediction
+    return to_x0_and_eps(prediction, sample, sqrt_abar, sqrt_one_minus_abar, prediction_type)[1]
 
 
 def to_x0_and_eps(

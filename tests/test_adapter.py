@@ -1,11 +1,13 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from analytic_sampler.adapter import EpsilonAdapter
 from analytic_sampler.schedule import alphas_cumprod_from_config
+
+from conftest import tiny_unet
 
 N = 1000
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "linear"})
@@ -50,7 +52,7 @@ def test_output_forms_and_learned_variance_split():
 
 def test_bad_outputs_and_options():
     x = torch.zeros(2, 3, 4, 4)
-    with pytest.raises(ValueError, match="returned 5 channels for a 3-channel sample"):
+    with pytest.raises(ValueError, match="model output has 5 channels for a 3-channel sample"):
         EpsilonAdapter(lambda s, t: torch.zeros(2, 5, 4, 4), ABAR)(x, 3)
     with pytest.raises(TypeError, match="must return a tensor"):
         EpsilonAdapter(lambda s, t: {"eps": s}, ABAR)(x, 3)
@@ -120,21 +122,13 @@ def test_guidance_with_a_key_only_in_the_unconditional_pass():
     torch.testing.assert_close(adapter(x, 5), 2.0 * x)
 
 
-def tiny_unet(out_channels=3):
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=out_channels, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
 def test_tiny_unet2d_and_learned_variance():
     x = torch.randn(2, 3, 8, 8)
     t = torch.tensor([10, 900])
     with torch.no_grad():
-        unet = tiny_unet()
+        unet = tiny_unet(channels=3)
         torch.testing.assert_close(EpsilonAdapter(unet, ABAR)(x, t), unet(x, t).sample)
-        unet6 = tiny_unet(out_channels=6)
+        unet6 = tiny_unet(channels=3, out_channels=6)
         torch.testing.assert_close(EpsilonAdapter(unet6, ABAR)(x, t), unet6(x, t).sample[:, :3])
 
 

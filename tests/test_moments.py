@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -10,6 +10,8 @@ from analytic_sampler.data import check_range, iter_batches, take_samples
 from analytic_sampler.moments import estimate_moments
 from analytic_sampler.schedule import alphas_cumprod_from_config
 
+from conftest import ExactGaussianEps, tiny_unet
+
 N = 1000
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "linear"})
 V = 0.25
@@ -17,26 +19,9 @@ SHAPE = (3, 8, 8)
 FEW = [0, 250, 500, 750, 999]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """On a busy 2-core machine, two OpenMP threads per tiny op wait on each other (~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class GaussianEps(torch.nn.Module):
-    """The exact eps for x0 ~ N(0, v I): eps*(x_t, t) = sqrt(1 - abar[t]) x_t / (abar[t] v + 1 - abar[t])."""
-
+class GaussianEps(ExactGaussianEps):
     def __init__(self, v=V):
-        super().__init__()
-        self.register_buffer("abar", torch.from_numpy(ABAR))
-        self.v = v
-
-    def forward(self, x, t):
-        a = self.abar[t].view(-1, 1, 1, 1).to(x.dtype)
-        return (1 - a).sqrt() * x / (a * self.v + 1 - a)
+        super().__init__(ABAR, v)
 
 
 class Flaky(GaussianEps):
@@ -206,11 +191,7 @@ def test_per_sample_conditioning_and_eval_mode():
 
 
 def test_tiny_unet_with_scheduler_prediction_type():
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=6, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(channels=3, out_channels=6)
     scheduler = DDPMScheduler(num_train_timesteps=N, prediction_type="v_prediction")
     data = gaussian_data(6).clamp(-1, 1)
     table = estimate_moments(unet, data, scheduler, num_samples=6, timesteps=[0, 999], batch_size=4, progress=False)

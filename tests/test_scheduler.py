@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler
 
 from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.table import VarianceTable
 from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
 from analytic_sampler.trajectory import even_trajectory
 from analytic_sampler.variance import ddpm_variance
@@ -238,3 +239,21 @@ def test_bad_options_are_refused(linear_scheduler):
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N)
     with pytest.raises(ValueError, match="call set_timesteps"):
         sched.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2))
+
+
+def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_path):
+    abar = alphas_cumprod_from_config(linear_scheduler.config)
+    ms = gaussian_model.exact_ms_eps()
+    table = VarianceTable(ms, np.full(N, 1e-3), np.full(N, 100), abar, data_range=None)
+    sched = AnalyticDPMScheduler.from_table(table, linear_scheduler.config)
+    assert sched.config.table_fingerprint == table.fingerprint and sched.config.data_range is None
+    own = AnalyticDPMScheduler.from_table(table)  # the table's own schedule, as trained_betas
+    np.testing.assert_allclose(own.alphas_cumprod_64, abar, rtol=1e-12)
+    for s in (sched, own):
+        s.set_timesteps(10)
+    assert sched.trajectory == own.trajectory
+    sched.save_pretrained(tmp_path)
+    assert AnalyticDPMScheduler.from_pretrained(tmp_path).config.table_fingerprint == table.fingerprint
+    cosine = DDPMScheduler(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
+    with pytest.raises(ValueError, match="table was estimated for schedule .* estimate a table for this model"):
+        AnalyticDPMScheduler.from_table(table, cosine.config)

@@ -242,12 +242,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if isinstance(covmean, tuple):  # older scipy returned (sqrtm, errest) with disp=False
-        covmean = covmean[0]
+    import warnings
+
+    def _sqrtm(m: np.ndarray) -> np.ndarray:
+        with warnings.catch_warnings():  # singular products (dead ReLU units) are expected and handled
+            warnings.simplefilter("ignore")
+            r = linalg.sqrtm(m)
+        return r[0] if isinstance(r, tuple) else r  # older scipy: (sqrtm, errest)
+
+    covmean = _sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
             raise ValueError(f"sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")

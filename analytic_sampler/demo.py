@@ -6,32 +6,19 @@ against the held-out digits, and writes ``grid.png``, ``results.json`` and ``res
 
 from __future__ import annotations
 
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 
-from ._version import __version__
+from .methods import sampling_methods
 from .pretrained import load_pretrained
+from .report import environment, footer, write_results
 from .sampling import sample, save_grid
-from .scheduler import AnalyticDPMScheduler
-from .trajectory import even_trajectory
 
+DEMO_METHODS = ("Analytic-DDPM", "Analytic-DDIM", "DDPM (btilde)", "DDIM")
 # Precompute budget when a model ships no table: the paper finds 10 draws per timestep already enough.
 DEMO_TABLE_SAMPLES = 100
-
-
-def baseline_schedulers(config, num_steps: int) -> dict[str, tuple[object, list[int] | None]]:
-    """DDPM (fixed_small, even trajectory) and DDIM (``trailing`` spacing) as Diffusers runs them."""
-    n = config["num_train_timesteps"]
-    return {
-        "DDPM": (DDPMScheduler.from_config(config, variance_type="fixed_small"), even_trajectory(n, num_steps)),
-        "DDIM": (DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True), None),
-    }
 
 
 def _table(model, out: Path):
@@ -56,41 +43,30 @@ def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 29
     out.mkdir(parents=True, exist_ok=True)
     model = load_pretrained(model_name)
     table = _table(model, out)
-    config = dict(model.scheduler.config)
     heldout = load_digits_split("heldout")[0]
     rows, grids = [], []
     for k in steps:
-        methods = {
-            "Analytic-DDPM": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), None),
-            "Analytic-DDIM": (AnalyticDPMScheduler.from_table(table, config, eta=0.0), None),
-            **baseline_schedulers(config, k),
-        }
-        for name, (scheduler, timesteps) in methods.items():
-            t0 = time.time()
+        methods = sampling_methods(model.scheduler.config, table, k)
+        for name in DEMO_METHODS:
+            scheduler, timesteps = methods[name]
             images = sample(model.unet, scheduler, num_images, None if timesteps else k, timesteps, seed=seed, device=device)
-            rows.append({"method": name, "K": k, "fd_digits": fd_digits(images, heldout), "seconds": time.time() - t0,
+            rows.append({"method": name, "K": k, "fd_digits": fd_digits(images, heldout),
                          "trajectory": [int(t) for t in scheduler.timesteps]})
             grids.append(images[:10])
             print(f"K={k:4d} {name:14s} FD-digits {rows[-1]['fd_digits']:8.3f}")
-    real_fd = fd_digits(load_digits_split("train")[0][: len(heldout)], heldout)
     save_grid(torch.cat(grids), out / "grid.png", nrow=10)
-
     result = {
         "model": model.source, "num_images": num_images, "seed": seed, "heldout_images": len(heldout),
-        "fd_digits_train_vs_heldout": real_fd, "results": rows, "seconds_total": time.time() - start,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "device": device, "versions": {"analytic_sampler": __version__, "torch": torch.__version__},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fd_digits_train_vs_heldout": fd_digits(load_digits_split("train")[0][: len(heldout)], heldout),
+        "results": rows, "seconds_total": time.time() - start, **environment(device),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(_markdown(result, steps))
+    write_results(out, "results", result, _markdown(result, steps))
     print(f"\nwrote {out / 'grid.png'} (rows: " + ", ".join(f"{r['method']} K={r['K']}" for r in rows)
           + f")\nwrote {out / 'results.md'} in {result['seconds_total']:.0f} s")
     return result
 
 
 def _markdown(result: dict, steps) -> str:
-    methods = list(dict.fromkeys(r["method"] for r in result["results"]))
     fd = {(r["method"], r["K"]): r["fd_digits"] for r in result["results"]}
     lines = [
         f"FD-digits to the {result['heldout_images']} held-out digits ({result['num_images']} samples per cell, "
@@ -99,8 +75,8 @@ def _markdown(result: dict, steps) -> str:
         "",
         "| method | " + " | ".join(f"K={k}" for k in steps) + " |",
         "|---|" + "---:|" * len(steps),
-        *(f"| {m} | " + " | ".join(f"{fd[(m, k)]:.3f}" for k in steps) + " |" for m in methods),
+        *(f"| {m} | " + " | ".join(f"{fd[(m, k)]:.3f}" for k in steps) + " |" for m in DEMO_METHODS),
         "",
-        f"Model {result['model']}; {result['machine']}; {result['versions']}; {result['date']}.",
+        f"Model {result['model']}. " + footer(result),
     ]
     return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .predictions import split_learned_variance
+
 
 @torch.inference_mode()
 def sample(
@@ -27,12 +29,14 @@ def sample(
     """Draw ``num_samples`` images with ``scheduler`` in batches; float32 on the CPU, clipped to [-1, 1].
 
     The initial noise of sample i is the same for every scheduler (one generator per call, seeded),
-    so methods compared at the same seed start from the same x_T.
+    so methods compared at the same seed start from the same x_T. The variance half of a 2C
+    (learned-variance) output reaches only schedulers configured to use it (``variance_type`` learned*).
     """
     device = torch.device(device)
     unet = unet.to(device).eval()
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    keep_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch_size = batch_size or num_samples
     if timesteps is not None:
@@ -46,6 +50,8 @@ def sample(
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             model_output = unet(scheduler.scale_model_input(x, t), t).sample
+            if not keep_variance:
+                model_output = split_learned_variance(model_output, x)[0]
             x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
             bar.update(n)
         out.append(x.clamp(-1, 1).float().cpu())

@@ -335,10 +335,6 @@ def discretized_gaussian_log_likelihood(
     lower = inv_std * (centered - half)
     log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X <= x + half)
     log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X >= x - half)
-    # log(Phi(upper) - Phi(lower)) computed as log Phi(upper) + log1p(-Phi(lower)/Phi(upper)), stably
-    # for either tail by reflecting to the side where the mass is not tiny.
-    log_cdf_lower = torch.special.log_ndtr(lower)
-    log_sf_upper = torch.special.log_ndtr(-upper)
     # log(Phi(upper) - Phi(lower)) = log Phi(upper) + log1p(-Phi(lower)/Phi(upper)), computed on the side
     # of the mean where the bin lies (CDF below the mean, survival function above) for stable tails.
     # The clamp keeps the unused branch of torch.where finite so that no NaN reaches the gradients.

@@ -139,6 +139,7 @@ def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torc
     state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch}
     state.update(sums=sums.cpu(), sums_sq=sums_sq.cpu())
     tmp = f"{path}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state, tmp)
     os.replace(tmp, path)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 # Zero-terminal-SNR schedules end in abar = 0, where x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
-# is undefined; Diffusers' Euler-type schedulers use the same floor.
+# is undefined; their last value is raised to this floor, as Diffusers' Euler-type schedulers do.
 ZERO_SNR_FLOOR = 2.0**-24
 
 
@@ -75,7 +75,9 @@ def alphas_cumprod_from_config(config: Mapping[str, Any] | Any) -> np.ndarray:
     if hasattr(config, "config") and not isinstance(config, Mapping):
         config = config.config
     abar = np.cumprod(1.0 - betas_from_config(config))
-    return np.maximum(abar, ZERO_SNR_FLOOR)
+    if abar[-1] <= 0.0:  # a zero-terminal-SNR schedule; every other schedule keeps its own last value
+        abar[-1] = ZERO_SNR_FLOOR
+    return abar
 
 
 def as_alphas_cumprod(schedule: Any) -> np.ndarray:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .schedule import betas_from_config
+from .schedule import alphas_cumprod_from_config
 
 __all__ = [
     "TrainConfig",
@@ -58,7 +58,6 @@ __all__ = [
     "build_unet",
     "scheduler_config",
     "make_scheduler",
-    "training_alphas_cumprod",
     "training_losses",
     "discretized_gaussian_log_likelihood",
     "normal_kl",
@@ -243,16 +242,6 @@ def scheduler_config(config: TrainConfig) -> dict[str, Any]:
         clip_sample_range=1.0,
         prediction_type="epsilon",
     )
-
-
-def training_alphas_cumprod(config: TrainConfig) -> np.ndarray:
-    """float64 ``alphas_cumprod`` exactly as the exported ``DDPMScheduler`` defines it.
-
-    ``cumprod(1 - betas)`` from :func:`analytic_sampler.schedule.betas_from_config`, *without* the
-    ``ZERO_SNR_FLOOR`` that ``alphas_cumprod_from_config`` applies: the cosine schedule's last value
-    (2.4e-9 for N = 1000) lies below that floor, and training must use the schedule it exports.
-    """
-    return np.cumprod(1.0 - betas_from_config(scheduler_config(config)))
 
 
 def make_scheduler(config: TrainConfig):
@@ -544,7 +533,7 @@ class _Trainer:
         self.model = build_unet(config).to(self.device)
         self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        abar = training_alphas_cumprod(config)
+        abar = alphas_cumprod_from_config(scheduler_config(config))
         self.terms = GaussianDiffusionTerms(abar, self.device)
         n = config.num_train_timesteps
         self.sampler = (

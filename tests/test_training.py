@@ -24,7 +24,6 @@ from analytic_sampler.training import (
     recipe_config,
     scheduler_config,
     train,
-    training_alphas_cumprod,
     training_losses,
 )
 
@@ -84,7 +83,7 @@ def test_terms_match_diffusers_schedule():
         cfg = TrainConfig(beta_schedule=sched, loss="hybrid")
         kw = scheduler_config(cfg)
         assert kw["variance_type"] == "learned_range"
-        abar = training_alphas_cumprod(cfg)
+        abar = alphas_cumprod_from_config(scheduler_config(cfg))
         ref = DDPMScheduler(**kw).alphas_cumprod.double().numpy()
         np.testing.assert_allclose(abar, ref, rtol=1e-4)  # (diffusers: float32); no floor on the cosine schedule's last value
         terms = GaussianDiffusionTerms(abar)

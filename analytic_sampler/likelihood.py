@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .adapter import EpsilonAdapter
 from .data import check_range, iter_batches
+from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import as_alphas_cumprod, extended
 from .trajectory import validate_timesteps
 from .variance import analytic_variance, covariance_upper_bound, validate_ms_eps
@@ -50,25 +51,6 @@ class NLLResult:
     per_step: list[float] = field(default_factory=list)  # mean KL of each pair (t_{k-1}, t_k), K-1 entries, bits/dim
     timesteps: list[int] = field(default_factory=list)
     variance: str = ""
-
-
-def normal_kl(mean1, var1, mean2, var2) -> torch.Tensor:
-    """Elementwise ``KL(N(mean1, var1) || N(mean2, var2))`` in nats."""
-    return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1.0)
-
-
-def discretized_gaussian_log_likelihood(x, mean, std, bin_width: float = 2.0 / 255, data_range=(-1.0, 1.0)) -> torch.Tensor:
-    """Elementwise log-probability (nats) of the bin ``[x - w/2, x + w/2]`` under ``N(mean, std^2)``;
-    the bins at the edges of ``data_range`` are open."""
-    half = bin_width / 2
-    upper, lower = (x + half - mean) / std, (x - half - mean) / std
-    log_cdf_upper, log_sf_lower = torch.special.log_ndtr(upper), torch.special.log_ndtr(-lower)
-    # log(Phi(u) - Phi(l)) on the side of the mean where the bin lies, so that far tails stay finite.
-    left = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper).clamp(max=1 - 1e-12))
-    right = log_sf_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_sf_lower).clamp(max=1 - 1e-12))
-    mid = torch.where(x > mean, right, left)
-    lo, hi = data_range
-    return torch.where(x - half <= lo, log_cdf_upper, torch.where(x + half >= hi, log_sf_lower, mid))
 
 
 def _variances(kind: str, abar, ms_eps, s, t, data_range, learned_v=None):
@@ -108,18 +90,47 @@ def nll_bpd(
 
     ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
     2C outputs. ``ms_eps`` (a table's) is needed for ``analytic``. Noise is drawn on the CPU from a generator
-    seeded per batch, so the figure is reproducible.
+    seeded per batch, so the figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
     """
+    return nll_bpd_many(
+        model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, decoder=decoder,
+        batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
+        decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
+        prediction_type=prediction_type,
+    )[variance]
+
+
+def nll_bpd_many(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    timesteps: Sequence[int],
+    variances: Sequence[str] = VARIANCES[:3],
+    ms_eps=None,
+    decoder: str = "discretized",
+    batch_size: int = 256,
+    seed: int = 0,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
+    bin_width: float = 2.0 / 255,
+    decoder_variance: str | float = "beta",
+    num_samples: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    prediction_type: str | None = None,
+) -> dict[str, NLLResult]:
+    """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
+    differences between the results are paired)."""
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     n = abar.size
     traj = validate_timesteps(timesteps, n)
-    if variance not in VARIANCES:
-        raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+    for variance in variances:
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}; use one of {DECODERS}.")
     if decoder == "discretized" and data_range is None:
         raise ValueError("the discretized decoder needs the data range of the bins; pass data_range=(a, b) or decoder='gaussian'.")
-    if variance == "analytic" or decoder_variance == "analytic":
+    if "analytic" in variances or decoder_variance == "analytic":
         if ms_eps is None:
             raise ValueError("the analytic variance needs the model's table: pass ms_eps=table.ms_eps.")
         ms_eps = validate_ms_eps(ms_eps, n, needed=traj)
@@ -135,7 +146,7 @@ def nll_bpd(
 
     t = np.asarray(traj, dtype=np.int64)
     s = np.append(t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
-    sigma2 = None if variance == "learned" else _variances(variance, abar, ms_eps, s[:-1], t[:-1], data_range)
+    fixed = {v: _variances(v, abar, ms_eps, s[:-1], t[:-1], data_range) for v in variances if v != "learned"}
     if decoder_variance == "analytic":
         dec_var = float(np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[t[-1]]), 1e-20,
                                 covariance_upper_bound(abar, t[-1], data_range)))
@@ -144,8 +155,11 @@ def nll_bpd(
     else:
         dec_var = float(decoder_variance)
 
-    per_sample, per_step_sum, prior_sum, decoder_sum, total = [], np.zeros(len(t) - 1), 0.0, 0.0, 0
-    bar = tqdm(desc=f"NLL {variance} K={len(t)}", unit="img", disable=not progress, total=num_samples)
+    k_steps, names = len(t) - 1, list(variances)
+    per_sample = {v: [] for v in names}
+    per_step = np.zeros((len(names), k_steps))
+    prior_sum, decoder_sum, total = 0.0, 0.0, 0
+    bar = tqdm(desc=f"NLL K={len(t)}", unit="img", disable=not progress, total=num_samples)
     with torch.inference_mode():
         for b, x0 in enumerate(iter_batches(data, batch_size)):
             if num_samples is not None and total >= num_samples:
@@ -157,7 +171,7 @@ def nll_bpd(
             # prior: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)), summed over dimensions
             a_T = float(abar[t[0]])
             prior = 0.5 * ((1 - a_T) + a_T * x0.double() ** 2 - 1 - math.log(1 - a_T)).flatten(1).sum(1)
-            steps = torch.zeros(x0.shape[0], len(t) - 1, dtype=torch.float64, device=device)
+            steps = torch.zeros(len(names), x0.shape[0], k_steps, dtype=torch.float64, device=device)
             for k in range(len(t)):
                 a_t, a_s = float(abar[t[k]]), float(extended(abar, s[k]))
                 noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -166,23 +180,25 @@ def nll_bpd(
                 main, v = adapter.split_output(raw(x_t, adapter.model_timestep(t_batch)), x_t)
                 eps = adapter.to_epsilon(main, x_t, int(t[k]))
                 x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-                if k == len(t) - 1:
+                if k == k_steps:
                     decoded = _decoder_log_likelihood(x0, x0_hat, dec_var, decoder, bin_width, data_range)
                     continue
                 btilde = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
                 true_mean = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
                 mean = math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - btilde, 0.0)) * eps
-                if variance == "learned":
-                    if v is None:
-                        raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
-                    var = _variances("learned", abar, None, s[k], t[k], data_range, v.double())
-                else:
-                    var = torch.tensor(float(sigma2[k]), dtype=torch.float64, device=device)
-                kl = normal_kl(true_mean.double(), torch.tensor(btilde, dtype=torch.float64), mean.double(), var)
-                steps[:, k] = kl.flatten(1).sum(1)
-            total_nats = prior + steps.sum(1) - decoded
-            per_sample.append((total_nats / (d * math.log(2))).cpu())
-            per_step_sum += steps.sum(0).cpu().numpy()
+                true_mean, mean = true_mean.double(), mean.double()
+                log_btilde = torch.tensor(math.log(btilde), dtype=torch.float64, device=device)
+                for i, variance in enumerate(names):
+                    if variance == "learned":
+                        if v is None:
+                            raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
+                        var = _variances("learned", abar, None, s[k], t[k], data_range, v.double())
+                    else:
+                        var = torch.tensor(float(fixed[variance][k]), dtype=torch.float64, device=device)
+                    steps[i, :, k] = normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1)
+            for i, variance in enumerate(names):
+                per_sample[variance].append(((prior + steps[i].sum(1) - decoded) / (d * math.log(2))).cpu())
+            per_step += steps.sum(1).cpu().numpy()
             prior_sum += float(prior.sum())
             decoder_sum += float(-decoded.sum())
             total += x0.shape[0]
@@ -190,28 +206,30 @@ def nll_bpd(
     bar.close()
     if total == 0:
         raise ValueError("the data yielded no images; pass a non-empty data set.")
-    bpd = torch.cat(per_sample).numpy()
     scale = 1.0 / (total * d * math.log(2))
-    return NLLResult(
-        mean=float(bpd.mean()),
-        stderr=float(bpd.std(ddof=1) / math.sqrt(total)) if total > 1 else float("nan"),
-        num_samples=total,
-        prior=prior_sum * scale,
-        transitions=float(per_step_sum.sum() * scale),
-        decoder=decoder_sum * scale,
-        per_step=(per_step_sum * scale).tolist(),
-        timesteps=[int(x) for x in t],
-        variance=variance,
-    )
+    results = {}
+    for i, variance in enumerate(names):
+        bpd = torch.cat(per_sample[variance]).numpy()
+        results[variance] = NLLResult(
+            mean=float(bpd.mean()),
+            stderr=float(bpd.std(ddof=1) / math.sqrt(total)) if total > 1 else float("nan"),
+            num_samples=total,
+            prior=prior_sum * scale,
+            transitions=float(per_step[i].sum() * scale),
+            decoder=decoder_sum * scale,
+            per_step=(per_step[i] * scale).tolist(),
+            timesteps=[int(x) for x in t],
+            variance=variance,
+        )
+    return results
 
 
 def _decoder_log_likelihood(x0, x0_hat, var: float, decoder: str, bin_width: float, data_range) -> torch.Tensor:
     """``log p(x0 | x_{t_1})`` summed over dimensions, float64 per image."""
-    std = math.sqrt(var)
     if decoder == "gaussian":
         logp = -0.5 * (math.log(2 * math.pi * var) + (x0.double() - x0_hat.double()) ** 2 / var)
     else:
-        lo, hi = data_range
-        mean = x0_hat.clamp(lo, hi).double()
-        logp = discretized_gaussian_log_likelihood(x0.double(), mean, std, bin_width, data_range)
+        mean = x0_hat.clamp(*data_range).double()
+        log_scale = torch.full_like(mean, 0.5 * math.log(var))
+        logp = discretized_gaussian_log_likelihood(x0.double(), mean, log_scale, bin_width, data_range)
     return logp.flatten(1).sum(1)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import alphas_cumprod_from_config
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
     "scheduler_config",
     "make_scheduler",
     "training_losses",
-    "discretized_gaussian_log_likelihood",
-    "normal_kl",
     "train",
     "load_checkpoint",
     "export_diffusers",
@@ -301,39 +300,6 @@ class GaussianDiffusionTerms:
         x0_hat = self._at(self.sqrt_recip_abar, t, xt.ndim) * xt - self._at(self.sqrt_recipm1_abar, t, xt.ndim) * eps
         mean, _ = self.q_posterior(x0_hat, xt, t)
         return mean, log_var
-
-
-def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
-    """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, num_bins: int = 256
-) -> torch.Tensor:
-    """Elementwise log-probability (nats) of the bin of ``x`` under a discretised Gaussian.
-
-    ``x`` in [-1, 1] sits on a grid of ``num_bins`` levels (bin width ``2/(num_bins-1)``, 8-bit:
-    2/255); the edge bins are open (``(-inf, -1 + 1/255]`` and ``[1 - 1/255, inf)``). ``log_scales``
-    is the log standard deviation. Uses the exact normal CDF in log space for stable tails.
-    """
-    half = 1.0 / (num_bins - 1)
-    inv_std = torch.exp(-log_scales)
-    centered = x - means
-    upper = inv_std * (centered + half)
-    lower = inv_std * (centered - half)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # log P(X <= x + half)
-    log_sf_lower = torch.special.log_ndtr(-lower)  # log P(X >= x - half)
-    # log(Phi(upper) - Phi(lower)) = log Phi(upper) + log1p(-Phi(lower)/Phi(upper)), computed on the side
-    # of the mean where the bin lies (CDF below the mean, survival function above) for stable tails.
-    # The clamp keeps the unused branch of torch.where finite so that no NaN reaches the gradients.
-    log_cdf_lower = torch.special.log_ndtr(lower)
-    log_sf_upper = torch.special.log_ndtr(-upper)
-    left = log_cdf_upper + torch.log1p(-torch.exp(torch.clamp(log_cdf_lower - log_cdf_upper, max=-1e-6)))
-    right = log_sf_lower + torch.log1p(-torch.exp(torch.clamp(log_sf_upper - log_sf_lower, max=-1e-6)))
-    mid = torch.clamp(torch.where(centered > 0, right, left), min=math.log(1e-12))
-    edge = 1.0 - half  # the edge bins are (-inf, -1 + half] and [1 - half, inf)
-    return torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, mid))
 
 
 def vlb_terms(

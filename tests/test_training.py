@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from analytic_sampler.gaussians import discretized_gaussian_log_likelihood, normal_kl
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.training import (
     EMA,
@@ -17,10 +18,8 @@ from analytic_sampler.training import (
     LossSecondMomentResampler,
     TrainConfig,
     build_unet,
-    discretized_gaussian_log_likelihood,
     export_diffusers,
     load_checkpoint,
-    normal_kl,
     recipe_config,
     scheduler_config,
     train,
@@ -129,7 +128,7 @@ def test_discretized_gaussian_sums_to_one(num_bins):
     for scale in (1e-3, 0.01, 0.1, 0.5, 2.0):
         log_scales = torch.full_like(means, math.log(scale))
         for dtype in (torch.float64, torch.float32):
-            logp = discretized_gaussian_log_likelihood(x.to(dtype), means.to(dtype), log_scales.to(dtype), num_bins)
+            logp = discretized_gaussian_log_likelihood(x.to(dtype), means.to(dtype), log_scales.to(dtype), 2 / (num_bins - 1))
             assert torch.isfinite(logp).all()
             total = logp.double().exp().sum(0)
             tol = 1e-9 if dtype == torch.float64 else 2e-4

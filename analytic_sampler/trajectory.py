@@ -77,9 +77,10 @@ def trajectory_cost(alphas_cumprod, ms_eps, timesteps: Sequence[int]) -> float:
 class TrajectoryDP:
     """One dynamic-programming pass up to ``max_steps``; ``path(K)`` for any K <= max_steps.
 
-    Where ms_eps > 1 (an imperfect model near t = N-1) ``J`` is undefined. The DP then runs on the
-    prefix ``[0, p]`` before the first such timestep and the remaining steps are spread evenly over
-    ``(p, N-1]``, in proportion to its length; a warning says so.
+    Timesteps without an estimate (NaN) cannot be visited. Where ms_eps > 1 (an imperfect model, or
+    Monte Carlo noise around 1 at large t) ``J`` is undefined for distant pairs and unbounded below for
+    near ones, so such timesteps are left out of the trajectory too; t = N-1, which every trajectory
+    starts from, is clipped to 1 instead. A warning says how many were left out.
     """
 
     def __init__(self, alphas_cumprod, ms_eps, max_steps: int):
@@ -89,65 +90,54 @@ class TrajectoryDP:
         self.ms_eps = np.asarray(ms_eps, dtype=np.float64)
         if self.ms_eps.shape != (n,):
             raise ValueError(f"ms_eps has {self.ms_eps.size} entries, the schedule {n}; use the model's own table.")
-        bad = np.flatnonzero(self.ms_eps[1:] > 1.0) + 1
-        self.prefix_end = int(bad[0]) - 1 if bad.size else n - 1
-        if bad.size:
+        usable = self.ms_eps.copy()
+        bad = np.flatnonzero(usable[1:-1] > 1.0) + 1
+        usable[bad] = np.nan
+        usable[-1] = min(usable[-1], 1.0)
+        if bad.size or self.ms_eps[-1] > 1.0:
             warnings.warn(
-                f"ms_eps > 1 at {bad.size} timestep(s) from t={bad[0]} on: the model's eps has more energy than "
-                f"true noise there. The optimal trajectory is solved on [0, {self.prefix_end}] and the steps "
-                f"above it are spread evenly.",
+                f"ms_eps > 1 at {bad.size + int(self.ms_eps[-1] > 1.0)} timestep(s) (first t={bad[0] if bad.size else n - 1}): "
+                "the model's eps has more energy than true noise there, or the table's Monte Carlo noise reaches "
+                f"past 1. Those timesteps are left out of the optimal trajectory (t={n - 1} is clipped to 1).",
                 stacklevel=2,
             )
-        self._argmin, self._cost = self._solve(min(self.max_steps, self.prefix_end + 1))
+        self._argmin, self._cost = self._solve(_cost_matrix(self.abar, usable))
 
-    def _solve(self, levels: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-        p = self.prefix_end
-        jt = _cost_matrix(self.abar[: p + 1], self.ms_eps[: p + 1]).t().contiguous()  # jt[t, s] = J(s, t)
-        cost = torch.full((levels + 1, p + 1), float("inf"), dtype=torch.float64)
+    def _solve(self, j: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        n = j.shape[0]
+        jt = j.t().contiguous()  # jt[t, s] = J(s, t)
+        cost = torch.full((self.max_steps + 1, n), float("inf"), dtype=torch.float64)
         cost[1, 0] = 0.0
-        argmin = [torch.zeros(p + 1, dtype=torch.int64)] * 2
-        for k in range(2, levels + 1):
+        argmin = [torch.zeros(n, dtype=torch.int64)] * 2
+        for k in range(2, self.max_steps + 1):
             # C_k[t] = min_s C_{k-1}[s] + J(s, t) over k-2 <= s < t, in row blocks that stay in cache.
-            lo, arg = k - 2, torch.zeros(p + 1, dtype=torch.int64)
-            for a in range(lo + 1, p + 1, _BLOCK):
-                b = min(a + _BLOCK, p + 1)
+            lo, arg = k - 2, torch.zeros(n, dtype=torch.int64)
+            for a in range(lo + 1, n, _BLOCK):
+                b = min(a + _BLOCK, n)
                 cost[k, a:b], arg[a:b] = (jt[a:b, lo:b] + cost[k - 1, None, lo:b]).min(dim=1)
             argmin.append(arg + lo)
         return argmin, cost
-
-    def _tail_split(self, num_steps: int) -> tuple[int, int]:
-        """Points in the DP prefix and in the evenly spread tail above it."""
-        n, p = self.abar.size, self.prefix_end
-        if p == n - 1:
-            return num_steps, 0
-        tail = max(1, int(round((num_steps - 1) * (n - 1 - p) / (n - 1))))
-        head = min(max(num_steps - tail, 2), p + 1)
-        return head, num_steps - head
 
     def path(self, num_steps: int) -> list[int]:
         """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""
         k = _check_steps(self.abar.size, num_steps)
         if k > self.max_steps:
             raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
-        head, tail = self._tail_split(k)
-        if head < 2 or (tail == 0 and self.prefix_end < self.abar.size - 1):
-            return even_trajectory(self.abar.size, k)
-        t = self.prefix_end
-        if not torch.isfinite(self._cost[head, t]):
+        t = self.abar.size - 1
+        if not torch.isfinite(self._cost[k, t]):
             raise ValueError(
-                f"no {head}-step trajectory reaches t={t} through estimated timesteps; estimate ms_eps at more "
-                "timesteps (a trajectory may only visit timesteps where the table has a value)."
+                f"no {k}-step trajectory runs through timesteps with a usable ms_eps (estimated and <= 1); "
+                "estimate ms_eps at more timesteps, with more samples, or use fewer steps."
             )
         points = [t]
-        for level in range(head, 1, -1):
+        for level in range(k, 1, -1):
             t = int(self._argmin[level][t])
             points.append(t)
-        top = np.linspace(self.prefix_end, self.abar.size - 1, tail + 1).round().astype(int)[1:]
-        return top[::-1].tolist() + points
+        return points
 
     def cost(self, num_steps: int) -> float:
         """``sum_k J`` along ``path(num_steps)``."""
-        return trajectory_cost(self.abar, self.ms_eps, self.path(num_steps))
+        return trajectory_cost(self.abar, np.minimum(self.ms_eps, 1.0), self.path(num_steps))
 
 
 def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int) -> list[int]:

@@ -100,16 +100,22 @@ def test_optimal_never_worse_than_even(schedule):
         assert dp.cost(k) <= trajectory_cost(abar, ms, even_trajectory(1000, k)) + 1e-12
 
 
-def test_ms_eps_above_one_is_handled_with_a_warning():
+def test_ms_eps_above_one_is_left_out_with_a_warning():
     ms = (1 - ABAR) / (ABAR * 0.2 + 1 - ABAR)
-    ms[900:] = 1.02
-    with pytest.warns(UserWarning, match="ms_eps > 1 at 100 timestep\\(s\\) from t=900.*solved on \\[0, 899\\]"):
-        dp = TrajectoryDP(ABAR, ms, 20)
-    for k in (2, 3, 10, 20):
+    noisy = ms.copy()
+    noisy[[700, 850, 999]] = 1.02
+    with pytest.warns(UserWarning, match="ms_eps > 1 at 3 timestep\\(s\\) \\(first t=700\\).*left out"):
+        dp = TrajectoryDP(ABAR, noisy, 50)
+    for k in (2, 3, 10, 50):
         path = dp.path(k)
         assert len(path) == k and path[0] == 999 and path[-1] == 0 and all(np.diff(path) < 0)
-    assert 899 in dp.path(10)
-    assert np.isfinite(trajectory_cost(ABAR, np.minimum(ms, 1), dp.path(10)))
+        assert not {700, 850} & set(path)
+    # the same as solving with those timesteps marked unestimated and t = N-1 clipped to 1
+    marked = ms.copy()
+    marked[[700, 850]] = np.nan
+    marked[999] = 1.0
+    assert dp.path(10) == optimal_trajectory(ABAR, marked, 10)
+    assert np.isfinite(dp.cost(10))
 
 
 def test_partial_table_restricts_the_path():
@@ -119,7 +125,7 @@ def test_partial_table_restricts_the_path():
     ms_partial[keep] = ms[keep]
     path = optimal_trajectory(ABAR, ms_partial, 10)
     assert set(path) <= set(keep.tolist())
-    with pytest.raises(ValueError, match="no 60-step trajectory.*estimate ms_eps at more timesteps"):
+    with pytest.raises(ValueError, match="no 60-step trajectory runs through timesteps with a usable ms_eps.*estimate ms_eps at more timesteps"):
         optimal_trajectory(ABAR, ms_partial, 60)
 
 

@@ -16,7 +16,7 @@ from .pretrained import load_pretrained
 from .report import environment, footer, write_results
 from .sampling import sample, save_grid
 
-DEMO_METHODS = ("Analytic-DDPM", "Analytic-DDIM", "DDPM (btilde)", "DDIM")
+DEMO_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM")
 # Precompute budget when a model ships no table: the paper finds 10 draws per timestep already enough.
 DEMO_TABLE_SAMPLES = 100
 

@@ -7,10 +7,14 @@ For a descending trajectory ``t_K > … > t_1`` and data ``x0`` of dimension d::
         - log p(x0 | x_{t_1}),                        bits/dim = L / (d ln 2)
 
 ``q(x_s | x_t, x0) = N(mu~, btilde(s, t))`` and ``p(x_s | x_t) = N(mu_theta, sigma^2)`` with the DDPM mean
-``mu_theta = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - btilde) eps_hat`` (x0_hat not clipped) and sigma^2 from
+``mu_theta = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - btilde) eps_hat`` and sigma^2 from
 the chosen variance: ``analytic`` (clipped Analytic-DPM), ``beta`` (``b_ts``), ``btilde`` or ``learned``
 (Improved DDPM's learned range on the respaced pair: ``log sigma^2 = f log b_ts + (1 - f) log btilde``,
-``f = (v + 1) / 2``). Each KL term is estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
+``f = (v + 1) / 2``). Each KL term is estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``. With
+``clip_denoised`` (the default for bounded data, as in Improved DDPM's evaluation and in sampling) x0_hat is
+clipped to the data range and eps_hat recomputed from it, so mu_theta is the posterior mean of the clipped
+x0_hat; without it, schedules whose abar[N-1] is tiny (cosine: 2.4e-9) turn small eps errors at t = N-1 into
+huge mean errors on coarse trajectories.
 
 Decoder ``p(x0 | x_{t_1})``: mean ``x0_hat(x_{t_1})`` (clipped to the data range for the discretised decoder)
 and, by default, the **same variance for every method**, ``1 - abar[t_1]`` (DDPM's ``beta`` of the last step);
@@ -85,6 +89,7 @@ def nll_bpd(
     device: str | torch.device | None = None,
     progress: bool = True,
     prediction_type: str | None = None,
+    clip_denoised: bool = True,
 ) -> NLLResult:
     """The K-step bound in bits/dim over ``data`` (all of it, or the first ``num_samples`` images).
 
@@ -96,7 +101,7 @@ def nll_bpd(
         model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, decoder=decoder,
         batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
         decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
-        prediction_type=prediction_type,
+        prediction_type=prediction_type, clip_denoised=clip_denoised,
     )[variance]
 
 
@@ -117,6 +122,7 @@ def nll_bpd_many(
     device: str | torch.device | None = None,
     progress: bool = True,
     prediction_type: str | None = None,
+    clip_denoised: bool = True,
 ) -> dict[str, NLLResult]:
     """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
     differences between the results are paired)."""
@@ -180,6 +186,9 @@ def nll_bpd_many(
                 main, v = adapter.split_output(raw(x_t, adapter.model_timestep(t_batch)), x_t)
                 eps = adapter.to_epsilon(main, x_t, int(t[k]))
                 x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+                if clip_denoised and data_range is not None:
+                    x0_hat = x0_hat.clamp(*data_range)
+                    eps = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
                 if k == k_steps:
                     decoded = _decoder_log_likelihood(x0, x0_hat, dec_var, decoder, bin_width, data_range)
                     continue

@@ -1,4 +1,10 @@
-"""The samplers compared at K steps: Analytic-DPM against the Diffusers schedulers a user would otherwise run."""
+"""The samplers compared at K steps: Analytic-DPM against the Diffusers schedulers a user would otherwise run.
+
+Each Analytic-DPM variant runs on the same timesteps as its baseline, so a comparison isolates the variance:
+DDPM-type methods on the even trajectory ``[N-1, …, 0]``, DDIM-type ones on DDIMScheduler's ``trailing``
+timesteps ``[N-1, N-1-N/K, …]`` (both end with the x0 prediction). One more row uses the optimal trajectory
+of the DP, which minimises the likelihood bound rather than a sample-quality measure.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +17,19 @@ LEARNED = ("learned", "learned_range")
 
 
 def sampling_methods(config, table, num_steps: int) -> dict[str, tuple[object, list[int] | None]]:
-    """``name -> (scheduler, explicit timesteps or None)`` for every method that applies to the model.
-
-    DDPM variants run on the even trajectory ``[N-1, …, 0]``; DDIM uses ``trailing`` spacing (also starting
-    at N-1, ending in x0); DPM-Solver++(2M) keeps its own defaults; Analytic-DPM uses the table's optimal
-    trajectory. The learned-variance method appears only for models trained with ``learned_range``.
-    """
+    """``name -> (scheduler, explicit timesteps or None)`` for every method that applies to the model."""
     config = dict(config)
-    n = config["num_train_timesteps"]
-    even = even_trajectory(n, num_steps)
+    even = even_trajectory(config["num_train_timesteps"], num_steps)
+    ddim = DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True)
+    ddim.set_timesteps(num_steps)
+    ddim_steps = ddim.timesteps.tolist()
     methods = {
-        "Analytic-DDPM": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), None),
-        "Analytic-DDIM": (AnalyticDPMScheduler.from_table(table, config, eta=0.0), None),
         "DDPM (btilde)": (DDPMScheduler.from_config(config, variance_type="fixed_small"), even),
         "DDPM (beta)": (DDPMScheduler.from_config(config, variance_type="fixed_large"), even),
-        "DDIM": (DDIMScheduler.from_config(config, timestep_spacing="trailing", set_alpha_to_one=True), None),
+        "Analytic-DDPM": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), even),
+        "Analytic-DDPM (optimal trajectory)": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), None),
+        "DDIM": (ddim, None),
+        "Analytic-DDIM": (AnalyticDPMScheduler.from_table(table, config, eta=0.0), ddim_steps),
     }
     if config.get("variance_type") in LEARNED:
         methods["Improved DDPM (learned)"] = (DDPMScheduler.from_config(config, variance_type="learned_range"), even)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -36,7 +37,8 @@ def sample(
     unet = unet.to(device).eval()
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    keep_variance = scheduler.config.get("variance_type") in ("learned", "learned_range")
+    keep_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters and scheduler.config.get(
+        "variance_type") in ("learned", "learned_range")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch_size = batch_size or num_samples
     if timesteps is not None:

@@ -63,7 +63,6 @@ __all__ = [
     "train",
     "load_checkpoint",
     "export_diffusers",
-    "ddpm_sample",
 ]
 
 
@@ -700,52 +699,6 @@ def export_diffusers(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
         json.dump(info, fh, indent=2)
     return out
 
-
-# --------------------------------------------------------------------------------------------------
-# Sampling (ancestral DDPM with diffusers' DDPMScheduler)
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def ddpm_sample(
-    unet,
-    scheduler,
-    num_samples: int,
-    num_inference_steps: int | None = None,
-    seed: int = 0,
-    batch_size: int | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> torch.Tensor:
-    """Ancestral sampling with a Diffusers ``DDPMScheduler`` (all samples batched per UNet call).
-
-    Returns float32 samples in [-1, 1] on the CPU, shape ``(num_samples, C, H, W)``.
-    """
-    device = torch.device(device)
-    unet = unet.to(device).eval()
-    cfg = unet.config
-    c = cfg.in_channels
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    steps = num_inference_steps or scheduler.config.num_train_timesteps
-    batch_size = batch_size or num_samples
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = []
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    for start in range(0, num_samples, batch_size):
-        n = min(batch_size, num_samples - start)
-        scheduler.set_timesteps(steps, device=device)
-        x = torch.randn((n, c, size, size), generator=gen, device=device)
-        it = scheduler.timesteps
-        if tqdm is not None and progress:
-            it = tqdm(it, desc="sampling", leave=False)
-        for t in it:
-            model_out = unet(x, t).sample
-            x = scheduler.step(model_out, t, x, generator=gen).prev_sample
-        out.append(x.clamp(-1, 1).float().cpu())
-    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------------

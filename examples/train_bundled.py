@@ -34,32 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analytic_sampler.digits import NUM_HELDOUT, fd_digits, load_digits_split  # noqa: E402
+from analytic_sampler.sampling import sample, save_grid  # noqa: E402
 from analytic_sampler.training import (  # noqa: E402
     CHECKPOINT_NAME,
     RECIPES,
-    ddpm_sample,
     export_diffusers,
     recipe_config,
     train,
 )
 
 BUNDLED = ROOT / "analytic_sampler" / "bundled"
-
-
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 10, scale: int = 4, pad: int = 2) -> None:
-    from PIL import Image
-
-    x = ((images[: nrow * nrow, 0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    n, h, w = x.shape
-    ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
-    H, W = h * scale + pad, w * scale + pad
-    canvas = np.full((rows * H + pad, ncol * W + pad), 255, dtype=np.uint8)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        tile = np.kron(x[i], np.ones((scale, scale), dtype=np.uint8))
-        canvas[pad + r * H : pad + r * H + h * scale, pad + c * W : pad + c * W + w * scale] = tile
-    Image.fromarray(canvas, mode="L").save(path)
 
 
 def fd_protocol(samples: torch.Tensor) -> dict:
@@ -225,11 +209,10 @@ def main(argv=None) -> None:
         unet = UNet2DModel.from_pretrained(bundle / "unet")
         sched = DDPMScheduler.from_pretrained(bundle / "scheduler")
         t0 = time.perf_counter()
-        samples = ddpm_sample(unet, sched, a.num_samples, num_inference_steps=a.num_inference_steps, seed=a.sample_seed,
-                              device=a.device)
+        samples = sample(unet, sched, a.num_samples, a.num_inference_steps, seed=a.sample_seed, device=a.device)
         secs = time.perf_counter() - t0
         torch.save(samples, run_dir / f"samples_{a.num_inference_steps}steps.pt")
-        save_grid(samples, bundle / "samples.png")
+        save_grid(samples[:100], bundle / "samples.png", nrow=10)
         ev = {
             "num_samples": a.num_samples,
             "num_inference_steps": a.num_inference_steps,

@@ -124,6 +124,8 @@ class TrajectoryDP:
         if k > self.max_steps:
             raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
         t = self.abar.size - 1
+        if k == self.abar.size:  # the full chain is the only trajectory
+            return list(range(t, -1, -1))
         if not torch.isfinite(self._cost[k, t]):
             raise ValueError(
                 f"no {k}-step trajectory runs through timesteps with a usable ms_eps (estimated and <= 1); "

@@ -85,7 +85,9 @@ scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))  # variance_t
 ```
 
 Layout: `unet/` (EMA weights, fp32 safetensors), `scheduler/` (DDPMScheduler config), `samples.png`,
-`eval.json` (the figures below). The variance table for Analytic-DPM is added separately.
+`eval.json` (the figures below), `table/` (the Analytic-DPM variance table: `ms_eps` at all 1000 timesteps from
+200 train images with fresh noise per timestep, seed 0; rebuild it with
+`analytic-sampler precompute <this model> --data digits:train --num-samples 200 --batch-size 1000 --out <folder>`).
 
 ## Recipe
 

@@ -1,0 +1,28 @@
+"""Smoke runs of the benchmarks in --quick mode: they finish and write their files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import cost  # noqa: E402
+import steps  # noqa: E402
+
+
+def test_steps_quick(tmp_path):
+    steps.main(["--quick", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "steps.json").read_text())
+    assert [m["model"] for m in result["models"]] == ["digits-ddpm-linear", "digits-iddpm-cosine"]
+    cosine = result["models"][1]
+    assert {r["variance"] for r in cosine["nll"]} == {"btilde", "beta", "analytic", "learned"}
+    assert "Improved DDPM (learned)" in {r["method"] for r in cosine["fd"]}
+    assert (tmp_path / "steps.md").is_file() and (tmp_path / "steps_digits-ddpm-linear.png").is_file()
+
+
+def test_cost_quick(tmp_path):
+    result = cost.main(["--quick", "--out", str(tmp_path)])
+    assert all(row["same_cost"] for row in result["dp"] if row["naive_s"] is not None)
+    assert (tmp_path / "cost.md").is_file()

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None, help="table folder or Hub repo id (default: the model's own)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--trajectory", default="optimal", choices=["optimal", "even", "quadratic"])
+    p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
     p.add_argument("--num-images", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")

@@ -27,7 +27,8 @@ def sampling_methods(config, table, num_steps: int) -> dict[str, tuple[object, l
         "DDPM (btilde)": (DDPMScheduler.from_config(config, variance_type="fixed_small"), even),
         "DDPM (beta)": (DDPMScheduler.from_config(config, variance_type="fixed_large"), even),
         "Analytic-DDPM": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), even),
-        "Analytic-DDPM (optimal trajectory)": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), None),
+        "Analytic-DDPM (optimal trajectory)": (
+            AnalyticDPMScheduler.from_table(table, config, eta=1.0, trajectory="optimal"), None),
         "DDIM": (ddim, None),
         "Analytic-DDIM": (AnalyticDPMScheduler.from_table(table, config, eta=0.0), ddim_steps),
     }

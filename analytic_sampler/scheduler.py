@@ -50,8 +50,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         ms_eps: the table ``E||eps_theta(x_t, t)||^2 / d`` (length ``num_train_timesteps``), from
             :func:`analytic_sampler.estimate_moments`; NaN where not estimated.
         eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
-        trajectory: ``"optimal"`` (Analytic-DPM's DP), ``"even"`` or ``"quadratic"``; explicit timesteps go to
-            ``set_timesteps(timesteps=...)``.
+        trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
+            minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
+            measure; explicit timesteps go to ``set_timesteps(timesteps=...)``.
         data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
         variance_cap_y: optional cap on the variance of the step into ``t_1``,
             ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
@@ -74,7 +75,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         ms_eps: list[float] | None = None,
         eta: float = 1.0,
-        trajectory: str = "optimal",
+        trajectory: str = "even",
         data_range: tuple[float, float] | None = (-1.0, 1.0),
         variance_cap_y: float | None = None,
         table_fingerprint: str | None = None,

@@ -10,7 +10,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from analytic_sampler.scheduler import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable
 from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
-from analytic_sampler.trajectory import even_trajectory
+from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
 from analytic_sampler.variance import ddpm_variance
 
 from conftest import tiny_unet
@@ -170,13 +170,16 @@ def test_config_round_trip_with_ddpm_ddim_pndm():
         assert torch.equal(back.alphas_cumprod, base.alphas_cumprod)
 
 
-def test_explicit_timesteps_and_optimal_default(linear_scheduler, gaussian_model):
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=gaussian_model.exact_ms_eps().tolist())
+def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
+    ms = gaussian_model.exact_ms_eps().tolist()
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms)
     sched.set_timesteps(timesteps=[999, 600, 100, 0])
     assert sched.timesteps.tolist() == [999, 600, 100, 0]
     sched.set_timesteps(10)
-    assert sched.config.trajectory == "optimal" and sched.trajectory[0] == 999 and sched.trajectory[-1] == 0
-    assert sched.trajectory != even_trajectory(N, 10)
+    assert sched.config.trajectory == "even" and sched.trajectory == even_trajectory(N, 10)
+    optimal = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="optimal")
+    optimal.set_timesteps(10)
+    assert optimal.trajectory == optimal_trajectory(optimal.alphas_cumprod_64, ms, 10) != even_trajectory(N, 10)
 
 
 def test_variance_cap_on_step_into_t1(linear_scheduler):

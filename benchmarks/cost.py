@@ -28,7 +28,7 @@ from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.report import environment, footer, write_results
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
-from analytic_sampler.trajectory import TrajectoryDP, trajectory_cost
+from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, trajectory_cost
 
 
 def naive_dp(abar: np.ndarray, ms_eps: np.ndarray, num_steps: int) -> list[int]:
@@ -119,12 +119,14 @@ def bench_budget(budgets, steps, num_images: int):
     rows = []
     for m, (table, seconds) in tables.items():
         dp = TrajectoryDP(table.alphas_cumprod, table.ms_eps, max(steps))
-        for k in steps:
-            r = nll_bpd(model.unet, heldout, model.scheduler, dp.path(k), "analytic", ms_eps=table.ms_eps,
-                        batch_size=num_images, progress=False)
-            rows.append({"samples_per_timestep": m, "K": k, "bpd": r.mean, "stderr": r.stderr, "table_seconds": seconds,
-                         "reference": seconds is None})
-            print(f"  budget M={m} K={k}: {r.mean:.4f} ± {r.stderr:.4f} bits/dim", flush=True)
+        for trajectory in ("even", "optimal"):
+            for k in steps:
+                ts = even_trajectory(table.num_train_timesteps, k) if trajectory == "even" else dp.path(k)
+                r = nll_bpd(model.unet, heldout, model.scheduler, ts, "analytic", ms_eps=table.ms_eps,
+                            batch_size=num_images, progress=False)
+                rows.append({"samples_per_timestep": m, "trajectory": trajectory, "K": k, "bpd": r.mean,
+                             "stderr": r.stderr, "table_seconds": seconds, "reference": seconds is None})
+                print(f"  budget M={m} {trajectory} K={k}: {r.mean:.4f} ± {r.stderr:.4f} bits/dim", flush=True)
     return rows
 
 
@@ -141,9 +143,10 @@ def markdown(r: dict) -> str:
             "| K | batch | DDIMScheduler (s) | AnalyticDPMScheduler (s) | ratio |", "|---:|---:|---:|---:|---:|"]
     out += [f"| {x['K']} | {x['batch']} | {x['ddim_s']:.3f} | {x['analytic_s']:.3f} | {x['ratio']:.2f} |" for x in r["overhead"]]
     out += ["", "AnalyticDPMScheduler's time includes the optimal-trajectory DP in set_timesteps.", "",
-            "## (c) Precompute budget: NLL (bits/dim) of Analytic-DDPM on the optimal trajectory, digits-ddpm-linear", "",
-            "| samples per timestep | " + " | ".join(f"K={k}" for k in r["budget_steps"]) + " | table time (s) |",
-            "|---:|" + "---:|" * (len(r["budget_steps"]) + 1)]
+            "## (c) Precompute budget: NLL (bits/dim) of Analytic-DDPM, digits-ddpm-linear", "",
+            "| samples per timestep | " + " | ".join(f"{t} K={k}" for t in ("even", "optimal") for k in r["budget_steps"])
+            + " | table time (s) |",
+            "|---:|" + "---:|" * (2 * len(r["budget_steps"]) + 1)]
     for m in dict.fromkeys(x["samples_per_timestep"] for x in r["budget"]):
         cells = [x for x in r["budget"] if x["samples_per_timestep"] == m]
         label = f"{m} (reference)" if cells[0]["reference"] else str(m)

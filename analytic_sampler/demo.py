@@ -56,7 +56,7 @@ def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 29
             print(f"K={k:4d} {name:14s} FD-digits {rows[-1]['fd_digits']:8.3f}")
     save_grid(torch.cat(grids), out / "grid.png", nrow=10)
     result = {
-        "model": model.source, "num_images": num_images, "seed": seed, "heldout_images": len(heldout),
+        "model": model_name, "num_images": num_images, "seed": seed, "heldout_images": len(heldout),
         "fd_digits_train_vs_heldout": fd_digits(load_digits_split("train")[0][: len(heldout)], heldout),
         "results": rows, "seconds_total": time.time() - start, **environment(device),
     }

@@ -171,7 +171,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
-        if self._dp is None or self._dp.max_steps < num_steps or not np.array_equal(self._dp.ms_eps, self.ms_eps, equal_nan=True):
+        """The DP's path; one solve serves every K up to the largest asked for (the config's table is fixed)."""
+        if self._dp is None or self._dp.max_steps < num_steps:
             self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps)
         return self._dp.path(num_steps)
 

@@ -10,9 +10,13 @@ import sys
 
 import numpy as np
 import pytest
+from diffusers import DDPMScheduler
 
 from analytic_sampler.demo import DEMO_METHODS, run_demo
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
+from analytic_sampler.table import VarianceTable
+
+from conftest import tiny_unet
 
 EXPECTED_VARIANCE = {"digits-ddpm-linear": "fixed_small", "digits-iddpm-cosine": "learned_range"}
 
@@ -59,3 +63,13 @@ def test_demo_writes_grid_and_table(tmp_path):
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["method"] for r in rows] == list(DEMO_METHODS) and all(np.isfinite(r["fd_digits"]) for r in rows)
     assert result["fd_digits_train_vs_heldout"] > 0
+
+
+def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_unet(channels=1).save_pretrained(model_dir / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(model_dir / "scheduler")
+    result = run_demo(str(model_dir), str(tmp_path / "out"), steps=(5,), num_images=10)
+    assert load_pretrained(str(model_dir)).table is None  # the table goes to the output folder, not the model's
+    saved = VarianceTable.load(tmp_path / "out" / "table")
+    assert saved.counts.tolist() == [100] * 1000 and len(result["results"]) == len(DEMO_METHODS)

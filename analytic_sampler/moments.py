@@ -1,10 +1,15 @@
-"""Monte Carlo estimate of ``ms_eps[t] = E_{x0, eps} ||eps_theta(x_t, t)||^2 / d`` with
-``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps``.
+"""Monte Carlo estimate, with ``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) eps``, of
+
+    ms_eps[t] = E_{x0, eps} ||eps_theta(x_t, t)||^2 / d
+    x0_mse[t] = E_{x0, eps} ||x0 - x0_hat(x_t, t)||^2 / d,   x0_hat = (x_t - sqrt(1 - abar[t]) eps_theta) / sqrt(abar[t])
+
+(``x0_hat`` clipped to the data range when one is declared), both from the same model calls.
 
 Work list: every (timestep, sample) pair, pair ``i`` -> timestep ``timesteps[i % T]``, sample ``i // T``,
 cut into batches that mix timesteps. The noise of batch ``b`` is drawn on the CPU from a generator seeded
 with ``(seed, b)``, so results are reproducible bit for bit and independent of where the model runs.
-Per-timestep sums of ``m = ||eps_theta||^2 / d`` and ``m^2`` accumulate in float64 on the device.
+Per-timestep sums of ``m = ||eps_theta||^2 / d``, ``m^2``, ``e = ||x0 - x0_hat||^2 / d`` and ``e^2``
+accumulate in float64 on the device.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ from .data import check_range, take_samples
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .table import VarianceTable
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: four running sums (ms_eps and x0_mse)
+SUMS = ("ms_eps", "ms_eps^2", "x0_mse", "x0_mse^2")
 
 
 def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.ndarray:
@@ -70,15 +76,16 @@ def _eval_mode(module):
 
 
 def _fold(values: torch.Tensor, offset: int, period: int) -> torch.Tensor:
-    """Per-timestep sums of ``values`` for pairs ``offset, offset+1, …``: ``out[k] = sum_{i % period = k} values[i]``.
+    """Per-timestep sums of the rows of ``values`` for pairs ``offset, offset+1, …``:
+    ``out[:, k] = sum_{i % period = k} values[:, i]``.
 
-    A padded reshape and a column sum; unlike ``index_add_`` on CUDA (atomics) it is deterministic.
+    A padded reshape and a sum; unlike ``index_add_`` on CUDA (atomics) it is deterministic.
     """
-    start = offset % period
-    rows = -(-(start + values.numel()) // period)
-    padded = values.new_zeros(rows * period)
-    padded[start : start + values.numel()] = values
-    return padded.view(rows, period).sum(0)
+    start, count = offset % period, values.shape[1]
+    rows = -(-(start + count) // period)
+    padded = values.new_zeros(values.shape[0], rows * period)
+    padded[:, start : start + count] = values
+    return padded.view(-1, rows, period).sum(1)
 
 
 def _batch_kwargs(kwargs: dict[str, Any], sample_idx: torch.Tensor, num_samples: int) -> dict[str, Any]:
@@ -105,8 +112,8 @@ def _noise_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _check_finite(sums: torch.Tensor, sums_sq: torch.Tensor, timesteps: np.ndarray) -> None:
-    bad = (~(torch.isfinite(sums) & torch.isfinite(sums_sq))).cpu().numpy()
+def _check_finite(sums: torch.Tensor, timesteps: np.ndarray) -> None:
+    bad = (~torch.isfinite(sums).all(0)).cpu().numpy()
     if bad.any():
         shown = ", ".join(map(str, timesteps[bad][:8].tolist())) + (" …" if bad.sum() > 8 else "")
         raise ValueError(
@@ -115,12 +122,12 @@ def _check_finite(sums: torch.Tensor, sums_sq: torch.Tensor, timesteps: np.ndarr
         )
 
 
-def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
     if not os.path.exists(path):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, next_batch, sums, sums_sq = state["run"], state["next_batch"], state["sums"], state["sums_sq"]
+        saved, next_batch, sums = state["run"], state["next_batch"], state.get("sums")
     except Exception as err:  # any unreadable or foreign file
         raise ValueError(
             f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to start the estimate over."
@@ -131,13 +138,12 @@ def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor,
             f"checkpoint {path} belongs to a run with different settings ({diff or 'format'}); delete the file "
             "to start over, or rerun with the same settings to resume."
         )
-    return next_batch, sums, sums_sq
+    return next_batch, sums
 
 
-def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor, sums_sq: torch.Tensor):
+def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor):
     """Write to a temporary file, then ``os.replace``: an interruption never leaves a half-written checkpoint."""
-    state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch}
-    state.update(sums=sums.cpu(), sums_sq=sums_sq.cpu())
+    state = {"format": CHECKPOINT_FORMAT, "run": run, "next_batch": next_batch, "sums": sums.cpu()}
     tmp = f"{path}.tmp"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state, tmp)
@@ -162,7 +168,7 @@ def estimate_moments(
     model_kwargs: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
 ) -> VarianceTable:
-    """Estimate ``ms_eps`` at ``timesteps`` (default: all) from the first ``num_samples`` images of ``data``.
+    """Estimate ``ms_eps`` and ``x0_mse`` at ``timesteps`` (default: all) from the first ``num_samples`` images.
 
     Args:
         model: a Diffusers UNet, an ``EpsilonAdapter`` or a callable ``model(sample, timestep, **kwargs)``.
@@ -172,7 +178,8 @@ def estimate_moments(
         batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
         device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
         dtype: dtype of the model inputs (e.g. ``torch.float16``); the sums stay float64.
-        data_range: declared range of ``x0`` (checked); ``None`` for unbounded data such as latents.
+        data_range: declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers
+            clip it); ``None`` for unbounded data such as latents.
         checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
             a run started with an existing checkpoint of the same settings resumes from it.
         prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
@@ -215,40 +222,40 @@ def estimate_moments(
     work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
     x0 = x0.to(device=device, dtype=work_dtype)
     roots = torch.from_numpy(np.stack([np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])])).to(device=device, dtype=work_dtype)
+    clip = (lambda x: x) if data_range is None else (lambda x: x.clamp(*data_range))
     ts_device = torch.from_numpy(ts).to(device)
     kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
     shape = (1,) * (x0.ndim - 1)
 
     path = None if checkpoint is None else os.fspath(checkpoint)
     resumed = None if path is None else _load_checkpoint(path, run)
-    if resumed is None:
-        start, sums, sums_sq = 0, torch.zeros(num_t, dtype=torch.float64), torch.zeros(num_t, dtype=torch.float64)
-    else:
-        start, sums, sums_sq = resumed
-    sums, sums_sq = sums.to(device), sums_sq.to(device)
+    start, sums = (0, torch.zeros(len(SUMS), num_t, dtype=torch.float64)) if resumed is None else resumed
+    sums = sums.to(device)
 
     with torch.inference_mode(), _eval_mode(module), tqdm(
-        total=num_batches, initial=start, disable=not progress, desc="estimating ms_eps", unit="batch"
+        total=num_batches, initial=start, disable=not progress, desc="estimating ms_eps, x0_mse", unit="batch"
     ) as bar:
         for b in range(start, num_batches):
             offset = b * batch_size
             pair = torch.arange(offset, min(offset + batch_size, num_pairs), device=device)
             k, s = pair % num_t, pair // num_t
             noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
-            x_t = roots[0, k].view(-1, *shape) * x0[s] + roots[1, k].view(-1, *shape) * noise.to(device, work_dtype)
-            x_t = x_t if dtype is None else x_t.to(dtype)
-            eps = adapter(x_t, ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
-            m = torch.linalg.vector_norm(eps.flatten(1), dim=1, dtype=torch.float64).square() / eps[0].numel()
-            sums += _fold(m, offset, num_t)
-            sums_sq += _fold(m * m, offset, num_t)
+            sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
+            x_t = sqrt_abar * x0[s] + sqrt_bb * noise.to(device, work_dtype)
+            eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
+            x0_err = x0[s] - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
+            m, e = _mean_square(eps), _mean_square(x0_err)
+            sums += _fold(torch.stack([m, m * m, e, e * e]), offset, num_t)
             bar.update()
             if (b + 1) % checkpoint_every == 0 or b + 1 == num_batches:
-                _check_finite(sums, sums_sq, ts)
+                _check_finite(sums, ts)
                 if path is not None:
-                    _save_checkpoint(path, run, b + 1, sums, sums_sq)
+                    _save_checkpoint(path, run, b + 1, sums)
 
-    full = np.zeros((3, abar.size))
-    full[0, ts], full[1, ts], full[2, ts] = sums.cpu().numpy(), sums_sq.cpu().numpy(), num_samples
+    full = np.zeros((len(SUMS), abar.size))
+    full[:, ts] = sums.cpu().numpy()
+    counts = np.zeros(abar.size, dtype=np.int64)
+    counts[ts] = num_samples
     record = {
         "model_id": _config_value(module, "_name_or_path") or type(module).__name__,
         "data": f"{num_samples} images of shape {tuple(x0.shape[1:])}",
@@ -263,4 +270,11 @@ def estimate_moments(
         "package_version": __version__,
         **(provenance or {}),
     }
-    return VarianceTable.from_sums(full[0], full[1], full[2], abar, data_range=data_range, provenance=record)
+    return VarianceTable.from_sums(
+        full[0], full[1], counts, abar, full[2], full[3], data_range=data_range, x0_clip=data_range, provenance=record
+    )
+
+
+def _mean_square(x: torch.Tensor) -> torch.Tensor:
+    """``||x_i||^2 / d`` per batch row, in float64."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).square() / x[0].numel()

@@ -1,8 +1,11 @@
-"""``VarianceTable``: the per-timestep moment ``ms_eps[t] = E ||eps_theta(x_t, t)||^2 / d`` of one model.
+"""``VarianceTable``: the per-timestep moments of one model,
 
-From per-timestep sums ``S1 = sum m``, ``S2 = sum m^2`` over ``n`` draws of ``m = ||eps_theta||^2 / d``::
+    ms_eps[t] = E ||eps_theta(x_t, t)||^2 / d        x0_mse[t] = E ||x0 - x0_hat(x_t, t)||^2 / d
 
-    ms_eps = S1 / n,    stderr = sqrt(var / n),    var = (S2 - n ms_eps^2) / (n - 1)
+(``x0_hat`` clipped to the data range when one is declared). From per-timestep sums ``S1 = sum m``,
+``S2 = sum m^2`` over ``n`` draws of a per-draw value ``m``::
+
+    mean = S1 / n,    stderr = sqrt(var / n),    var = (S2 - n mean^2) / (n - 1)
 
 Saved as ``variance_table.safetensors`` (arrays) + ``variance_table.json`` (metadata); loadable from a
 local folder or the Hugging Face Hub.
@@ -26,10 +29,16 @@ from safetensors.numpy import load_file, save_file
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .variance import validate_ms_eps
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added x0_mse / x0_mse_stderr; version 1 tables load with them NaN
+READABLE_VERSIONS = (1, 2)
 ARRAYS_NAME = "variance_table.safetensors"
 META_NAME = "variance_table.json"
 _ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64, "alphas_cumprod": np.float64}
+_X0_ARRAYS = ("x0_mse", "x0_mse_stderr")
+REESTIMATE_HINT = (
+    "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
+    "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
+)
 
 
 def _sha256(path: str) -> str:
@@ -38,6 +47,23 @@ def _sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _mean_stderr(sums, sums_sq, counts) -> tuple[np.ndarray, np.ndarray]:
+    """Per-timestep mean and its standard error from ``S1``, ``S2`` and ``n`` (NaN where ``n`` is too small)."""
+    s1, s2, n = np.asarray(sums, dtype=np.float64), np.asarray(sums_sq, dtype=np.float64), np.asarray(counts)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(n > 0, s1 / n, np.nan)
+        var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1)
+        return mean, np.where(n > 1, np.sqrt(var / n), np.nan)
+
+
+def _sums(mean, stderr, counts) -> tuple[np.ndarray, np.ndarray]:
+    """``(S1, S2)`` recovered from mean, stderr and counts (zero where not estimated)."""
+    n = counts
+    mean = np.where(n > 0, mean, 0.0)
+    m2 = np.where(n > 1, np.nan_to_num(stderr) ** 2 * n * (n - 1), 0.0)  # sum of squared deviations
+    return mean * n, m2 + n * mean**2
 
 
 def _corrupt(name: str, problem: str) -> ValueError:
@@ -49,10 +75,12 @@ def _corrupt(name: str, problem: str) -> ValueError:
 
 @dataclass
 class VarianceTable:
-    """Monte Carlo estimate of ``ms_eps`` for one model and noise schedule.
+    """Monte Carlo estimate of ``ms_eps`` and ``x0_mse`` for one model and noise schedule.
 
-    ``ms_eps``, ``stderr`` and ``counts`` have one entry per training timestep; NaN / NaN / 0 where not
-    estimated. ``stderr`` is NaN where fewer than two draws were made.
+    ``ms_eps``, ``stderr``, ``x0_mse``, ``x0_mse_stderr`` and ``counts`` have one entry per training timestep
+    (both moments come from the same draws); NaN / 0 where not estimated, standard errors NaN where fewer than two
+    draws were made. ``x0_mse`` is NaN everywhere in tables from before it existed (format 1); ``x0_clip`` is the
+    range ``x0_hat`` was clipped to when ``x0_mse`` was estimated (``None``: no clipping).
     """
 
     ms_eps: np.ndarray
@@ -62,6 +90,9 @@ class VarianceTable:
     data_range: tuple[float, float] | None = (-1.0, 1.0)
     fingerprint: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
+    x0_mse: np.ndarray | None = None
+    x0_mse_stderr: np.ndarray | None = None
+    x0_clip: tuple[float, float] | None = None
 
     def __post_init__(self):
         self.alphas_cumprod = as_alphas_cumprod(self.alphas_cumprod)
@@ -72,9 +103,15 @@ class VarianceTable:
                 f"counts must be {n} non-negative integers, one per training timestep; got shape {self.counts.shape}."
             )
         self.ms_eps = validate_ms_eps(self.ms_eps, n, needed=np.flatnonzero(self.counts))
-        self.stderr = np.asarray(self.stderr, dtype=np.float64)
-        if self.stderr.shape != (n,):
-            raise ValueError(f"stderr has {self.stderr.size} entries but the schedule has {n}; pass one per timestep.")
+        for name in ("stderr", *_X0_ARRAYS):
+            value = np.full(n, np.nan) if getattr(self, name) is None else np.asarray(getattr(self, name), np.float64)
+            if value.shape != (n,):
+                raise ValueError(f"{name} has {value.size} entries but the schedule has {n}; pass one per timestep.")
+            setattr(self, name, value)
+        if np.any(self.x0_mse < 0):
+            raise ValueError("x0_mse has negative entries; it is a mean squared error. Re-estimate the table.")
+        if self.x0_clip is not None:
+            self.x0_clip = tuple(float(v) for v in self.x0_clip)
         if self.data_range is not None:
             lo, hi = (float(v) for v in self.data_range)
             if not lo < hi:
@@ -90,22 +127,33 @@ class VarianceTable:
         self.provenance = dict(self.provenance)
 
     @classmethod
-    def from_sums(cls, sums, sums_sq, counts, alphas_cumprod, **kwargs) -> VarianceTable:
-        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated)."""
-        s1, s2 = np.asarray(sums, dtype=np.float64), np.asarray(sums_sq, dtype=np.float64)
+    def from_sums(cls, sums, sums_sq, counts, alphas_cumprod, x0_sums=None, x0_sums_sq=None, **kwargs):
+        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated), and
+        the same sums of the per-draw ``||x0 - x0_hat||^2 / d`` when given."""
         n = np.asarray(counts, dtype=np.int64)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean = np.where(n > 0, s1 / n, np.nan)
-            var = np.maximum(s2 - n * mean**2, 0.0) / (n - 1)
-            stderr = np.where(n > 1, np.sqrt(var / n), np.nan)
-        return cls(mean, stderr, n, alphas_cumprod, **kwargs)
+        ms_eps, stderr = _mean_stderr(sums, sums_sq, n)
+        if x0_sums is not None:
+            kwargs["x0_mse"], kwargs["x0_mse_stderr"] = _mean_stderr(x0_sums, x0_sums_sq, n)
+        return cls(ms_eps, stderr, n, alphas_cumprod, **kwargs)
 
-    def sums(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(S1, S2)`` recovered from mean, stderr and counts (zero where not estimated)."""
-        n = self.counts
-        mean = np.where(n > 0, self.ms_eps, 0.0)
-        m2 = np.where(n > 1, self.stderr**2 * n * (n - 1), 0.0)  # sum of squared deviations
-        return mean * n, m2 + n * mean**2
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(S1, S2)`` of ms_eps, then of x0_mse, recovered from means, stderrs and counts (zero where not
+        estimated; the x0_mse sums are NaN where the table has no x0_mse)."""
+        return (*_sums(self.ms_eps, self.stderr, self.counts), *_sums(self.x0_mse, self.x0_mse_stderr, self.counts))
+
+    @property
+    def has_x0_mse(self) -> bool:
+        """Whether ``x0_mse`` was estimated at every estimated timestep (tables of format 2 and later)."""
+        return bool(np.isfinite(self.x0_mse[self.estimated]).all()) and bool(self.estimated.any())
+
+    def require_x0_mse(self, purpose: str = "the residual variance and trajectory") -> np.ndarray:
+        """``x0_mse``, or a ValueError naming the command that re-estimates it."""
+        if not self.has_x0_mse:
+            raise ValueError(
+                f"{purpose} needs x0_mse, which this table does not have (estimated with an older version or merged "
+                f"with such a table); {REESTIMATE_HINT}."
+            )
+        return self.x0_mse
 
     @property
     def num_train_timesteps(self) -> int:
@@ -135,12 +183,17 @@ class VarianceTable:
                 f"cannot merge tables with data_range {self.data_range} and {other.data_range}; "
                 "estimate both with the same data_range."
             )
-        (a1, a2), (b1, b2) = self.sums(), other.sums()
+        if self.x0_clip != other.x0_clip and self.has_x0_mse and other.has_x0_mse:
+            raise ValueError(
+                f"cannot merge tables whose x0_mse was clipped to {self.x0_clip} and {other.x0_clip}; "
+                "estimate both with the same data_range."
+            )
         common = {k: v for k, v in self.provenance.items() if k in other.provenance and other.provenance[k] == v}
         provenance = {**common, "merged_from": [self.provenance, other.provenance]}
+        total = [a + b for a, b in zip(self.sums(), other.sums())]  # x0_mse sums stay NaN if either lacks it
         return VarianceTable.from_sums(
-            a1 + b1, a2 + b2, self.counts + other.counts, self.alphas_cumprod,
-            data_range=self.data_range, provenance=provenance,
+            *total[:2], self.counts + other.counts, self.alphas_cumprod, *total[2:],
+            data_range=self.data_range, provenance=provenance, x0_clip=self.x0_clip,
         )
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -148,12 +201,14 @@ class VarianceTable:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         arrays_path = os.path.join(directory, ARRAYS_NAME)
-        save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in _ARRAY_DTYPES.items()}, arrays_path)
+        dtypes = {**_ARRAY_DTYPES, **dict.fromkeys(_X0_ARRAYS, np.float64)}
+        save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}, arrays_path)
         meta = {
             "format_version": FORMAT_VERSION,
             "num_train_timesteps": self.num_train_timesteps,
             "fingerprint": self.fingerprint,
             "data_range": None if self.data_range is None else list(self.data_range),
+            "x0_clip": None if self.x0_clip is None else list(self.x0_clip),
             "provenance": self.provenance,
             "arrays_sha256": _sha256(arrays_path),
         }
@@ -190,10 +245,10 @@ class VarianceTable:
                 meta = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise _corrupt(meta_path, f"not valid JSON ({err})") from err
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            version = meta.get("format_version") if isinstance(meta, dict) else None
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{meta_path}: table format version {version!r}, this package reads version {FORMAT_VERSION}; "
+                f"{meta_path}: table format version {version!r}, this package reads versions {READABLE_VERSIONS}; "
                 "upgrade analytic-sampler or re-estimate the table."
             )
         if meta.get("arrays_sha256") != _sha256(arrays_path):
@@ -203,17 +258,20 @@ class VarianceTable:
         except (SafetensorError, OSError) as err:
             raise _corrupt(arrays_path, f"unreadable safetensors file ({err})") from err
         n = meta.get("num_train_timesteps")
-        for key, dtype in _ARRAY_DTYPES.items():
+        dtypes = {**_ARRAY_DTYPES, **(dict.fromkeys(_X0_ARRAYS, np.float64) if version >= 2 else {})}
+        for key, dtype in dtypes.items():
             value = arrays.get(key)
             if value is None or value.dtype != dtype or value.shape != (n,):
                 raise _corrupt(arrays_path, f"array {key!r} missing or not {np.dtype(dtype).name}[{n}]")
-        data_range = meta.get("data_range")
+        data_range, x0_clip = meta.get("data_range"), meta.get("x0_clip")
         try:
             return cls(
                 arrays["ms_eps"], arrays["stderr"], arrays["counts"], arrays["alphas_cumprod"],
                 data_range=None if data_range is None else tuple(data_range),
                 fingerprint=meta.get("fingerprint", ""),
                 provenance=meta.get("provenance", {}),
+                x0_mse=arrays.get("x0_mse"), x0_mse_stderr=arrays.get("x0_mse_stderr"),
+                x0_clip=None if x0_clip is None else tuple(x0_clip),
             )
         except ValueError as err:
             raise _corrupt(arrays_path, str(err)) from err

@@ -49,7 +49,7 @@ def run(model=None, n=64, timesteps=FEW, **kwargs):
 
 
 def assert_same(a, b):
-    for key in ("ms_eps", "stderr", "counts"):
+    for key in ("ms_eps", "stderr", "x0_mse", "x0_mse_stderr", "counts"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
 
 
@@ -68,6 +68,28 @@ def test_exact_gaussian_within_three_standard_errors():
     assert np.all(table.counts[rest] == 0) and np.all(table.counts[ts] == 2000)
     assert table.estimated.sum() == 50 and table.data_range is None
     assert table.provenance["num_samples"] == 2000 and table.provenance["model_id"] == "GaussianEps"
+
+
+def test_exact_gaussian_x0_mse_within_four_standard_errors():
+    """For the exact eps of N(0, vI) data, x0_mse[t] = c[t] = (bb/abar)(1 - ms_eps[t]) = v bb / (abar v + bb)."""
+    ts = np.linspace(0, N - 1, 50).round().astype(int)
+    table = run(n=1000, timesteps=ts, batch_size=1000)
+    exact = (1 - ABAR) / ABAR * (1 - GaussianEps().exact_ms_eps())
+    z = (table.x0_mse[ts] - exact[ts]) / table.x0_mse_stderr[ts]
+    assert np.all(np.abs(z) < 4), z
+    assert table.has_x0_mse and table.x0_clip is None
+    assert np.all(np.isnan(table.x0_mse[np.setdiff1d(np.arange(N), ts)]))
+
+
+def test_x0_mse_uses_the_clipped_prediction():
+    """With a data range the error is that of x0_hat clipped to it, as samplers use it."""
+    data, zero_eps = gaussian_data(64).clamp(-1, 1), lambda x, t: torch.zeros_like(x)  # x0_hat = x_t / sqrt(abar)
+    kwargs = {"num_samples": 64, "timesteps": [999], "progress": False}
+    clipped = estimate_moments(zero_eps, data, ABAR, **kwargs)
+    raw = estimate_moments(zero_eps, data, ABAR, data_range=None, **kwargs)
+    assert clipped.x0_clip == (-1.0, 1.0) and raw.x0_clip is None
+    assert clipped.x0_mse[999] <= 4.0  # |x0 - clip(x0_hat)| <= 2
+    assert abs(raw.x0_mse[999] / ((1 - ABAR[999]) / ABAR[999]) - 1) < 0.1  # the noise, scaled by 1/sqrt(abar)
 
 
 def test_seed_determinism():

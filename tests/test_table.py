@@ -23,7 +23,10 @@ def draws(n=40, seed=0):
 
 
 def table_from(m, taken, **kwargs):
-    return VarianceTable.from_sums((m * taken).sum(1), (m**2 * taken).sum(1), taken.sum(1), ABAR, **kwargs)
+    """A table from draws m of ||eps||^2/d and, from the same draws, e = (1.2 - m)^2 of ||x0 - x0_hat||^2/d."""
+    e = (1.2 - m) ** 2
+    sums = [(v * taken).sum(1) for v in (m, m**2, e, e**2)]
+    return VarianceTable.from_sums(*sums[:2], taken.sum(1), ABAR, *sums[2:], **{"x0_clip": (-1, 1), **kwargs})
 
 
 @pytest.fixture
@@ -32,15 +35,19 @@ def table():
 
 
 def assert_same(a, b):
-    for key in ("ms_eps", "stderr", "counts", "alphas_cumprod"):
+    for key in ("ms_eps", "stderr", "x0_mse", "x0_mse_stderr", "counts", "alphas_cumprod"):
         np.testing.assert_array_equal(getattr(a, key), getattr(b, key))
-    assert (a.data_range, a.fingerprint, a.provenance) == (b.data_range, b.fingerprint, b.provenance)
+    assert (a.data_range, a.x0_clip, a.fingerprint, a.provenance) == (b.data_range, b.x0_clip, b.fingerprint, b.provenance)
 
 
 def test_statistics_and_properties(table):
     m = draws()[0]
     np.testing.assert_allclose(table.ms_eps[0], m[0].mean(), rtol=1e-12)
     np.testing.assert_allclose(table.stderr[0], m[0].std(ddof=1) / np.sqrt(m.shape[1]), rtol=1e-9)
+    e = (1.2 - m[0]) ** 2
+    np.testing.assert_allclose(table.x0_mse[0], e.mean(), rtol=1e-12)
+    np.testing.assert_allclose(table.x0_mse_stderr[0], e.std(ddof=1) / np.sqrt(m.shape[1]), rtol=1e-9)
+    assert np.isnan(table.x0_mse[3]) and table.has_x0_mse and table.x0_clip == (-1.0, 1.0)
     assert np.isnan(table.ms_eps[3]) and np.isnan(table.stderr[7]) and table.counts[3] == 0
     assert table.num_train_timesteps == N and table.estimated.sum() == N - 2
     assert table.fingerprint == schedule_fingerprint(ABAR)
@@ -152,7 +159,7 @@ def test_mismatched_metadata(tmp_path, table):
     with pytest.raises(ValueError, match=r"array 'ms_eps' missing or not float64\[60\]"):
         VarianceTable.load(folder)
     json.dump({**record, "format_version": 99}, open(meta, "w"))
-    with pytest.raises(ValueError, match="table format version 99, this package reads version 1; upgrade"):
+    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2\); upgrade"):
         VarianceTable.load(folder)
 
 
@@ -190,9 +197,33 @@ def test_merge_equals_pooled_estimate():
     np.testing.assert_array_equal(merged.counts, pooled.counts)
     np.testing.assert_allclose(merged.ms_eps, pooled.ms_eps, rtol=1e-12)
     np.testing.assert_allclose(merged.stderr, pooled.stderr, rtol=1e-9)
+    np.testing.assert_allclose(merged.x0_mse, pooled.x0_mse, rtol=1e-12)
+    np.testing.assert_allclose(merged.x0_mse_stderr, pooled.x0_mse_stderr, rtol=1e-9)
+    old = VarianceTable(b.ms_eps, b.stderr, b.counts, ABAR)  # a table without x0_mse
+    assert not a.merge(old).has_x0_mse and np.allclose(a.merge(old).ms_eps, merged.ms_eps, rtol=1e-12, equal_nan=True)
     assert merged.provenance["model_id"] == "x" and "seed" not in merged.provenance
     assert [p["seed"] for p in merged.provenance["merged_from"]] == [0, 1]
     with pytest.raises(ValueError, match=r"cannot merge tables with data_range \(-1.0, 1.0\) and None"):
         a.merge(VarianceTable(a.ms_eps, a.stderr, a.counts, ABAR, data_range=None))
     with pytest.raises(ValueError, match="estimated for schedule"):
         a.merge(VarianceTable(a.ms_eps[:10], a.stderr[:10], a.counts[:10], ABAR[:10]))
+
+
+def test_format_1_table_loads_without_x0_mse(tmp_path, table):
+    """Tables saved before x0_mse existed still load; asking them for the residual moment names the fix."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "old"
+    table.save(folder)
+    arrays = load_file(folder / table_module.ARRAYS_NAME)
+    save_file({k: arrays[k] for k in ("ms_eps", "stderr", "counts", "alphas_cumprod")}, folder / table_module.ARRAYS_NAME)
+    meta = json.load(open(folder / table_module.META_NAME))
+    del meta["x0_clip"]
+    meta.update(format_version=1, arrays_sha256=table_module._sha256(str(folder / table_module.ARRAYS_NAME)))
+    json.dump(meta, open(folder / table_module.META_NAME, "w"))
+    old = VarianceTable.load(folder)
+    np.testing.assert_array_equal(old.ms_eps, table.ms_eps)
+    assert np.all(np.isnan(old.x0_mse)) and not old.has_x0_mse and old.x0_clip is None
+    with pytest.raises(ValueError, match=r"needs x0_mse.*analytic-sampler precompute MODEL --data DATA --out DIR"):
+        old.require_x0_mse()
+    assert table.require_x0_mse() is table.x0_mse

@@ -78,7 +78,7 @@ def cmd_trajectory(args) -> None:
     n = table.num_train_timesteps
     report = {
         k: {"optimal": dp.path(k), "optimal_cost": dp.cost(k),
-            "even_cost": trajectory_cost(table.alphas_cumprod, table.ms_eps, even_trajectory(n, k))}
+            "even_cost": trajectory_cost(table.alphas_cumprod, dp.moment, even_trajectory(n, k))}
         for k in args.steps
     }
     print(json.dumps(report, indent=1))

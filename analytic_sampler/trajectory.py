@@ -1,10 +1,21 @@
-"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (Analytic-DPM's DP).
+"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming).
 
-The DDPM-type K-step bound with the analytic variance is, up to constants, ``(d/2) sum_k J(t_{k-1}, t_k)``::
+With ``snr[t] = abar[t] / (1 - abar[t])``, the DDPM-type K-step bound is, up to terms that every trajectory
+shares, ``(d/2) sum_k J(t_{k-1}, t_k)`` with::
 
-    J(s, t) = log(1 - b_ts * ms_eps[t] / bb[t])
+    J(s, t) = log(1 + (snr[s] - snr[t]) * m[t])
 
-and ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
+- residual cost (``x0_mse`` given): ``m = x0_mse``, the model's own error of x0. With the residual variance
+  ``lambda^2 + coef^2 x0_mse[t]`` each KL term is exactly ``(d/2) J(s, t)`` for any network.
+- the paper's cost (Analytic-DPM): ``m = c = (bb/abar)(1 - ms_eps)``, the posterior variance of a perfect network;
+  ``log(1 - b_ts ms_eps[t] / bb[t])`` differs from this J by ``log snr[t] - log snr[s]``, which telescopes.
+
+The moment is first fitted so that ``g[t] = 1/m[t] - snr[t]`` is non-increasing in t (weighted isotonic regression,
+pool-adjacent-violators). The exact MMSE has this shape for any data distribution (Gaussian data: g = 1/v; the
+single-crossing property of the MMSE in general), so the fit removes Monte Carlo noise, notably the noise that
+puts ``c`` near 0 at high t, where the raw estimate invites free-looking jumps; the raw estimate stays in the table.
+With g monotone, ``J`` is a Monge matrix (argmin monotone in t and K), which a faster exact DP can exploit;
+that solver is not written yet: the DP below is the exact blocked O(K N^2) one. ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
 """
 
 from __future__ import annotations
@@ -14,10 +25,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import isotonic_regression
 
 from .schedule import as_alphas_cumprod
 
-_BLOCK = 256  # rows of the cost matrix per block: a 256 x N float64 slab stays in cache
+_BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
 
 
 def _check_steps(num_train_timesteps: int, num_steps: int) -> int:
@@ -55,93 +67,142 @@ def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> li
     return ts
 
 
-def _cost_matrix(abar: np.ndarray, ms_eps: np.ndarray) -> torch.Tensor:
-    """``J[s, t]`` for s < t as float64; +inf where s >= t or ms_eps[t] is not estimated."""
-    a = torch.from_numpy(abar)
-    ms = torch.from_numpy(ms_eps)
-    b_ts = 1.0 - a[None, :] / a[:, None]
-    j = torch.log1p(-b_ts * (ms / (1.0 - a))[None, :])
-    j = torch.where(torch.isfinite(j), j, torch.full_like(j, float("inf")))
-    return j.masked_fill_(torch.ones_like(j, dtype=torch.bool).tril_(), float("inf"))
+def snr(alphas_cumprod) -> np.ndarray:
+    """``snr[t] = abar[t] / (1 - abar[t])``, float64."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return abar / (1.0 - abar)
 
 
-def trajectory_cost(alphas_cumprod, ms_eps, timesteps: Sequence[int]) -> float:
-    """``sum_k J(t_{k-1}, t_k)`` of a descending trajectory ending at 0."""
-    abar = as_alphas_cumprod(alphas_cumprod)
-    ms = np.asarray(ms_eps, dtype=np.float64)
-    t = np.asarray(timesteps[:-1], dtype=np.int64)
-    s = np.asarray(timesteps[1:], dtype=np.int64)
-    return float(np.sum(np.log1p(-(1.0 - abar[t] / abar[s]) * ms[t] / (1.0 - abar[t]))))
+def posterior_variance(alphas_cumprod, ms_eps) -> np.ndarray:
+    """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])``, at least 0: the x0 error a perfect network would make."""
+    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / snr(alphas_cumprod)
+
+
+def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
+    """The moment refitted so that ``g[t] = 1/m[t] - snr[t]`` is non-increasing in t; NaN stays NaN.
+
+    Weighted isotonic regression of g with weights ``1 / Var(g) ~ m^4 / stderr^2`` (delta method; where a
+    standard error is missing, the median relative one).
+    """
+    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    est = np.flatnonzero(np.isfinite(m))
+    out = np.full(m.shape, np.nan)
+    if est.size == 0:
+        return out
+    top = max(float(m[est].max()), 1e-300)
+    raw = np.maximum(m[est], top * 1e-12)  # a moment of 0 (c where ms_eps >= 1) gets a negligible weight
+    rel = np.full(est.size, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)[est] / raw
+    usable = np.isfinite(rel) & (rel > 0)
+    rel = np.where(usable, rel, np.median(rel[usable]) if usable.any() else 1.0)
+    fit = isotonic_regression(1.0 / raw - u[est], weights=(raw / rel) ** 2, increasing=False).x
+    out[est] = 1.0 / np.maximum(fit + u[est], 1e-12 / top)  # guards a non-positive 1/m only
+    return out
+
+
+def transition_cost(alphas_cumprod, moment, prev_t, t) -> np.ndarray:
+    """``J(s, t) = log(1 + (snr[s] - snr[t]) m[t])`` for ``0 <= s < t``; broadcasts."""
+    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    s, t = np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64)
+    return np.log1p((u[s] - u[t]) * m[t])
+
+
+def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
+    """``sum_k J(t_{k-1}, t_k)`` along a descending trajectory ending at 0."""
+    return float(np.sum(transition_cost(alphas_cumprod, moment, timesteps[1:], timesteps[:-1])))
+
+
+def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact DP for any moment: ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` over the full cost matrix,
+    O(K N^2) time, in row blocks that stay in cache. Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
+    n = u.numel()
+    jt = torch.log1p((u[None, :] - u[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
+    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=u.device).triu_(), float("inf"))
+    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=u.device)
+    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=u.device)
+    cost[1, 0] = 0.0
+    for k in range(2, max_steps + 1):
+        lo = k - 2
+        for a in range(lo + 1, n, _BLOCK):
+            b = min(a + _BLOCK, n)
+            cost[k, a:b], arg[k, a:b] = (jt[a:b, lo:b] + cost[k - 1, None, lo:b]).min(dim=1)
+        arg[k] += lo
+    return cost, arg
 
 
 class TrajectoryDP:
-    """One dynamic-programming pass up to ``max_steps``; ``path(K)`` for any K <= max_steps.
+    """One dynamic-programming pass up to ``max_steps``; ``path(K)`` and ``cost(K)`` for any K <= max_steps.
 
-    Timesteps without an estimate (NaN) cannot be visited. Where ms_eps > 1 (an imperfect model, or
-    Monte Carlo noise around 1 at large t) ``J`` is undefined for distant pairs and unbounded below for
-    near ones, so such timesteps are left out of the trajectory too; t = N-1, which every trajectory
-    starts from, is clipped to 1 instead. A warning says how many were left out.
+    With ``x0_mse`` it minimises the residual bound (``m = x0_mse``); without it, Analytic-DPM's J
+    (``m = c`` from ``ms_eps``), with a warning. ``monotone=True`` (default) fits the moment with
+    :func:`monotone_moment`; ``monotone=False`` uses the raw moment. Timesteps without an estimate (NaN)
+    are never visited. ``device``: where the DP runs.
     """
 
-    def __init__(self, alphas_cumprod, ms_eps, max_steps: int):
+    def __init__(
+        self,
+        alphas_cumprod,
+        ms_eps=None,
+        max_steps: int = 1000,
+        x0_mse=None,
+        stderr=None,
+        monotone: bool = True,
+        device: str | torch.device | None = None,
+    ):
         self.abar = as_alphas_cumprod(alphas_cumprod)
         n = self.abar.size
         self.max_steps = _check_steps(n, max_steps)
-        self.ms_eps = np.asarray(ms_eps, dtype=np.float64)
-        if self.ms_eps.shape != (n,):
-            raise ValueError(f"ms_eps has {self.ms_eps.size} entries, the schedule {n}; use the model's own table.")
-        usable = self.ms_eps.copy()
-        bad = np.flatnonzero(usable[1:-1] > 1.0) + 1
-        usable[bad] = np.nan
-        usable[-1] = min(usable[-1], 1.0)
-        if bad.size or self.ms_eps[-1] > 1.0:
+        self.kind = "residual" if x0_mse is not None else "paper"
+        if x0_mse is None:
+            if ms_eps is None:
+                raise ValueError("pass x0_mse (residual cost) or ms_eps (the paper's cost) from the model's table.")
             warnings.warn(
-                f"ms_eps > 1 at {bad.size + int(self.ms_eps[-1] > 1.0)} timestep(s) (first t={bad[0] if bad.size else n - 1}): "
-                "the model's eps has more energy than true noise there, or the table's Monte Carlo noise reaches "
-                f"past 1. Those timesteps are left out of the optimal trajectory (t={n - 1} is clipped to 1).",
+                "optimal trajectory from ms_eps alone (Analytic-DPM's cost, which assumes the network's mean is the "
+                "optimal one); the residual cost, which holds for real networks, needs a table with x0_mse: "
+                "re-estimate it with `analytic-sampler precompute` or estimate_moments.",
                 stacklevel=2,
             )
-        self._argmin, self._cost = self._solve(_cost_matrix(self.abar, usable))
-
-    def _solve(self, j: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        n = j.shape[0]
-        jt = j.t().contiguous()  # jt[t, s] = J(s, t)
-        cost = torch.full((self.max_steps + 1, n), float("inf"), dtype=torch.float64)
-        cost[1, 0] = 0.0
-        argmin = [torch.zeros(n, dtype=torch.int64)] * 2
-        for k in range(2, self.max_steps + 1):
-            # C_k[t] = min_s C_{k-1}[s] + J(s, t) over k-2 <= s < t, in row blocks that stay in cache.
-            lo, arg = k - 2, torch.zeros(n, dtype=torch.int64)
-            for a in range(lo + 1, n, _BLOCK):
-                b = min(a + _BLOCK, n)
-                cost[k, a:b], arg[a:b] = (jt[a:b, lo:b] + cost[k - 1, None, lo:b]).min(dim=1)
-            argmin.append(arg + lo)
-        return argmin, cost
+            raw = posterior_variance(self.abar, _length_checked(ms_eps, n, "ms_eps"))
+            stderr = None if stderr is None else _length_checked(stderr, n, "stderr") / snr(self.abar)
+        else:
+            raw = _length_checked(x0_mse, n, "x0_mse")
+        self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
+        self.visited = np.flatnonzero(np.isfinite(self.moment))
+        u = torch.from_numpy(snr(self.abar)[self.visited]).to(device)
+        m = torch.from_numpy(self.moment[self.visited]).to(device)
+        steps = min(self.max_steps, self.visited.size)
+        self._cost, self._argmin = _solve_dense(u, m, steps)
+        self._cost, self._argmin = self._cost.cpu().numpy(), self._argmin.cpu().numpy()
 
     def path(self, num_steps: int) -> list[int]:
         """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""
         k = _check_steps(self.abar.size, num_steps)
         if k > self.max_steps:
             raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
-        t = self.abar.size - 1
-        if k == self.abar.size:  # the full chain is the only trajectory
-            return list(range(t, -1, -1))
-        if not torch.isfinite(self._cost[k, t]):
+        last = self.visited.size - 1
+        if self.visited[0] != 0 or self.visited[-1] != self.abar.size - 1 or k > self._cost.shape[0] - 1:
             raise ValueError(
-                f"no {k}-step trajectory runs through timesteps with a usable ms_eps (estimated and <= 1); "
-                "estimate ms_eps at more timesteps, with more samples, or use fewer steps."
+                f"no {k}-step trajectory runs through estimated timesteps only ({self.visited.size} estimated; every "
+                f"trajectory needs t=0 and t={self.abar.size - 1}); estimate the table at more timesteps or use fewer steps."
             )
-        points = [t]
+        points = [last]
         for level in range(k, 1, -1):
-            t = int(self._argmin[level][t])
-            points.append(t)
-        return points
+            points.append(int(self._argmin[level, points[-1]]))
+        return self.visited[points].tolist()
 
     def cost(self, num_steps: int) -> float:
-        """``sum_k J`` along ``path(num_steps)``."""
-        return trajectory_cost(self.abar, np.minimum(self.ms_eps, 1.0), self.path(num_steps))
+        """``sum_k J`` along ``path(num_steps)``, with the moment the DP used."""
+        self.path(num_steps)
+        return float(self._cost[num_steps, self.visited.size - 1])
 
 
-def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int) -> list[int]:
-    """The K-step trajectory minimising Analytic-DPM's bound, descending N-1 … 0."""
-    return TrajectoryDP(alphas_cumprod, ms_eps, num_steps).path(num_steps)
+def _length_checked(values, n: int, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != (n,):
+        raise ValueError(f"{name} has {array.size} entries, the schedule {n}; use the model's own table.")
+    return array
+
+
+def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> list[int]:
+    """The K-step trajectory minimising the residual bound (``x0_mse`` given) or Analytic-DPM's (``ms_eps`` only),
+    descending N-1 … 0."""
+    return TrajectoryDP(alphas_cumprod, ms_eps, num_steps, x0_mse=x0_mse).path(num_steps)

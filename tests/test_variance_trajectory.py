@@ -10,7 +10,8 @@ import pytest
 
 from analytic_sampler.schedule import alphas_cumprod_from_config, cosine_alphas_cumprod, schedule_fingerprint
 from analytic_sampler.trajectory import (
-    TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory, trajectory_cost,
+    TrajectoryDP, even_trajectory, optimal_trajectory, posterior_variance, quadratic_trajectory, snr, trajectory_cost,
+    transition_cost,
 )
 from analytic_sampler.variance import analytic_variance, ddpm_variance, variance_bounds
 
@@ -76,46 +77,58 @@ def test_bad_pairs_are_refused():
 
 
 @pytest.mark.parametrize("n", [9, 12])
-def test_dp_equals_exhaustive_search(n):
+@pytest.mark.parametrize("cost", ["residual", "paper"])
+def test_dp_equals_exhaustive_search(n, cost):
     abar = np.cumprod(1 - np.linspace(0.05, 0.4, n))
     ms = np.minimum((1 - abar) / (abar * 0.3 + 1 - abar) * (1 + 0.1 * np.sin(3 * np.arange(n))), 1)
-    dp = TrajectoryDP(abar, ms, n)
+    x0_mse = 0.3 / (0.3 * snr(abar) + 1) * (1 + 0.3 * np.cos(2 * np.arange(n)))  # not monotone: any moment works
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = TrajectoryDP(abar, ms, n, x0_mse=x0_mse if cost == "residual" else None, monotone=False)
+    moment = x0_mse if cost == "residual" else posterior_variance(abar, ms)
     for k in range(2, n + 1):
         best = min(
-            (trajectory_cost(abar, ms, [n - 1, *mid[::-1], 0]), [n - 1, *mid[::-1], 0])
+            (trajectory_cost(abar, moment, [n - 1, *mid[::-1], 0]), [n - 1, *mid[::-1], 0])
             for mid in itertools.combinations(range(1, n - 1), k - 2)
         )
         assert dp.cost(k) == pytest.approx(best[0], abs=1e-12)
-        assert dp.path(k) == best[1] == optimal_trajectory(abar, ms, k)
+        assert dp.path(k) == best[1]
+
+
+def test_paper_cost_differs_from_the_residual_form_by_a_shared_term():
+    """log(1 - b_ts ms_eps/bb_t) = J(s, t) with m = c, plus log snr[t] - log snr[s] (telescopes along a path)."""
+    ms = np.clip((1 - ABAR) / (ABAR * 0.2 + 1 - ABAR), 0, 1)
+    s, t = np.array([0, 10, 500, 998]), np.array([5, 700, 999, 999])
+    paper = np.log1p(-(1 - ABAR[t] / ABAR[s]) * ms[t] / (1 - ABAR[t]))
+    ours = transition_cost(ABAR, posterior_variance(ABAR, ms), s, t)
+    np.testing.assert_allclose(paper, ours + np.log(snr(ABAR)[t]) - np.log(snr(ABAR)[s]), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_optimal_never_worse_than_even(schedule):
     abar = ABAR if schedule == "linear" else cosine_alphas_cumprod(1000)
-    ms = np.clip((1 - abar) / (abar * 0.2 + 1 - abar) + RNG.normal(0, 0.01, 1000), 0, 1)
-    dp = TrajectoryDP(abar, ms, 100)
+    x0_mse = 0.2 / (0.2 * snr(abar) + 1) * np.exp(RNG.normal(0, 0.05, 1000))
+    dp = TrajectoryDP(abar, None, 100, x0_mse=x0_mse)
     for k in (2, 5, 10, 25, 100):
         path = dp.path(k)
         assert len(path) == k and path[0] == 999 and path[-1] == 0 and all(np.diff(path) < 0)
-        assert dp.cost(k) <= trajectory_cost(abar, ms, even_trajectory(1000, k)) + 1e-12
+        assert dp.cost(k) <= trajectory_cost(abar, dp.moment, even_trajectory(1000, k)) + 1e-12
 
 
-def test_ms_eps_above_one_is_left_out_with_a_warning():
+def test_monotone_fit_absorbs_ms_eps_above_one():
+    """Without x0_mse the paper's cost is used (with a warning); ms_eps >= 1 (c = 0) no longer makes free jumps."""
     ms = (1 - ABAR) / (ABAR * 0.2 + 1 - ABAR)
     noisy = ms.copy()
     noisy[[700, 850, 999]] = 1.02
-    with pytest.warns(UserWarning, match="ms_eps > 1 at 3 timestep\\(s\\) \\(first t=700\\).*left out"):
+    with pytest.warns(UserWarning, match="residual cost, which holds for real networks, needs a table with x0_mse"):
         dp = TrajectoryDP(ABAR, noisy, 50)
+    g = 1 / dp.moment - snr(ABAR)
+    assert np.all(np.isfinite(dp.moment)) and np.all(dp.moment > 0) and np.all(np.diff(g) <= 1e-9 * np.abs(g[1:]))
+    assert dp.moment[999] > 0.5 * posterior_variance(ABAR, ms)[999]  # the fit pools t=999 with its neighbours
     for k in (2, 3, 10, 50):
         path = dp.path(k)
         assert len(path) == k and path[0] == 999 and path[-1] == 0 and all(np.diff(path) < 0)
-        assert not {700, 850} & set(path)
-    # the same as solving with those timesteps marked unestimated and t = N-1 clipped to 1
-    marked = ms.copy()
-    marked[[700, 850]] = np.nan
-    marked[999] = 1.0
-    assert dp.path(10) == optimal_trajectory(ABAR, marked, 10)
-    assert np.isfinite(dp.cost(10))
+    assert path[1] > 500  # no jump from 999 straight to low noise
 
 
 def test_partial_table_restricts_the_path():
@@ -125,7 +138,7 @@ def test_partial_table_restricts_the_path():
     ms_partial[keep] = ms[keep]
     path = optimal_trajectory(ABAR, ms_partial, 10)
     assert set(path) <= set(keep.tolist())
-    with pytest.raises(ValueError, match="no 60-step trajectory runs through timesteps with a usable ms_eps.*estimate ms_eps at more timesteps"):
+    with pytest.raises(ValueError, match="no 60-step trajectory runs through estimated timesteps only.*estimate the table at more timesteps"):
         optimal_trajectory(ABAR, ms_partial, 60)
 
 

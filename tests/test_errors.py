@@ -8,9 +8,10 @@ import time
 import diffusers
 import huggingface_hub.constants
 import pytest
+from diffusers import DDPMScheduler
 
+from analytic_sampler import AnalyticDPMScheduler
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained, looks_like_path
-
 
 @pytest.mark.parametrize(
     "name, is_path",
@@ -75,3 +76,9 @@ def test_repo_id_the_hub_does_not_have_names_the_repo_and_the_fix(monkeypatch):
     with pytest.raises(ValueError, match=r"cannot load Hub repo 'someone/typo' \(OSError: .*not a valid model") as info:
         load_pretrained("someone/typo")
     assert "Check the repo id, the revision and your connection" in str(info.value)
+
+
+def test_negative_ms_eps_is_refused():
+    config = DDPMScheduler(num_train_timesteps=10).config
+    with pytest.raises(ValueError, match=r"ms_eps has negative entries \(min -0.1\), but it is a mean square"):
+        AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * 9 + [-0.1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import diffusers
 import huggingface_hub.constants
@@ -12,6 +13,9 @@ from diffusers import DDPMScheduler
 
 from analytic_sampler import AnalyticDPMScheduler
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained, looks_like_path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
 
 @pytest.mark.parametrize(
     "name, is_path",
@@ -82,3 +86,13 @@ def test_negative_ms_eps_is_refused():
     config = DDPMScheduler(num_train_timesteps=10).config
     with pytest.raises(ValueError, match=r"ms_eps has negative entries \(min -0.1\), but it is a mean square"):
         AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * 9 + [-0.1])
+
+
+def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch):
+    section = README.read_text().split("\n## Quick start\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)  # the snippet writes tables/my-model
+    namespace: dict = {}
+    exec(compile(code, f"{README} (Quick start)", "exec"), namespace)
+    assert len(namespace["images"]) == 1 and (tmp_path / "tables" / "my-model").is_dir()
+    assert namespace["pipe"].scheduler.trajectory[0] == 999

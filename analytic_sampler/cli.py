@@ -5,14 +5,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-from .pretrained import DEFAULT_MODEL, load_pretrained
+from .pretrained import DEFAULT_MODEL, load_pretrained, local_or_repo_id
+
+DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer; pass 1 or more.")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device that this machine has, so that a missing GPU is reported before any work."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N.") from err
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "is_available") and not backend.is_available():
+        name = {"cuda": "CUDA", "mps": "MPS"}.get(device.type, device.type)
+        raise argparse.ArgumentTypeError(
+            f"{name} is not available; use --device cpu, or install a torch build with {name} support "
+            f"(this is torch {torch.__version__})."
+        )
+    if device.index is not None and hasattr(backend, "device_count") and device.index >= backend.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {backend.device_count()} {device.type} device(s); "
+            f"use {device.type}:0 to {device.type}:{backend.device_count() - 1}."
+        )
+    return text
+
+
+def _make_folder(folder: str | os.PathLike) -> Path:
+    """Create an output folder and its parents before any work; a clear error where that is impossible."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"cannot create the output folder {str(path)!r} ({err.strerror}); choose another --out."
+        ) from err
+    return path
 
 
 def _load_data(spec: str, channels: int):
-    """``digits:train`` / ``digits:heldout``, a ``.pt`` / ``.npy`` tensor file, or a folder of images."""
+    """``digits:train`` / ``digits:heldout``, a ``.pt`` / ``.npy`` tensor file, or every image of a folder."""
     import numpy as np
     import torch
 
@@ -20,38 +67,74 @@ def _load_data(spec: str, channels: int):
         from .digits import load_digits_split
 
         return load_digits_split(spec.split(":", 1)[1])[0]
+    if not os.path.exists(spec):
+        raise ValueError(f"--data {spec!r}: no such file or folder; {DATA_FORMS}.")
+    if os.path.isdir(spec):
+        from .data import iter_batches
+
+        return torch.cat(list(iter_batches(spec, batch_size=1024, channels=channels)))
     if spec.endswith(".pt"):
         return torch.load(spec, map_location="cpu")
     if spec.endswith(".npy"):
         return torch.from_numpy(np.load(spec))
-    if os.path.isdir(spec):
-        from .data import take_samples
-
-        return take_samples(spec, num_samples=sys.maxsize, channels=channels)
-    raise SystemExit(f"--data {spec!r}: use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder.")
+    raise ValueError(f"--data {spec!r}: not a .pt/.npy file; {DATA_FORMS}.")
 
 
-def _timesteps(spec: str, num_train_timesteps: int):
+def _check_data(data, unet, args) -> None:
+    """Refuse data that is not a ``(N, C, H, W)`` tensor of the UNet's channels and size, or that holds fewer
+    than ``--num-samples`` images, before any work."""
+    import torch
+
+    size = unet.config.sample_size
+    c, h, w = unet.config.in_channels, *((size, size) if isinstance(size, int) else size)
+    if not isinstance(data, torch.Tensor):
+        raise ValueError(f"--data {args.data!r} holds a {type(data).__name__}, not an image tensor; {DATA_FORMS}.")
+    if data.ndim != 4 or tuple(data.shape[1:]) != (c, h, w):
+        raise ValueError(
+            f"--data {args.data!r} holds images of shape {tuple(data.shape)} but the model takes (N, C, H, W) = "
+            f"(N, {c}, {h}, {w}); give it {h}x{w} images with {c} channel(s)."
+        )
+    if len(data) < args.num_samples:
+        raise ValueError(
+            f"--data {args.data!r} holds {len(data)} images but --num-samples is {args.num_samples}; "
+            f"pass --num-samples {len(data)} or more images."
+        )
+
+
+def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
+    """``all`` (``None``), ``even:K`` or a comma list of distinct timesteps, checked against the schedule."""
     from .trajectory import even_trajectory
 
-    if spec == "all":
-        return None
-    if spec.startswith("even:"):
-        return sorted(even_trajectory(num_train_timesteps, int(spec.split(":", 1)[1])))
-    return sorted(int(t) for t in spec.split(","))
+    n = num_train_timesteps
+    try:
+        if spec == "all":
+            return None
+        if spec.startswith("even:"):
+            return sorted(even_trajectory(n, int(spec.split(":", 1)[1])))
+        ts = sorted(int(t) for t in spec.split(","))
+        if ts[0] >= 0 and ts[-1] < n and len(set(ts)) == len(ts):
+            return ts
+    except ValueError:
+        pass
+    raise ValueError(
+        f"--timesteps {spec!r} is not one of the accepted forms: all, even:K with 2 <= K <= {n}, "
+        f"or a comma list of distinct timesteps in [0, {n - 1}] such as {n - 1},{n // 2},0."
+    )
 
 
 def cmd_precompute(args) -> None:
     from .moments import estimate_moments
 
     model = load_pretrained(args.model, with_table=False)
+    timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)
     data = _load_data(args.data, model.unet.config.in_channels)
-    out = Path(args.out)
+    _check_data(data, model.unet, args)
+    out = _make_folder(args.out)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+    _make_folder(checkpoint.parent)
     table = estimate_moments(
-        model.unet, data, model.scheduler, num_samples=args.num_samples,
-        timesteps=_timesteps(args.timesteps, model.scheduler.config.num_train_timesteps),
-        batch_size=args.batch_size, seed=args.seed, device=args.device,
-        checkpoint=args.checkpoint or str(out / "checkpoint.pt"),
+        model.unet, data, model.scheduler, num_samples=args.num_samples, timesteps=timesteps,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
         provenance={"model_id": args.model, "data": args.data},
     )
     table.save(out)
@@ -59,11 +142,12 @@ def cmd_precompute(args) -> None:
 
 
 def _table(args, model=None):
-    """``--table`` if given, else the table the model ships."""
+    """``--table`` if given (a missing local folder is never sent to the Hub), else the table the model ships."""
     from .table import VarianceTable
 
     if args.table:
-        return VarianceTable.load(args.table)
+        fix = "pass the --out folder of `analytic-sampler precompute` or a Hub repo id 'owner/name'."
+        return VarianceTable.load(local_or_repo_id(args.table, fix))
     table = (model or load_pretrained(args.model)).table
     if table is None:
         raise SystemExit(f"{args.model} ships no variance table: run `analytic-sampler precompute {args.model} --data ...` and pass --table.")
@@ -85,13 +169,18 @@ def cmd_trajectory(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from PIL import Image
+
     from .sampling import sample, save_grid
     from .scheduler import AnalyticDPMScheduler
 
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out!r} is not an image file name; end it in .png (or .jpg, ...).")
     model = load_pretrained(args.model)
     scheduler = AnalyticDPMScheduler.from_table(
         _table(args, model), model.scheduler.config, eta=args.eta, trajectory=args.trajectory
     )
+    _make_folder(Path(args.out).parent)
     images = sample(model.unet, scheduler, args.num_images, args.steps, seed=args.seed, device=args.device)
     print(f"trajectory: {scheduler.trajectory}")
     print(f"wrote {save_grid(images, args.out)}")
@@ -100,6 +189,7 @@ def cmd_sample(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
+    _make_folder(args.out)
     run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device)
 
 
@@ -111,20 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=int, nargs="+", default=[10, 25])
-    p.add_argument("--num-images", type=int, default=297)
+    p.add_argument("--num-images", type=_positive_int, default=297)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("precompute", help="Monte Carlo estimate of a model's ms_eps table")
     p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/) or Hub repo id")
     p.add_argument("--data", required=True, help="digits:train, a .pt/.npy file of images in [-1, 1], or an image folder")
-    p.add_argument("--out", required=True, help="folder for variance_table.{safetensors,json}")
-    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--out", required=True, help="folder for variance_table.{safetensors,json} (created if missing)")
+    p.add_argument("--num-samples", type=_positive_int, default=1000)
     p.add_argument("--timesteps", default="all", help="all, even:K or a comma list")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", type=_device, default=None)
     p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt)")
     p.set_defaults(func=cmd_precompute)
 
@@ -140,10 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
-    p.add_argument("--num-images", type=int, default=64)
+    p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--out", default="samples.png", help="PNG file (its folder is created if missing)")
     p.set_defaults(func=cmd_sample)
     return parser
 

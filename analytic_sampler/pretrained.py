@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,17 +11,84 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 BUNDLED_MODELS = ("digits-ddpm-linear", "digits-iddpm-cosine")
 DEFAULT_MODEL = "digits-ddpm-linear"
 TABLE_SUBFOLDER = "table"
+MODEL_FORMS = (
+    f"a bundled model ({', '.join(BUNDLED_MODELS)}), a local folder with unet/ and scheduler/ subfolders "
+    "(as written by save_pretrained) or a Hub repo id 'owner/name'"
+)
+
+
+def is_repo_id(name: str) -> bool:
+    """``owner/name`` by huggingface_hub's rules; a bare ``name`` is refused (it is more often a typo than a repo)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return name.count("/") == 1
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` reads as a local path rather than a Hub repo id: it starts with '.' or '~', holds a
+    backslash, or holds a '/' and is no valid ``owner/name`` (absolute, trailing '/', two '/') or starts with
+    an existing folder (``tables/x`` where ``tables/`` exists)."""
+    if name.startswith((".", "~")) or "\\" in name:
+        return True
+    return "/" in name and (not is_repo_id(name) or os.path.isdir(name.split("/", 1)[0]))
+
+
+def local_or_repo_id(name_or_path: str | os.PathLike, fix: str) -> str:
+    """``name_or_path`` with ``~`` expanded; a ``FileNotFoundError`` ending in ``fix`` when it looks like a
+    local path (:func:`looks_like_path`) that does not exist, so that it is never sent to the Hub."""
+    name = os.fspath(name_or_path)
+    path = os.path.expanduser(name)
+    if not os.path.exists(path) and looks_like_path(name):
+        raise FileNotFoundError(f"no such folder: {name!r} (looked in {os.path.abspath(path)}); {fix}")
+    return path if os.path.exists(path) else name
 
 
 def resolve(name_or_path: str | os.PathLike) -> str:
-    """A bundled model's name becomes its folder; anything else (folder or Hub repo id) is returned as is."""
+    """The folder of a bundled model or of a local model, else a Hub repo id ``owner/name``; a clear error for
+    anything else, without touching the network."""
     name = os.fspath(name_or_path)
     if name in BUNDLED_MODELS:
         path = BUNDLED_DIR / name
         if not (path / "unet").is_dir():
-            raise FileNotFoundError(f"bundled model {name!r} is missing from {BUNDLED_DIR}; reinstall analytic-sampler.")
+            raise FileNotFoundError(
+                f"bundled model {name!r} is missing from {BUNDLED_DIR}; reinstall analytic-sampler."
+            )
         return str(path)
-    return name
+    source = local_or_repo_id(name, f"pass {MODEL_FORMS}.")
+    if os.path.exists(source):
+        missing = [sub + "/" for sub in ("unet", "scheduler") if not os.path.isdir(os.path.join(source, sub))]
+        if missing:
+            raise ValueError(
+                f"{name!r} is not a model folder: it has no {' and '.join(missing)}; pass {MODEL_FORMS}."
+            )
+        return source
+    if not is_repo_id(source):
+        close = difflib.get_close_matches(source, BUNDLED_MODELS, n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"{name!r} is not a bundled model{guess}, a local folder or a Hub repo id; pass {MODEL_FORMS}."
+        )
+    return source
+
+
+def _hub_error(repo_id: str, err: OSError) -> ValueError:
+    """Why a Hub repo id did not load, and what to do about it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set and the repo is not in the local Hugging Face cache"
+        fix = f"Download it once while online (`hf download {repo_id}`)"
+    else:
+        why = f"{type(err).__name__}: {err}"
+        fix = "Check the repo id, the revision and your connection (`hf auth login` for a private repo)"
+    return ValueError(
+        f"cannot load Hub repo {repo_id!r} ({why}); there is no local folder of that name either. "
+        f"{fix}, or pass {MODEL_FORMS}."
+    )
 
 
 @dataclass
@@ -33,16 +101,24 @@ class PretrainedModel:
     source: str
 
 
-def load_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True) -> PretrainedModel:
+def load_pretrained(
+    name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True
+) -> PretrainedModel:
     """``UNet2DModel`` + ``DDPMScheduler`` from ``<model>/unet`` and ``<model>/scheduler``; the table from
     ``<model>/table`` if present (``None`` otherwise)."""
+    source = resolve(name_or_path)  # before importing diffusers: a bad name fails at once
+
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .table import VarianceTable
 
-    source = resolve(name_or_path)
-    unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision).eval()
-    scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    try:
+        unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision).eval()
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    except OSError as err:
+        if os.path.isdir(source):
+            raise
+        raise _hub_error(source, err) from err
     table = None
     if with_table:
         local = Path(source) / TABLE_SUBFOLDER

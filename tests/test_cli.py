@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -52,3 +53,77 @@ def test_errors_name_the_fix(model_dir):
     torch.save(torch.rand(8, 1, 8, 8) * 4, model_dir / "bright.pt")
     with pytest.raises(SystemExit, match="error: data outside the declared range"):
         main(["precompute", model, "--data", str(model_dir / "bright.pt"), "--out", str(model_dir / "t"), "--num-samples", "8"])
+
+
+def _png_folder(folder, n: int, size: int):
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.full((size, size), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return str(folder)
+
+
+def test_image_folder_data_and_new_output_folders(model_dir):
+    model, table_dir = str(model_dir / "model"), model_dir / "new" / "table"
+    data = _png_folder(model_dir / "pngs", 6, 8)
+    main(["precompute", model, "--data", data, "--out", str(table_dir), "--num-samples", "6", "--timesteps", "all"])
+    assert VarianceTable.load(table_dir).counts.tolist() == [6] * 50  # every image of the folder
+    out = model_dir / "no" / "dir" / "x.png"
+    main(["sample", model, "--table", str(table_dir), "--steps", "5", "--num-images", "2", "--out", str(out)])
+    assert out.is_file()
+
+
+def test_data_of_the_wrong_shape_is_refused_before_any_work(model_dir):
+    model, out = str(model_dir / "model"), model_dir / "t"
+    data = _png_folder(model_dir / "big", 3, 12)
+    with pytest.raises(SystemExit, match=r"shape \(3, 1, 12, 12\) but the model takes \(N, C, H, W\) = \(N, 1, 8, 8\)"):
+        main(["precompute", model, "--data", data, "--out", str(out)])
+    torch.save(torch.rand(4, 3, 8, 8), model_dir / "rgb.pt")
+    with pytest.raises(SystemExit, match=r"shape \(4, 3, 8, 8\) but .* give it 8x8 images with 1 channel\(s\)"):
+        main(["precompute", model, "--data", str(model_dir / "rgb.pt"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds 8 images but --num-samples is 1000; pass --num-samples 8 or more"):
+        main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(out)])
+    assert not out.exists()
+
+
+def test_device_without_cuda_is_refused_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        main(["sample", "--device", "cuda"])
+    assert "argument --device: CUDA is not available; use --device cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["precompute", "x", "--data", "digits:train", "--out", "t", "--device", "gpu"])
+    assert "argument --device: 'gpu' is not a torch device; use cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_counts_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--num-images", value])
+    assert f"argument --num-images: {value!r} is not a positive integer; pass 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["even:x", "10,abc", "50", "-1,3", "3,3", "even:1", ""])
+def test_malformed_timesteps_list_the_accepted_forms(model_dir, spec):
+    with pytest.raises(SystemExit, match=r"is not one of the accepted forms: all, even:K with 2 <= K <= 50, or a"):
+        main(["precompute", str(model_dir / "model"), "--data", "digits:train", "--out", str(model_dir / "t"),
+              f"--timesteps={spec}"])
+
+
+def test_missing_paths_are_not_hub_repo_ids(model_dir, monkeypatch):
+    monkeypatch.chdir(model_dir)
+    (model_dir / "tables").mkdir()
+    for table in ("tables/linear", "./linear"):
+        with pytest.raises(SystemExit, match=f"error: no such folder: '{table}'.*--out folder of `analytic-sampler"):
+            main(["trajectory", "--table", table])
+    with pytest.raises(SystemExit, match="error: no such folder: './model2'"):
+        main(["sample", "./model2"])
+    with pytest.raises(SystemExit, match="error: 'digits-ddpm-lineer' is not a bundled model \\(did you mean"):
+        main(["sample", "digits-ddpm-lineer"])
+
+
+def test_output_paths_are_checked_before_sampling(model_dir):
+    (model_dir / "file.txt").write_text("")
+    with pytest.raises(SystemExit, match="error: --out 'grid' is not an image file name; end it in .png"):
+        main(["sample", "--out", "grid"])
+    with pytest.raises(SystemExit, match="error: cannot create the output folder .*file.txt.*; choose another --out"):
+        main(["demo", "--out", str(model_dir / "file.txt" / "demo")])

@@ -23,7 +23,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
-from .schedule import alphas_cumprod_from_config, extended, schedule_fingerprint
+from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, extended, schedule_fingerprint
 from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
 from .variance import analytic_variance, validate_ms_eps
 
@@ -103,7 +103,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         if data_range is not None:
             self.register_to_config(data_range=tuple(float(v) for v in data_range))
 
+        # float32 views of the float64 schedule, as DDPMScheduler has them: alphas = 1 - betas, abar = cumprod(alphas).
         self.alphas_cumprod_64 = abar
+        betas = betas_from_alphas_cumprod(abar)
+        self.betas = torch.from_numpy(betas).float()
+        self.alphas = torch.from_numpy(1.0 - betas).float()
         self.alphas_cumprod = torch.from_numpy(abar).float()
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -118,9 +122,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def from_table(cls, table, scheduler_config=None, **kwargs) -> "AnalyticDPMScheduler":
         """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone)."""
         if scheduler_config is None:
-            abar = np.asarray(table.alphas_cumprod, dtype=np.float64)
-            betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
-            scheduler_config = {"num_train_timesteps": abar.size, "trained_betas": betas.tolist()}
+            betas = betas_from_alphas_cumprod(table.alphas_cumprod)
+            scheduler_config = {"num_train_timesteps": betas.size, "trained_betas": betas.tolist()}
         elif hasattr(scheduler_config, "config"):
             scheduler_config = scheduler_config.config
         table.check_schedule(alphas_cumprod_from_config(scheduler_config))

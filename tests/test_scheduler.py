@@ -170,6 +170,22 @@ def test_config_round_trip_with_ddpm_ddim_pndm():
         assert torch.equal(back.alphas_cumprod, base.alphas_cumprod)
 
 
+@pytest.mark.parametrize("schedule", [
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(trained_betas=np.linspace(1e-3, 0.05, N).tolist()),
+])
+def test_betas_alphas_and_alphas_cumprod_match_ddpm(schedule):
+    ddpm = DDPMScheduler(num_train_timesteps=N, **schedule)
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, ms_eps=[0.5] * N)
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        mine, theirs = getattr(ours, name), getattr(ddpm, name)
+        assert mine.dtype == torch.float32 and mine.shape == (N,), name
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(torch.cumprod(ours.alphas.double(), 0).float(), ours.alphas_cumprod, rtol=1e-5, atol=0)
+
+
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms)

@@ -13,7 +13,9 @@ with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` the clipped analytic vari
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +26,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
 from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, extended, schedule_fingerprint
-from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+from .trajectory import (
+    SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
+)
 from .variance import analytic_variance, validate_ms_eps
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
@@ -53,6 +57,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
             minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
             measure; explicit timesteps go to ``set_timesteps(timesteps=...)``.
+        timestep_spacing, steps_offset: Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps
+            (``steps_offset`` is added to ``"leading"`` ones), exactly those DDIMScheduler / DDPMScheduler give for
+            the same K. When ``timestep_spacing`` is set it wins over ``trajectory``; ``from_config`` keeps the one a
+            pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0 (``"leading"``
+            with ``steps_offset=1``: …, 1) still takes its last step to clean data.
         data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
         variance_cap_y: optional cap on the variance of the step into ``t_1``,
             ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
@@ -80,6 +89,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         variance_cap_y: float | None = None,
         table_fingerprint: str | None = None,
         rescale_betas_zero_snr: bool = False,
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
     ):
         if ms_eps is None:
             raise ValueError(
@@ -89,6 +100,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
+        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
         check_prediction_type(prediction_type)
         self._check_eta(eta)
         abar = alphas_cumprod_from_config(self.config)
@@ -118,6 +131,14 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
 
     # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """``ConfigMixin.from_config``; an explicit ``trajectory`` drops the config's ``timestep_spacing`` (every
+        saved DDPM / DDIM config has one) unless ``timestep_spacing`` is passed as well."""
+        if "trajectory" in kwargs:
+            kwargs.setdefault("timestep_spacing", None)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     @classmethod
     def from_table(cls, table, scheduler_config=None, **kwargs) -> "AnalyticDPMScheduler":
         """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone)."""
@@ -150,7 +171,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points."""
+        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points, spaced by
+        ``timestep_spacing`` when the config sets one, else by ``trajectory``."""
         n = self.config.num_train_timesteps
         if timesteps is not None:
             if num_inference_steps is not None:
@@ -158,6 +180,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             trajectory = validate_timesteps(timesteps, n)
         elif num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps (K) or an explicit list of timesteps.")
+        elif self.config.timestep_spacing is not None:
+            spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+            trajectory = spaced_timesteps(n, num_inference_steps, spacing, offset)
         elif self.config.trajectory == "optimal":
             trajectory = self._optimal(int(num_inference_steps))
         elif self.config.trajectory == "quadratic":

@@ -186,6 +186,58 @@ def test_betas_alphas_and_alphas_cumprod_match_ddpm(schedule):
     torch.testing.assert_close(torch.cumprod(ours.alphas.double(), 0).float(), ours.alphas_cumprod, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("num_steps", [10, 25, 50])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
+def test_timestep_spacing_gives_the_source_schedulers_timesteps(cls, spacing, steps_offset, num_steps):
+    theirs = cls(num_train_timesteps=N, timestep_spacing=spacing, steps_offset=steps_offset)
+    ours = AnalyticDPMScheduler.from_config(theirs.config, ms_eps=[0.5] * N)
+    assert (ours.config.timestep_spacing, ours.config.steps_offset) == (spacing, steps_offset)
+    theirs.set_timesteps(num_steps)
+    ours.set_timesteps(num_steps)
+    assert ours.timesteps.dtype == theirs.timesteps.dtype and torch.equal(ours.timesteps, theirs.timesteps)
+    assert ours.trajectory == theirs.timesteps.tolist() and ours.num_inference_steps == num_steps
+    assert ours.step_coefficients(1.0)[-1, 2] == 1.0  # the last step goes to clean data, also from t=1
+
+
+def test_trailing_spacing_drops_diffusers_spurious_last_timestep():
+    ddim = DDIMScheduler(num_train_timesteps=N, timestep_spacing="trailing")
+    ddim.set_timesteps(61)  # Diffusers' float arange gives 62 points here, the last one t=-1
+    ours = AnalyticDPMScheduler.from_config(ddim.config, ms_eps=[0.5] * N)
+    ours.set_timesteps(61)
+    assert ours.trajectory == ddim.timesteps.tolist()[:61] and ddim.timesteps[-1] == -1
+
+
+def test_spacing_wins_over_trajectory_unless_trajectory_is_passed(tmp_path, gaussian_model):
+    ms = gaussian_model.exact_ms_eps().tolist()
+    ddpm = DDPMScheduler(num_train_timesteps=N, timestep_spacing="trailing", steps_offset=1)
+    ddpm.save_pretrained(tmp_path / "ddpm")
+    saved = DDPMScheduler.load_config(tmp_path / "ddpm")  # a pipeline's config, spacing as saved
+    kept = AnalyticDPMScheduler.from_config(saved, ms_eps=ms)
+    chosen = AnalyticDPMScheduler.from_config(saved, ms_eps=ms, trajectory="optimal")
+    both = AnalyticDPMScheduler(ms_eps=ms, trajectory="optimal", timestep_spacing="leading")
+    for s in (kept, chosen, both):
+        s.set_timesteps(10)
+    assert kept.config.timestep_spacing == "trailing" and kept.trajectory == list(range(999, -1, -100))
+    assert chosen.config.timestep_spacing is None
+    assert chosen.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
+    assert both.trajectory == list(range(900, -1, -100))
+    kept.save_pretrained(tmp_path / "ours")
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "ours")
+    assert (loaded.config.timestep_spacing, loaded.config.steps_offset) == ("trailing", 1)
+    loaded.set_timesteps(10)
+    assert loaded.trajectory == kept.trajectory
+
+
+def test_config_without_timestep_spacing_keeps_the_even_trajectory():
+    config = {"num_train_timesteps": N, "beta_schedule": "linear"}
+    sched = AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * N)
+    assert sched.config.timestep_spacing is None and sched.config.steps_offset == 0
+    sched.set_timesteps(10)
+    assert sched.trajectory == even_trajectory(N, 10) and sched.trajectory[0] == N - 1
+
+
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms)
@@ -253,6 +305,11 @@ def test_bad_options_are_refused(linear_scheduler):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, eta=1.5)
     with pytest.raises(ValueError, match="trajectory='fast'"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="fast")
+    with pytest.raises(ValueError, match="timestep_spacing='even'.*'leading', 'linspace', 'trailing'"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="even")
+    offset = AnalyticDPMScheduler(ms_eps=[0.5] * N, timestep_spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError, match="starts at t=1000 > N-1=999 for K=1000; use fewer steps"):
+        offset.set_timesteps(N)
     with pytest.raises(ValueError, match="prediction_type='x0'"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, prediction_type="x0")
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N)

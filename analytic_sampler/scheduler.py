@@ -129,6 +129,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._dp: TrajectoryDP | None = None
         self._coefficients: dict[tuple, torch.Tensor] = {}
         self._step_index: int | None = None
+        self._begin_index: int | None = None
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -160,6 +161,20 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     @property
     def ms_eps(self) -> np.ndarray:
         return np.asarray(self.config.ms_eps, dtype=np.float64)
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step``; ``None`` before the first one and after the last."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first step, from ``set_begin_index`` (img2img pipelines); ``None``: found from the timestep."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``; ``set_timesteps`` clears it."""
+        self._begin_index = begin_index
 
     # ------------------------------------------------------------------ Diffusers scheduler API
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
@@ -196,6 +211,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(trajectory, dtype=torch.int64, device=device)
         self._coefficients = {}
         self._step_index = None
+        self._begin_index = None
         self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
@@ -245,12 +261,23 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         **unused,
     ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One reverse step ``x_t -> x_s``. ``eta`` (e.g. from DDIMPipeline) overrides the config's;
-        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat."""
+        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat.
+
+        Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
+        trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
+        A ``timestep`` given as a Python int or a CPU tensor must be the expected one, else ValueError; on an
+        accelerator tensor that check is skipped rather than wait for the device."""
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
-        if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
         i = self._step_index
+        if i is None:
+            i = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        on_host = not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu"
+        if on_host and int(timestep) != self.trajectory[i]:
+            raise ValueError(
+                f"step() got timestep {int(timestep)}, but step {i} of this trajectory is t={self.trajectory[i]}; "
+                "step through scheduler.timesteps in order, or call set_timesteps() / set_begin_index() to restart."
+            )
         eta = self.config.eta if eta is None else self._check_eta(eta)
         coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
         sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef, std = coef.unbind()

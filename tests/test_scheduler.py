@@ -250,6 +250,44 @@ def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     assert optimal.trajectory == optimal_trajectory(optimal.alphas_cumprod_64, ms, 10) != even_trajectory(N, 10)
 
 
+def test_step_refuses_an_unexpected_timestep(linear_scheduler):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even")
+    sched.set_timesteps(10)
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    sched.step(out, 999, x)
+    with pytest.raises(ValueError, match="got timestep 999, but step 1 of this trajectory is t=888"):
+        sched.step(out, 999, x)
+    with pytest.raises(ValueError, match="got timestep 777, but step 1 of this trajectory is t=888"):
+        sched.step(out, torch.tensor(777), x)  # CPU tensors are checked too
+    assert sched.step_index == 1  # a refused step changes nothing
+    sched.step(out, torch.tensor(888), x)
+    # A timestep on an accelerator is not read back (that would sync): a meta tensor has no value to read.
+    sched.step(out, torch.tensor(777, device="meta"), x)
+    assert sched.step_index == 3
+
+
+def test_begin_index_starts_the_loop_part_way(linear_scheduler):
+    sched, reference = (
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even") for _ in range(2)
+    )
+    for s in (sched, reference):
+        s.set_timesteps(10)
+    assert sched.begin_index is None and sched.step_index is None
+    sched.set_begin_index(3)
+    assert sched.begin_index == 3 and sched.step_index is None
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="got timestep 999, but step 3 of this trajectory is t=666"):
+        sched.step(out, sched.timesteps[0], x)
+    assert sched.step_index is None
+    y = x
+    for i, t in enumerate(sched.timesteps[3:], start=3):
+        x = sched.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        y = reference.step(out, t, y, generator=torch.Generator().manual_seed(i)).prev_sample  # found from t
+        assert sched.step_index == (i + 1 if i < 9 else None) and torch.equal(x, y)
+    sched.set_timesteps(10)
+    assert sched.begin_index is None
+
+
 def test_variance_cap_on_step_into_t1(linear_scheduler):
     kw = dict(ms_eps=[0.0] * N, trajectory="even")
     free = AnalyticDPMScheduler.from_config(linear_scheduler.config, **kw)

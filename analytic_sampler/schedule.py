@@ -47,8 +47,7 @@ def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
         elif kind == "scaled_linear":
             betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float64) ** 2
         elif kind == "squaredcos_cap_v2":
-            abar = cosine_alphas_cumprod(n)
-            betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
+            betas = betas_from_alphas_cumprod(cosine_alphas_cumprod(n))
         else:
             raise ValueError(
                 f"beta_schedule={kind!r} is not supported; use 'linear', 'scaled_linear', "
@@ -68,6 +67,12 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     root = (root - last) * first / (first - last)
     abar = root**2
     return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+
+
+def betas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """float64 ``beta_t = 1 - abar[t] / abar[t-1]`` (``abar[-1] = 1``), the inverse of ``cumprod(1 - betas)``."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
 
 
 def alphas_cumprod_from_config(config: Mapping[str, Any] | Any) -> np.ndarray:

@@ -13,7 +13,9 @@ with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` the clipped analytic vari
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +25,10 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
-from .schedule import alphas_cumprod_from_config, extended, schedule_fingerprint
-from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, extended, schedule_fingerprint
+from .trajectory import (
+    SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
+)
 from .variance import analytic_variance, validate_ms_eps
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
@@ -53,6 +57,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
             minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
             measure; explicit timesteps go to ``set_timesteps(timesteps=...)``.
+        timestep_spacing, steps_offset: Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps
+            (``steps_offset`` is added to ``"leading"`` ones), exactly those DDIMScheduler / DDPMScheduler give for
+            the same K. When ``timestep_spacing`` is set it wins over ``trajectory``; ``from_config`` keeps the one a
+            pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0 (``"leading"``
+            with ``steps_offset=1``: …, 1) still takes its last step to clean data.
         data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
         variance_cap_y: optional cap on the variance of the step into ``t_1``,
             ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
@@ -80,6 +89,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         variance_cap_y: float | None = None,
         table_fingerprint: str | None = None,
         rescale_betas_zero_snr: bool = False,
+        timestep_spacing: str | None = None,
+        steps_offset: int = 0,
     ):
         if ms_eps is None:
             raise ValueError(
@@ -89,6 +100,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
+        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
         check_prediction_type(prediction_type)
         self._check_eta(eta)
         abar = alphas_cumprod_from_config(self.config)
@@ -103,7 +116,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         if data_range is not None:
             self.register_to_config(data_range=tuple(float(v) for v in data_range))
 
+        # float32 views of the float64 schedule, as DDPMScheduler has them: alphas = 1 - betas, abar = cumprod(alphas).
         self.alphas_cumprod_64 = abar
+        betas = betas_from_alphas_cumprod(abar)
+        self.betas = torch.from_numpy(betas).float()
+        self.alphas = torch.from_numpy(1.0 - betas).float()
         self.alphas_cumprod = torch.from_numpy(abar).float()
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -112,15 +129,23 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._dp: TrajectoryDP | None = None
         self._coefficients: dict[tuple, torch.Tensor] = {}
         self._step_index: int | None = None
+        self._begin_index: int | None = None
 
     # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """``ConfigMixin.from_config``; an explicit ``trajectory`` drops the config's ``timestep_spacing`` (every
+        saved DDPM / DDIM config has one) unless ``timestep_spacing`` is passed as well."""
+        if "trajectory" in kwargs:
+            kwargs.setdefault("timestep_spacing", None)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     @classmethod
     def from_table(cls, table, scheduler_config=None, **kwargs) -> "AnalyticDPMScheduler":
         """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone)."""
         if scheduler_config is None:
-            abar = np.asarray(table.alphas_cumprod, dtype=np.float64)
-            betas = 1.0 - abar / np.concatenate([[1.0], abar[:-1]])
-            scheduler_config = {"num_train_timesteps": abar.size, "trained_betas": betas.tolist()}
+            betas = betas_from_alphas_cumprod(table.alphas_cumprod)
+            scheduler_config = {"num_train_timesteps": betas.size, "trained_betas": betas.tolist()}
         elif hasattr(scheduler_config, "config"):
             scheduler_config = scheduler_config.config
         table.check_schedule(alphas_cumprod_from_config(scheduler_config))
@@ -137,6 +162,20 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def ms_eps(self) -> np.ndarray:
         return np.asarray(self.config.ms_eps, dtype=np.float64)
 
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step``; ``None`` before the first one and after the last."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first step, from ``set_begin_index`` (img2img pipelines); ``None``: found from the timestep."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``; ``set_timesteps`` clears it."""
+        self._begin_index = begin_index
+
     # ------------------------------------------------------------------ Diffusers scheduler API
     def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
         return sample
@@ -147,7 +186,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points."""
+        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points, spaced by
+        ``timestep_spacing`` when the config sets one, else by ``trajectory``."""
         n = self.config.num_train_timesteps
         if timesteps is not None:
             if num_inference_steps is not None:
@@ -155,6 +195,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             trajectory = validate_timesteps(timesteps, n)
         elif num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps (K) or an explicit list of timesteps.")
+        elif self.config.timestep_spacing is not None:
+            spacing, offset = self.config.timestep_spacing, self.config.steps_offset
+            trajectory = spaced_timesteps(n, num_inference_steps, spacing, offset)
         elif self.config.trajectory == "optimal":
             trajectory = self._optimal(int(num_inference_steps))
         elif self.config.trajectory == "quadratic":
@@ -168,6 +211,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(trajectory, dtype=torch.int64, device=device)
         self._coefficients = {}
         self._step_index = None
+        self._begin_index = None
         self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
@@ -217,12 +261,23 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         **unused,
     ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
         """One reverse step ``x_t -> x_s``. ``eta`` (e.g. from DDIMPipeline) overrides the config's;
-        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat."""
+        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat.
+
+        Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
+        trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
+        A ``timestep`` given as a Python int or a CPU tensor must be the expected one, else ValueError; on an
+        accelerator tensor that check is skipped rather than wait for the device."""
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
-        if self._step_index is None:
-            self._step_index = self.index_for_timestep(timestep)
         i = self._step_index
+        if i is None:
+            i = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+        on_host = not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu"
+        if on_host and int(timestep) != self.trajectory[i]:
+            raise ValueError(
+                f"step() got timestep {int(timestep)}, but step {i} of this trajectory is t={self.trajectory[i]}; "
+                "step through scheduler.timesteps in order, or call set_timesteps() / set_begin_index() to restart."
+            )
         eta = self.config.eta if eta is None else self._check_eta(eta)
         coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
         sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef, std = coef.unbind()

@@ -1,4 +1,5 @@
-"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming).
+"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming), and
+Diffusers' ``timestep_spacing`` ones, which may start below N-1 and end above 0.
 
 With ``snr[t] = abar[t] / (1 - abar[t])``, the DDPM-type K-step bound is, up to terms that every trajectory
 shares, ``(d/2) sum_k J(t_{k-1}, t_k)`` with::
@@ -15,7 +16,8 @@ pool-adjacent-violators). The exact MMSE has this shape for any data distributio
 single-crossing property of the MMSE in general), so the fit removes Monte Carlo noise, notably the noise that
 puts ``c`` near 0 at high t, where the raw estimate invites free-looking jumps; the raw estimate stays in the table.
 With g monotone, ``J`` is a Monge matrix (argmin monotone in t and K), which a faster exact DP can exploit;
-that solver is not written yet: the DP below is the exact blocked O(K N^2) one. ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
+that solver is not written yet: the DP below is the exact blocked O(K N^2) one,
+``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
 """
 
 from __future__ import annotations
@@ -53,6 +55,36 @@ def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
     t = np.linspace(0.0, np.sqrt(num_train_timesteps - 1), k) ** 2
     t = np.maximum.accumulate(np.round(t).astype(int) - np.arange(k)) + np.arange(k)
     return t[::-1].tolist()
+
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> list[int]:
+    """Diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), descending, as DDIM/DDPMScheduler give it::
+
+        leading:  arange(K) * (N // K) + steps_offset
+        linspace: round(linspace(0, N-1, K))
+        trailing: round(arange(N, 0, -N/K)) - 1
+
+    Only ``leading`` uses ``steps_offset``. Diffusers' float ``arange`` gives ``trailing`` a spurious last ``t = -1``
+    for some K (61 of 1000, …); the first K points are kept.
+    """
+    n, k = num_train_timesteps, _check_steps(num_train_timesteps, num_steps)
+    if spacing == "leading":
+        t = np.arange(k)[::-1] * (n // k) + int(steps_offset)
+    elif spacing == "linspace":
+        t = np.array(even_trajectory(n, k))
+    elif spacing == "trailing":
+        t = np.round(np.arange(n, 0, -n / k))[:k] - 1
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
+    if t[0] > n - 1:
+        raise ValueError(
+            f"timestep_spacing={spacing!r} with steps_offset={steps_offset} starts at t={int(t[0])} > N-1={n - 1} "
+            f"for K={k}; use fewer steps or a smaller steps_offset."
+        )
+    return t.astype(np.int64).tolist()
 
 
 def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:

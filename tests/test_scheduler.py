@@ -170,6 +170,74 @@ def test_config_round_trip_with_ddpm_ddim_pndm():
         assert torch.equal(back.alphas_cumprod, base.alphas_cumprod)
 
 
+@pytest.mark.parametrize("schedule", [
+    dict(beta_schedule="linear"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    dict(beta_schedule="squaredcos_cap_v2"),
+    dict(trained_betas=np.linspace(1e-3, 0.05, N).tolist()),
+])
+def test_betas_alphas_and_alphas_cumprod_match_ddpm(schedule):
+    ddpm = DDPMScheduler(num_train_timesteps=N, **schedule)
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, ms_eps=[0.5] * N)
+    for name in ("betas", "alphas", "alphas_cumprod"):
+        mine, theirs = getattr(ours, name), getattr(ddpm, name)
+        assert mine.dtype == torch.float32 and mine.shape == (N,), name
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-7, msg=name)
+    torch.testing.assert_close(torch.cumprod(ours.alphas.double(), 0).float(), ours.alphas_cumprod, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("num_steps", [10, 25, 50])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("cls", [DDIMScheduler, DDPMScheduler])
+def test_timestep_spacing_gives_the_source_schedulers_timesteps(cls, spacing, steps_offset, num_steps):
+    theirs = cls(num_train_timesteps=N, timestep_spacing=spacing, steps_offset=steps_offset)
+    ours = AnalyticDPMScheduler.from_config(theirs.config, ms_eps=[0.5] * N)
+    assert (ours.config.timestep_spacing, ours.config.steps_offset) == (spacing, steps_offset)
+    theirs.set_timesteps(num_steps)
+    ours.set_timesteps(num_steps)
+    assert ours.timesteps.dtype == theirs.timesteps.dtype and torch.equal(ours.timesteps, theirs.timesteps)
+    assert ours.trajectory == theirs.timesteps.tolist() and ours.num_inference_steps == num_steps
+    assert ours.step_coefficients(1.0)[-1, 2] == 1.0  # the last step goes to clean data, also from t=1
+
+
+def test_trailing_spacing_drops_diffusers_spurious_last_timestep():
+    ddim = DDIMScheduler(num_train_timesteps=N, timestep_spacing="trailing")
+    ddim.set_timesteps(61)  # Diffusers' float arange gives 62 points here, the last one t=-1
+    ours = AnalyticDPMScheduler.from_config(ddim.config, ms_eps=[0.5] * N)
+    ours.set_timesteps(61)
+    assert ours.trajectory == ddim.timesteps.tolist()[:61] and ddim.timesteps[-1] == -1
+
+
+def test_spacing_wins_over_trajectory_unless_trajectory_is_passed(tmp_path, gaussian_model):
+    ms = gaussian_model.exact_ms_eps().tolist()
+    ddpm = DDPMScheduler(num_train_timesteps=N, timestep_spacing="trailing", steps_offset=1)
+    ddpm.save_pretrained(tmp_path / "ddpm")
+    saved = DDPMScheduler.load_config(tmp_path / "ddpm")  # a pipeline's config, spacing as saved
+    kept = AnalyticDPMScheduler.from_config(saved, ms_eps=ms)
+    chosen = AnalyticDPMScheduler.from_config(saved, ms_eps=ms, trajectory="optimal")
+    both = AnalyticDPMScheduler(ms_eps=ms, trajectory="optimal", timestep_spacing="leading")
+    for s in (kept, chosen, both):
+        s.set_timesteps(10)
+    assert kept.config.timestep_spacing == "trailing" and kept.trajectory == list(range(999, -1, -100))
+    assert chosen.config.timestep_spacing is None
+    assert chosen.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
+    assert both.trajectory == list(range(900, -1, -100))
+    kept.save_pretrained(tmp_path / "ours")
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "ours")
+    assert (loaded.config.timestep_spacing, loaded.config.steps_offset) == ("trailing", 1)
+    loaded.set_timesteps(10)
+    assert loaded.trajectory == kept.trajectory
+
+
+def test_config_without_timestep_spacing_keeps_the_even_trajectory():
+    config = {"num_train_timesteps": N, "beta_schedule": "linear"}
+    sched = AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * N)
+    assert sched.config.timestep_spacing is None and sched.config.steps_offset == 0
+    sched.set_timesteps(10)
+    assert sched.trajectory == even_trajectory(N, 10) and sched.trajectory[0] == N - 1
+
+
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms)
@@ -180,6 +248,44 @@ def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     optimal = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="optimal")
     optimal.set_timesteps(10)
     assert optimal.trajectory == optimal_trajectory(optimal.alphas_cumprod_64, ms, 10) != even_trajectory(N, 10)
+
+
+def test_step_refuses_an_unexpected_timestep(linear_scheduler):
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even")
+    sched.set_timesteps(10)
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    sched.step(out, 999, x)
+    with pytest.raises(ValueError, match="got timestep 999, but step 1 of this trajectory is t=888"):
+        sched.step(out, 999, x)
+    with pytest.raises(ValueError, match="got timestep 777, but step 1 of this trajectory is t=888"):
+        sched.step(out, torch.tensor(777), x)  # CPU tensors are checked too
+    assert sched.step_index == 1  # a refused step changes nothing
+    sched.step(out, torch.tensor(888), x)
+    # A timestep on an accelerator is not read back (that would sync): a meta tensor has no value to read.
+    sched.step(out, torch.tensor(777, device="meta"), x)
+    assert sched.step_index == 3
+
+
+def test_begin_index_starts_the_loop_part_way(linear_scheduler):
+    sched, reference = (
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even") for _ in range(2)
+    )
+    for s in (sched, reference):
+        s.set_timesteps(10)
+    assert sched.begin_index is None and sched.step_index is None
+    sched.set_begin_index(3)
+    assert sched.begin_index == 3 and sched.step_index is None
+    x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="got timestep 999, but step 3 of this trajectory is t=666"):
+        sched.step(out, sched.timesteps[0], x)
+    assert sched.step_index is None
+    y = x
+    for i, t in enumerate(sched.timesteps[3:], start=3):
+        x = sched.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        y = reference.step(out, t, y, generator=torch.Generator().manual_seed(i)).prev_sample  # found from t
+        assert sched.step_index == (i + 1 if i < 9 else None) and torch.equal(x, y)
+    sched.set_timesteps(10)
+    assert sched.begin_index is None
 
 
 def test_variance_cap_on_step_into_t1(linear_scheduler):
@@ -237,6 +343,11 @@ def test_bad_options_are_refused(linear_scheduler):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, eta=1.5)
     with pytest.raises(ValueError, match="trajectory='fast'"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="fast")
+    with pytest.raises(ValueError, match="timestep_spacing='even'.*'leading', 'linspace', 'trailing'"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="even")
+    offset = AnalyticDPMScheduler(ms_eps=[0.5] * N, timestep_spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError, match="starts at t=1000 > N-1=999 for K=1000; use fewer steps"):
+        offset.set_timesteps(N)
     with pytest.raises(ValueError, match="prediction_type='x0'"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, prediction_type="x0")
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N)

@@ -24,7 +24,7 @@ def main() -> None:
     model = load_pretrained(DEFAULT_MODEL)  # unet/ + scheduler/ + table/, the layout of a Hub repo
     print(model.table)
     pipe = DDPMPipeline(unet=model.unet, scheduler=model.scheduler)
-    pipe.scheduler = AnalyticDPMScheduler.from_table(model.table, pipe.scheduler.config)  # Analytic-DDPM
+    pipe.scheduler = AnalyticDPMScheduler.from_table(model.table, pipe.scheduler.config, trajectory="even")
     images = pipe(batch_size=16, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt").images
     print(f"10-step trajectory: {pipe.scheduler.trajectory}")
 

@@ -30,6 +30,7 @@ import torch
 from scipy.optimize import isotonic_regression
 
 from .schedule import as_alphas_cumprod
+from .variance import validate_ms_eps
 
 _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
 
@@ -183,7 +184,8 @@ class TrajectoryDP:
         self.abar = as_alphas_cumprod(alphas_cumprod)
         n = self.abar.size
         self.max_steps = _check_steps(n, max_steps)
-        self.kind = "residual" if x0_mse is not None else "paper"
+        if stderr is not None:
+            stderr = validate_ms_eps(stderr, n, needed=[], name="stderr")
         if x0_mse is None:
             if ms_eps is None:
                 raise ValueError("pass x0_mse (residual cost) or ms_eps (the paper's cost) from the model's table.")
@@ -193,10 +195,10 @@ class TrajectoryDP:
                 "re-estimate it with `analytic-sampler precompute` or estimate_moments.",
                 stacklevel=2,
             )
-            raw = posterior_variance(self.abar, _length_checked(ms_eps, n, "ms_eps"))
-            stderr = None if stderr is None else _length_checked(stderr, n, "stderr") / snr(self.abar)
+            raw = posterior_variance(self.abar, validate_ms_eps(ms_eps, n, needed=[]))
+            stderr = None if stderr is None else stderr / snr(self.abar)  # the stderr of c
         else:
-            raw = _length_checked(x0_mse, n, "x0_mse")
+            raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
         self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
         self.visited = np.flatnonzero(np.isfinite(self.moment))
         u = torch.from_numpy(snr(self.abar)[self.visited]).to(device)
@@ -225,13 +227,6 @@ class TrajectoryDP:
         """``sum_k J`` along ``path(num_steps)``, with the moment the DP used."""
         self.path(num_steps)
         return float(self._cost[num_steps, self.visited.size - 1])
-
-
-def _length_checked(values, n: int, name: str) -> np.ndarray:
-    array = np.asarray(values, dtype=np.float64)
-    if array.shape != (n,):
-        raise ValueError(f"{name} has {array.size} entries, the schedule {n}; use the model's own table.")
-    return array
 
 
 def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> list[int]:

@@ -18,17 +18,20 @@ from .schedule import extended
 DataRange = tuple[float, float] | None
 
 
-def validate_ms_eps(ms_eps: Sequence[float] | np.ndarray, num_train_timesteps: int, needed=None) -> np.ndarray:
-    """Return ms_eps as float64, refusing a wrong length, negative values, or NaN at the timesteps in ``needed``."""
+def validate_ms_eps(
+    ms_eps: Sequence[float] | np.ndarray, num_train_timesteps: int, needed=None, name: str = "ms_eps"
+) -> np.ndarray:
+    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong length,
+    negative values, or NaN at the timesteps in ``needed``."""
     ms = np.asarray(ms_eps, dtype=np.float64)
     if ms.ndim != 1 or ms.size != num_train_timesteps:
         raise ValueError(
-            f"ms_eps has {ms.size} entries but the schedule has num_train_timesteps={num_train_timesteps}; "
+            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={num_train_timesteps}; "
             "estimate the table with the same scheduler config as the model (estimate_moments)."
         )
     if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
         raise ValueError(
-            f"ms_eps has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the ms_eps of a "
+            f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
             "VarianceTable from estimate_moments unchanged, or re-estimate it."
         )
     idx = np.arange(num_train_timesteps) if needed is None else np.asarray(needed, dtype=np.int64)
@@ -36,7 +39,7 @@ def validate_ms_eps(ms_eps: Sequence[float] | np.ndarray, num_train_timesteps: i
     if missing.size:
         shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
         raise ValueError(
-            f"ms_eps is NaN/inf at {missing.size} needed timestep(s) ({shown}); estimate them with "
+            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}); estimate them with "
             "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
         )
     return ms

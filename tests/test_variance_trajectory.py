@@ -131,6 +131,15 @@ def test_monotone_fit_absorbs_ms_eps_above_one():
     assert path[1] > 500  # no jump from 999 straight to low noise
 
 
+def test_dp_input_errors_name_the_fix():
+    with pytest.raises(ValueError, match="pass x0_mse \\(residual cost\\) or ms_eps"):
+        TrajectoryDP(ABAR, None, 10)
+    with pytest.raises(ValueError, match="x0_mse has 5 entries but the schedule has num_train_timesteps=1000"):
+        TrajectoryDP(ABAR, None, 10, x0_mse=np.ones(5))
+    with pytest.raises(ValueError, match="stderr has negative entries"):
+        TrajectoryDP(ABAR, None, 10, x0_mse=np.ones(1000), stderr=-np.ones(1000))
+
+
 def test_partial_table_restricts_the_path():
     ms = (1 - ABAR) / (ABAR * 0.2 + 1 - ABAR)
     ms_partial = np.full(1000, np.nan)

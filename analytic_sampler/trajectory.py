@@ -15,9 +15,11 @@ The moment is first fitted so that ``g[t] = 1/m[t] - snr[t]`` is non-increasing 
 pool-adjacent-violators). The exact MMSE has this shape for any data distribution (Gaussian data: g = 1/v; the
 single-crossing property of the MMSE in general), so the fit removes Monte Carlo noise, notably the noise that
 puts ``c`` near 0 at high t, where the raw estimate invites free-looking jumps; the raw estimate stays in the table.
-With g monotone, ``J`` is a Monge matrix (argmin monotone in t and K), which a faster exact DP can exploit;
-that solver is not written yet: the DP below is the exact blocked O(K N^2) one,
-``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max.
+The DP is ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)``; one pass up to K_max serves every K <= K_max. With g
+non-increasing, ``J(s, t) = log m[t] + log(g[t] + snr[s])`` is a Monge matrix (``log`` is concave and both
+arguments fall as s and t grow), so the leftmost argmin over s is non-decreasing in t, and each level is solved
+exactly by divide and conquer over t in O(N log N) (:func:`_solve_monge`, vectorised across each depth of the
+recursion). A raw (unfitted) moment, or a DP on a GPU, uses the dense O(K N^2) solver (:func:`_solve_dense`).
 """
 
 from __future__ import annotations
@@ -162,13 +164,53 @@ def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torc
     return cost, arg
 
 
+def _is_monge(u: np.ndarray, m: np.ndarray) -> bool:
+    """Whether ``g = 1/m - snr`` is non-increasing (to rounding), the condition that makes J a Monge matrix."""
+    g = 1.0 / m - u
+    return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + u[1:])))
+
+
+def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact DP when J is Monge: per level, the argmin ``o(t)`` over s is non-decreasing in t, so the middle t
+    of a range bounds the windows of both halves (divide and conquer). All ranges of one recursion depth are
+    evaluated together as one ragged array (``reduceat`` gives each window's first minimum): O(K N log N) work in
+    O(K log N) numpy calls. Returns ``(C, argmin)`` like :func:`_solve_dense`."""
+    n = u.size
+    cost = np.full((max_steps + 1, n), np.inf)
+    arg = np.zeros((max_steps + 1, n), dtype=np.int64)
+    cost[1, 0] = 0.0
+    positions = np.arange(2 * n)  # a depth never evaluates more than N - 1 windows over N - 1 values of s
+    for k in range(2, max_steps + 1):
+        prev, best_cost, best_s = cost[k - 1], cost[k], arg[k]
+        # ranges of t [t_lo, t_hi] still to solve, each with its window of s [s_lo, s_hi]
+        t_lo, t_hi = np.array([k - 1]), np.array([n - 1])
+        s_lo, s_hi = np.array([k - 2]), np.array([n - 2])
+        while t_lo.size:
+            mid = (t_lo + t_hi) >> 1
+            width = np.minimum(s_hi, mid - 1) - s_lo + 1
+            ends = np.cumsum(width)
+            starts = ends - width
+            pos = positions[: ends[-1]]
+            s = pos - np.repeat(starts - s_lo, width)
+            vals = prev[s] + np.log1p((u[s] - np.repeat(u[mid], width)) * np.repeat(m[mid], width))
+            low = np.minimum.reduceat(vals, starts)
+            first = np.minimum.reduceat(np.where(vals == np.repeat(low, width), pos, pos.size), starts)
+            o = s[first]
+            best_cost[mid], best_s[mid] = low, o
+            left, right = t_lo < mid, mid < t_hi
+            t_lo, t_hi = np.concatenate([t_lo[left], mid[right] + 1]), np.concatenate([mid[left] - 1, t_hi[right]])
+            s_lo, s_hi = np.concatenate([s_lo[left], o[right]]), np.concatenate([o[left], s_hi[right]])
+    return cost, arg
+
+
 class TrajectoryDP:
     """One dynamic-programming pass up to ``max_steps``; ``path(K)`` and ``cost(K)`` for any K <= max_steps.
 
     With ``x0_mse`` it minimises the residual bound (``m = x0_mse``); without it, Analytic-DPM's J
     (``m = c`` from ``ms_eps``), with a warning. ``monotone=True`` (default) fits the moment with
     :func:`monotone_moment`; ``monotone=False`` uses the raw moment. Timesteps without an estimate (NaN)
-    are never visited. ``device``: where the DP runs.
+    are never visited. ``device``: where the DP runs; on a CPU a monotone moment takes the O(K N log N) solver,
+    otherwise (a raw moment, or a GPU, where the dense DP is one batched kernel per block) the dense one.
     """
 
     def __init__(
@@ -201,11 +243,14 @@ class TrajectoryDP:
             raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
         self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
         self.visited = np.flatnonzero(np.isfinite(self.moment))
-        u = torch.from_numpy(snr(self.abar)[self.visited]).to(device)
-        m = torch.from_numpy(self.moment[self.visited]).to(device)
+        u, m = snr(self.abar)[self.visited], self.moment[self.visited]
         steps = min(self.max_steps, self.visited.size)
-        self._cost, self._argmin = _solve_dense(u, m, steps)
-        self._cost, self._argmin = self._cost.cpu().numpy(), self._argmin.cpu().numpy()
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        if on_cpu and steps >= 2 and _is_monge(u, m):
+            self._cost, self._argmin = _solve_monge(u, m, steps)
+        else:
+            cost, argmin = _solve_dense(torch.from_numpy(u).to(device), torch.from_numpy(m).to(device), steps)
+            self._cost, self._argmin = cost.cpu().numpy(), argmin.cpu().numpy()
 
     def path(self, num_steps: int) -> list[int]:
         """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""

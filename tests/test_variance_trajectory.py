@@ -7,10 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
+from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.schedule import alphas_cumprod_from_config, cosine_alphas_cumprod, schedule_fingerprint
 from analytic_sampler.trajectory import (
-    TrajectoryDP, even_trajectory, optimal_trajectory, posterior_variance, quadratic_trajectory, snr, trajectory_cost,
+    TrajectoryDP, _is_monge, _solve_dense, even_trajectory, optimal_trajectory, posterior_variance, quadratic_trajectory, snr, trajectory_cost,
     transition_cost,
 )
 from analytic_sampler.variance import analytic_variance, ddpm_variance, variance_bounds
@@ -78,21 +80,56 @@ def test_bad_pairs_are_refused():
 
 @pytest.mark.parametrize("n", [9, 12])
 @pytest.mark.parametrize("cost", ["residual", "paper"])
-def test_dp_equals_exhaustive_search(n, cost):
+@pytest.mark.parametrize("monotone", [False, True])  # the dense DP on the raw moment; the fast one on the fitted
+def test_dp_equals_exhaustive_search(n, cost, monotone):
     abar = np.cumprod(1 - np.linspace(0.05, 0.4, n))
     ms = np.minimum((1 - abar) / (abar * 0.3 + 1 - abar) * (1 + 0.1 * np.sin(3 * np.arange(n))), 1)
     x0_mse = 0.3 / (0.3 * snr(abar) + 1) * (1 + 0.3 * np.cos(2 * np.arange(n)))  # not monotone: any moment works
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dp = TrajectoryDP(abar, ms, n, x0_mse=x0_mse if cost == "residual" else None, monotone=False)
-    moment = x0_mse if cost == "residual" else posterior_variance(abar, ms)
+        dp = TrajectoryDP(abar, ms, n, x0_mse=x0_mse if cost == "residual" else None, monotone=monotone)
+    moment = dp.moment
+    assert _is_monge(snr(abar), moment) == monotone
+    if not monotone:
+        np.testing.assert_array_equal(moment, x0_mse if cost == "residual" else posterior_variance(abar, ms))
     for k in range(2, n + 1):
         best = min(
             (trajectory_cost(abar, moment, [n - 1, *mid[::-1], 0]), [n - 1, *mid[::-1], 0])
             for mid in itertools.combinations(range(1, n - 1), k - 2)
         )
         assert dp.cost(k) == pytest.approx(best[0], abs=1e-12)
-        assert dp.path(k) == best[1]
+        assert trajectory_cost(abar, moment, dp.path(k)) == pytest.approx(best[0], abs=1e-12)  # the fit can tie paths
+
+
+def _dense_costs(abar, moment, max_steps):
+    u, m = torch.from_numpy(snr(abar)), torch.from_numpy(moment)
+    return _solve_dense(u, m, max_steps)[0].numpy()[2:, -1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_dp_equals_dense_dp_on_random_tables(seed):
+    """The divide-and-conquer DP (monotone moment) and the dense O(K N^2) DP reach the same optimum, N = 1000."""
+    rng = np.random.default_rng(seed)
+    abar = ABAR if seed % 2 else cosine_alphas_cumprod(1000)
+    x0_mse = rng.uniform(0.05, 0.5) / (snr(abar) * rng.uniform(0.05, 0.5) + 1) * np.exp(rng.normal(0, 0.3, 1000))
+    dp = TrajectoryDP(abar, None, 1000, x0_mse=x0_mse, stderr=x0_mse * 0.1)
+    assert _is_monge(snr(abar), dp.moment)
+    fast = np.array([dp.cost(k) for k in range(2, 1001)])
+    np.testing.assert_allclose(fast, _dense_costs(abar, dp.moment, 1000), rtol=1e-9)
+    for k in (2, 10, 100, 1000):  # the paths realise the costs they report
+        assert trajectory_cost(abar, dp.moment, dp.path(k)) == pytest.approx(dp.cost(k), rel=1e-12)
+
+
+@pytest.mark.parametrize("model", ["digits-ddpm-linear", "digits-iddpm-cosine"])
+def test_fast_dp_equals_dense_dp_on_bundled_tables(model):
+    table = load_pretrained(model).table
+    for ms_eps, x0_mse, stderr in ((None, table.x0_mse, table.x0_mse_stderr), (table.ms_eps, None, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dp = TrajectoryDP(table.alphas_cumprod, ms_eps, 300, x0_mse=x0_mse, stderr=stderr)
+        assert _is_monge(snr(table.alphas_cumprod), dp.moment)
+        fast = np.array([dp.cost(k) for k in range(2, 301)])
+        np.testing.assert_allclose(fast, _dense_costs(table.alphas_cumprod, dp.moment, 300), rtol=1e-9)
 
 
 def test_paper_cost_differs_from_the_residual_form_by_a_shared_term():

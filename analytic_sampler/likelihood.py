@@ -8,7 +8,8 @@ For a descending trajectory ``t_K > … > t_1`` and data ``x0`` of dimension d::
 
 ``q(x_s | x_t, x0) = N(mu~, btilde(s, t))`` and ``p(x_s | x_t) = N(mu_theta, sigma^2)`` with the DDPM mean
 ``mu_theta = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - btilde) eps_hat`` and sigma^2 from
-the chosen variance: ``analytic`` (clipped Analytic-DPM), ``beta`` (``b_ts``), ``btilde`` or ``learned``
+the chosen variance: ``analytic`` (clipped Analytic-DPM), ``residual`` (``lambda^2 + coef^2 x0_mse``, whose
+transition KL is ``(d/2) log(sigma^2 / btilde)`` for any network), ``beta`` (``b_ts``), ``btilde`` or ``learned``
 (Improved DDPM's learned range on the respaced pair: ``log sigma^2 = f log b_ts + (1 - f) log btilde``,
 ``f = (v + 1) / 2``). Each KL term is estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``. With
 ``clip_denoised`` (the default for bounded data, as in Improved DDPM's evaluation and in sampling) x0_hat is
@@ -36,9 +37,9 @@ from .data import check_range, iter_batches
 from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import as_alphas_cumprod, extended
 from .trajectory import validate_timesteps
-from .variance import analytic_variance, covariance_upper_bound, validate_ms_eps
+from .variance import analytic_variance, covariance_upper_bound, residual_variance, validate_ms_eps
 
-VARIANCES = ("analytic", "beta", "btilde", "learned")
+VARIANCES = ("analytic", "residual", "beta", "btilde", "learned")
 DECODERS = ("discretized", "gaussian")
 
 
@@ -53,17 +54,20 @@ class NLLResult:
     transitions: float
     decoder: float
     per_step: list[float] = field(default_factory=list)  # mean KL of each pair (t_{k-1}, t_k), K-1 entries, bits/dim
+    per_step_stderr: list[float] = field(default_factory=list)  # its standard error over data points
     timesteps: list[int] = field(default_factory=list)
     variance: str = ""
 
 
-def _variances(kind: str, abar, ms_eps, s, t, data_range, learned_v=None):
+def _variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None, learned_v=None):
     """sigma^2 on the pairs ``(s, t)`` as float64 numpy (or a tensor for ``learned``)."""
     a_t, a_s = abar[t], extended(abar, s)
     b_ts = 1.0 - a_t / a_s
     btilde = (1.0 - a_s) * b_ts / (1.0 - a_t)
     if kind == "analytic":
         return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
+    if kind == "residual":
+        return residual_variance(abar, x0_mse, s, t, 1.0)
     if kind == "beta":
         return b_ts
     if kind == "btilde":
@@ -79,6 +83,7 @@ def nll_bpd(
     timesteps: Sequence[int],
     variance: str = "analytic",
     ms_eps=None,
+    x0_mse=None,
     decoder: str = "discretized",
     batch_size: int = 256,
     seed: int = 0,
@@ -94,11 +99,12 @@ def nll_bpd(
     """The K-step bound in bits/dim over ``data`` (all of it, or the first ``num_samples`` images).
 
     ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
-    2C outputs. ``ms_eps`` (a table's) is needed for ``analytic``. Noise is drawn on the CPU from a generator
+    2C outputs. A table's ``ms_eps`` is needed for ``analytic``, its ``x0_mse`` for ``residual`` (estimated with
+    the same clipping as ``clip_denoised``: the data range). Noise is drawn on the CPU from a generator
     seeded per batch, so the figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
     """
     return nll_bpd_many(
-        model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, decoder=decoder,
+        model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
         batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
         decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
         prediction_type=prediction_type, clip_denoised=clip_denoised,
@@ -110,8 +116,9 @@ def nll_bpd_many(
     data,
     scheduler_or_alphas_cumprod,
     timesteps: Sequence[int],
-    variances: Sequence[str] = VARIANCES[:3],
+    variances: Sequence[str] = ("analytic", "beta", "btilde"),
     ms_eps=None,
+    x0_mse=None,
     decoder: str = "discretized",
     batch_size: int = 256,
     seed: int = 0,
@@ -140,6 +147,13 @@ def nll_bpd_many(
         if ms_eps is None:
             raise ValueError("the analytic variance needs the model's table: pass ms_eps=table.ms_eps.")
         ms_eps = validate_ms_eps(ms_eps, n, needed=traj)
+    if "residual" in variances:
+        if x0_mse is None:
+            raise ValueError(
+                "the residual variance needs the model's x0_mse: pass x0_mse=table.x0_mse (a table from "
+                "`analytic-sampler precompute`, format 2)."
+            )
+        x0_mse = validate_ms_eps(x0_mse, n, needed=traj[:-1], name="x0_mse")
     if prediction_type is None and not isinstance(model, EpsilonAdapter):
         config = getattr(scheduler_or_alphas_cumprod, "config", scheduler_or_alphas_cumprod)
         prediction_type = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
@@ -152,7 +166,7 @@ def nll_bpd_many(
 
     t = np.asarray(traj, dtype=np.int64)
     s = np.append(t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
-    fixed = {v: _variances(v, abar, ms_eps, s[:-1], t[:-1], data_range) for v in variances if v != "learned"}
+    fixed = {v: _variances(v, abar, s[:-1], t[:-1], data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
     if decoder_variance == "analytic":
         dec_var = float(np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[t[-1]]), 1e-20,
                                 covariance_upper_bound(abar, t[-1], data_range)))
@@ -163,7 +177,7 @@ def nll_bpd_many(
 
     k_steps, names = len(t) - 1, list(variances)
     per_sample = {v: [] for v in names}
-    per_step = np.zeros((len(names), k_steps))
+    per_step, per_step_sq = np.zeros((len(names), k_steps)), np.zeros((len(names), k_steps))
     prior_sum, decoder_sum, total = 0.0, 0.0, 0
     bar = tqdm(desc=f"NLL K={len(t)}", unit="img", disable=not progress, total=num_samples)
     with torch.inference_mode():
@@ -201,13 +215,14 @@ def nll_bpd_many(
                     if variance == "learned":
                         if v is None:
                             raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
-                        var = _variances("learned", abar, None, s[k], t[k], data_range, v.double())
+                        var = _variances("learned", abar, s[k], t[k], data_range, learned_v=v.double())
                     else:
                         var = torch.tensor(float(fixed[variance][k]), dtype=torch.float64, device=device)
                     steps[i, :, k] = normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1)
             for i, variance in enumerate(names):
                 per_sample[variance].append(((prior + steps[i].sum(1) - decoded) / (d * math.log(2))).cpu())
             per_step += steps.sum(1).cpu().numpy()
+            per_step_sq += (steps**2).sum(1).cpu().numpy()
             prior_sum += float(prior.sum())
             decoder_sum += float(-decoded.sum())
             total += x0.shape[0]
@@ -216,6 +231,8 @@ def nll_bpd_many(
     if total == 0:
         raise ValueError("the data yielded no images; pass a non-empty data set.")
     scale = 1.0 / (total * d * math.log(2))
+    spread = np.maximum(per_step_sq / total - (per_step / total) ** 2, 0.0) * total / max(total - 1, 1)
+    step_stderr = np.sqrt(spread / total) / (d * math.log(2))
     results = {}
     for i, variance in enumerate(names):
         bpd = torch.cat(per_sample[variance]).numpy()
@@ -227,6 +244,7 @@ def nll_bpd_many(
             transitions=float(per_step[i].sum() * scale),
             decoder=decoder_sum * scale,
             per_step=(per_step[i] * scale).tolist(),
+            per_step_stderr=step_stderr[i].tolist(),
             timesteps=[int(x) for x in t],
             variance=variance,
         )

@@ -3,8 +3,13 @@
 For a pair ``s < t`` (``s = -1`` is clean data) with ``a_ts = abar[t] / abar[s]``, ``b_ts = 1 - a_ts``,
 ``bb = 1 - abar`` and ``lambda^2 = eta^2 * bb[s] * b_ts / bb[t]``::
 
+    coef       = sqrt(abar[s]) - sqrt((bb[s] - lambda^2) * abar[t] / bb[t])
     c[t]       = clip((bb[t] / abar[t]) * (1 - ms_eps[t]), 0, min(bb[t] / abar[t], ((b - a) / 2)^2))
-    sigma^2    = lambda^2 + (sqrt(abar[s]) - sqrt((bb[s] - lambda^2) * abar[t] / bb[t]))^2 * c[t]
+    sigma^2    = lambda^2 + coef^2 * c[t]                  # analytic: the network's mean assumed optimal
+    sigma^2    = lambda^2 + coef^2 * x0_mse[t]             # residual: the network's own x0 error
+
+The sampler's mean error is ``coef * (x0_hat - x0)``, so the residual variance minimises the expected KL of
+each transition for the network's actual mean, where it equals ``(d/2) log(sigma^2 / lambda^2)`` (DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -77,6 +82,12 @@ def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_
     ms = np.asarray(ms_eps, dtype=np.float64)[t]
     c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
     return lam2 + coef**2 * c
+
+
+def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
+    """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t."""
+    t, _, _, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):

@@ -30,6 +30,11 @@ class ExactGaussianEps(torch.nn.Module):
         abar = self.abar.numpy()
         return (1 - abar) / (abar * self.v + 1 - abar)
 
+    def exact_x0_mse(self) -> np.ndarray:
+        """``E||x0 - x0_hat||^2 / d = v (1-abar) / (abar v + 1-abar)``, the posterior variance of x0."""
+        abar = self.abar.numpy()
+        return self.v * (1 - abar) / (abar * self.v + 1 - abar)
+
 
 @pytest.fixture
 def linear_scheduler() -> DDPMScheduler:

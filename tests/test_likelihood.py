@@ -28,11 +28,19 @@ def gaussian():
 
 @pytest.mark.parametrize("num_steps", [2, 10, 1000])
 @pytest.mark.parametrize("trajectory", ["even", "optimal"])
-def test_bound_equals_entropy_on_isotropic_gaussian(gaussian, num_steps, trajectory):
+@pytest.mark.parametrize("variance", ["analytic", "residual"])
+def test_bound_equals_entropy_on_isotropic_gaussian(gaussian, num_steps, trajectory, variance):
+    """Exact eps: both variances and both DPs (paper's for analytic, residual for residual) are exact for any K."""
     model, data = gaussian
-    ms = model.exact_ms_eps()
-    ts = even_trajectory(1000, num_steps) if trajectory == "even" else optimal_trajectory(ABAR, ms, num_steps)
-    r = nll_bpd(model, data, ABAR, ts, "analytic", ms_eps=ms, decoder="gaussian", data_range=None,
+    ms, x0_mse = model.exact_ms_eps(), model.exact_x0_mse()
+    if trajectory == "even":
+        ts = even_trajectory(1000, num_steps)
+    elif variance == "analytic":
+        with pytest.warns(UserWarning, match="optimal trajectory from ms_eps alone"):
+            ts = optimal_trajectory(ABAR, ms, num_steps)
+    else:
+        ts = optimal_trajectory(ABAR, None, num_steps, x0_mse=x0_mse)
+    r = nll_bpd(model, data, ABAR, ts, variance, ms_eps=ms, x0_mse=x0_mse, decoder="gaussian", data_range=None,
                 batch_size=1000, progress=False)
     assert r.num_samples == 2000 and len(r.per_step) == num_steps - 1
     assert abs(r.mean - ENTROPY_BPD) < 3 * r.stderr
@@ -81,6 +89,8 @@ def test_errors_name_the_fix(gaussian):
     ts = even_trajectory(1000, 5)
     with pytest.raises(ValueError, match="needs the model's table: pass ms_eps=table.ms_eps"):
         nll_bpd(model, data, ABAR, ts, "analytic", data_range=None, decoder="gaussian", progress=False)
+    with pytest.raises(ValueError, match="residual variance needs the model's x0_mse: pass x0_mse=table.x0_mse"):
+        nll_bpd(model, data, ABAR, ts, "residual", data_range=None, decoder="gaussian", progress=False)
     with pytest.raises(ValueError, match="variance='fixed'"):
         nll_bpd(model, data, ABAR, ts, "fixed", progress=False)
     with pytest.raises(ValueError, match="discretized decoder needs the data range"):
@@ -89,3 +99,32 @@ def test_errors_name_the_fix(gaussian):
         nll_bpd(model, data, ABAR, ts[::-1], "beta", progress=False)
     with pytest.raises(ValueError, match="data outside the declared range"):
         nll_bpd(model, data * 10, ABAR, ts, "beta", progress=False)
+
+
+@pytest.mark.parametrize("model_name", ["digits-ddpm-linear", "digits-iddpm-cosine"])
+def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(model_name):
+    """DESIGN.md §1: with sigma^2 = lambda^2 + coef^2 x0_mse, each transition's expected KL is
+    (d/2) log(sigma^2 / lambda^2) for any network. Checked on a bundled model along the residual DP path (K = 10)
+    of its shipped table, on the 200 training digits that table saw. x0_mse is re-estimated on that path with
+    other noise: the DP picks timesteps where its own table's noise happens to be low, which makes the prediction
+    from that same table optimistic by a few standard errors (winner's curse)."""
+    from analytic_sampler.digits import load_digits_split
+    from analytic_sampler.moments import estimate_moments
+    from analytic_sampler.pretrained import load_pretrained
+    from analytic_sampler.variance import residual_variance
+
+    model = load_pretrained(model_name)
+    abar, data = model.table.alphas_cumprod, load_digits_split("train")[0][:200]
+    ts = optimal_trajectory(abar, None, 10, x0_mse=model.table.x0_mse)
+    fresh = estimate_moments(model.unet, data, model.scheduler, num_samples=200, timesteps=ts[:-1], seed=1,
+                             batch_size=1000, progress=False)
+    r = nll_bpd(model.unet, data, model.scheduler, ts, "residual", x0_mse=fresh.x0_mse, batch_size=200, progress=False)
+    s, t = np.array(ts[1:]), np.array(ts[:-1])
+    lam2 = (1 - abar[s]) * (1 - abar[t] / abar[s]) / (1 - abar[t])
+    var = residual_variance(abar, fresh.x0_mse, s, t)
+    predicted = 0.5 * np.log(var / lam2) / math.log(2)
+    # the estimate's own error moves the prediction by d/dm of the above (the measured KL moves only to 2nd order)
+    table_err = 0.5 * fresh.x0_mse_stderr[t] / fresh.x0_mse[t] * (1 - lam2 / var) / math.log(2)
+    err = np.sqrt(np.array(r.per_step_stderr) ** 2 + table_err**2)
+    assert np.all(np.abs(np.array(r.per_step) - predicted) < 3.5 * err), (r.per_step, predicted.tolist(), err.tolist())
+    assert abs(np.sum(r.per_step) - np.sum(predicted)) < 3 * np.sqrt(np.sum(err**2))

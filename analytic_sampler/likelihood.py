@@ -37,7 +37,7 @@ from .data import check_range, iter_batches
 from .gaussians import discretized_gaussian_log_likelihood, normal_kl
 from .schedule import as_alphas_cumprod, extended
 from .trajectory import validate_timesteps
-from .variance import analytic_variance, covariance_upper_bound, residual_variance, validate_ms_eps
+from .variance import analytic_variance, covariance_upper_bound, pair_coefficients, residual_variance, validate_ms_eps
 
 VARIANCES = ("analytic", "residual", "beta", "btilde", "learned")
 DECODERS = ("discretized", "gaussian")
@@ -249,6 +249,36 @@ def nll_bpd_many(
             variance=variance,
         )
     return results
+
+
+def predicted_transitions_bpd(
+    alphas_cumprod, timesteps: Sequence[int], x0_mse, x0_mse_stderr=None, variance: str = "residual", ms_eps=None,
+    data_range: tuple[float, float] | None = (-1.0, 1.0),
+) -> tuple[float, float]:
+    """The transition part of the K-step bound (eta = 1) that a table predicts, in bits/dim, ± its standard error.
+
+    The step ``t -> s`` costs ``E KL / d = 0.5 [log(sigma^2/lambda^2) + (lambda^2 + coef^2 x0_mse[t]) / sigma^2 - 1]``
+    for the network's own x0 error, with sigma^2 the ``residual`` variance (then exactly
+    ``0.5 log(1 + coef^2 x0_mse / lambda^2)``) or the ``analytic`` one (needs ``ms_eps``). The prior and decoder
+    terms, shared by every trajectory from N-1 to 0, are left out. The standard error is the delta method on the
+    table's ``x0_mse_stderr`` (NaN without it). On the trajectory a DP chose with this very table the figure is
+    optimistic: the DP favours timesteps whose estimate came out low.
+    """
+    abar = as_alphas_cumprod(alphas_cumprod)
+    t = np.asarray(validate_timesteps(timesteps, abar.size), dtype=np.int64)
+    s, t = t[1:], t[:-1]
+    x0_mse = validate_ms_eps(x0_mse, abar.size, needed=t, name="x0_mse")
+    if variance not in ("residual", "analytic", "beta", "btilde"):
+        raise ValueError(f"variance={variance!r}; use 'residual', 'analytic', 'beta' or 'btilde'.")
+    if variance == "analytic":
+        ms_eps = validate_ms_eps(ms_eps, abar.size, needed=t)
+    _, _, _, lam2, coef = pair_coefficients(abar, s, t, 1.0)
+    coef2 = coef**2
+    var = _variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
+    kl = 0.5 * (np.log(var / lam2) + (lam2 + coef2 * x0_mse[t]) / var - 1.0)
+    se = np.full(t.size, np.nan) if x0_mse_stderr is None else np.asarray(x0_mse_stderr, dtype=np.float64)[t]
+    grad = 0.5 * coef2 / var  # d KL / d x0_mse[t] (for the residual variance the sigma^2 term has zero derivative)
+    return float(kl.sum() / math.log(2)), float(np.sqrt(np.sum((grad * se) ** 2)) / math.log(2))
 
 
 def _decoder_log_likelihood(x0, x0_hat, var: float, decoder: str, bin_width: float, data_range) -> torch.Tensor:

@@ -6,8 +6,10 @@ One step from ``t`` to the previous point ``s`` of the trajectory (``s = -1`` af
     eps    = (x_t - sqrt(abar[t]) x0_hat) / sqrt(1 - abar[t])
     x_s    = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps + sigma(s, t) z
 
-with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` the clipped analytic variance of
-:func:`analytic_sampler.analytic_variance`. The last step returns ``x0_hat`` with no noise.
+with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` either the clipped analytic variance of
+:func:`analytic_sampler.analytic_variance` (``variance="analytic"``) or the residual one,
+``lambda^2 + coef^2 x0_mse[t]`` (``variance="residual"``, :func:`analytic_sampler.residual_variance`).
+The last step returns ``x0_hat`` with no noise.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, ext
 from .trajectory import (
     SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
 )
-from .variance import analytic_variance, validate_ms_eps
+from .table import REESTIMATE_HINT
+from .variance import analytic_variance, residual_variance, validate_ms_eps
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
+VARIANCES = ("analytic", "residual")
 
 
 @dataclass
@@ -53,6 +57,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample, clip_sample_range: clip x0_hat to ``[-range, range]``.
         ms_eps: the table ``E||eps_theta(x_t, t)||^2 / d`` (length ``num_train_timesteps``), from
             :func:`analytic_sampler.estimate_moments`; NaN where not estimated.
+        x0_mse: the same table's ``E||x0 - x0_hat||^2 / d``; with it ``trajectory="optimal"`` minimises the bound
+            the network really achieves (the residual DP), without it Analytic-DPM's cost (with a warning).
+        variance: ``"analytic"`` (default) or ``"residual"`` (needs ``x0_mse``).
         eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
         trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
             minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
@@ -83,6 +90,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
         ms_eps: list[float] | None = None,
+        x0_mse: list[float] | None = None,
+        variance: str = "analytic",
         eta: float = 1.0,
         trajectory: str = "even",
         data_range: tuple[float, float] | None = (-1.0, 1.0),
@@ -97,6 +106,13 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                 "AnalyticDPMScheduler needs the model's variance table: run "
                 "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
                 "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
+            )
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+        if variance == "residual" and x0_mse is None:
+            raise ValueError(
+                "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
+                f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
             )
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
@@ -113,6 +129,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         ms = validate_ms_eps(ms_eps, num_train_timesteps, needed=[])
         # The config keeps plain floats (NaN for timesteps that were not estimated) so it serialises to JSON.
         self.register_to_config(ms_eps=[float(v) for v in ms])
+        if x0_mse is not None:
+            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, num_train_timesteps, [], "x0_mse")])
         if data_range is not None:
             self.register_to_config(data_range=tuple(float(v) for v in data_range))
 
@@ -150,6 +168,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             scheduler_config = scheduler_config.config
         table.check_schedule(alphas_cumprod_from_config(scheduler_config))
         kwargs.setdefault("data_range", table.data_range)
+        if table.has_x0_mse:
+            kwargs.setdefault("x0_mse", table.x0_mse.tolist())
+        elif kwargs.get("variance") == "residual":
+            table.require_x0_mse()
         return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
 
     @staticmethod
@@ -161,6 +183,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     @property
     def ms_eps(self) -> np.ndarray:
         return np.asarray(self.config.ms_eps, dtype=np.float64)
+
+    @property
+    def x0_mse(self) -> np.ndarray | None:
+        return None if self.config.x0_mse is None else np.asarray(self.config.x0_mse, dtype=np.float64)
 
     @property
     def step_index(self) -> int | None:
@@ -205,6 +231,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         else:
             trajectory = even_trajectory(n, num_inference_steps)
         validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])
+        if self.config.variance == "residual":
+            validate_ms_eps(self.x0_mse, n, needed=trajectory[:-1], name="x0_mse")
 
         self.trajectory = trajectory
         self.num_inference_steps = len(trajectory)
@@ -215,9 +243,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
-        """The DP's path; one solve serves every K up to the largest asked for (the config's table is fixed)."""
+        """The DP's path (residual cost with ``x0_mse``, else the paper's); one solve serves every K up to the
+        largest asked for (the config's table is fixed)."""
         if self._dp is None or self._dp.max_steps < num_steps:
-            self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps)
+            self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps, x0_mse=self.x0_mse)
         return self._dp.path(num_steps)
 
     def step_coefficients(self, eta: float) -> np.ndarray:
@@ -229,7 +258,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         a_t, a_s = abar[t], extended(abar, s)
         lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
         var = np.zeros(t.size)
-        var[:-1] = analytic_variance(abar, self.ms_eps, s[:-1], t[:-1], eta, self.config.data_range)
+        if self.config.variance == "residual":
+            var[:-1] = residual_variance(abar, self.x0_mse, s[:-1], t[:-1], eta)
+        else:
+            var[:-1] = analytic_variance(abar, self.ms_eps, s[:-1], t[:-1], eta, self.config.data_range)
         if self.config.variance_cap_y is not None and t.size >= 2:
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2

@@ -50,7 +50,8 @@ def validate_ms_eps(
     return ms
 
 
-def _pair(alphas_cumprod, prev_t, t, eta):
+def pair_coefficients(alphas_cumprod, prev_t, t, eta):
+    """``(t, abar[t], bb[t], lambda^2, coef)`` of the pairs ``(prev_t, t)``, float64, after checking them."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     t = np.asarray(t, dtype=np.int64)
     prev_t = np.asarray(prev_t, dtype=np.int64)
@@ -78,7 +79,7 @@ def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0
 
 def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
     """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t."""
-    t, a_t, bb_t, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    t, a_t, bb_t, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     ms = np.asarray(ms_eps, dtype=np.float64)[t]
     c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
     return lam2 + coef**2 * c
@@ -86,19 +87,19 @@ def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
     """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t."""
-    t, _, _, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
     """Theorem 2: ``(lambda^2, lambda^2 + coef^2 * c_max)``, the range of any optimal sigma^2."""
-    t, _, _, lam2, coef = _pair(alphas_cumprod, prev_t, t, eta)
+    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     return lam2, lam2 + coef**2 * covariance_upper_bound(alphas_cumprod, t, data_range)
 
 
 def ddpm_variance(alphas_cumprod, prev_t, t, kind: str = "btilde"):
     """DDPM's fixed choices on a pair: ``btilde = bb[s] b_ts / bb[t]`` (fixed_small) or ``beta = b_ts`` (fixed_large)."""
-    t, a_t, bb_t, lam2, _ = _pair(alphas_cumprod, prev_t, t, 1.0)
+    t, a_t, bb_t, lam2, _ = pair_coefficients(alphas_cumprod, prev_t, t, 1.0)
     if kind == "btilde":
         return lam2
     if kind == "beta":

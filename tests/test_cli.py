@@ -35,9 +35,13 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
     assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
 
     capsys.readouterr()
-    main(["trajectory", "--table", str(table_dir), "--steps", "5", "10"])
-    report = json.loads(capsys.readouterr().out)
-    assert len(report["5"]["optimal"]) == 5 and report["10"]["optimal_cost"] <= report["10"]["even_cost"] + 1e-12
+    main(["trajectory", "--table", str(table_dir), "--steps", "5", "10", "--json", str(model_dir / "traj.json")])
+    printed = capsys.readouterr().out
+    assert "predicted bits/dim of the K-1 transitions" in printed and "8 samples per timestep" in printed
+    report = json.loads((model_dir / "traj.json").read_text())
+    assert len(report["5"]["residual DP"]["timesteps"]) == 5
+    for k in ("5", "10"):  # the residual DP minimises exactly the residual-variance prediction
+        assert report[k]["residual DP"]["residual_bpd"] <= min(r["residual_bpd"] for r in report[k].values()) + 1e-9
 
     out = model_dir / "grid.png"
     main(["sample", model, "--table", str(table_dir), "--steps", "5", "--num-images", "4", "--out", str(out)])

@@ -30,11 +30,19 @@ def sample_variance(scheduler, model, num_steps: int, n: int = 2000) -> float:
 @pytest.mark.parametrize("num_steps", [2, 5, 10])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("trajectory", ["even", "optimal"])
-def test_exact_on_isotropic_gaussian(gaussian_model, linear_scheduler, num_steps, eta, trajectory):
+@pytest.mark.parametrize("variance", ["analytic", "residual"])
+def test_exact_on_isotropic_gaussian(gaussian_model, linear_scheduler, num_steps, eta, trajectory, variance):
+    """Exact eps: both variances coincide with the optimum, on any trajectory; with x0_mse in the config,
+    trajectory='optimal' is the residual DP's."""
+    table = {"ms_eps": gaussian_model.exact_ms_eps().tolist()}
+    if variance == "residual":
+        table["x0_mse"] = gaussian_model.exact_x0_mse().tolist()
     sched = AnalyticDPMScheduler.from_config(
-        linear_scheduler.config, ms_eps=gaussian_model.exact_ms_eps().tolist(), eta=eta,
-        trajectory=trajectory, clip_sample=False, data_range=None,
+        linear_scheduler.config, **table, variance=variance, eta=eta, trajectory=trajectory, clip_sample=False,
+        data_range=None,
     )
+    if trajectory == "optimal" and variance == "residual":
+        assert sched._optimal(num_steps) == optimal_trajectory(sched.alphas_cumprod_64, None, num_steps, table["x0_mse"])
     assert abs(sample_variance(sched, gaussian_model, num_steps) / gaussian_model.v - 1) < 0.02
 
 
@@ -158,6 +166,23 @@ def test_hand_written_loop_and_save_load_round_trip(tmp_path, linear_scheduler):
             x = s.step(torch.tanh(x), t, x, generator=g).prev_sample
         outs.append(x)
     assert torch.equal(*outs)
+
+
+def test_residual_variance_round_trip_and_step(tmp_path, linear_scheduler):
+    """x0_mse and variance survive save_pretrained; the residual step's sigma is lambda^2 + coef^2 x0_mse."""
+    from analytic_sampler.variance import residual_variance
+
+    x0_mse = np.linspace(1e-4, 0.4, N)
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, x0_mse=x0_mse.tolist(),
+                                             variance="residual", trajectory="even", eta=0.3)
+    sched.save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    assert loaded.config.variance == "residual"
+    np.testing.assert_array_equal(loaded.x0_mse, x0_mse)
+    loaded.set_timesteps(10)
+    t = np.array(loaded.trajectory)
+    expected = residual_variance(loaded.alphas_cumprod_64, x0_mse, t[1:], t[:-1], 0.3)
+    np.testing.assert_allclose(loaded.step_coefficients(0.3)[:-1, 4] ** 2, expected, rtol=1e-12)
 
 
 def test_config_round_trip_with_ddpm_ddim_pndm():
@@ -350,6 +375,10 @@ def test_bad_options_are_refused(linear_scheduler):
         offset.set_timesteps(N)
     with pytest.raises(ValueError, match="prediction_type='x0'"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, prediction_type="x0")
+    with pytest.raises(ValueError, match="variance='residual' needs the table's x0_mse.*analytic-sampler precompute"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, variance="residual")
+    with pytest.raises(ValueError, match="variance='learned'; use one of \\('analytic', 'residual'\\)"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, variance="learned")
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N)
     with pytest.raises(ValueError, match="call set_timesteps"):
         sched.step(torch.zeros(1, 1, 2, 2), 999, torch.zeros(1, 1, 2, 2))
@@ -368,6 +397,16 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     assert sched.trajectory == own.trajectory
     sched.save_pretrained(tmp_path)
     assert AnalyticDPMScheduler.from_pretrained(tmp_path).config.table_fingerprint == table.fingerprint
+    assert sched.config.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name
+    with pytest.raises(ValueError, match="needs x0_mse, which this table does not have.*analytic-sampler precompute"):
+        AnalyticDPMScheduler.from_table(table, linear_scheduler.config, variance="residual")
+    full = VarianceTable.from_sums(ms * 100, ms**2 * 100 + 1e-4, np.full(N, 100), abar,
+                                   gaussian_model.exact_x0_mse() * 100, gaussian_model.exact_x0_mse() ** 2 * 100 + 1e-6,
+                                   data_range=None)
+    residual = AnalyticDPMScheduler.from_table(full, linear_scheduler.config, variance="residual", trajectory="optimal")
+    np.testing.assert_allclose(residual.x0_mse, full.x0_mse)
+    residual.set_timesteps(10)
+    assert residual.trajectory == optimal_trajectory(abar, None, 10, x0_mse=full.x0_mse)
     cosine = DDPMScheduler(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
     with pytest.raises(ValueError, match="table was estimated for schedule .* estimate a table for this model"):
         AnalyticDPMScheduler.from_table(table, cosine.config)

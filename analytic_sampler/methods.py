@@ -2,8 +2,9 @@
 
 Each Analytic-DPM variant runs on the same timesteps as its baseline, so a comparison isolates the variance:
 DDPM-type methods on the even trajectory ``[N-1, …, 0]``, DDIM-type ones on DDIMScheduler's ``trailing``
-timesteps ``[N-1, N-1-N/K, …]`` (both end with the x0 prediction). One more row uses the optimal trajectory
-of the DP, which minimises the likelihood bound rather than a sample-quality measure.
+timesteps ``[N-1, N-1-N/K, …]`` (both end with the x0 prediction). Where the table has x0_mse, Analytic-DDPM
+also runs with the residual variance, and one more row uses the optimal trajectory of the residual DP with it,
+which minimises the likelihood bound rather than a sample-quality measure.
 """
 
 from __future__ import annotations
@@ -27,11 +28,17 @@ def sampling_methods(config, table, num_steps: int) -> dict[str, tuple[object, l
         "DDPM (btilde)": (DDPMScheduler.from_config(config, variance_type="fixed_small"), even),
         "DDPM (beta)": (DDPMScheduler.from_config(config, variance_type="fixed_large"), even),
         "Analytic-DDPM": (AnalyticDPMScheduler.from_table(table, config, eta=1.0), even),
-        "Analytic-DDPM (optimal trajectory)": (
-            AnalyticDPMScheduler.from_table(table, config, eta=1.0, trajectory="optimal"), None),
         "DDIM": (ddim, None),
         "Analytic-DDIM": (AnalyticDPMScheduler.from_table(table, config, eta=0.0), ddim_steps),
     }
+    if table.has_x0_mse:
+        residual = {"eta": 1.0, "variance": "residual"}
+        methods["Analytic-DDPM (residual)"] = (AnalyticDPMScheduler.from_table(table, config, **residual), even)
+        methods["Analytic-DDPM (residual, optimal trajectory)"] = (
+            AnalyticDPMScheduler.from_table(table, config, **residual, trajectory="optimal"), None)
+    else:
+        methods["Analytic-DDPM (optimal trajectory)"] = (
+            AnalyticDPMScheduler.from_table(table, config, eta=1.0, trajectory="optimal"), None)
     if config.get("variance_type") in LEARNED:
         methods["Improved DDPM (learned)"] = (DDPMScheduler.from_config(config, variance_type="learned_range"), even)
     methods["DPM-Solver++(2M)"] = (DPMSolverMultistepScheduler.from_config(config, variance_type=None), None)

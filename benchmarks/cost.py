@@ -3,11 +3,13 @@
     python benchmarks/cost.py             # full run
     python benchmarks/cost.py --quick     # smoke run (CI)
 
-(a) ``optimal_trajectory``'s DP (blocked, vectorised) against a naive O(K N^2) DP (a Python loop over t with
-    numpy over s), N in {1000, 4000}, K in {10, 100, 1000}.
+(a) ``optimal_trajectory``'s DP (isotonic fit of x0_mse, then divide and conquer per level) against a naive
+    O(K N^2) DP (a Python loop over t with numpy over s) on the same fitted moment, N in {1000, 4000} (the N-step
+    linear schedule), K in {10, 100, 1000}.
 (b) A full K-step sampling loop with a tiny UNet: AnalyticDPMScheduler against DDIMScheduler, as a ratio.
-(c) NLL at K = 10 and 100 on the bundled linear model against the samples per timestep used for the table,
-    next to the shipped table (200 per timestep) as the large-budget reference.
+(c) NLL at K = 10 and 100 on the bundled linear model against the samples per timestep used for the table
+    (even trajectory with the analytic and residual variances, residual DP with the residual variance), next to
+    the shipped table (200 per timestep) as the large-budget reference.
 Writes ``cost.json`` and ``cost.md`` under ``--out``.
 """
 
@@ -22,21 +24,21 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from analytic_sampler.digits import load_digits_split
-from analytic_sampler.likelihood import nll_bpd
+from analytic_sampler.likelihood import nll_bpd_many
 from analytic_sampler.moments import estimate_moments
 from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.report import environment, footer, write_results
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
-from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, posterior_variance, trajectory_cost
+from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, snr, trajectory_cost
 
 
-def naive_dp(abar: np.ndarray, ms_eps: np.ndarray, num_steps: int) -> list[int]:
-    """The textbook DP: ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)`` with an O(N^2) cost matrix."""
-    n = abar.size
-    b = 1.0 - abar[None, :] / abar[:, None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        j = np.log(1.0 - b * (ms_eps / (1.0 - abar))[None, :])
+def naive_dp(abar: np.ndarray, moment: np.ndarray, num_steps: int) -> list[int]:
+    """The textbook DP: ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)`` with an O(N^2) cost matrix
+    ``J(s, t) = log(1 + (snr[s] - snr[t]) m[t])``, a Python loop over t and numpy over s."""
+    n, u = abar.size, snr(abar)
+    with np.errstate(invalid="ignore"):
+        j = np.log1p((u[:, None] - u[None, :]) * moment[None, :])  # j[s, t]
     cost = np.full((num_steps + 1, n), np.inf)
     arg = np.zeros((num_steps + 1, n), dtype=np.int64)
     cost[1, 0] = 0.0
@@ -51,28 +53,32 @@ def naive_dp(abar: np.ndarray, ms_eps: np.ndarray, num_steps: int) -> list[int]:
     return path
 
 
-def gaussian_table(n: int, v: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    abar = alphas_cumprod_from_config({"num_train_timesteps": n, "beta_schedule": "squaredcos_cap_v2"})
-    rng = np.random.default_rng(0)
-    return abar, np.clip((1 - abar) / (abar * v + 1 - abar) * (1 + 0.01 * rng.standard_normal(n)), 0, 1)
+def smooth_table(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The N-step linear schedule (betas scaled by 1000/N) and a non-Gaussian x0_mse with 5% noise."""
+    abar = alphas_cumprod_from_config({"num_train_timesteps": n, "beta_schedule": "linear",
+                                       "beta_start": 1e-4 * 1000 / n, "beta_end": 0.02 * 1000 / n})
+    u = snr(abar)
+    x0_mse = 1.0 / (u + 1 / 0.3 + 0.5 * u**1.5)
+    return abar, x0_mse * (1 + 0.05 * np.random.default_rng(0).standard_normal(n))
 
 
 def bench_dp(sizes, steps, naive_limit_s: float):
     rows = []
     for n in sizes:
-        abar, ms = gaussian_table(n)
+        abar, x0_mse = smooth_table(n)
         for k in steps:
             t0 = time.perf_counter()
-            path = TrajectoryDP(abar, ms, k, monotone=False).path(k)
+            dp = TrajectoryDP(abar, None, k, x0_mse=x0_mse)  # isotonic fit + divide-and-conquer DP
+            path = dp.path(k)
             ours = time.perf_counter() - t0
             row = {"N": n, "K": k, "ours_s": ours, "naive_s": None, "same_cost": None}
             # the naive DP takes about (2e-6 + 8e-9 N) K N seconds here; skip it where that passes the limit
             if (2e-6 + 8e-9 * n) * k * n <= naive_limit_s:
                 t0 = time.perf_counter()
-                ref = naive_dp(abar, ms, k)
+                ref = naive_dp(abar, dp.moment, k)
                 row["naive_s"] = time.perf_counter() - t0
-                c = posterior_variance(abar, ms)  # the paper's J is this cost plus a term every path shares
-                row["same_cost"] = bool(abs(trajectory_cost(abar, c, ref) - trajectory_cost(abar, c, path)) < 1e-9)
+                ref_cost, our_cost = (trajectory_cost(abar, dp.moment, p) for p in (ref, path))
+                row["same_cost"] = bool(abs(ref_cost - our_cost) <= 1e-9 * abs(ref_cost))
             rows.append(row)
             naive = "skipped" if row["naive_s"] is None else f"{row['naive_s']:.2f} s"
             print(f"  DP N={n} K={k}: ours {ours:.3f} s, naive {naive}", flush=True)
@@ -85,7 +91,8 @@ def bench_overhead(steps, batch: int, repeats: int):
                        norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D")).eval()
     base = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
-    _, ms = gaussian_table(1000)
+    abar = alphas_cumprod_from_config(base.config)
+    ms = (1 - abar) / (abar * 0.3 + 1 - abar)  # isotropic Gaussian data of variance 0.3
     ours = AnalyticDPMScheduler.from_config(base.config, ms_eps=ms.tolist(), eta=0.0)
     rows = []
     for k in steps:
@@ -116,19 +123,25 @@ def bench_budget(budgets, steps, num_images: int):
         t0 = time.perf_counter()
         table = estimate_moments(model.unet, train, model.scheduler, num_samples=m, batch_size=1000, seed=1, progress=False)
         tables[m] = (table, time.perf_counter() - t0)
-    tables[int(model.table.counts.max())] = (model.table, None)
+    tables[int(model.table.counts.max())] = (model.table, None)  # the shipped table: 200 per timestep, seed 0
     rows = []
     for m, (table, seconds) in tables.items():
-        dp = TrajectoryDP(table.alphas_cumprod, table.ms_eps, max(steps))
-        for trajectory in ("even", "optimal"):
+        dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.x0_mse)
+        for trajectory, variances in (("even", ("analytic", "residual")), ("residual DP", ("residual", "analytic"))):
             for k in steps:
                 ts = even_trajectory(table.num_train_timesteps, k) if trajectory == "even" else dp.path(k)
-                r = nll_bpd(model.unet, heldout, model.scheduler, ts, "analytic", ms_eps=table.ms_eps,
-                            batch_size=num_images, progress=False)
-                rows.append({"samples_per_timestep": m, "trajectory": trajectory, "K": k, "bpd": r.mean,
-                             "stderr": r.stderr, "table_seconds": seconds, "reference": seconds is None})
-                print(f"  budget M={m} {trajectory} K={k}: {r.mean:.4f} ± {r.stderr:.4f} bits/dim", flush=True)
+                results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
+                                       x0_mse=table.x0_mse, batch_size=num_images, progress=False)
+                for variance, r in results.items():
+                    rows.append({"samples_per_timestep": m, "trajectory": trajectory, "variance": variance, "K": k,
+                                 "bpd": r.mean, "stderr": r.stderr, "table_seconds": seconds,
+                                 "reference": seconds is None})
+                    print(f"  budget M={m} {trajectory} {variance} K={k}: {r.mean:.4f} ± {r.stderr:.4f} bits/dim",
+                          flush=True)
     return rows
+
+
+BUDGET_COLUMNS = (("even", "analytic"), ("even", "residual"), ("residual DP", "residual"))
 
 
 def markdown(r: dict) -> str:
@@ -145,11 +158,12 @@ def markdown(r: dict) -> str:
     out += [f"| {x['K']} | {x['batch']} | {x['ddim_s']:.3f} | {x['analytic_s']:.3f} | {x['ratio']:.2f} |" for x in r["overhead"]]
     out += ["", "Both times include set_timesteps; AnalyticDPMScheduler runs on its default even trajectory here.", "",
             "## (c) Precompute budget: NLL (bits/dim) of Analytic-DDPM, digits-ddpm-linear", "",
-            "| samples per timestep | " + " | ".join(f"{t} K={k}" for t in ("even", "optimal") for k in r["budget_steps"])
+            "| samples per timestep | " + " | ".join(f"{t}, {v} K={k}" for t, v in BUDGET_COLUMNS for k in r["budget_steps"])
             + " | table time (s) |",
-            "|---:|" + "---:|" * (2 * len(r["budget_steps"]) + 1)]
+            "|---:|" + "---:|" * (len(BUDGET_COLUMNS) * len(r["budget_steps"]) + 1)]
     for m in dict.fromkeys(x["samples_per_timestep"] for x in r["budget"]):
-        cells = [x for x in r["budget"] if x["samples_per_timestep"] == m]
+        cell = {(x["trajectory"], x["variance"], x["K"]): x for x in r["budget"] if x["samples_per_timestep"] == m}
+        cells = [cell[(t, v, k)] for t, v in BUDGET_COLUMNS for k in r["budget_steps"]]
         label = f"{m} (reference)" if cells[0]["reference"] else str(m)
         seconds = "shipped" if cells[0]["table_seconds"] is None else f"{cells[0]['table_seconds']:.0f}"
         out.append(f"| {label} | " + " | ".join(f"{x['bpd']:.4f} ± {x['stderr']:.4f}" for x in cells) + f" | {seconds} |")
@@ -171,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         dp = bench_dp([1000, 4000], [10, 100, 1000], naive_limit_s=240.0)
         overhead = bench_overhead([10, 100], batch=64, repeats=3)
         budget_steps = [10, 100]
-        budget = bench_budget([1, 2, 5, 10, 20, 50], steps=budget_steps, num_images=297)
+        budget = bench_budget([1, 2, 5, 10, 20, 50], steps=budget_steps, num_images=297)  # + the shipped 200
     result = {"quick": args.quick, **environment(), "dp": dp, "overhead": overhead, "budget_steps": budget_steps,
               "budget": budget}
     json_path, md_path = write_results(args.out, "cost", result, markdown(result))

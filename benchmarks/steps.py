@@ -4,7 +4,7 @@
     python benchmarks/steps.py --quick    # smoke run: K in {10, 25}, few images (CI)
 
 Writes ``steps.json``, ``steps.md`` and ``steps_<model>.png`` (NLL vs K, FD vs K) under ``--out``.
-NLL: the K-step bound on the 297 held-out digits, discretised decoder over 8-bit bins with the same
+NLL: the K-step bound on the 297 held-out digits, on the even trajectory and the optimal one (the residual DP), discretised decoder over 8-bit bins with the same
 decoder variance (``1 - abar[t_1]``) for every method. FD-digits: samples vs the held-out digits, the same
 initial noise for every method.
 """
@@ -29,14 +29,15 @@ FULL_STEPS = (10, 25, 50, 100, 200, 1000)
 QUICK_STEPS = (10, 25)
 # At K = N every DDPM-type method runs the full chain; sampling all of them there would cost more than the
 # rest of the benchmark together, so K = N samples only these (the learned one where the model has it).
-FULL_CHAIN_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "Improved DDPM (learned)")
+FULL_CHAIN_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "Analytic-DDPM (residual)", "Improved DDPM (learned)")
 
 
 def nll_rows(model, table, heldout, steps, num_images, seed, device):
     """One row per (K, trajectory, variance): bits/dim ± stderr on the held-out images."""
     n = model.scheduler.config.num_train_timesteps
-    variances = ["btilde", "beta", "analytic"] + (["learned"] if model.scheduler.config.variance_type in LEARNED else [])
-    dp = TrajectoryDP(table.alphas_cumprod, table.ms_eps, max(steps))
+    variances = ["btilde", "beta", "analytic", "residual"]
+    variances += ["learned"] if model.scheduler.config.variance_type in LEARNED else []
+    dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse())
     rows = []
     for k in steps:
         trajectories = {"even": even_trajectory(n, k), "optimal": dp.path(k)}
@@ -44,7 +45,7 @@ def nll_rows(model, table, heldout, steps, num_images, seed, device):
             trajectories = {"even": trajectories["even"]}
         for name, ts in trajectories.items():
             results = nll_bpd_many(model.unet, heldout[:num_images], model.scheduler, ts, variances, ms_eps=table.ms_eps,
-                                   batch_size=num_images, seed=seed, device=device, progress=False)
+                                   x0_mse=table.x0_mse, batch_size=num_images, seed=seed, device=device, progress=False)
             for variance, r in results.items():
                 rows.append({"K": k, "trajectory": name, "variance": variance, "bpd": r.mean, "stderr": r.stderr,
                              "num_images": r.num_samples})

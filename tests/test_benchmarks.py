@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
 import steps  # noqa: E402
+import trajectory  # noqa: E402
 
 
 def test_steps_quick(tmp_path):
@@ -17,7 +18,7 @@ def test_steps_quick(tmp_path):
     result = json.loads((tmp_path / "steps.json").read_text())
     assert [m["model"] for m in result["models"]] == ["digits-ddpm-linear", "digits-iddpm-cosine"]
     cosine = result["models"][1]
-    assert {r["variance"] for r in cosine["nll"]} == {"btilde", "beta", "analytic", "learned"}
+    assert {r["variance"] for r in cosine["nll"]} == {"btilde", "beta", "analytic", "residual", "learned"}
     assert "Improved DDPM (learned)" in {r["method"] for r in cosine["fd"]}
     assert (tmp_path / "steps.md").is_file() and (tmp_path / "steps_digits-ddpm-linear.png").is_file()
 
@@ -26,3 +27,12 @@ def test_cost_quick(tmp_path):
     result = cost.main(["--quick", "--out", str(tmp_path)])
     assert all(row["same_cost"] for row in result["dp"] if row["naive_s"] is not None)
     assert (tmp_path / "cost.md").is_file()
+
+
+def test_trajectory_quick(tmp_path):
+    result = trajectory.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "tables")])
+    model = result["models"][0]
+    assert {(r["trajectory"], r["variance"]) for r in model["nll"]} >= {("even", "analytic"), ("residual DP", "residual"),
+                                                                        ("paper DP", "analytic")}
+    assert len(model["checks"]) == 2 and (tmp_path / "tables" / "digits-ddpm-linear-m10-s0").is_dir()
+    assert "Checks:" in (tmp_path / "trajectory.md").read_text()

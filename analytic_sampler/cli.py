@@ -89,25 +89,24 @@ def _load_data(spec: str, channels: int):
     raise ValueError(f"--data {spec!r}: not a .pt/.npy file; {DATA_FORMS}.")
 
 
-def _check_data(data, unet, args) -> None:
+def _check_data(data, unet, spec: str, flag: str = "--data", needed: int = 1, count_flag: str | None = None) -> None:
     """Refuse data that is not a ``(N, C, H, W)`` tensor of the UNet's channels and size, or that holds fewer
-    than ``--num-samples`` images, before any work."""
+    than ``needed`` images, before any work."""
     import torch
 
     size = unet.config.sample_size
     c, h, w = unet.config.in_channels, *((size, size) if isinstance(size, int) else size)
     if not isinstance(data, torch.Tensor):
-        raise ValueError(f"--data {args.data!r} holds a {type(data).__name__}, not an image tensor; {DATA_FORMS}.")
+        raise ValueError(f"{flag} {spec!r} holds a {type(data).__name__}, not an image tensor; {DATA_FORMS}.")
     if data.ndim != 4 or tuple(data.shape[1:]) != (c, h, w):
         raise ValueError(
-            f"--data {args.data!r} holds images of shape {tuple(data.shape)} but the model takes (N, C, H, W) = "
+            f"{flag} {spec!r} holds images of shape {tuple(data.shape)} but the model takes (N, C, H, W) = "
             f"(N, {c}, {h}, {w}); give it {h}x{w} images with {c} channel(s)."
         )
-    if len(data) < args.num_samples:
-        raise ValueError(
-            f"--data {args.data!r} holds {len(data)} images but --num-samples is {args.num_samples}; "
-            f"pass --num-samples {len(data)} or more images."
-        )
+    if len(data) < needed:
+        fix = f"pass {count_flag} {len(data)} or more images" if count_flag else "pass more images"
+        why = f"{count_flag} is {needed}" if count_flag else f"at least {needed} are needed"
+        raise ValueError(f"{flag} {spec!r} holds {len(data)} images but {why}; {fix}.")
 
 
 def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
@@ -137,7 +136,7 @@ def cmd_precompute(args) -> None:
     model = load_pretrained(args.model, with_table=False)
     timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)
     data = _load_data(args.data, model.unet.config.in_channels)
-    _check_data(data, model.unet, args)
+    _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
     out = _make_folder(args.out)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
     _make_folder(checkpoint.parent)
@@ -216,6 +215,53 @@ def cmd_trajectory(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_nll(args) -> None:
+    from .likelihood import nll_bpd
+    from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+
+    model = load_pretrained(args.model)
+    data = _load_data(args.data, model.unet.config.in_channels)
+    _check_data(data, model.unet, args.data)
+    data = data[: args.num_images]
+    table = _table(args, model) if args.variance in ("analytic", "residual") or args.trajectory == "optimal" else None
+    n = model.scheduler.config.num_train_timesteps
+    if args.timesteps:
+        try:
+            timesteps = validate_timesteps([int(t) for t in args.timesteps.split(",")], n)
+        except ValueError as err:
+            raise ValueError(f"--timesteps {args.timesteps!r}: {err}") from err
+    elif args.trajectory == "optimal":
+        timesteps = TrajectoryDP(table.alphas_cumprod, None, args.steps,
+                                 x0_mse=table.require_x0_mse("the optimal trajectory")).path(args.steps)
+    else:
+        timesteps = (even_trajectory if args.trajectory == "even" else quadratic_trajectory)(n, args.steps)
+    if args.variance == "residual":
+        table.require_x0_mse()
+    r = nll_bpd(model.unet, data, model.scheduler, timesteps, args.variance,
+                ms_eps=None if table is None else table.ms_eps, x0_mse=None if table is None else table.x0_mse,
+                batch_size=args.batch_size, seed=args.seed, device=args.device)
+    print(f"{r.mean:.4f} ± {r.stderr:.4f} bits/dim ({args.variance} variance, K={len(timesteps)}, "
+          f"{r.num_samples} images, seed {args.seed}; prior {r.prior:.4f} + transitions {r.transitions:.4f} + "
+          f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}")
+
+
+def cmd_bench(args) -> None:
+    from .bench import run_bench
+
+    model = load_pretrained(args.model)
+    train = _load_data(args.data, model.unet.config.in_channels)
+    _check_data(train, model.unet, args.data, needed=2)
+    heldout = _load_data(args.eval_data, model.unet.config.in_channels)
+    _check_data(heldout, model.unet, args.eval_data, "--eval-data", needed=2)
+    table = _table(args, model) if args.table else None
+    out = _make_folder(args.out)
+    result = run_bench(model, train, heldout, args.steps, out, table=table, table_samples=args.table_samples,
+                       fd_samples=args.fd_samples, inception=args.inception, batch_size=args.batch_size,
+                       seed=args.seed, device=args.device)
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {result['seconds_total']:.0f} s")
+
+
 def cmd_sample(args) -> None:
     from PIL import Image
 
@@ -274,6 +320,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
     p.add_argument("--json", default=None, help="also write the trajectories and predictions to this JSON file")
     p.set_defaults(func=cmd_trajectory)
+
+    p = sub.add_parser("nll", help="the K-step NLL bound (bits/dim) of one configuration on some images")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--data", default="digits:heldout", help=f"evaluation images; {DATA_FORMS}")
+    p.add_argument("--table", default=None, help="table folder or Hub repo id (default: the model's own)")
+    p.add_argument("--steps", type=_steps, default=10)
+    p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
+    p.add_argument("--timesteps", default=None, help="explicit descending timesteps, e.g. 999,500,0 (overrides --steps)")
+    p.add_argument("--variance", default="analytic", choices=["analytic", "residual", "beta", "btilde", "learned"])
+    p.add_argument("--num-images", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.set_defaults(func=cmd_nll)
+
+    p = sub.add_parser("bench", help="NLL and sample quality against K for any model: bench.json, bench.md, plots")
+    p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/ [+ table/]) or Hub repo id")
+    p.add_argument("--data", required=True, help=f"training images (table, FD reference); {DATA_FORMS}")
+    p.add_argument("--eval-data", required=True, help="held-out images for the NLL and the real-data floor")
+    p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25, 50, 100])
+    p.add_argument("--out", default="outputs/bench")
+    p.add_argument("--table", default=None, help="reuse this table (default: the model's own, else estimate one)")
+    p.add_argument("--table-samples", type=_positive_int, default=100, help="samples per timestep for a new table")
+    p.add_argument("--fd-samples", type=_positive_int, default=None,
+                   help="samples per FD cell (default: the number of training images, at most 5000)")
+    p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("sample", help="sample a grid with AnalyticDPMScheduler")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -1,0 +1,257 @@
+"""``analytic-sampler bench``: what fewer steps cost one model, in likelihood and in samples, in one report.
+
+For each K it measures
+
+- the NLL bound (bits/dim ± standard error over the evaluation images) of DDPM's two fixed variances, the analytic
+  and the residual variance (and Improved DDPM's learned one when the model has it), on the even trajectory and on
+  the optimal one (the residual DP of the table);
+- the Fréchet distance of samples from every method of :func:`sampling_methods` to the training images, with a
+  bootstrap standard error, where a feature extractor is available: the shipped digit classifier for 1x8x8 images,
+  or an Inception network the user points to (``inception``).
+
+The table is the one given, else the model's own if it has x0_mse, else estimated on the training images (resumable
+from ``<out>/table/checkpoint.pt``). Writes ``bench.json``, ``bench.md``, ``bench_nll.png`` and, with sample
+quality, ``bench_fd.png`` into ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .likelihood import nll_bpd_many
+from .methods import LEARNED, sampling_methods
+from .pretrained import PretrainedModel, load_pretrained
+from .report import environment, footer, write_results
+from .sampling import sample
+from .trajectory import TrajectoryDP, even_trajectory
+
+FD_BOOTSTRAP = 50  # resamples of the generated set for the standard error of each FD cell
+NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
+Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+def inception_features(path: str | os.PathLike, device: str | torch.device = "cpu") -> Features:
+    """Features from a TorchScript Inception network at ``path`` that takes uint8 ``(N, 3, H, W)`` images and
+    returns pool features when called with ``return_features=True`` (NVIDIA's ``inception-2015-12-05.pt``, the
+    network of StyleGAN3's and clean-fid's FID). Grey images are repeated to 3 channels."""
+    if not Path(path).is_file():
+        raise ValueError(f"--inception {os.fspath(path)!r}: no such file; pass a TorchScript Inception network "
+                         "(e.g. inception-2015-12-05.pt), or leave it out to skip sample quality.")
+    network = torch.jit.load(os.fspath(path), map_location=device).eval()
+
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for batch in images.split(100):
+            pixels = ((batch.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            pixels = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+            out.append(network(pixels.to(device), return_features=True).double().cpu())
+        return torch.cat(out)
+
+    return features
+
+
+def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") -> tuple[Features | None, str]:
+    """``(features, name)``; ``features`` is None, and ``name`` the reason, where no extractor applies."""
+    if inception is not None:
+        return inception_features(inception, device), "Inception FID"
+    if tuple(image_shape) == (1, 8, 8):
+        from .digits import DigitFeatures
+
+        return DigitFeatures(device=device), "FD-digits"
+    return None, (f"sample quality skipped: no feature extractor for {'x'.join(map(str, image_shape))} images "
+                  "(FD-digits covers 1x8x8 digits); pass --inception PATH to a local Inception network for FID.")
+
+
+def _stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+def frechet_with_stderr(feats: np.ndarray, reference: tuple[np.ndarray, np.ndarray], seed: int = 0) -> tuple[float, float]:
+    """FD of ``feats`` to the reference statistics, and its bootstrap standard error (``FD_BOOTSTRAP`` resamples
+    of ``feats`` with replacement; the reference is held fixed)."""
+    from .digits import frechet_distance
+
+    fd = frechet_distance(*_stats(feats), *reference)
+    rng = np.random.default_rng(seed)
+    boot = [frechet_distance(*_stats(feats[rng.integers(0, len(feats), len(feats))]), *reference)
+            for _ in range(FD_BOOTSTRAP)]
+    return fd, float(np.std(boot, ddof=1))
+
+
+def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
+                seed: int = 0, device=None):
+    """The table to use: ``table``, else the model's own if it has x0_mse, else a new one (checkpointed)."""
+    if table is not None:
+        return table, "given"
+    if model.table is not None and model.table.has_x0_mse:
+        return model.table, "shipped with the model"
+    from .moments import estimate_moments
+
+    folder = out / "table"
+    num_samples = min(num_samples, len(train))
+    table = estimate_moments(model.unet, train, model.scheduler, num_samples=num_samples, batch_size=batch_size,
+                             seed=seed, device=device, checkpoint=folder / "checkpoint.pt",
+                             provenance={"model_id": str(model.source)})
+    table.save(folder)
+    return table, f"estimated here ({num_samples} images per timestep, saved to {folder})"
+
+
+def run_bench(
+    model_name_or_path: str | os.PathLike | PretrainedModel,
+    train: torch.Tensor,
+    heldout: torch.Tensor,
+    steps: Sequence[int],
+    out: str | os.PathLike,
+    table=None,
+    table_samples: int = 100,
+    fd_samples: int | None = None,
+    inception: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Run the whole report (see the module docstring) and return what ``bench.json`` holds.
+
+    ``fd_samples`` (default: as many as there are training images, at most 5000) samples per method and K: FD is
+    biased upwards by about ``dim / n``, so cells are compared at one n, and the reference has the same n.
+    """
+    start = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model_name_or_path
+    if not isinstance(model, PretrainedModel):
+        model = load_pretrained(model_name_or_path)
+    config = model.scheduler.config
+    n = config.num_train_timesteps
+    if not all(2 <= int(k) <= n for k in steps):
+        raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
+    table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device)
+    dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse("the bench's optimal trajectory"))
+    variances = list(NLL_VARIANCES) + (["learned"] if config.get("variance_type") in LEARNED else [])
+    features, feature_name = feature_extractor(train.shape[1:], inception, device)
+    fd_samples = fd_samples or min(len(train), 5000)
+    methods_per_k = {k: sampling_methods(config, table, k) for k in steps} if features is not None else {}
+    cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
+    bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
+
+    nll = []
+    for k in steps:
+        for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
+            t0 = time.time()
+            results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
+                                   x0_mse=table.x0_mse, batch_size=min(len(heldout), 1024), seed=seed, device=device,
+                                   progress=False)
+            seconds = time.time() - t0
+            nll += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
+                     "num_images": r.num_samples, "seconds": seconds, "timesteps": ts} for v, r in results.items()]
+            bar.update()
+
+    fd, floor = [], None
+    if features is not None:
+        reference_feats = features(train[:fd_samples]).numpy()
+        reference = _stats(reference_feats)
+        floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
+        for k, methods in methods_per_k.items():
+            for name, (scheduler, timesteps) in methods.items():
+                t0 = time.time()
+                images = sample(model.unet, scheduler, fd_samples, None if timesteps else k, timesteps, seed=seed,
+                                device=device, progress=False)
+                seconds = time.time() - t0
+                value, stderr = frechet_with_stderr(features(images).numpy(), reference, seed)
+                fd.append({"K": k, "method": name, "fd": value, "stderr": stderr, "num_samples": fd_samples,
+                           "seconds": seconds})
+                bar.update()
+    bar.close()
+
+    result = {
+        "model": str(model.source), "table": table_source, "table_samples_per_timestep":
+            int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": seed,
+        "train_images": len(train), "eval_images": len(heldout), "nll": nll,
+        "sample_quality": {"measure": feature_name if features is not None else None,
+                           "skipped": None if features is not None else feature_name,
+                           "num_samples": fd_samples if features is not None else 0,
+                           "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
+                                                                      "num_images": len(heldout)},
+                           "rows": fd},
+        "seconds_total": time.time() - start, **environment(device),
+    }
+    write_results(out, "bench", result, markdown(result))
+    plot(result, out)
+    return result
+
+
+def markdown(r: dict) -> str:
+    steps = r["steps"]
+    head = " | ".join(f"K={k}" for k in steps)
+    out = [f"# bench: {r['model']}", "",
+           f"Table: {r['table']}, {r['table_samples_per_timestep']} samples per timestep. Seed {r['seed']}.", "",
+           f"NLL bound (bits/dim ± standard error over {r['eval_images']} evaluation images; lower is better; "
+           "optimal = the residual DP's trajectory):", "",
+           f"| variance | trajectory | {head} |", "|---|---|" + "---:|" * len(steps)]
+    cell = {(x["variance"], x["trajectory"], x["K"]): x for x in r["nll"]}
+    for variance in dict.fromkeys(x["variance"] for x in r["nll"]):
+        for trajectory in ("even", "optimal"):
+            out.append(f"| {variance} | {trajectory} | " + " | ".join(
+                f"{cell[(variance, trajectory, k)]['bpd']:.3f} ± {cell[(variance, trajectory, k)]['stderr']:.3f}"
+                for k in steps) + " |")
+    q = r["sample_quality"]
+    out.append("")
+    if q["skipped"]:
+        out.append(q["skipped"][0].upper() + q["skipped"][1:])
+    else:
+        fd = {(x["method"], x["K"]): x for x in q["rows"]}
+        floor = q["real_floor"]
+        out += [f"{q['measure']} to {q['num_samples']} training images ({q['num_samples']} samples per cell, ± bootstrap "
+                f"standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation images score "
+                f"{floor['fd']:.3f} ± {floor['stderr']:.3f} (fewer images, so a higher floor than at "
+                f"{q['num_samples']}).", "", f"| method | {head} |", "|---|" + "---:|" * len(steps)]
+        for method in dict.fromkeys(x["method"] for x in q["rows"]):
+            out.append(f"| {method} | " + " | ".join(
+                f"{fd[(method, k)]['fd']:.3f} ± {fd[(method, k)]['stderr']:.3f}" if (method, k) in fd else "—"
+                for k in steps) + " |")
+    out += ["", f"Run time {r['seconds_total']:.0f} s. " + footer(r)]
+    return "\n".join(out) + "\n"
+
+
+def plot(r: dict, out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # the [digits] extra brings matplotlib; without it, JSON and Markdown only
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variance in dict.fromkeys(x["variance"] for x in r["nll"]):
+        for trajectory, style in (("even", "--"), ("optimal", "-")):
+            rows = [x for x in r["nll"] if x["variance"] == variance and x["trajectory"] == trajectory]
+            ax.errorbar([x["K"] for x in rows], [x["bpd"] for x in rows], [x["stderr"] for x in rows], fmt=style,
+                        marker="o", label=f"{variance} ({trajectory})")
+    ax.set(xscale="log", yscale="log", xlabel="K", ylabel="NLL bound (bits/dim)", title=r["model"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bench_nll.png", dpi=110)
+    plt.close(fig)
+    q = r["sample_quality"]
+    if q["rows"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in dict.fromkeys(x["method"] for x in q["rows"]):
+            rows = [x for x in q["rows"] if x["method"] == method]
+            ax.errorbar([x["K"] for x in rows], [x["fd"] for x in rows], [x["stderr"] for x in rows], marker="o",
+                        label=method)
+        ax.axhline(q["real_floor"]["fd"], color="grey", lw=0.8, label="real evaluation images")
+        ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "bench_fd.png", dpi=110)
+        plt.close(fig)
+

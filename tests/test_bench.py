@@ -1,0 +1,133 @@
+"""``analytic-sampler bench`` and ``nll`` on model folders the package has never seen, offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from analytic_sampler.bench import FD_BOOTSTRAP, frechet_with_stderr
+from analytic_sampler.cli import main
+
+from conftest import tiny_unet
+
+
+def png_folder(folder, count: int, channels: int, seed: int) -> str:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (8, 8, channels), dtype=np.uint8)
+        Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(folder / f"{i:03d}.png")
+    return str(folder)
+
+
+def model_folder(root, channels: int) -> str:
+    tiny_unet(channels=channels).save_pretrained(root / "model" / "unet")
+    DDPMScheduler(num_train_timesteps=40).save_pretrained(root / "model" / "scheduler")
+    return str(root / "model")
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_bench_on_an_unseen_grey_model_writes_every_output(tmp_path, capsys):
+    model = model_folder(tmp_path, 1)
+    train, heldout = png_folder(tmp_path / "train", 24, 1, 0), png_folder(tmp_path / "heldout", 12, 1, 1)
+    out = tmp_path / "report"
+    main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "5", "--out", str(out),
+          "--table-samples", "4", "--fd-samples", "16", "--batch-size", "64"])
+    result = json.loads((out / "bench.json").read_text())
+    assert result["table"].startswith("estimated here (4 images per timestep")
+    assert (out / "table" / "variance_table.json").is_file()  # the estimated table is kept beside the report
+    rows = result["nll"]
+    assert {"K", "trajectory", "variance", "bpd", "stderr"} <= set(rows[0])
+    assert {(r["K"], r["trajectory"]) for r in rows} == {(3, "even"), (3, "optimal"), (5, "even"), (5, "optimal")}
+    assert {r["variance"] for r in rows} == {"btilde", "beta", "analytic", "residual"}
+    assert all(np.isfinite(r["bpd"]) and r["stderr"] > 0 and r["num_images"] == 12 for r in rows)
+    quality = result["sample_quality"]
+    assert quality["measure"] == "FD-digits" and quality["real_floor"]["num_images"] == 12
+    assert {r["method"] for r in quality["rows"]} >= {"DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM"}
+    assert all(r["num_samples"] == 16 and r["stderr"] > 0 for r in quality["rows"])
+    assert {"device", "versions", "date"} <= set(result) and all("seconds" in r for r in rows + quality["rows"])
+    for name in ("bench.md", "bench_nll.png", "bench_fd.png"):
+        assert (out / name).is_file()
+    assert "| residual | optimal |" in capsys.readouterr().out
+
+    # a second run reuses the table given with --table
+    main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "--out", str(tmp_path / "again"),
+          "--table", str(out / "table"), "--fd-samples", "8"])
+    assert json.loads((tmp_path / "again" / "bench.json").read_text())["table"] == "given"
+
+
+def test_bench_without_a_feature_extractor_says_why(tmp_path):
+    model = model_folder(tmp_path, 3)
+    train, heldout = png_folder(tmp_path / "train", 8, 3, 0), png_folder(tmp_path / "heldout", 6, 3, 1)
+    out = tmp_path / "report"
+    main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "--out", str(out),
+          "--table-samples", "2"])
+    quality = json.loads((out / "bench.json").read_text())["sample_quality"]
+    assert quality["rows"] == [] and "no feature extractor for 3x8x8 images" in quality["skipped"]
+    assert "--inception PATH" in (out / "bench.md").read_text()
+
+
+class FakeInception(torch.nn.Module):
+    """The interface of NVIDIA's inception-2015-12-05.pt: uint8 (N, 3, H, W) in, pool features out."""
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        x = x.float() / 255.0
+        return torch.cat([x.mean((2, 3)), x.std((2, 3)), x.amax((2, 3))], 1)
+
+
+def test_bench_with_a_local_inception_network(tmp_path):
+    model = model_folder(tmp_path, 3)
+    torch.jit.script(FakeInception()).save(str(tmp_path / "inception.pt"))
+    train, heldout = png_folder(tmp_path / "train", 10, 3, 0), png_folder(tmp_path / "heldout", 6, 3, 1)
+    out = tmp_path / "report"
+    main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "--out", str(out),
+          "--table-samples", "2", "--inception", str(tmp_path / "inception.pt")])
+    quality = json.loads((out / "bench.json").read_text())["sample_quality"]
+    assert quality["measure"] == "Inception FID" and len(quality["rows"]) >= 4 and quality["num_samples"] == 10
+
+
+def test_bench_refuses_bad_input_before_any_work(tmp_path):
+    model = model_folder(tmp_path, 1)
+    torch.save(torch.rand(4, 3, 8, 8) * 2 - 1, tmp_path / "rgb.pt")
+    rgb, grey = str(tmp_path / "rgb.pt"), png_folder(tmp_path / "grey", 4, 1, 0)
+    with pytest.raises(SystemExit, match="holds images of shape \\(4, 3, 8, 8\\) but the model takes .*1 channel"):
+        main(["bench", model, "--data", rgb, "--eval-data", grey, "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--eval-data .* holds images of shape"):
+        main(["bench", model, "--data", grey, "--eval-data", rgb, "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="steps \\[10, 25, 50, 100\\]: each K must be between 2 and the model's "
+                                         "num_train_timesteps=40"):
+        main(["bench", model, "--data", grey, "--eval-data", grey, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x" / "table").exists()
+    with pytest.raises(SystemExit, match="--inception .*no such file"):
+        main(["bench", model, "--data", grey, "--eval-data", grey, "--steps", "3", "--out", str(tmp_path / "x"),
+              "--table-samples", "2", "--inception", str(tmp_path / "missing.pt")])
+    with pytest.raises(SystemExit):
+        main(["bench", model, "--data", grey, "--eval-data", grey, "--steps", "1"])
+
+
+def test_nll_command_on_an_unseen_model(tmp_path, capsys):
+    model = model_folder(tmp_path, 1)
+    heldout = png_folder(tmp_path / "heldout", 6, 1, 1)
+    main(["nll", model, "--data", heldout, "--steps", "4", "--variance", "beta"])
+    assert "bits/dim (beta variance, K=4, 6 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ships no variance table: run `analytic-sampler precompute"):
+        main(["nll", model, "--data", heldout, "--variance", "residual"])
+    with pytest.raises(SystemExit, match="--timesteps '5,9,0'.*strictly descending"):
+        main(["nll", model, "--data", heldout, "--variance", "beta", "--timesteps", "5,9,0"])
+
+
+def test_bootstrap_stderr_shrinks_with_more_samples():
+    rng = np.random.default_rng(0)
+    reference = (np.zeros(4), np.eye(4))
+    small = frechet_with_stderr(rng.standard_normal((50, 4)), reference)[1]
+    large = frechet_with_stderr(rng.standard_normal((2000, 4)), reference)[1]
+    assert FD_BOOTSTRAP >= 50 and 0 < large < small / 3

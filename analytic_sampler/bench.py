@@ -33,6 +33,7 @@ from .sampling import sample
 from .trajectory import TrajectoryDP, even_trajectory
 
 FD_BOOTSTRAP = 50  # resamples of the generated set for the standard error of each FD cell
+REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,20 +71,27 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
                   "(FD-digits covers 1x8x8 digits); pass --inception PATH to a local Inception network for FID.")
 
 
-def _stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return feats.mean(0), np.cov(feats, rowvar=False)
+class FrechetReference:
+    """Mean and covariance of reference features, with the covariance's square root ``R`` kept, so that
+    ``FD = |mu - mu_r|^2 + tr S + tr S_r - 2 tr (R S R)^{1/2}`` costs one symmetric eigendecomposition per set."""
+
+    def __init__(self, feats: np.ndarray):
+        self.mean, cov = feats.mean(0), np.cov(feats, rowvar=False)
+        vals, vecs = np.linalg.eigh(cov)
+        self.root, self.trace = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T, float(np.trace(cov))
+
+    def distance(self, feats: np.ndarray) -> float:
+        mean, cov = feats.mean(0), np.cov(feats, rowvar=False)
+        cross = np.sqrt(np.clip(np.linalg.eigvalsh(self.root @ cov @ self.root), 0, None)).sum()
+        return max(float(np.sum((mean - self.mean) ** 2) + np.trace(cov) + self.trace - 2 * cross), 0.0)
 
 
-def frechet_with_stderr(feats: np.ndarray, reference: tuple[np.ndarray, np.ndarray], seed: int = 0) -> tuple[float, float]:
-    """FD of ``feats`` to the reference statistics, and its bootstrap standard error (``FD_BOOTSTRAP`` resamples
-    of ``feats`` with replacement; the reference is held fixed)."""
-    from .digits import frechet_distance
-
-    fd = frechet_distance(*_stats(feats), *reference)
+def frechet_with_stderr(feats: np.ndarray, reference: FrechetReference, seed: int = 0) -> tuple[float, float]:
+    """FD of ``feats`` to the reference, and its bootstrap standard error (``FD_BOOTSTRAP`` resamples of
+    ``feats`` with replacement; the reference is held fixed)."""
     rng = np.random.default_rng(seed)
-    boot = [frechet_distance(*_stats(feats[rng.integers(0, len(feats), len(feats))]), *reference)
-            for _ in range(FD_BOOTSTRAP)]
-    return fd, float(np.std(boot, ddof=1))
+    boot = [reference.distance(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(FD_BOOTSTRAP)]
+    return reference.distance(feats), float(np.std(boot, ddof=1))
 
 
 def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
@@ -118,11 +126,18 @@ def run_bench(
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    methods: Sequence[str] | None = None,
+    on_samples: Callable[[str, int, torch.Tensor], None] | None = None,
+    name: str = "bench",
 ) -> dict:
-    """Run the whole report (see the module docstring) and return what ``bench.json`` holds.
+    """Run the whole report (see the module docstring), write ``<name>.json`` / ``.md`` / plots, and return the
+    JSON's content.
 
-    ``fd_samples`` (default: as many as there are training images, at most 5000) samples per method and K: FD is
-    biased upwards by about ``dim / n``, so cells are compared at one n, and the reference has the same n.
+    ``fd_samples`` (default: as many as there are training images, at most 5000) samples per method and K, all
+    from the same initial noise, against the statistics of the training images (at most ``REFERENCE_IMAGES``).
+    FD is biased upwards by about ``dim / n``, so every cell is measured at the same n; the real-data floor (the
+    evaluation images against the same reference) is measured at their own count. ``methods``
+    restricts the samplers (names of :func:`sampling_methods`); ``on_samples(method, K, images)`` sees each set.
     """
     start = time.time()
     out = Path(out)
@@ -139,7 +154,9 @@ def run_bench(
     variances = list(NLL_VARIANCES) + (["learned"] if config.get("variance_type") in LEARNED else [])
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
     fd_samples = fd_samples or min(len(train), 5000)
-    methods_per_k = {k: sampling_methods(config, table, k) for k in steps} if features is not None else {}
+    methods_per_k = {}
+    for k in steps if features is not None else ():
+        methods_per_k[k] = {m: v for m, v in sampling_methods(config, table, k).items() if methods is None or m in methods}
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
@@ -157,17 +174,18 @@ def run_bench(
 
     fd, floor = [], None
     if features is not None:
-        reference_feats = features(train[:fd_samples]).numpy()
-        reference = _stats(reference_feats)
+        reference = FrechetReference(features(train[:REFERENCE_IMAGES]).numpy())
         floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
-        for k, methods in methods_per_k.items():
-            for name, (scheduler, timesteps) in methods.items():
+        for k, samplers in methods_per_k.items():
+            for method, (scheduler, timesteps) in samplers.items():
                 t0 = time.time()
                 images = sample(model.unet, scheduler, fd_samples, None if timesteps else k, timesteps, seed=seed,
                                 device=device, progress=False)
                 seconds = time.time() - t0
+                if on_samples is not None:
+                    on_samples(method, k, images)
                 value, stderr = frechet_with_stderr(features(images).numpy(), reference, seed)
-                fd.append({"K": k, "method": name, "fd": value, "stderr": stderr, "num_samples": fd_samples,
+                fd.append({"K": k, "method": method, "fd": value, "stderr": stderr, "num_samples": fd_samples,
                            "seconds": seconds})
                 bar.update()
     bar.close()
@@ -179,13 +197,14 @@ def run_bench(
         "sample_quality": {"measure": feature_name if features is not None else None,
                            "skipped": None if features is not None else feature_name,
                            "num_samples": fd_samples if features is not None else 0,
+                           "reference_images": min(len(train), REFERENCE_IMAGES),
                            "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                                       "num_images": len(heldout)},
                            "rows": fd},
         "seconds_total": time.time() - start, **environment(device),
     }
-    write_results(out, "bench", result, markdown(result))
-    plot(result, out)
+    write_results(out, name, result, markdown(result))
+    plot(result, out, name)
     return result
 
 
@@ -210,10 +229,12 @@ def markdown(r: dict) -> str:
     else:
         fd = {(x["method"], x["K"]): x for x in q["rows"]}
         floor = q["real_floor"]
-        out += [f"{q['measure']} to {q['num_samples']} training images ({q['num_samples']} samples per cell, ± bootstrap "
-                f"standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation images score "
-                f"{floor['fd']:.3f} ± {floor['stderr']:.3f} (fewer images, so a higher floor than at "
-                f"{q['num_samples']}).", "", f"| method | {head} |", "|---|" + "---:|" * len(steps)]
+        relation = ("fewer images than a cell, so this floor sits above the one at the cells' n"
+                    if floor["num_images"] < q["num_samples"] else "at least as many images as a cell")
+        out += [f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per cell, "
+                f"± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation "
+                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", f"| method | {head} |",
+                "|---|" + "---:|" * len(steps)]
         for method in dict.fromkeys(x["method"] for x in q["rows"]):
             out.append(f"| {method} | " + " | ".join(
                 f"{fd[(method, k)]['fd']:.3f} ± {fd[(method, k)]['stderr']:.3f}" if (method, k) in fd else "—"
@@ -222,7 +243,7 @@ def markdown(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(r: dict, out: Path) -> None:
+def plot(r: dict, out: Path, name: str = "bench") -> None:
     try:
         import matplotlib
     except ImportError:  # the [digits] extra brings matplotlib; without it, JSON and Markdown only
@@ -239,7 +260,7 @@ def plot(r: dict, out: Path) -> None:
     ax.set(xscale="log", yscale="log", xlabel="K", ylabel="NLL bound (bits/dim)", title=r["model"])
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "bench_nll.png", dpi=110)
+    fig.savefig(out / f"{name}_nll.png", dpi=110)
     plt.close(fig)
     q = r["sample_quality"]
     if q["rows"]:
@@ -252,6 +273,6 @@ def plot(r: dict, out: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "bench_fd.png", dpi=110)
+        fig.savefig(out / f"{name}_fd.png", dpi=110)
         plt.close(fig)
 

@@ -61,9 +61,13 @@ def sample(
     return torch.cat(out)
 
 
-def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 4) -> str:
-    """Tile images in [-1, 1] (N, C, H, W) into one PNG, each pixel enlarged ``scale`` times."""
-    from PIL import Image
+def save_grid(
+    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 4,
+    row_labels: Sequence[str] | None = None,
+) -> str:
+    """Tile images in [-1, 1] (N, C, H, W) into one PNG, each pixel enlarged ``scale`` times; ``row_labels``
+    writes one label left of each row."""
+    from PIL import Image, ImageDraw
 
     n, c, h, w = images.shape
     nrow = nrow or math.ceil(math.sqrt(n))
@@ -74,5 +78,17 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         r, col = divmod(i, nrow)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = img
     grid = grid.repeat(scale, 0).repeat(scale, 1)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    if row_labels:
+        if len(row_labels) != rows:
+            raise ValueError(f"{len(row_labels)} row labels for {rows} rows of {nrow} images; pass one per row.")
+        draw = ImageDraw.Draw(image)
+        margin = int(max(draw.textlength(label) for label in row_labels)) + 8
+        labelled = Image.new(image.mode, (image.width + margin, image.height), 255)
+        labelled.paste(image, (margin, 0))
+        draw, row_height = ImageDraw.Draw(labelled), (h + 1) * scale
+        for r, label in enumerate(row_labels):
+            draw.text((4, r * row_height + row_height // 2), label, fill=0, anchor="lm")
+        image = labelled
+    image.save(path)
     return str(path)

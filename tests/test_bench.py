@@ -10,7 +10,8 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from analytic_sampler.bench import FD_BOOTSTRAP, frechet_with_stderr
+from analytic_sampler.bench import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
+from analytic_sampler.digits import frechet_distance
 from analytic_sampler.cli import main
 
 from conftest import tiny_unet
@@ -125,9 +126,16 @@ def test_nll_command_on_an_unseen_model(tmp_path, capsys):
         main(["nll", model, "--data", heldout, "--variance", "beta", "--timesteps", "5,9,0"])
 
 
+def test_frechet_reference_equals_the_sqrtm_formula():
+    rng = np.random.default_rng(1)
+    ref, other = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)), rng.standard_normal((300, 6)) + 0.3
+    expected = frechet_distance(ref.mean(0), np.cov(ref, rowvar=False), other.mean(0), np.cov(other, rowvar=False))
+    assert FrechetReference(ref).distance(other) == pytest.approx(expected, rel=1e-8)
+
+
 def test_bootstrap_stderr_shrinks_with_more_samples():
     rng = np.random.default_rng(0)
-    reference = (np.zeros(4), np.eye(4))
+    reference = FrechetReference(rng.standard_normal((5000, 4)))
     small = frechet_with_stderr(rng.standard_normal((50, 4)), reference)[1]
     large = frechet_with_stderr(rng.standard_normal((2000, 4)), reference)[1]
     assert FD_BOOTSTRAP >= 50 and 0 < large < small / 3

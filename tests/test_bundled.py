@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from diffusers import DDPMScheduler
 
-from analytic_sampler.demo import DEMO_METHODS, run_demo
+from analytic_sampler.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run_demo
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
 
@@ -58,11 +58,21 @@ def test_bundled_model_loads_by_repo_id_from_an_offline_hub_cache(tmp_path):
 
 
 def test_demo_writes_grid_and_table(tmp_path):
-    result = run_demo("digits-ddpm-linear", str(tmp_path), steps=(5,), num_images=20)
-    assert (tmp_path / "grid.png").is_file() and (tmp_path / "results.md").is_file()
-    rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    assert [r["method"] for r in rows] == list(DEMO_METHODS) and all(np.isfinite(r["fd_digits"]) for r in rows)
-    assert result["fd_digits_train_vs_heldout"] > 0
+    from PIL import Image
+
+    result = run_demo("digits-ddpm-linear", str(tmp_path), steps=(5, 8), num_images=20)
+    for name in ("grid.png", "results.md", "results_nll.png", "results_fd.png"):
+        assert (tmp_path / name).is_file()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    quality = saved["sample_quality"]
+    assert [r["method"] for r in quality["rows"]] == list(DEMO_METHODS) * 2 and quality["measure"] == "FD-digits"
+    assert all(np.isfinite(r["fd"]) and r["stderr"] > 0 for r in quality["rows"]) and quality["real_floor"]["fd"] > 0
+    assert {(r["K"], r["trajectory"], r["variance"]) for r in saved["nll"]} >= {(5, "optimal", "residual"),
+                                                                                 (8, "even", "analytic")}
+    grid = Image.open(tmp_path / "grid.png")
+    unlabelled = 10 * (8 + 1) * 4 + 4
+    assert grid.height == 8 * (8 + 1) * 4 + 4 and grid.width > unlabelled + 60  # 8 rows, a label margin
+    assert result["table"] == "shipped with the model"
 
 
 def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
@@ -72,4 +82,4 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     result = run_demo(str(model_dir), str(tmp_path / "out"), steps=(5,), num_images=10)
     assert load_pretrained(str(model_dir)).table is None  # the table goes to the output folder, not the model's
     saved = VarianceTable.load(tmp_path / "out" / "table")
-    assert saved.counts.tolist() == [100] * 1000 and len(result["results"]) == len(DEMO_METHODS)
+    assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000 and len(result["sample_quality"]["rows"]) == 4

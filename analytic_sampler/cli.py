@@ -130,9 +130,27 @@ def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
     )
 
 
+def _start_distributed(device: str | None) -> tuple[int, str | None]:
+    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1): gloo on the CPU,
+    nccl on GPUs, each rank on its ``LOCAL_RANK`` GPU. Returns ``(rank, device)``."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, device
+    cuda = device is None and torch.cuda.is_available() or str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), device or "cpu"
+
+
 def cmd_precompute(args) -> None:
     from .moments import estimate_moments
 
+    rank, args.device = _start_distributed(args.device)
     model = load_pretrained(args.model, with_table=False)
     timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)
     data = _load_data(args.data, model.unet.config.in_channels)
@@ -145,8 +163,9 @@ def cmd_precompute(args) -> None:
         batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
         provenance={"model_id": args.model, "data": args.data},
     )
-    table.save(out)
-    print(f"{table}\nsaved to {out}")
+    if rank == 0:  # every rank holds the same table
+        table.save(out)
+        print(f"{table}\nsaved to {out}")
 
 
 def _table(args, model=None):

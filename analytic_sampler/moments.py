@@ -10,6 +10,11 @@ cut into batches that mix timesteps. The noise of batch ``b`` is drawn on the CP
 with ``(seed, b)``, so results are reproducible bit for bit and independent of where the model runs.
 Per-timestep sums of ``m = ||eps_theta||^2 / d``, ``m^2``, ``e = ||x0 - x0_hat||^2 / d`` and ``e^2``
 accumulate in float64 on the device.
+
+Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) the batches are dealt out in rounds: in round r,
+rank i runs batch ``next + r W + i``; the W per-batch sums are all-gathered and every rank adds them in batch order,
+exactly as one process adds its own batches. So the table does not depend on the number of processes: on the CPU
+it is the same bit for bit (given the same model outputs per batch), and every rank holds the same running sums.
 """
 
 from __future__ import annotations
@@ -122,6 +127,36 @@ def _check_finite(sums: torch.Tensor, timesteps: np.ndarray) -> None:
         )
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _rank_path(path: str, rank: int) -> str:
+    """Rank 0 keeps ``path``; rank r > 0 writes ``<stem>.rank<r><suffix>`` beside it (no shared disk needed)."""
+    if rank == 0:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.rank{rank}{ext}"
+
+
+def _agree_on_start(resumed, num_t: int, device: torch.device, world: int) -> tuple[int, torch.Tensor]:
+    """Every rank starts from the least advanced checkpoint among the ranks (a rank killed before its last write
+    is behind the others); that rank's sums, identical on every rank that reached them, are broadcast."""
+    start, sums = (0, torch.zeros(len(SUMS), num_t, dtype=torch.float64)) if resumed is None else resumed
+    sums = sums.to(device)
+    if world == 1:
+        return start, sums
+    starts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    torch.distributed.all_gather(starts, torch.tensor([start], dtype=torch.int64, device=device))
+    starts = [int(x) for x in starts]
+    source = starts.index(min(starts))
+    torch.distributed.broadcast(sums, src=source)
+    return starts[source], sums
+
+
 def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
     if not os.path.exists(path):
         return None
@@ -186,8 +221,11 @@ def estimate_moments(
         model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data.
         provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
 
-    To spread the work over machines, run shards with different seeds (or data) and pool them with
-    ``VarianceTable.merge``.
+    Under torch.distributed (``torchrun --nproc_per_node N``, ``accelerate launch``) the batches are shared among
+    the processes and every process returns the same table, equal to a single process's (module docstring);
+    each rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.
+    ``checkpoint_every`` then counts rounds of one batch per rank. Independent shards (other seeds or data) can
+    also be pooled with ``VarianceTable.merge``.
     """
     if num_samples < 1 or batch_size < 1 or checkpoint_every < 1:
         raise ValueError("num_samples, batch_size and checkpoint_every must all be at least 1.")
@@ -227,30 +265,44 @@ def estimate_moments(
     kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
     shape = (1,) * (x0.ndim - 1)
 
-    path = None if checkpoint is None else os.fspath(checkpoint)
-    resumed = None if path is None else _load_checkpoint(path, run)
-    start, sums = (0, torch.zeros(len(SUMS), num_t, dtype=torch.float64)) if resumed is None else resumed
-    sums = sums.to(device)
+    rank, world = _world()
+    path = None if checkpoint is None else _rank_path(os.fspath(checkpoint), rank)
+    start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_t, device, world)
 
+    def batch_sums(b: int) -> torch.Tensor:
+        """The per-timestep sums of batch ``b``: rows ``SUMS``, float64 on the device."""
+        offset = b * batch_size
+        pair = torch.arange(offset, min(offset + batch_size, num_pairs), device=device)
+        k, s = pair % num_t, pair // num_t
+        noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
+        sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
+        x_t = sqrt_abar * x0[s] + sqrt_bb * noise.to(device, work_dtype)
+        eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
+        x0_err = x0[s] - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
+        m, e = _mean_square(eps), _mean_square(x0_err)
+        return _fold(torch.stack([m, m * m, e, e * e]), offset, num_t)
+
+    rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(module), tqdm(
-        total=num_batches, initial=start, disable=not progress, desc="estimating ms_eps, x0_mse", unit="batch"
+        total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
+        unit="batch",
     ) as bar:
-        for b in range(start, num_batches):
-            offset = b * batch_size
-            pair = torch.arange(offset, min(offset + batch_size, num_pairs), device=device)
-            k, s = pair % num_t, pair // num_t
-            noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
-            sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
-            x_t = sqrt_abar * x0[s] + sqrt_bb * noise.to(device, work_dtype)
-            eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
-            x0_err = x0[s] - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
-            m, e = _mean_square(eps), _mean_square(x0_err)
-            sums += _fold(torch.stack([m, m * m, e, e * e]), offset, num_t)
-            bar.update()
-            if (b + 1) % checkpoint_every == 0 or b + 1 == num_batches:
+        for r in range(rounds):
+            first = start + r * world  # batches first … first + world - 1, one per rank
+            mine = first + rank
+            part = batch_sums(mine) if mine < num_batches else torch.zeros_like(sums)
+            parts = [part]
+            if world > 1:
+                parts = [torch.empty_like(part) for _ in range(world)]
+                torch.distributed.all_gather(parts, part)
+            done = min(first + world, num_batches)
+            for contribution in parts[: done - first]:  # in batch order, as one process would add them
+                sums += contribution
+            bar.update(done - first)
+            if (r + 1) % checkpoint_every == 0 or done == num_batches:
                 _check_finite(sums, ts)
                 if path is not None:
-                    _save_checkpoint(path, run, b + 1, sums)
+                    _save_checkpoint(path, run, done, sums)
 
     full = np.zeros((len(SUMS), abar.size))
     full[:, ts] = sums.cpu().numpy()

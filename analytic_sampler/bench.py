@@ -165,7 +165,7 @@ def run_bench(
         for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
             t0 = time.time()
             results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
-                                   x0_mse=table.x0_mse, batch_size=min(len(heldout), 1024), seed=seed, device=device,
+                                   x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
                                    progress=False)
             seconds = time.time() - t0
             nll += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
@@ -180,7 +180,7 @@ def run_bench(
             for method, (scheduler, timesteps) in samplers.items():
                 t0 = time.time()
                 images = sample(model.unet, scheduler, fd_samples, None if timesteps else k, timesteps, seed=seed,
-                                device=device, progress=False)
+                                batch_size=batch_size, device=device, progress=False)
                 seconds = time.time() - t0
                 if on_samples is not None:
                     on_samples(method, k, images)

@@ -34,7 +34,8 @@ def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 10
     rows: list[tuple[str, torch.Tensor]] = []
     result = run_bench(
         model, load_digits_split("train")[0], load_digits_split("heldout")[0], steps, out,
-        table_samples=DEMO_TABLE_SAMPLES, fd_samples=num_images, seed=seed, device=device, methods=DEMO_METHODS,
+        table_samples=DEMO_TABLE_SAMPLES, fd_samples=num_images, batch_size=1000, seed=seed, device=device,
+        methods=DEMO_METHODS,
         on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])), name="results",
     )
     grid = save_grid(torch.cat([images for _, images in rows]), out / "grid.png", nrow=GRID_COLUMNS,

@@ -173,33 +173,41 @@ def _is_monge(u: np.ndarray, m: np.ndarray) -> bool:
 def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact DP when J is Monge: per level, the argmin ``o(t)`` over s is non-decreasing in t, so the middle t
     of a range bounds the windows of both halves (divide and conquer). All ranges of one recursion depth are
-    evaluated together as one ragged array (``reduceat`` gives each window's first minimum): O(K N log N) work in
-    O(K log N) numpy calls. Returns ``(C, argmin)`` like :func:`_solve_dense`."""
+    evaluated together as one ragged array: O(K N log N) work in O(K log N) numpy calls. Within a level the
+    search runs on ``exp(C_{k-1}[s] - min C_{k-1}) (g[t] + snr[s])``, whose argmin is that of
+    ``C_{k-1}[s] + J(s, t)`` (``J = log m[t] + log(g[t] + snr[s])``), so the inner loop has no logarithm.
+    Returns ``(C, argmin)`` like :func:`_solve_dense`."""
     n = u.size
+    g, log_m = 1.0 / m - u, np.log(m)
     cost = np.full((max_steps + 1, n), np.inf)
     arg = np.zeros((max_steps + 1, n), dtype=np.int64)
     cost[1, 0] = 0.0
     positions = np.arange(2 * n)  # a depth never evaluates more than N - 1 windows over N - 1 values of s
     for k in range(2, max_steps + 1):
-        prev, best_cost, best_s = cost[k - 1], cost[k], arg[k]
-        # ranges of t [t_lo, t_hi] still to solve, each with its window of s [s_lo, s_hi]
-        t_lo, t_hi = np.array([k - 1]), np.array([n - 1])
-        s_lo, s_hi = np.array([k - 2]), np.array([n - 2])
-        while t_lo.size:
+        # an s costlier than the cheapest by more than any J (at most ~40) is never chosen: exp cannot overflow
+        shift = cost[k - 1, k - 2 :].min()
+        with np.errstate(over="ignore"):
+            weight = np.exp(cost[k - 1] - shift)
+        best, best_s = cost[k], arg[k]
+        # ranges of t still to solve, each with its window of s: rows t_lo, t_hi, s_lo, s_hi
+        ranges = np.array([[k - 1], [n - 1], [k - 2], [n - 2]])
+        while ranges.shape[1]:
+            t_lo, t_hi, s_lo, s_hi = ranges
             mid = (t_lo + t_hi) >> 1
             width = np.minimum(s_hi, mid - 1) - s_lo + 1
             ends = np.cumsum(width)
             starts = ends - width
-            pos = positions[: ends[-1]]
-            s = pos - np.repeat(starts - s_lo, width)
-            vals = prev[s] + np.log1p((u[s] - np.repeat(u[mid], width)) * np.repeat(m[mid], width))
+            s = positions[: ends[-1]] - np.repeat(starts - s_lo, width)
+            vals = weight[s] * (u[s] + np.repeat(g[mid], width))
             low = np.minimum.reduceat(vals, starts)
-            first = np.minimum.reduceat(np.where(vals == np.repeat(low, width), pos, pos.size), starts)
-            o = s[first]
-            best_cost[mid], best_s[mid] = low, o
-            left, right = t_lo < mid, mid < t_hi
-            t_lo, t_hi = np.concatenate([t_lo[left], mid[right] + 1]), np.concatenate([mid[left] - 1, t_hi[right]])
-            s_lo, s_hi = np.concatenate([s_lo[left], o[right]]), np.concatenate([o[left], s_hi[right]])
+            hits = np.flatnonzero(vals == np.repeat(low, width))
+            o = s[hits[np.searchsorted(hits, starts)]]  # the first minimum of each window
+            best[mid], best_s[mid] = low, o
+            halves = np.empty((4, 2 * mid.size), dtype=np.int64)
+            halves[:, 0::2] = (t_lo, mid - 1, s_lo, o)
+            halves[:, 1::2] = (mid + 1, t_hi, o, s_hi)
+            ranges = halves[:, halves[0] <= halves[1]]
+        best[k - 1 :] = shift + np.log(best[k - 1 :]) + log_m[k - 1 :]
     return cost, arg
 
 

@@ -28,7 +28,7 @@ def main() -> None:
     images = pipe(batch_size=16, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt").images
     print(f"10-step trajectory: {pipe.scheduler.trajectory}")
 
-    # The main job: Analytic-DDPM / -DDIM against DDPM / DDIM at K = 10 and 25, FD-digits and a grid.
+    # The main job: bits/dim and FD-digits of Analytic-DPM against DDPM / DDIM at K = 10 and 25, a labelled grid.
     run_demo(DEFAULT_MODEL, args.out)
     save_grid(images * 2 - 1, f"{args.out}/pipeline_k10.png", nrow=8)  # "pt" output: (B, C, H, W) in [0, 1]
     print(f"wrote {args.out}/pipeline_k10.png")

@@ -165,7 +165,10 @@ def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torc
 
 
 def _is_monge(u: np.ndarray, m: np.ndarray) -> bool:
-    """Whether ``g = 1/m - snr`` is non-increasing (to rounding), the condition that makes J a Monge matrix."""
+    """Whether ``g = 1/m - snr`` is non-increasing (to rounding), the condition that makes J a Monge matrix; a raw
+    moment of 0 (c where ms_eps >= 1) is not."""
+    if np.any(m <= 0):
+        return False
     g = 1.0 / m - u
     return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + u[1:])))
 

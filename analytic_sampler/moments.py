@@ -309,7 +309,7 @@ def estimate_moments(
     counts = np.zeros(abar.size, dtype=np.int64)
     counts[ts] = num_samples
     record = {
-        "model_id": _config_value(module, "_name_or_path") or type(module).__name__,
+        "model_id": str(_config_value(module, "_name_or_path") or type(module).__name__),
         "data": f"{num_samples} images of shape {tuple(x0.shape[1:])}",
         "num_samples": num_samples,
         "num_timesteps_estimated": int(num_t),

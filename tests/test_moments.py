@@ -222,3 +222,17 @@ def test_tiny_unet_with_scheduler_prediction_type():
     adapter = EpsilonAdapter(unet, scheduler, prediction_type="sample")
     assert estimate_moments(adapter, data, scheduler, num_samples=6, timesteps=[5], progress=False).provenance[
         "prediction_type"] == "sample"
+
+
+def test_a_model_loaded_from_a_path_object_gives_a_savable_table(tmp_path):
+    """Diffusers keeps ``_name_or_path`` as given; a pathlib.Path there must not break the table's JSON."""
+    from diffusers import DDPMScheduler
+
+    from conftest import tiny_unet
+
+    tiny_unet(channels=1).save_pretrained(tmp_path / "unet")
+    unet = type(tiny_unet()).from_pretrained(tmp_path / "unet")
+    table = estimate_moments(unet, torch.rand(2, 1, 8, 8) * 2 - 1, DDPMScheduler(num_train_timesteps=10), num_samples=2,
+                             progress=False)
+    table.save(tmp_path / "table")
+    assert table.provenance["model_id"] == str(tmp_path / "unet")

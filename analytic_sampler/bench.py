@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .frechet import FrechetReference, frechet_with_stderr
 from .likelihood import nll_bpd_many
 from .methods import LEARNED, sampling_methods
 from .pretrained import PretrainedModel, load_pretrained
@@ -32,7 +33,6 @@ from .report import environment, footer, write_results
 from .sampling import sample
 from .trajectory import TrajectoryDP, even_trajectory
 
-FD_BOOTSTRAP = 50  # resamples of the generated set for the standard error of each FD cell
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
 Features = Callable[[torch.Tensor], torch.Tensor]
@@ -71,29 +71,6 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
                   "(FD-digits covers 1x8x8 digits); pass --inception PATH to a local Inception network for FID.")
 
 
-class FrechetReference:
-    """Mean and covariance of reference features, with the covariance's square root ``R`` kept, so that
-    ``FD = |mu - mu_r|^2 + tr S + tr S_r - 2 tr (R S R)^{1/2}`` costs one symmetric eigendecomposition per set."""
-
-    def __init__(self, feats: np.ndarray):
-        self.mean, cov = feats.mean(0), np.cov(feats, rowvar=False)
-        vals, vecs = np.linalg.eigh(cov)
-        self.root, self.trace = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T, float(np.trace(cov))
-
-    def distance(self, feats: np.ndarray) -> float:
-        mean, cov = feats.mean(0), np.cov(feats, rowvar=False)
-        cross = np.sqrt(np.clip(np.linalg.eigvalsh(self.root @ cov @ self.root), 0, None)).sum()
-        return max(float(np.sum((mean - self.mean) ** 2) + np.trace(cov) + self.trace - 2 * cross), 0.0)
-
-
-def frechet_with_stderr(feats: np.ndarray, reference: FrechetReference, seed: int = 0) -> tuple[float, float]:
-    """FD of ``feats`` to the reference, and its bootstrap standard error (``FD_BOOTSTRAP`` resamples of
-    ``feats`` with replacement; the reference is held fixed)."""
-    rng = np.random.default_rng(seed)
-    boot = [reference.distance(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(FD_BOOTSTRAP)]
-    return reference.distance(feats), float(np.std(boot, ddof=1))
-
-
 def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
                 seed: int = 0, device=None):
     """The table to use: ``table``, else the model's own if it has x0_mse, else a new one (checkpointed)."""
@@ -110,6 +87,33 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
                              provenance={"model_id": str(model.source)})
     table.save(folder)
     return table, f"estimated here ({num_samples} images per timestep, saved to {folder})"
+
+
+def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_size: int = 256, seed: int = 0,
+             device="cpu", on_cell: Callable[[], object] | None = None) -> list[dict]:
+    """NLL rows ``K, trajectory, variance, bpd, stderr, num_images, seconds, timesteps`` for every K: the variances
+    of ``NLL_VARIANCES`` (and ``learned`` where the model has it) on the even trajectory and on the optimal one
+    (the residual DP of ``table``), from one pass of model calls per trajectory; a trajectory that equals the
+    even one (K = N) is not evaluated twice. ``on_cell()`` is called after each K and trajectory."""
+    n = model.scheduler.config.num_train_timesteps
+    dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse("the optimal trajectory"))
+    variances = list(NLL_VARIANCES) + (["learned"] if model.scheduler.config.get("variance_type") in LEARNED else [])
+    rows = []
+    for k in steps:
+        done = {}
+        for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
+            if tuple(ts) not in done:
+                t0 = time.time()
+                results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
+                                       x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
+                                       progress=False)
+                done[tuple(ts)] = results, time.time() - t0
+            results, seconds = done[tuple(ts)]
+            rows += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
+                      "num_images": r.num_samples, "seconds": seconds, "timesteps": ts} for v, r in results.items()]
+            if on_cell is not None:
+                on_cell()
+    return rows
 
 
 def run_bench(
@@ -150,31 +154,20 @@ def run_bench(
     if not all(2 <= int(k) <= n for k in steps):
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
     table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device)
-    dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse("the bench's optimal trajectory"))
-    variances = list(NLL_VARIANCES) + (["learned"] if config.get("variance_type") in LEARNED else [])
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
     fd_samples = fd_samples or min(len(train), 5000)
-    methods_per_k = {}
-    for k in steps if features is not None else ():
-        methods_per_k[k] = {m: v for m, v in sampling_methods(config, table, k).items() if methods is None or m in methods}
+    methods_per_k = {} if features is None else {
+        k: {m: v for m, v in sampling_methods(config, table, k).items() if methods is None or m in methods}
+        for k in steps
+    }
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
-    nll = []
-    for k in steps:
-        for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
-            t0 = time.time()
-            results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
-                                   x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
-                                   progress=False)
-            seconds = time.time() - t0
-            nll += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
-                     "num_images": r.num_samples, "seconds": seconds, "timesteps": ts} for v, r in results.items()]
-            bar.update()
+    nll = nll_rows(model, table, heldout, steps, batch_size, seed, device, on_cell=bar.update)
 
     fd, floor = [], None
     if features is not None:
-        reference = FrechetReference(features(train[:REFERENCE_IMAGES]).numpy())
+        reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
         floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
         for k, samplers in methods_per_k.items():
             for method, (scheduler, timesteps) in samplers.items():

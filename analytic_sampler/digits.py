@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .frechet import FrechetReference, frechet_distance
+
 __all__ = [
     "SPLIT_SEED",
     "NUM_HELDOUT",
@@ -229,44 +231,6 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """Fréchet distance ``|mu1-mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})`` with scipy.linalg.sqrtm.
-
-    Robust to the usual numerical trouble: a singular product gets ``eps`` added to both diagonals,
-    small imaginary parts of the matrix square root are dropped (large ones raise), and the result is
-    clamped at 0.
-    """
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    diff = mu1 - mu2
-    import warnings
-
-    def _sqrtm(m: np.ndarray) -> np.ndarray:
-        with warnings.catch_warnings():  # singular products (dead ReLU units) are expected and handled
-            warnings.simplefilter("ignore")
-            r = linalg.sqrtm(m)
-        return r[0] if isinstance(r, tuple) else r  # older scipy: (sqrtm, errest)
-
-    covmean = _sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3 * max(1.0, np.abs(covmean).max())):
-            raise ValueError(f"sqrtm has a large imaginary part ({np.abs(covmean.imag).max():.3g})")
-        covmean = covmean.real
-    fd = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
-    return max(fd, 0.0)
-
-
-def _stats(feats: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    f = feats.numpy()
-    return f.mean(0), np.cov(f, rowvar=False)
-
-
 def fd_digits(images_a: torch.Tensor, images_b: torch.Tensor, features: DigitFeatures | None = None) -> float:
     """FD-digits between two sets of 1x8x8 images in [-1, 1] (NOT comparable with Inception FID).
 
@@ -276,9 +240,7 @@ def fd_digits(images_a: torch.Tensor, images_b: torch.Tensor, features: DigitFea
     features = features if features is not None else _default_features()
     if len(images_a) < 2 or len(images_b) < 2:
         raise ValueError("fd_digits needs at least 2 images in each set")
-    mu1, s1 = _stats(features(images_a))
-    mu2, s2 = _stats(features(images_b))
-    return frechet_distance(mu1, s1, mu2, s2)
+    return FrechetReference.of(features(images_b).numpy()).distance(features(images_a).numpy())
 
 
 _FEATURES: DigitFeatures | None = None

@@ -17,13 +17,12 @@ import time
 
 import torch
 
+from analytic_sampler.bench import nll_rows as bench_nll_rows
 from analytic_sampler.digits import fd_digits, load_digits_split
-from analytic_sampler.likelihood import nll_bpd_many
-from analytic_sampler.methods import LEARNED, sampling_methods
+from analytic_sampler.methods import sampling_methods
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
 from analytic_sampler.report import environment, footer, write_results
 from analytic_sampler.sampling import sample
-from analytic_sampler.trajectory import TrajectoryDP, even_trajectory
 
 FULL_STEPS = (10, 25, 50, 100, 200, 1000)
 QUICK_STEPS = (10, 25)
@@ -33,23 +32,10 @@ FULL_CHAIN_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "Analytic-DDPM (residual
 
 
 def nll_rows(model, table, heldout, steps, num_images, seed, device):
-    """One row per (K, trajectory, variance): bits/dim ± stderr on the held-out images."""
-    n = model.scheduler.config.num_train_timesteps
-    variances = ["btilde", "beta", "analytic", "residual"]
-    variances += ["learned"] if model.scheduler.config.variance_type in LEARNED else []
-    dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse())
-    rows = []
-    for k in steps:
-        trajectories = {"even": even_trajectory(n, k), "optimal": dp.path(k)}
-        if trajectories["even"] == trajectories["optimal"]:  # K = N: both are the full chain
-            trajectories = {"even": trajectories["even"]}
-        for name, ts in trajectories.items():
-            results = nll_bpd_many(model.unet, heldout[:num_images], model.scheduler, ts, variances, ms_eps=table.ms_eps,
-                                   x0_mse=table.x0_mse, batch_size=num_images, seed=seed, device=device, progress=False)
-            for variance, r in results.items():
-                rows.append({"K": k, "trajectory": name, "variance": variance, "bpd": r.mean, "stderr": r.stderr,
-                             "num_images": r.num_samples})
-                print(f"  NLL K={k:4d} {name:7s} {variance:8s} {r.mean:8.3f} ± {r.stderr:.3f}", flush=True)
+    """One row per (K, trajectory, variance): bits/dim ± stderr on the held-out images, as ``bench`` measures it."""
+    rows = bench_nll_rows(model, table, heldout[:num_images], steps, batch_size=num_images, seed=seed, device=device)
+    for r in rows:
+        print(f"  NLL K={r['K']:4d} {r['trajectory']:7s} {r['variance']:8s} {r['bpd']:8.3f} ± {r['stderr']:.3f}", flush=True)
     return rows
 
 
@@ -80,7 +66,7 @@ def markdown(result: dict) -> str:
         cells = {(r["variance"], r["trajectory"], r["K"]): r for r in m["nll"]}
         for variance in dict.fromkeys(r["variance"] for r in m["nll"]):
             for traj in ("even", "optimal"):
-                row = [cells.get((variance, traj, k)) or cells.get((variance, "even", k)) for k in steps]
+                row = [cells[(variance, traj, k)] for k in steps]
                 out.append(f"| {variance} | {traj} | " + " | ".join(f"{r['bpd']:.3f} ± {r['stderr']:.3f}" for r in row) + " |")
         fd = {(r["method"], r["K"]): r["fd_digits"] for r in m["fd"]}
         out += ["", f"FD-digits ({m['fd'][0]['num_images']} samples vs the {m['heldout_images']} held-out digits; "
@@ -105,7 +91,7 @@ def plot(result: dict, out_dir) -> None:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         for variance in dict.fromkeys(r["variance"] for r in m["nll"]):
             for traj, style in (("even", "--"), ("optimal", "-")):
-                rows = [r for r in m["nll"] if r["variance"] == variance and (r["trajectory"] == traj or r["K"] == max(m["steps"]))]
+                rows = [r for r in m["nll"] if r["variance"] == variance and r["trajectory"] == traj]
                 if rows:
                     ax1.plot([r["K"] for r in rows], [r["bpd"] for r in rows], style, marker="o", label=f"{variance} ({traj})")
         ax1.set(xscale="log", yscale="log", xlabel="K", ylabel="NLL bound (bits/dim)", title=f"{m['model']}: NLL")

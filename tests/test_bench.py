@@ -10,8 +10,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from analytic_sampler.bench import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
-from analytic_sampler.digits import frechet_distance
+from analytic_sampler.frechet import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
 from analytic_sampler.cli import main
 
 from conftest import tiny_unet
@@ -127,15 +126,37 @@ def test_nll_command_on_an_unseen_model(tmp_path, capsys):
 
 
 def test_frechet_reference_equals_the_sqrtm_formula():
+    from scipy.linalg import sqrtm
+
     rng = np.random.default_rng(1)
     ref, other = rng.standard_normal((500, 6)) @ rng.standard_normal((6, 6)), rng.standard_normal((300, 6)) + 0.3
-    expected = frechet_distance(ref.mean(0), np.cov(ref, rowvar=False), other.mean(0), np.cov(other, rowvar=False))
-    assert FrechetReference(ref).distance(other) == pytest.approx(expected, rel=1e-8)
+    s1, s2 = np.cov(other, rowvar=False), np.cov(ref, rowvar=False)
+    expected = np.sum((other.mean(0) - ref.mean(0)) ** 2) + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    assert FrechetReference.of(ref).distance(other) == pytest.approx(expected, rel=1e-8)
 
 
 def test_bootstrap_stderr_shrinks_with_more_samples():
     rng = np.random.default_rng(0)
-    reference = FrechetReference(rng.standard_normal((5000, 4)))
+    reference = FrechetReference.of(rng.standard_normal((5000, 4)))
     small = frechet_with_stderr(rng.standard_normal((50, 4)), reference)[1]
     large = frechet_with_stderr(rng.standard_normal((2000, 4)), reference)[1]
     assert FD_BOOTSTRAP >= 50 and 0 < large < small / 3
+
+
+def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
+    """At K = N the optimal trajectory is the even one: both rows come from one pass of model calls."""
+    from analytic_sampler.bench import nll_rows
+    from analytic_sampler.moments import estimate_moments
+    from analytic_sampler.pretrained import load_pretrained
+
+    model = load_pretrained(model_folder(tmp_path, 1))
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    table = estimate_moments(model.unet, images, model.scheduler, num_samples=2, progress=False)
+    calls = []
+    unet_forward = model.unet.forward
+    model.unet.forward = lambda *a, **k: calls.append(1) or unet_forward(*a, **k)
+    rows = nll_rows(model, table, images, [40], batch_size=4)
+    even = {r["variance"]: r for r in rows if r["trajectory"] == "even"}
+    optimal = {r["variance"]: r for r in rows if r["trajectory"] == "optimal"}
+    assert set(even) == set(optimal) and len(calls) == 40
+    assert all(even[v]["bpd"] == optimal[v]["bpd"] and even[v]["timesteps"] == list(range(39, -1, -1)) for v in even)

@@ -131,3 +131,23 @@ def test_output_paths_are_checked_before_sampling(model_dir):
         main(["sample", "--out", "grid"])
     with pytest.raises(SystemExit, match="error: cannot create the output folder .*file.txt.*; choose another --out"):
         main(["demo", "--out", str(model_dir / "file.txt" / "demo")])
+
+
+def test_trajectory_warns_on_a_noisy_table_and_needs_x0_mse(tmp_path, capsys):
+    from analytic_sampler.schedule import alphas_cumprod_from_config
+
+    abar = alphas_cumprod_from_config({"num_train_timesteps": 100})
+    ms, x0 = (1 - abar) / (abar * 0.3 + 1 - abar), 0.3 * (1 - abar) / (abar * 0.3 + 1 - abar)
+    counts = np.full(100, 2)
+    # 2 draws per timestep with a huge spread: the DP's predicted gain is within noise
+    noisy = VarianceTable.from_sums(ms * 2, ms**2 * 2 + 1.0, counts, abar, x0 * 2, x0**2 * 2 + 50.0)
+    noisy.save(tmp_path / "noisy")
+    main(["trajectory", "--table", str(tmp_path / "noisy"), "--steps", "5"])
+    out = capsys.readouterr().out
+    assert "2 samples per timestep" in out and "warning: at K=5 the residual DP's predicted gain over the even " \
+        "trajectory is under 3 standard errors" in out and "precompute --num-samples" in out
+    VarianceTable(ms, np.full(100, 1e-3), counts, abar).save(tmp_path / "old")  # no x0_mse, as format 1
+    main(["trajectory", "--table", str(tmp_path / "old"), "--steps", "5"])
+    out = capsys.readouterr().out
+    assert "this table has no x0_mse, so no bound can be predicted" in out and "analytic-sampler precompute" in out
+    assert "K=5 paper DP: [99," in out

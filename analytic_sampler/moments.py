@@ -9,7 +9,8 @@ Work list: every (timestep, sample) pair, pair ``i`` -> timestep ``timesteps[i %
 cut into batches that mix timesteps. The noise of batch ``b`` is drawn on the CPU from a generator seeded
 with ``(seed, b)``, so results are reproducible bit for bit and independent of where the model runs.
 Per-timestep sums of ``m = ||eps_theta||^2 / d``, ``m^2``, ``e = ||x0 - x0_hat||^2 / d`` and ``e^2``
-accumulate in float64 on the device.
+accumulate in float64 on the device, and the same four per channel (axis 1 of ``(B, C, ...)`` data) with
+``d_c = d / C`` in place of ``d``.
 
 Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) the batches are dealt out in rounds: in round r,
 rank i runs batch ``next + r W + i``; the W per-batch sums are all-gathered and every rank adds them in batch order,
@@ -35,8 +36,8 @@ from .data import check_range, take_samples
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .table import VarianceTable
 
-CHECKPOINT_FORMAT = 2  # 2: four running sums (ms_eps and x0_mse)
-SUMS = ("ms_eps", "ms_eps^2", "x0_mse", "x0_mse^2")
+CHECKPOINT_FORMAT = 3  # 2: four running sums (ms_eps and x0_mse); 3: and the same four per channel
+SUMS = ("ms_eps", "ms_eps^2", "x0_mse", "x0_mse^2")  # then, with C channels, these four rows for each channel
 
 
 def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.ndarray:
@@ -142,10 +143,10 @@ def _rank_path(path: str, rank: int) -> str:
     return f"{root}.rank{rank}{ext}"
 
 
-def _agree_on_start(resumed, num_t: int, device: torch.device, world: int) -> tuple[int, torch.Tensor]:
+def _agree_on_start(resumed, num_rows: int, num_t: int, device: torch.device, world: int) -> tuple[int, torch.Tensor]:
     """Every rank starts from the least advanced checkpoint among the ranks (a rank killed before its last write
     is behind the others); that rank's sums, identical on every rank that reached them, are broadcast."""
-    start, sums = (0, torch.zeros(len(SUMS), num_t, dtype=torch.float64)) if resumed is None else resumed
+    start, sums = (0, torch.zeros(num_rows, num_t, dtype=torch.float64)) if resumed is None else resumed
     sums = sums.to(device)
     if world == 1:
         return start, sums
@@ -267,7 +268,9 @@ def estimate_moments(
 
     rank, world = _world()
     path = None if checkpoint is None else _rank_path(os.fspath(checkpoint), rank)
-    start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_t, device, world)
+    channels = x0.shape[1] if x0.ndim >= 3 else 0  # per-channel moments for (B, C, ...) data
+    num_rows = len(SUMS) * (1 + channels)
+    start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_rows, num_t, device, world)
 
     def batch_sums(b: int) -> torch.Tensor:
         """The per-timestep sums of batch ``b``: rows ``SUMS``, float64 on the device."""
@@ -280,7 +283,11 @@ def estimate_moments(
         eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
         x0_err = x0[s] - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
         m, e = _mean_square(eps), _mean_square(x0_err)
-        return _fold(torch.stack([m, m * m, e, e * e]), offset, num_t)
+        rows = torch.stack([m, m * m, e, e * e])
+        if channels:
+            m_c, e_c = _mean_square(eps, 2).T, _mean_square(x0_err, 2).T  # (C, B)
+            rows = torch.cat([rows, m_c, m_c * m_c, e_c, e_c * e_c])
+        return _fold(rows, offset, num_t)
 
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(module), tqdm(
@@ -304,8 +311,9 @@ def estimate_moments(
                 if path is not None:
                     _save_checkpoint(path, run, done, sums)
 
-    full = np.zeros((len(SUMS), abar.size))
+    full = np.zeros((num_rows, abar.size))
     full[:, ts] = sums.cpu().numpy()
+    per_channel = full[len(SUMS):].reshape(len(SUMS), channels, abar.size) if channels else None
     counts = np.zeros(abar.size, dtype=np.int64)
     counts[ts] = num_samples
     record = {
@@ -323,10 +331,12 @@ def estimate_moments(
         **(provenance or {}),
     }
     return VarianceTable.from_sums(
-        full[0], full[1], counts, abar, full[2], full[3], data_range=data_range, x0_clip=data_range, provenance=record
+        full[0], full[1], counts, abar, full[2], full[3], channel_sums=per_channel, data_range=data_range,
+        x0_clip=data_range, provenance=record,
     )
 
 
-def _mean_square(x: torch.Tensor) -> torch.Tensor:
-    """``||x_i||^2 / d`` per batch row, in float64."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1, dtype=torch.float64).square() / x[0].numel()
+def _mean_square(x: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """``||x_i||^2 / d`` per batch row (``start=1``), or per row and channel ``(B, C)`` (``start=2``), in float64."""
+    flat = x.flatten(start)
+    return torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64).square() / flat.shape[-1]

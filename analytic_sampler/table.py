@@ -2,7 +2,8 @@
 
     ms_eps[t] = E ||eps_theta(x_t, t)||^2 / d        x0_mse[t] = E ||x0 - x0_hat(x_t, t)||^2 / d
 
-(``x0_hat`` clipped to the data range when one is declared). From per-timestep sums ``S1 = sum m``,
+(``x0_hat`` clipped to the data range when one is declared), and the same two moments per channel
+(``||.||^2 / d_c`` over one channel's entries; the scalar moments are their mean). From per-timestep sums ``S1 = sum m``,
 ``S2 = sum m^2`` over ``n`` draws of a per-draw value ``m``::
 
     mean = S1 / n,    stderr = sqrt(var / n),    var = (S2 - n mean^2) / (n - 1)
@@ -29,12 +30,13 @@ from safetensors.numpy import load_file, save_file
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .variance import validate_ms_eps
 
-FORMAT_VERSION = 2  # 2 added x0_mse / x0_mse_stderr; version 1 tables load with them NaN
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays
+READABLE_VERSIONS = (1, 2, 3)
 ARRAYS_NAME = "variance_table.safetensors"
 META_NAME = "variance_table.json"
 _ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64, "alphas_cumprod": np.float64}
 _X0_ARRAYS = ("x0_mse", "x0_mse_stderr")
+CHANNEL_ARRAYS = ("channel_ms_eps", "channel_stderr", "channel_x0_mse", "channel_x0_mse_stderr")
 REESTIMATE_HINT = (
     "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
     "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
@@ -81,6 +83,9 @@ class VarianceTable:
     (both moments come from the same draws); NaN / 0 where not estimated, standard errors NaN where fewer than two
     draws were made. ``x0_mse`` is NaN everywhere in tables from before it existed (format 1); ``x0_clip`` is the
     range ``x0_hat`` was clipped to when ``x0_mse`` was estimated (``None``: no clipping).
+
+    ``channel_ms_eps``, ``channel_stderr``, ``channel_x0_mse`` and ``channel_x0_mse_stderr`` are the same moments
+    per data channel, shape ``(C, N)``, or ``None`` (tables from before format 3, or merged with one).
     """
 
     ms_eps: np.ndarray
@@ -93,6 +98,10 @@ class VarianceTable:
     x0_mse: np.ndarray | None = None
     x0_mse_stderr: np.ndarray | None = None
     x0_clip: tuple[float, float] | None = None
+    channel_ms_eps: np.ndarray | None = None
+    channel_stderr: np.ndarray | None = None
+    channel_x0_mse: np.ndarray | None = None
+    channel_x0_mse_stderr: np.ndarray | None = None
 
     def __post_init__(self):
         self.alphas_cumprod = as_alphas_cumprod(self.alphas_cumprod)
@@ -110,6 +119,7 @@ class VarianceTable:
             setattr(self, name, value)
         if np.any(self.x0_mse < 0):
             raise ValueError("x0_mse has negative entries; it is a mean squared error. Re-estimate the table.")
+        self._check_channel_arrays(n)
         if self.x0_clip is not None:
             self.x0_clip = tuple(float(v) for v in self.x0_clip)
         if self.data_range is not None:
@@ -126,20 +136,61 @@ class VarianceTable:
         self.fingerprint = expected
         self.provenance = dict(self.provenance)
 
+    def _check_channel_arrays(self, n: int) -> None:
+        """All four per-channel arrays or none, each float64 ``(C, N)`` with one shared ``C``."""
+        given = [getattr(self, name) is not None for name in CHANNEL_ARRAYS]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError(f"per-channel arrays come together: pass all of {CHANNEL_ARRAYS} or none.")
+        first = np.asarray(self.channel_ms_eps, dtype=np.float64)
+        for name in CHANNEL_ARRAYS:
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.ndim != 2 or value.shape != (first.shape[0], n):
+                raise ValueError(f"{name} has shape {value.shape}; it must be (channels, {n}), like channel_ms_eps.")
+            setattr(self, name, value)
+
     @classmethod
-    def from_sums(cls, sums, sums_sq, counts, alphas_cumprod, x0_sums=None, x0_sums_sq=None, **kwargs):
-        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated), and
-        the same sums of the per-draw ``||x0 - x0_hat||^2 / d`` when given."""
+    def from_sums(
+        cls, sums, sums_sq, counts, alphas_cumprod, x0_sums=None, x0_sums_sq=None, channel_sums=None, **kwargs
+    ):
+        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated), the
+        same sums of the per-draw ``||x0 - x0_hat||^2 / d`` when given, and ``channel_sums``: the four sums
+        (m, m^2, x0 error, its square) per channel, shape ``(4, C, N)``, when given."""
         n = np.asarray(counts, dtype=np.int64)
         ms_eps, stderr = _mean_stderr(sums, sums_sq, n)
         if x0_sums is not None:
             kwargs["x0_mse"], kwargs["x0_mse_stderr"] = _mean_stderr(x0_sums, x0_sums_sq, n)
+        if channel_sums is not None:
+            c1, c2, e1, e2 = np.asarray(channel_sums, dtype=np.float64)
+            kwargs["channel_ms_eps"], kwargs["channel_stderr"] = _mean_stderr(c1, c2, n)
+            kwargs["channel_x0_mse"], kwargs["channel_x0_mse_stderr"] = _mean_stderr(e1, e2, n)
         return cls(ms_eps, stderr, n, alphas_cumprod, **kwargs)
 
     def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(S1, S2)`` of ms_eps, then of x0_mse, recovered from means, stderrs and counts (zero where not
         estimated; the x0_mse sums are NaN where the table has no x0_mse)."""
         return (*_sums(self.ms_eps, self.stderr, self.counts), *_sums(self.x0_mse, self.x0_mse_stderr, self.counts))
+
+    def channel_sums(self) -> np.ndarray | None:
+        """The per-channel ``(S1, S2)`` of ms_eps and of x0_mse as one ``(4, C, N)`` array, or ``None``."""
+        if self.channel_ms_eps is None:
+            return None
+        return np.stack([
+            *_sums(self.channel_ms_eps, self.channel_stderr, self.counts),
+            *_sums(self.channel_x0_mse, self.channel_x0_mse_stderr, self.counts),
+        ])
+
+    @property
+    def num_channels(self) -> int | None:
+        """The number of data channels with per-channel moments, ``None`` when the table has none."""
+        return None if self.channel_ms_eps is None else int(self.channel_ms_eps.shape[0])
+
+    @property
+    def guidance_scale(self) -> float | None:
+        """The classifier-free guidance scale the table's eps was estimated at (``None``: unguided)."""
+        value = self.provenance.get("guidance_scale")
+        return None if value is None else float(value)
 
     @property
     def has_x0_mse(self) -> bool:
@@ -191,8 +242,11 @@ class VarianceTable:
         common = {k: v for k, v in self.provenance.items() if k in other.provenance and other.provenance[k] == v}
         provenance = {**common, "merged_from": [self.provenance, other.provenance]}
         total = [a + b for a, b in zip(self.sums(), other.sums())]  # x0_mse sums stay NaN if either lacks it
+        channels = None
+        if self.num_channels is not None and self.num_channels == other.num_channels:
+            channels = self.channel_sums() + other.channel_sums()
         return VarianceTable.from_sums(
-            *total[:2], self.counts + other.counts, self.alphas_cumprod, *total[2:],
+            *total[:2], self.counts + other.counts, self.alphas_cumprod, *total[2:], channel_sums=channels,
             data_range=self.data_range, provenance=provenance, x0_clip=self.x0_clip,
         )
 
@@ -202,10 +256,13 @@ class VarianceTable:
         os.makedirs(directory, exist_ok=True)
         arrays_path = os.path.join(directory, ARRAYS_NAME)
         dtypes = {**_ARRAY_DTYPES, **dict.fromkeys(_X0_ARRAYS, np.float64)}
+        if self.num_channels is not None:
+            dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
         save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}, arrays_path)
         meta = {
             "format_version": FORMAT_VERSION,
             "num_train_timesteps": self.num_train_timesteps,
+            "num_channels": self.num_channels,
             "fingerprint": self.fingerprint,
             "data_range": None if self.data_range is None else list(self.data_range),
             "x0_clip": None if self.x0_clip is None else list(self.x0_clip),
@@ -263,6 +320,11 @@ class VarianceTable:
             value = arrays.get(key)
             if value is None or value.dtype != dtype or value.shape != (n,):
                 raise _corrupt(arrays_path, f"array {key!r} missing or not {np.dtype(dtype).name}[{n}]")
+        channels = meta.get("num_channels") if version >= 3 else None
+        for key in CHANNEL_ARRAYS if channels is not None else ():
+            value = arrays.get(key)
+            if value is None or value.dtype != np.float64 or value.shape != (channels, n):
+                raise _corrupt(arrays_path, f"array {key!r} missing or not float64[{channels}, {n}]")
         data_range, x0_clip = meta.get("data_range"), meta.get("x0_clip")
         try:
             return cls(
@@ -272,6 +334,7 @@ class VarianceTable:
                 provenance=meta.get("provenance", {}),
                 x0_mse=arrays.get("x0_mse"), x0_mse_stderr=arrays.get("x0_mse_stderr"),
                 x0_clip=None if x0_clip is None else tuple(x0_clip),
+                **{key: arrays[key] for key in CHANNEL_ARRAYS if channels is not None},
             )
         except ValueError as err:
             raise _corrupt(arrays_path, str(err)) from err
@@ -298,9 +361,11 @@ class VarianceTable:
         span = f"[{np.min(self.ms_eps[est]):.4g}, {np.max(self.ms_eps[est]):.4g}]" if est.any() else "[]"
         draws = f"{self.counts[est].min()}-{self.counts[est].max()}" if est.any() else "0"
         model = self.provenance.get("model_id")
+        channels = "" if self.num_channels is None else f", channels={self.num_channels}"
+        guided = "" if self.guidance_scale is None else f", guidance_scale={self.guidance_scale:g}"
         return (
             f"VarianceTable(N={self.num_train_timesteps}, estimated={int(est.sum())}, draws/timestep={draws}, "
-            f"ms_eps in {span}, data_range={self.data_range}, fingerprint={self.fingerprint!r}"
+            f"ms_eps in {span}{channels}{guided}, data_range={self.data_range}, fingerprint={self.fingerprint!r}"
             + (f", model_id={model!r})" if model else ")")
         )
 

@@ -256,7 +256,7 @@ def test_per_channel_moments_of_a_gaussian_with_channel_variances(tmp_path):
         z = (est[:, ts] - exact[:, ts]) / err[:, ts]
         assert np.all(np.abs(z) < 4), (name, z)
         np.testing.assert_allclose(getattr(table, name)[ts], est[:, ts].mean(0), rtol=1e-12)
-    spread = table.channel_ms_eps[:, ts[10]]
+    spread = table.channel_ms_eps[:, ts[2]]
     assert spread.max() / spread.min() > 1.5  # the channels really differ where the scalar moment averages them
 
     loaded = VarianceTable.load(table.save(tmp_path / "t"))

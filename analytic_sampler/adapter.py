@@ -35,6 +35,13 @@ def model_output_tensor(output: Any) -> torch.Tensor:
     )
 
 
+def _to_batch(value: Any, batch: int) -> Any:
+    """A single-row tensor (one prompt embedding for all) expanded to ``batch`` rows; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 1 and batch > 1:
+        return value.expand(batch, *value.shape[1:])
+    return value
+
+
 class EpsilonAdapter:
     """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon.
 
@@ -134,7 +141,8 @@ class EpsilonAdapter:
         return self.split_output(self.model(x_t, self.model_timestep(t), **kwargs), x_t)[0]
 
     def _guided(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
-        uncond = {**cond, **self.uncond_kwargs}
+        cond = {k: _to_batch(v, x_t.shape[0]) for k, v in cond.items()}
+        uncond = {**cond, **{k: _to_batch(v, x_t.shape[0]) for k, v in self.uncond_kwargs.items()}}
         batchable = all(
             isinstance(cond.get(k), torch.Tensor) and isinstance(v, torch.Tensor) and cond[k].shape == v.shape
             for k, v in uncond.items()

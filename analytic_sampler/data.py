@@ -56,12 +56,18 @@ def _check_batch(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.float()
 
 
-def _folder_images(path: str, channels: int | None) -> Iterator[torch.Tensor]:
-    from PIL import Image
-
+def folder_files(path: str) -> list[str]:
+    """The image files of a folder, sorted by name: the order in which their images are read."""
     files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}; point data at image files.")
+    return files
+
+
+def _folder_images(path: str, channels: int | None) -> Iterator[torch.Tensor]:
+    from PIL import Image
+
+    files = folder_files(path)
     size = None
     for name in files:
         with Image.open(os.path.join(path, name)) as image:

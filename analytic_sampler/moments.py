@@ -94,15 +94,17 @@ def _fold(values: torch.Tensor, offset: int, period: int) -> torch.Tensor:
     return padded.view(-1, rows, period).sum(1)
 
 
-def _batch_kwargs(kwargs: dict[str, Any], sample_idx: torch.Tensor, num_samples: int) -> dict[str, Any]:
-    """Tensors with one row per data sample are indexed per pair, single-row tensors expanded; others pass as is."""
+def _batch_kwargs(per_sample: dict[str, Any], shared: dict[str, Any], rows: torch.Tensor, device, dtype) -> dict[str, Any]:
+    """Model kwargs of one batch: per-sample tensors indexed by ``rows``, single-row shared tensors expanded to the
+    batch, other shared values as they are."""
     out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == num_samples:
-            value = value[sample_idx]
-        elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 1:
-            value = value.expand(sample_idx.numel(), *value.shape[1:])
+    for key, value in shared.items():
+        value = _to_device(value, device, dtype)
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 1:
+            value = value.expand(rows.numel(), *value.shape[1:])
         out[key] = value
+    for key, value in per_sample.items():
+        out[key] = _to_device(value, device, dtype)[rows]
     return out
 
 
@@ -186,41 +188,84 @@ def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torc
     os.replace(tmp, path)
 
 
+class _TensorSamples:
+    """``x0`` held in memory with the user's ``model_kwargs``: tensors with one row per sample go with their sample,
+    the others are shared by all."""
+
+    def __init__(self, x0: torch.Tensor, kwargs: dict[str, Any]):
+        n = x0.shape[0]
+        self.x0 = x0
+        self.per_sample = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n}
+        self.shared = {k: v for k, v in kwargs.items() if k not in self.per_sample}
+
+    def window(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
+        return self.x0[lo : hi + 1], {k: v[lo : hi + 1] for k, v in self.per_sample.items()}, self.shared
+
+
+def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
+    """A hash of the conditioning tensors (a checkpoint with other conditioning is not resumed)."""
+    digest = hashlib.sha256()
+    for key in sorted(kwargs):
+        value = kwargs[key]
+        digest.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            digest.update(str(tuple(value.shape)).encode() + value.detach().float().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
 def estimate_moments(
     model,
     data,
-    scheduler_or_alphas_cumprod,
+    scheduler_or_alphas_cumprod=None,
     num_samples: int = 1000,
     timesteps: Sequence[int] | None = None,
     batch_size: int = 64,
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    data_range: tuple[float, float] | None = (-1.0, 1.0),
+    data_range: tuple[float, float] | None | str = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
     progress: bool = True,
     prediction_type: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    prompt: str | Sequence[str] | None = None,
+    captions: str | os.PathLike | None = None,
+    guidance_scale: float | None = None,
+    negative_prompt: str | None = None,
+    latent: str = "mean",
+    encode_batch_size: int = 16,
 ) -> VarianceTable:
     """Estimate ``ms_eps`` and ``x0_mse`` at ``timesteps`` (default: all) from the first ``num_samples`` images.
 
     Args:
-        model: a Diffusers UNet, an ``EpsilonAdapter`` or a callable ``model(sample, timestep, **kwargs)``.
+        model: a Diffusers UNet, an ``EpsilonAdapter``, a callable ``model(sample, timestep, **kwargs)``, or a latent
+            text-to-image pipeline (``StableDiffusionPipeline``; see below).
         data: anything ``data.take_samples`` reads (tensor, DataLoader, Dataset, folder of images); the same
             ``x0`` serve every timestep, with fresh noise for every (sample, timestep) pair.
-        scheduler_or_alphas_cumprod: the model's noise schedule (scheduler, config or ``alphas_cumprod``).
+        scheduler_or_alphas_cumprod: the model's noise schedule (scheduler, config or ``alphas_cumprod``); default
+            for a pipeline: its scheduler.
         batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
         device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
         dtype: dtype of the model inputs (e.g. ``torch.float16``); the sums stay float64.
         data_range: declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers
-            clip it); ``None`` for unbounded data such as latents.
+            clip it); ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
         checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
             a run started with an existing checkpoint of the same settings resumes from it.
         prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
         model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data.
         provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+
+    With a pipeline (``vae``, ``unet``, ``encode_prompt``), ``data`` are pixel images in ``[-1, 1]`` and the
+    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`):
+    ``prompt`` (one for all, or one per image) or ``captions`` (a file; default: the image folder's
+    ``metadata.jsonl`` / ``.csv``) condition it; ``guidance_scale`` > 1 estimates the guided eps
+    ``eps_u + w (eps_c - eps_u)`` (``negative_prompt``, default ``""``, for ``eps_u``), and the table records ``w``;
+    ``latent``: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor; images and prompts are
+    encoded ``encode_batch_size`` at a time when the estimate reaches them, once per image.
 
     Under torch.distributed (``torchrun --nproc_per_node N``, ``accelerate launch``) the batches are shared among
     the processes and every process returns the same table, equal to a single process's (module docstring);
@@ -228,13 +273,38 @@ def estimate_moments(
     ``checkpoint_every`` then counts rounds of one batch per rank. Independent shards (other seeds or data) can
     also be pooled with ``VarianceTable.merge``.
     """
-    if num_samples < 1 or batch_size < 1 or checkpoint_every < 1:
-        raise ValueError("num_samples, batch_size and checkpoint_every must all be at least 1.")
+    from .latents import PipelineSamples, is_latent_pipeline, resolve_prompts
+
+    if num_samples < 1 or batch_size < 1 or checkpoint_every < 1 or encode_batch_size < 1:
+        raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
+    pipeline = model if is_latent_pipeline(model) else None
+    if pipeline is None and (prompt is not None or captions is not None or guidance_scale is not None):
+        raise ValueError(
+            "prompt, captions and guidance_scale need a pipeline with a VAE and a text encoder as model; for a bare "
+            "UNet pass encoder_hidden_states in model_kwargs (and wrap it in EpsilonAdapter(..., guidance_scale=w))."
+        )
+    if scheduler_or_alphas_cumprod is None:
+        if pipeline is None:
+            raise ValueError("pass the model's noise schedule: its scheduler, scheduler config or alphas_cumprod.")
+        scheduler_or_alphas_cumprod = pipeline.scheduler
+    if data_range == "auto":
+        data_range = None if pipeline is not None else (-1.0, 1.0)
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     ts = _timesteps(timesteps, abar.size)
     if not isinstance(model, EpsilonAdapter):
         prediction_type = prediction_type or _config_value(scheduler_or_alphas_cumprod, "prediction_type") or "epsilon"
     options = {} if prediction_type is None else {"prediction_type": prediction_type}
+    record: dict[str, Any] = {}
+    if pipeline is not None:
+        prompts, prompt_source = resolve_prompts(data, num_samples, prompt, captions)
+        if device is not None:
+            pipeline.to(device)
+        source = PipelineSamples(pipeline, data, num_samples, prompts, guidance_scale, negative_prompt, latent,
+                                 encode_batch_size, seed)
+        if source.guided:
+            options.update(guidance_scale=float(guidance_scale), uncond_kwargs=source.uncond_kwargs)
+        model, data_key, record = pipeline.unet, source.identity(), source.provenance(prompt_source)
+        sample_shape = source.sample_shape()
     adapter = EpsilonAdapter.wrap(model, abar, **options)
     module = _module(adapter)
     if device is None:
@@ -242,46 +312,55 @@ def estimate_moments(
     elif isinstance(module, torch.nn.Module):
         module.to(device)
     device = torch.device(device)
-
-    x0 = take_samples(data, num_samples).float()
-    check_range(x0, data_range)
+    work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
+    kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
+    if pipeline is None:
+        x0 = take_samples(data, num_samples).float()
+        check_range(x0, data_range)
+        data_key = hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        sample_shape = tuple(x0.shape[1:])
+        source = _TensorSamples(x0.to(device=device, dtype=work_dtype), kwargs)
+        kwargs = {}
     run = {
         "schedule": schedule_fingerprint(abar),
         "timesteps": hashlib.sha256(ts.tobytes()).hexdigest()[:16],
         "num_samples": num_samples,
         "batch_size": batch_size,
         "seed": seed,
-        "data": hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
+        "data": data_key,
+        "conditioning": _tensor_identity({**(model_kwargs or {}), "guidance_scale": adapter.guidance_scale}),
         "prediction_type": adapter.prediction_type,
         "dtype": str(dtype),
     }
 
     num_t, num_pairs = ts.size, ts.size * num_samples
     num_batches = -(-num_pairs // batch_size)
-    work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
-    x0 = x0.to(device=device, dtype=work_dtype)
     roots = torch.from_numpy(np.stack([np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])])).to(device=device, dtype=work_dtype)
     clip = (lambda x: x) if data_range is None else (lambda x: x.clamp(*data_range))
     ts_device = torch.from_numpy(ts).to(device)
-    kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
-    shape = (1,) * (x0.ndim - 1)
+    shape = (1,) * len(sample_shape)
 
     rank, world = _world()
     path = None if checkpoint is None else _rank_path(os.fspath(checkpoint), rank)
-    channels = x0.shape[1] if x0.ndim >= 3 else 0  # per-channel moments for (B, C, ...) data
+    channels = sample_shape[0] if len(sample_shape) >= 2 else 0  # per-channel moments for (B, C, ...) data
     num_rows = len(SUMS) * (1 + channels)
     start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_rows, num_t, device, world)
 
     def batch_sums(b: int) -> torch.Tensor:
-        """The per-timestep sums of batch ``b``: rows ``SUMS``, float64 on the device."""
+        """The per-timestep sums of batch ``b``: rows ``SUMS`` (then per channel), float64 on the device."""
         offset = b * batch_size
-        pair = torch.arange(offset, min(offset + batch_size, num_pairs), device=device)
-        k, s = pair % num_t, pair // num_t
-        noise = torch.randn((pair.numel(), *x0.shape[1:]), generator=_noise_generator(seed, b))
+        end = min(offset + batch_size, num_pairs)
+        lo, hi = offset // num_t, (end - 1) // num_t  # the samples of this batch
+        x0_window, per_sample, shared = source.window(lo, hi)
+        pair = torch.arange(offset, end, device=device)
+        k, s = pair % num_t, pair // num_t - lo
+        x0 = x0_window.to(device=device, dtype=work_dtype)[s]
+        noise = torch.randn((pair.numel(), *sample_shape), generator=_noise_generator(seed, b))
         sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
-        x_t = sqrt_abar * x0[s] + sqrt_bb * noise.to(device, work_dtype)
-        eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **_batch_kwargs(kwargs, s, num_samples))
-        x0_err = x0[s] - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
+        x_t = sqrt_abar * x0 + sqrt_bb * noise.to(device, work_dtype)
+        call_kwargs = {**kwargs, **_batch_kwargs(per_sample, shared, s, device, dtype)}
+        eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **call_kwargs)
+        x0_err = x0 - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
         m, e = _mean_square(eps), _mean_square(x0_err)
         rows = torch.stack([m, m * m, e, e * e])
         if channels:
@@ -318,7 +397,7 @@ def estimate_moments(
     counts[ts] = num_samples
     record = {
         "model_id": str(_config_value(module, "_name_or_path") or type(module).__name__),
-        "data": f"{num_samples} images of shape {tuple(x0.shape[1:])}",
+        "data": f"{num_samples} images, x0 of shape {sample_shape}",
         "num_samples": num_samples,
         "num_timesteps_estimated": int(num_t),
         "seed": seed,
@@ -326,8 +405,9 @@ def estimate_moments(
         "prediction_type": adapter.prediction_type,
         "timestep_shift": adapter.timestep_shift,
         "timestep_scale": adapter.timestep_scale,
-        "dtype": str(dtype or x0.dtype),
+        "dtype": str(dtype or work_dtype),
         "package_version": __version__,
+        **record,
         **(provenance or {}),
     }
     return VarianceTable.from_sums(

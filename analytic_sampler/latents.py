@@ -1,0 +1,261 @@
+"""Latent text-to-image pipelines (Stable Diffusion class): pixel images and prompts encoded once per image.
+
+The Monte Carlo data of such a model are latents and prompt embeddings::
+
+    x0   = (z - shift_factor) * scaling_factor,   z = mean (default) or a sample of the VAE posterior q(z | image)
+    cond = pipe.encode_prompt(prompt)              (the pipeline's own text encoder, no guidance)
+
+:class:`PipelineSamples` encodes them ``chunk`` images at a time, as the estimate reaches them, and keeps only the
+chunks the current batch needs, so memory stays bounded by the chunk and batch sizes whatever the number of images.
+Chunks are fixed (images ``[k chunk, (k+1) chunk)``), so the latents do not depend on the batch size or on the
+number of processes; :func:`encode_images` / :func:`encode_prompts` with the same ``batch_size`` give the same ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import check_range, folder_files, iter_batches
+
+LATENTS = ("mean", "sample")
+CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_KEYS = ("text", "caption", "prompt")
+
+
+def is_latent_pipeline(obj: Any) -> bool:
+    """A Diffusers pipeline with a UNet, a VAE and a scheduler (``StableDiffusionPipeline`` and its kind)."""
+    return all(getattr(obj, name, None) is not None for name in ("unet", "vae", "scheduler")) and hasattr(
+        obj, "components"
+    )
+
+
+def _latent_chunk(pipe, images: torch.Tensor, latent: str, generator: torch.Generator | None) -> torch.Tensor:
+    vae = pipe.vae
+    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    z = posterior.mean if latent == "mean" else posterior.sample(generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).float()
+
+
+def _check_latent(latent: str) -> None:
+    if latent not in LATENTS:
+        raise ValueError(f"latent={latent!r}; use 'mean' (the VAE posterior mean) or 'sample' (a draw from it).")
+
+
+def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, chunk, 1]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@torch.inference_mode()
+def encode_images(
+    pipe, images: torch.Tensor, latent: str = "mean", batch_size: int = 16, seed: int = 0
+) -> torch.Tensor:
+    """Latents ``(z - shift_factor) * scaling_factor`` of pixel ``images`` in ``[-1, 1]``, ``batch_size`` at a time
+    (``latent="sample"``: posterior draws seeded by ``(seed, batch)``), float32 on the VAE's device."""
+    _check_latent(latent)
+    return torch.cat([
+        _latent_chunk(pipe, images[i : i + batch_size], latent, _chunk_generator(seed, k))
+        for k, i in enumerate(range(0, images.shape[0], batch_size))
+    ])
+
+
+def _encode_prompt_chunk(pipe, prompts: list[str]) -> torch.Tensor:
+    if not hasattr(pipe, "encode_prompt"):
+        raise ValueError(f"{type(pipe).__name__} has no encode_prompt; pass prompt embeddings in model_kwargs.")
+    out = pipe.encode_prompt(prompts, pipe.unet.device, 1, False)
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+        raise ValueError(
+            f"{type(pipe).__name__}.encode_prompt returns more than one prompt embedding (SDXL-type pipelines need "
+            "added_cond_kwargs too); encode latents and embeddings yourself and pass them as data and model_kwargs."
+        )
+    return out[0]
+
+
+@torch.inference_mode()
+def encode_prompts(pipe, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """The pipeline's own conditional prompt embeddings (``encode_prompt`` without guidance), ``batch_size`` at a time."""
+    prompts = list(prompts)
+    return torch.cat([_encode_prompt_chunk(pipe, prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)])
+
+
+def read_captions(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> list[str]:
+    """Captions in image order: ``.txt`` one line per image (the folder's images sorted by name); ``.jsonl`` /
+    ``.csv`` rows with ``file_name`` and ``text`` (or ``caption`` / ``prompt``), as Hugging Face's imagefolder
+    ``metadata.jsonl``, matched to the images of ``folder``."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"captions file {path!r} not found; pass a .txt, .jsonl or .csv file.")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".txt":
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f]
+    if ext not in (".jsonl", ".csv"):
+        raise ValueError(f"captions file {path!r}: use .txt (one line per image), .jsonl or .csv (file_name, text).")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [json.loads(line) for line in f if line.strip()] if ext == ".jsonl" else list(csv.DictReader(f))
+    by_name = {}
+    for i, row in enumerate(rows):
+        key = next((k for k in CAPTION_KEYS if k in row), None)
+        if "file_name" not in row or key is None:
+            raise ValueError(f"{path} row {i + 1} needs 'file_name' and one of {CAPTION_KEYS}; it has {sorted(row)}.")
+        by_name[os.path.basename(row["file_name"])] = row[key]
+    if folder is None:
+        raise ValueError(f"{path} names image files; pass the image folder as data so the captions can be matched.")
+    names = folder_files(os.fspath(folder))
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"{path} has no caption for {len(missing)} image(s) of {folder} (e.g. {missing[0]!r}).")
+    return [by_name[n] for n in names]
+
+
+def resolve_prompts(
+    data: Any, num_samples: int, prompt: str | Sequence[str] | None, captions: str | os.PathLike | None
+) -> tuple[list[str], str]:
+    """One prompt per image, and a description of where they came from for the table's provenance.
+
+    ``prompt``: one prompt for all images, or a list with one per image; ``captions``: a captions file
+    (:func:`read_captions`); neither: the folder's own ``metadata.jsonl`` / ``metadata.csv`` if ``data`` is a folder.
+    """
+    if prompt is not None and captions is not None:
+        raise ValueError("pass either prompt (one for all, or one per image) or captions (a file), not both.")
+    folder = os.fspath(data) if isinstance(data, (str, os.PathLike)) and os.path.isdir(data) else None
+    if prompt is None and captions is None and folder is not None:
+        captions = next((os.path.join(folder, n) for n in CAPTION_FILES if os.path.isfile(os.path.join(folder, n))), None)
+    if isinstance(prompt, str):
+        return [prompt] * num_samples, f"prompt: {prompt!r}"
+    if prompt is not None:
+        prompts, source = list(prompt), f"{len(prompt)} prompts"
+    elif captions is not None:
+        prompts, source = read_captions(captions, folder), f"captions: {os.fspath(captions)}"
+    else:
+        raise ValueError(
+            "this pipeline is text-conditioned: pass prompt='...' (one for all images; '' for the unconditional "
+            "model), a list with one prompt per image, or captions=FILE (.txt, .jsonl, .csv)."
+        )
+    if len(prompts) < num_samples or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{source} gives {len(prompts)} prompt(s) for {num_samples} images; give one string per image.")
+    return prompts[:num_samples], source
+
+
+def _data_identity(data: Any, num_samples: int) -> str:
+    """What identifies the pixel data of a run without reading it all: a folder's file names and sizes, a tensor's
+    bytes, else its type."""
+    if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
+        names = folder_files(os.fspath(data))[:num_samples]
+        sizes = [os.path.getsize(os.path.join(data, n)) for n in names]
+        return json.dumps([names, sizes])
+    if isinstance(data, torch.Tensor):
+        return hashlib.sha256(data[:num_samples].float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return type(data).__name__
+
+
+class PipelineSamples:
+    """The estimate's ``x0`` (latents) and per-sample model kwargs for a latent pipeline, encoded chunk by chunk.
+
+    Args:
+        pipe: a Diffusers pipeline with ``vae``, ``unet``, ``encode_prompt`` (``StableDiffusionPipeline``, img2img).
+        data: pixel images in ``[-1, 1]`` (anything ``data.iter_batches`` reads: a folder, a tensor, a loader).
+        prompts: one prompt per image (:func:`resolve_prompts`).
+        guidance_scale: ``None`` or ``<= 1``: the conditional eps; ``w > 1``: the guided
+            ``eps_u + w (eps_c - eps_u)`` with ``negative_prompt`` (default ``""``) for ``eps_u``, as the pipeline
+            computes it.
+        latent: ``"mean"`` or ``"sample"`` of the VAE posterior. chunk: images encoded per VAE / text-encoder call.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        data: Any,
+        num_samples: int,
+        prompts: list[str],
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        latent: str = "mean",
+        chunk: int = 16,
+        seed: int = 0,
+    ):
+        _check_latent(latent)
+        self.pipe, self.data, self.num_samples, self.prompts = pipe, data, num_samples, prompts
+        self.latent, self.chunk, self.seed = latent, chunk, seed
+        self.guided = guidance_scale is not None and guidance_scale > 1
+        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt if self.guided else None
+        self.single_prompt = len(set(prompts)) == 1
+        self._shared = encode_prompts(pipe, prompts[:1]) if self.single_prompt else None
+        self.uncond_kwargs = (
+            {"encoder_hidden_states": encode_prompts(pipe, [negative_prompt or ""])} if self.guided else None
+        )
+        self._images: Iterator[torch.Tensor] | None = None
+        self._next_chunk = 0
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def _encode_chunk(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._images is None or k < self._next_chunk:  # (re)start the stream of pixel chunks
+            channels = self.pipe.vae.config.in_channels
+            self._images, self._next_chunk = iter_batches(self.data, self.chunk, channels=channels), 0
+        while True:
+            pixels = next(self._images, None)
+            if pixels is None:
+                raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
+            self._next_chunk += 1
+            if self._next_chunk - 1 == k:
+                break
+        pixels = pixels[: self.num_samples - k * self.chunk]
+        check_range(pixels, (-1.0, 1.0))
+        latents = _latent_chunk(self.pipe, pixels, self.latent, _chunk_generator(self.seed, k))
+        lo = k * self.chunk
+        embeds = None if self.single_prompt else encode_prompts(self.pipe, self.prompts[lo : lo + pixels.shape[0]])
+        return latents, embeds
+
+    @torch.inference_mode()
+    def window(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(latents, per_sample, shared)`` of samples ``lo … hi`` (rows ``0 … hi - lo``), the prompt embeddings
+        (``encoder_hidden_states``) per sample or, for a single prompt, one shared row; chunks before ``lo`` are
+        dropped."""
+        first, last = lo // self.chunk, hi // self.chunk
+        for k in [k for k in self._cache if k < first]:
+            del self._cache[k]
+        for k in range(first, last + 1):
+            if k not in self._cache:
+                self._cache[k] = self._encode_chunk(k)
+        start, stop = lo - first * self.chunk, hi - first * self.chunk + 1
+        latents = torch.cat([self._cache[k][0] for k in range(first, last + 1)])[start:stop]
+        if self.single_prompt:
+            return latents, {}, {"encoder_hidden_states": self._shared}
+        embeds = torch.cat([self._cache[k][1] for k in range(first, last + 1)])[start:stop]
+        return latents, {"encoder_hidden_states": embeds}, {}
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """The shape of one latent (encodes the first chunk)."""
+        return tuple(self.window(0, 0)[0].shape[1:])
+
+    def identity(self) -> str:
+        """What a checkpoint must match to be resumed: data, prompts and encoding settings."""
+        parts = [
+            _data_identity(self.data, self.num_samples), "\n".join(self.prompts), self.latent, str(self.chunk),
+            str(self.guidance_scale if self.guided else None), str(self.negative_prompt),
+            str(self.pipe.vae.config.scaling_factor),
+        ]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+    def provenance(self, prompt_source: str) -> dict[str, Any]:
+        config = self.pipe.vae.config
+        return {
+            "model_id": str(getattr(self.pipe, "name_or_path", None) or type(self.pipe).__name__),
+            "pipeline": type(self.pipe).__name__,
+            "latent": self.latent,
+            "vae_scaling_factor": float(config.scaling_factor),
+            "vae_shift_factor": getattr(config, "shift_factor", None),
+            "guidance_scale": float(self.guidance_scale) if self.guided else None,
+            "negative_prompt": self.negative_prompt if self.guided else None,
+            "prompt_source": prompt_source,
+        }
+

@@ -39,7 +39,7 @@ def is_latent_pipeline(obj: Any) -> bool:
 
 def _latent_chunk(pipe, images: torch.Tensor, latent: str, generator: torch.Generator | None) -> torch.Tensor:
     vae = pipe.vae
-    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    posterior = vae.encode(images.to(device=vae.device, dtype=vae.dtype).contiguous()).latent_dist
     z = posterior.mean if latent == "mean" else posterior.sample(generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((z - shift) * vae.config.scaling_factor).float()
@@ -133,7 +133,7 @@ def resolve_prompts(
     if isinstance(prompt, str):
         return [prompt] * num_samples, f"prompt: {prompt!r}"
     if prompt is not None:
-        prompts, source = list(prompt), f"{len(prompt)} prompts"
+        prompts, source = list(prompt), "the prompt list"
     elif captions is not None:
         prompts, source = read_captions(captions, folder), f"captions: {os.fspath(captions)}"
     else:
@@ -142,7 +142,10 @@ def resolve_prompts(
             "model), a list with one prompt per image, or captions=FILE (.txt, .jsonl, .csv)."
         )
     if len(prompts) < num_samples or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{source} gives {len(prompts)} prompt(s) for {num_samples} images; give one string per image.")
+        raise ValueError(
+            f"{source} gives {len(prompts)} prompt(s) for num_samples={num_samples} images; give one string per "
+            "image or lower num_samples."
+        )
     return prompts[:num_samples], source
 
 
@@ -187,11 +190,11 @@ class PipelineSamples:
         self.pipe, self.data, self.num_samples, self.prompts = pipe, data, num_samples, prompts
         self.latent, self.chunk, self.seed = latent, chunk, seed
         self.guided = guidance_scale is not None and guidance_scale > 1
-        self.guidance_scale, self.negative_prompt = guidance_scale, negative_prompt if self.guided else None
+        self.guidance_scale, self.negative_prompt = guidance_scale, (negative_prompt or "") if self.guided else None
         self.single_prompt = len(set(prompts)) == 1
         self._shared = encode_prompts(pipe, prompts[:1]) if self.single_prompt else None
         self.uncond_kwargs = (
-            {"encoder_hidden_states": encode_prompts(pipe, [negative_prompt or ""])} if self.guided else None
+            {"encoder_hidden_states": encode_prompts(pipe, [self.negative_prompt])} if self.guided else None
         )
         self._images: Iterator[torch.Tensor] | None = None
         self._next_chunk = 0

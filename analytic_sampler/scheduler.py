@@ -15,6 +15,7 @@ The last step returns ``x0_hat`` with no noise.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,22 @@ class AnalyticDPMSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
+
+
+def _check_guidance(estimated: float | None, sampling: float | None) -> None:
+    """Warn when a table of the eps guided at ``estimated`` serves sampling at another scale (``<= 1``: unguided)."""
+    if sampling is None:
+        return
+    effective = [w if w is not None and w > 1 else 1.0 for w in (estimated, sampling)]
+    if effective[0] != effective[1]:
+        how = "without guidance" if effective[0] == 1.0 else f"at guidance_scale={estimated:g}"
+        warnings.warn(
+            f"the variance table was estimated {how}, but the pipeline is sampling at guidance_scale={sampling:g}: "
+            "its ms_eps / x0_mse belong to another eps. Estimate a table at this scale "
+            "(estimate_moments(pipe, images, prompt=..., guidance_scale=...)).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
@@ -159,8 +176,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
-    def from_table(cls, table, scheduler_config=None, **kwargs) -> "AnalyticDPMScheduler":
-        """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone)."""
+    def from_table(
+        cls, table, scheduler_config=None, guidance_scale: float | None = None, **kwargs
+    ) -> "AnalyticDPMScheduler":
+        """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone).
+
+        ``guidance_scale``: the classifier-free guidance scale the pipeline will sample at; a warning when the table's
+        eps was estimated at another (``table.guidance_scale``; none counts as 1). A table without a data range
+        (latents) also sets ``clip_sample=False`` unless it is passed."""
+        _check_guidance(table.guidance_scale, guidance_scale)
+        if table.data_range is None:
+            kwargs.setdefault("clip_sample", False)
         if scheduler_config is None:
             betas = betas_from_alphas_cumprod(table.alphas_cumprod)
             scheduler_config = {"num_train_timesteps": betas.size, "trained_betas": betas.tolist()}

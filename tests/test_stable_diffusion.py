@@ -25,9 +25,9 @@ pytest.importorskip("transformers")
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_sd import SD_SCHEDULER_CONFIG, tiny_images, tiny_img2img, tiny_sd_pipeline, tiny_sd_table  # noqa: E402
+from tiny_sd import SD_SCHEDULER_CONFIG, tiny_images, tiny_img2img, tiny_sd_pipeline  # noqa: E402
 
-from analytic_sampler import AnalyticDPMScheduler, VarianceTable, analytic_variance  # noqa: E402
+from analytic_sampler import AnalyticDPMScheduler, VarianceTable, analytic_variance, estimate_moments  # noqa: E402
 
 K = 10
 GUIDANCE = 7.5
@@ -49,10 +49,11 @@ def sd_base() -> StableDiffusionPipeline:
 
 @pytest.fixture(scope="module")
 def table(sd_base) -> VarianceTable:
-    """A latent table at the K = 10 timesteps the pipelines visit."""
+    """A latent table of the guided eps, from pixel images and prompts, at the K = 10 timesteps the pipelines visit."""
     images = tiny_images(8)
     prompts = [f"picture number {i}" for i in range(len(images))]
-    return tiny_sd_table(sd_base, images, prompts, timesteps=sd_timesteps(K))
+    return estimate_moments(sd_base, images, prompt=prompts, guidance_scale=GUIDANCE, num_samples=len(images),
+                            timesteps=sd_timesteps(K), progress=False)
 
 
 @pytest.fixture

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 
 import torch
 from diffusers import (
     AutoencoderKL, DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-from analytic_sampler import VarianceTable, estimate_moments
 
 IMAGE_SIZE = 16
 MAX_PROMPT_TOKENS = 16
@@ -123,35 +120,3 @@ def tiny_images(num_images: int, seed: int = 0) -> torch.Tensor:
     """Seeded random RGB images in [-1, 1], shape ``(num_images, 3, 16, 16)``."""
     g = torch.Generator().manual_seed(seed)
     return torch.rand(num_images, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
-
-
-@torch.no_grad()
-def tiny_sd_table(
-    pipe: StableDiffusionPipeline,
-    images: torch.Tensor,
-    prompts: Sequence[str],
-    timesteps: Sequence[int] | None = None,
-    seed: int = 0,
-) -> VarianceTable:
-    """The latent variance table of ``pipe.unet`` from image-prompt pairs (conditional eps, no guidance).
-
-    Encodes ``images`` with the VAE (posterior mean, scaled) and ``prompts`` with the text encoder, then runs
-    ``estimate_moments`` on the UNet with one prompt embedding per image, at ``timesteps`` (default: all).
-    Stands in for ``estimate_moments(pipe, images, prompts=...)`` until that exists.
-    """
-    if len(prompts) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts; pass one prompt per image.")
-    latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
-    embeds, _ = pipe.encode_prompt(list(prompts), pipe.device, 1, do_classifier_free_guidance=False)
-    return estimate_moments(
-        pipe.unet,
-        latents,
-        pipe.scheduler,
-        num_samples=len(images),
-        timesteps=timesteps,
-        seed=seed,
-        data_range=None,
-        progress=False,
-        model_kwargs={"encoder_hidden_states": embeds},
-        provenance={"data": f"{len(images)} tiny random images with prompts, VAE latents"},
-    )

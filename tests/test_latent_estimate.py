@@ -1,0 +1,186 @@
+"""estimate_moments on a latent text-to-image pipeline: pixel images and prompts in, a latent table out."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_sd import tiny_images, tiny_sd_pipeline  # noqa: E402
+
+from analytic_sampler import AnalyticDPMScheduler, EpsilonAdapter, VarianceTable, estimate_moments  # noqa: E402
+from analytic_sampler.latents import encode_images, encode_prompts, read_captions  # noqa: E402
+
+TIMESTEPS = [1, 301, 601, 901]
+PROMPTS = ["a cat", "a dog", "a red house", "x", "a cat", "a tree", "blue", "two dots"]
+SETTINGS = {"timesteps": TIMESTEPS, "batch_size": 5, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return tiny_images(len(PROMPTS))
+
+
+def by_hand(pipe, images, prompt_embeds, chunk=4, **kwargs):
+    """The same estimate from latents and embeddings passed by hand to the UNet."""
+    latents = encode_images(pipe, images, batch_size=chunk)
+    return estimate_moments(pipe.unet, latents, pipe.scheduler, num_samples=len(images), data_range=None,
+                            model_kwargs={"encoder_hidden_states": prompt_embeds}, **SETTINGS, **kwargs)
+
+
+def assert_same(a, b):
+    for key in ("ms_eps", "stderr", "x0_mse", "x0_mse_stderr", "counts", "channel_ms_eps", "channel_x0_mse"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+
+
+def test_pipeline_equals_latents_and_embeddings_by_hand(pipe, images):
+    """Bit for bit: per-image prompts (conditional eps), and one prompt with guidance 7.5 (guided eps)."""
+    table = estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    assert_same(table, by_hand(pipe, images, encode_prompts(pipe, PROMPTS, batch_size=4)))
+    assert table.data_range is None and table.num_channels == 4 and table.guidance_scale is None
+    assert table.provenance["vae_scaling_factor"] == pytest.approx(0.18215)
+    assert table.provenance["latent"] == "mean" and table.provenance["prompt_source"] == "the prompt list"
+
+    guided = estimate_moments(pipe, images, prompt="a cat", guidance_scale=7.5, num_samples=8, encode_batch_size=4,
+                              **SETTINGS)
+    adapter = EpsilonAdapter(pipe.unet, pipe.scheduler, guidance_scale=7.5,
+                             uncond_kwargs={"encoder_hidden_states": encode_prompts(pipe, [""])})
+    latents = encode_images(pipe, images, batch_size=4)
+    hand = estimate_moments(adapter, latents, pipe.scheduler, num_samples=8, data_range=None,
+                            model_kwargs={"encoder_hidden_states": encode_prompts(pipe, ["a cat"])}, **SETTINGS)
+    assert_same(guided, hand)
+    assert guided.guidance_scale == 7.5 and guided.provenance["negative_prompt"] == ""
+    assert not np.allclose(guided.ms_eps[TIMESTEPS], table.ms_eps[TIMESTEPS])  # guidance changes the moments
+
+
+def test_encoding_is_the_vae_mean_times_scaling_and_the_pipelines_prompt_encoder(pipe, images):
+    with torch.no_grad():
+        mean = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+        embeds = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0]
+    torch.testing.assert_close(encode_images(pipe, images, batch_size=3), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(encode_prompts(pipe, PROMPTS, batch_size=3), embeds, rtol=1e-5, atol=1e-6)
+    sampled = encode_images(pipe, images, latent="sample", seed=1)
+    assert torch.equal(sampled, encode_images(pipe, images, latent="sample", seed=1))
+    assert not torch.allclose(sampled, mean)
+
+
+def test_each_image_and_prompt_is_encoded_once_and_memory_stays_bounded(pipe, images):
+    """Every timestep of an image reuses its latent: 8 images in chunks of 2 are 4 VAE calls and 4 text-encoder
+    calls, whatever the batch size, and at most the chunks of one batch are held."""
+    from analytic_sampler import latents as latents_module
+
+    calls = {"vae": 0, "text": 0}
+    hooks = [pipe.vae.encoder.register_forward_hook(lambda *a: calls.__setitem__("vae", calls["vae"] + 1)),
+             pipe.text_encoder.register_forward_hook(lambda *a: calls.__setitem__("text", calls["text"] + 1))]
+    held = []
+    window = latents_module.PipelineSamples.window
+
+    def spy(self, lo, hi):
+        out = window(self, lo, hi)
+        held.append(len(self._cache))
+        return out
+
+    try:
+        latents_module.PipelineSamples.window = spy
+        estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=2, timesteps=TIMESTEPS,
+                         batch_size=3, progress=False)
+    finally:
+        latents_module.PipelineSamples.window = window
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"vae": 4, "text": 4}
+    assert max(held) <= 2  # a batch of 3 pairs over 4 timesteps spans at most 2 images, at most 2 chunks
+
+
+def test_interrupted_pipeline_estimate_resumes_bit_identical(pipe, images, tmp_path):
+    full = estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    calls = {"n": 0}
+
+    def fail_on_fourth_call(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("interrupted")
+
+    hook = pipe.unet.register_forward_pre_hook(fail_on_fourth_call)
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(RuntimeError, match="interrupted"):
+        estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, checkpoint=path,
+                         checkpoint_every=2, **SETTINGS)
+    hook.remove()
+    assert path.exists()
+    assert_same(full, estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4,
+                                       checkpoint=path, **SETTINGS))
+    with pytest.raises(ValueError, match="different settings"):
+        estimate_moments(pipe, images, prompt="another prompt", num_samples=8, encode_batch_size=4, checkpoint=path,
+                         **SETTINGS)
+
+
+def write_folder(folder, images):
+    folder.mkdir()
+    for i, image in enumerate(images):
+        pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def test_captions_from_an_image_folder(pipe, images, tmp_path):
+    """``metadata.jsonl`` beside the images (Hugging Face imagefolder) is read by default; .txt and .csv too."""
+    folder = write_folder(tmp_path / "images", images)
+    rows = [{"file_name": f"{i:03d}.png", "text": p} for i, p in reversed(list(enumerate(PROMPTS)))]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_captions(folder / "metadata.jsonl", folder) == PROMPTS
+    (tmp_path / "captions.txt").write_text("\n".join(PROMPTS) + "\n")
+    assert read_captions(tmp_path / "captions.txt") == PROMPTS
+    (tmp_path / "c.csv").write_text("file_name,caption\n" + "".join(f"{i:03d}.png,{p}\n" for i, p in enumerate(PROMPTS)))
+    assert read_captions(tmp_path / "c.csv", folder) == PROMPTS
+
+    from_folder = estimate_moments(pipe, str(folder), num_samples=8, encode_batch_size=4, **SETTINGS)
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / f"{i:03d}.png"), dtype=np.float32))
+                          for i in range(8)]).permute(0, 3, 1, 2) / 127.5 - 1
+    listed = estimate_moments(pipe, pixels, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    np.testing.assert_array_equal(from_folder.ms_eps, listed.ms_eps)
+    assert from_folder.provenance["prompt_source"] == f"captions: {folder / 'metadata.jsonl'}"
+
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "text": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"no caption for 7 image\(s\)"):
+        estimate_moments(pipe, str(folder), num_samples=8, **SETTINGS)
+
+
+def test_pipeline_input_errors_name_the_fix(pipe, images):
+    with pytest.raises(ValueError, match="text-conditioned: pass prompt="):
+        estimate_moments(pipe, images, num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match=r"gives 2 prompt\(s\) for num_samples=8"):
+        estimate_moments(pipe, images, prompt=["a", "b"], num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match="either prompt .* or captions"):
+        estimate_moments(pipe, images, prompt="a", captions="c.txt", num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match="need a pipeline with a VAE"):
+        estimate_moments(pipe.unet, images, pipe.scheduler, prompt="a", num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match=r"latent='median'"):
+        estimate_moments(pipe, images, prompt="a", latent="median", num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match="data outside the declared range"):
+        estimate_moments(pipe, images * 3, prompt="a", num_samples=8, **SETTINGS)
+
+
+def test_table_used_at_another_guidance_scale_warns(pipe, images):
+    guided = estimate_moments(pipe, images, prompt="a cat", guidance_scale=7.5, num_samples=8, **SETTINGS)
+    config = pipe.scheduler.config
+    with pytest.warns(UserWarning, match=r"estimated at guidance_scale=7.5, but the pipeline is sampling at guidance_scale=3"):
+        AnalyticDPMScheduler.from_table(guided, config, guidance_scale=3.0)
+    with pytest.warns(UserWarning, match=r"estimated without guidance"):
+        AnalyticDPMScheduler.from_table(VarianceTable(**{**vars(guided), "provenance": {}}), config, guidance_scale=7.5)
+    scheduler = AnalyticDPMScheduler.from_table(guided, config, guidance_scale=7.5)  # no warning
+    assert scheduler.config.clip_sample is False and scheduler.config.data_range is None

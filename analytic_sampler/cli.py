@@ -148,10 +148,13 @@ def _start_distributed(device: str | None) -> tuple[int, str | None]:
 
 
 def cmd_precompute(args) -> None:
+    import torch
+
     from .moments import estimate_moments
 
     rank, args.device = _start_distributed(args.device)
-    model = load_pretrained(args.model, with_table=False)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model = load_pretrained(args.model, with_table=False, torch_dtype=dtype)
     timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)
     data = _load_data(args.data, model.unet.config.in_channels)
     _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
@@ -161,7 +164,7 @@ def cmd_precompute(args) -> None:
     table = estimate_moments(
         model.unet, data, model.scheduler, num_samples=args.num_samples, timesteps=timesteps,
         batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
-        provenance={"model_id": args.model, "data": args.data},
+        noise_device=args.noise_device, compile=args.compile, provenance={"model_id": args.model, "data": args.data},
     )
     if rank == 0:  # every rank holds the same table
         table.save(out)
@@ -329,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default=None)
     p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="model weights and inputs (default: as saved); the sums stay float64")
+    p.add_argument("--noise-device", choices=("cpu", "model"), default="cpu",
+                   help="cpu: the same noise on every device; model: drawn on the GPU (faster; same table only on "
+                        "the same kind of GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
     p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser(

@@ -6,8 +6,12 @@
 (``x0_hat`` clipped to the data range when one is declared), both from the same model calls.
 
 Work list: every (timestep, sample) pair, pair ``i`` -> timestep ``timesteps[i % T]``, sample ``i // T``,
-cut into batches that mix timesteps. The noise of batch ``b`` is drawn on the CPU from a generator seeded
-with ``(seed, b)``, so results are reproducible bit for bit and independent of where the model runs.
+cut into batches that mix timesteps. The noise of batch ``b`` comes from a generator seeded with ``(seed, b)``:
+on the CPU by default (``noise_device="cpu"``), so ``x_t`` is the same bit for bit wherever the model runs; or on the
+model's device (``noise_device="model"``), so a GPU never waits for the host. A GPU's own generator (Philox, laid out
+by the launch grid of its kernel) gives other numbers than the CPU's and may give other numbers on another GPU model:
+the table is then the same bit for bit for any number of processes on the same kind of device (given the same model
+outputs per batch), and across kinds of device only statistically. On the CPU both settings are one and the same.
 Per-timestep sums of ``m = ||eps_theta||^2 / d``, ``m^2``, ``e = ||x0 - x0_hat||^2 / d`` and ``e^2``
 accumulate in float64 on the device, and the same four per channel (axis 1 of ``(B, C, ...)`` data) with
 ``d_c = d / C`` in place of ``d``.
@@ -16,11 +20,18 @@ Under ``torch.distributed`` (``torchrun``, ``accelerate launch``) the batches ar
 rank i runs batch ``next + r W + i``; the W per-batch sums are all-gathered and every rank adds them in batch order,
 exactly as one process adds its own batches. So the table does not depend on the number of processes: on the CPU
 it is the same bit for bit (given the same model outputs per batch), and every rank holds the same running sums.
+
+Host syncs: none per batch. The model inputs, noise and sums stay on the device (a host draw of the noise is pinned
+and copied without blocking), so the host queues batches ahead of the device; the host waits for the device only at
+checkpoint boundaries (every ``checkpoint_every`` rounds and at the end), where the NaN check and the checkpoint read
+the sums, and, with a latent pipeline, when it copies the next chunk of pixel images to the VAE (once per
+``encode_batch_size`` images).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
@@ -38,6 +49,7 @@ from .table import VarianceTable
 
 CHECKPOINT_FORMAT = 3  # 2: four running sums (ms_eps and x0_mse); 3: and the same four per channel
 SUMS = ("ms_eps", "ms_eps^2", "x0_mse", "x0_mse^2")  # then, with C channels, these four rows for each channel
+NOISE_DEVICES = ("cpu", "model")
 
 
 def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.ndarray:
@@ -115,9 +127,55 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> A
     return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
 
 
-def _noise_generator(seed: int, batch: int) -> torch.Generator:
+def _noise_generator(seed: int, batch: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
     state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def _noise_source(noise_device: str, device: torch.device) -> torch.device:
+    """Where the noise is drawn: ``"cpu"``, or ``"model"``: the model's ``device``."""
+    if noise_device not in NOISE_DEVICES:
+        raise ValueError(
+            f"noise_device={noise_device!r}; use 'cpu' (x_t the same on every device) or 'model' (noise drawn on the "
+            "model's device, faster on a GPU)."
+        )
+    return device if noise_device == "model" else torch.device("cpu")
+
+
+def _batch_noise(shape: tuple[int, ...], seed: int, batch: int, source: torch.device, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``N(0, I)`` noise of ``batch`` drawn on ``source``, on ``device`` in ``dtype``. A host draw bound for a GPU is
+    pinned and copied without blocking (a pageable copy would wait for the GPU to finish its queue)."""
+    pin = source.type == "cpu" and device.type == "cuda"
+    noise = torch.randn(shape, generator=_noise_generator(seed, batch, source), device=source, pin_memory=pin)
+    return noise.to(device=device, dtype=dtype, non_blocking=pin)
+
+
+def _input_dtype(module, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The model input dtype: ``dtype``, checked against the module's weights, or by default the half / bfloat16
+    dtype of a module whose weights are in one (``None``: float32 inputs)."""
+    weights = {p.dtype for p in module.parameters() if p.is_floating_point()} if isinstance(
+        module, torch.nn.Module) else set()
+    if dtype is None:
+        half = weights & {torch.float16, torch.bfloat16}
+        return half.pop() if len(half) == 1 else None
+    if weights and dtype not in weights:
+        raise ValueError(
+            f"dtype={dtype} but the model's weights are {', '.join(sorted(map(str, weights)))}; convert the model "
+            f"first (model.to({dtype})) or leave dtype=None for float32 inputs."
+        )
+    return dtype
+
+
+def _compiled(adapter: EpsilonAdapter, compile: bool | Mapping[str, Any]) -> EpsilonAdapter:
+    """``adapter`` with its model ``torch.compile``-d once (``compile``: ``True`` or ``torch.compile`` options), or
+    ``adapter`` itself."""
+    if not isinstance(compile, Mapping) and not compile:
+        return adapter
+    options = {"dynamic": False, **(compile if isinstance(compile, Mapping) else {})}
+    fast = copy.copy(adapter)
+    fast.model = torch.compile(adapter.model, **options)
+    return fast
 
 
 def _check_finite(sums: torch.Tensor, timesteps: np.ndarray) -> None:
@@ -225,6 +283,8 @@ def estimate_moments(
     seed: int = 0,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    noise_device: str = "cpu",
+    compile: bool | Mapping[str, Any] = False,
     data_range: tuple[float, float] | None | str = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 50,
@@ -250,7 +310,18 @@ def estimate_moments(
             for a pipeline: its scheduler.
         batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
         device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
-        dtype: dtype of the model inputs (e.g. ``torch.float16``); the sums stay float64.
+        dtype: dtype of the model inputs (``torch.float16``, ``torch.bfloat16``; the model's weights must be in it);
+            default: the weights' dtype if it is one of these, else float32. ``x_t``, ``x0_hat`` are formed in float32
+            and the sums in float64 whatever the dtype.
+        noise_device: ``"cpu"`` (default): noise drawn by the host, so ``x_t`` does not depend on the device (tables
+            differ across devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a
+            GPU it costs the host's time to draw a batch, hidden behind the device's work while that is shorter than
+            a model call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same
+            table, on a GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints
+            record it.
+        compile: ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the
+            model once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather
+            than compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
         data_range: declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers
             clip it); ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
         checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
@@ -312,6 +383,8 @@ def estimate_moments(
     elif isinstance(module, torch.nn.Module):
         module.to(device)
     device = torch.device(device)
+    dtype = _input_dtype(module, dtype)
+    noise_source = _noise_source(noise_device, device)
     work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
     kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
     if pipeline is None:
@@ -332,6 +405,8 @@ def estimate_moments(
         "prediction_type": adapter.prediction_type,
         "dtype": str(dtype),
     }
+    if noise_source.type != "cpu":  # (checkpoints of host-drawn noise keep their settings, and stay resumable)
+        run["noise_device"] = noise_source.type
 
     num_t, num_pairs = ts.size, ts.size * num_samples
     num_batches = -(-num_pairs // batch_size)
@@ -355,11 +430,12 @@ def estimate_moments(
         pair = torch.arange(offset, end, device=device)
         k, s = pair % num_t, pair // num_t - lo
         x0 = x0_window.to(device=device, dtype=work_dtype)[s]
-        noise = torch.randn((pair.numel(), *sample_shape), generator=_noise_generator(seed, b))
+        noise = _batch_noise((pair.numel(), *sample_shape), seed, b, noise_source, device, work_dtype)
         sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
-        x_t = sqrt_abar * x0 + sqrt_bb * noise.to(device, work_dtype)
+        x_t = sqrt_abar * x0 + sqrt_bb * noise
         call_kwargs = {**kwargs, **_batch_kwargs(per_sample, shared, s, device, dtype)}
-        eps = adapter(x_t if dtype is None else x_t.to(dtype), ts_device[k], **call_kwargs)
+        call = fast if pair.numel() == batch_size else adapter
+        eps = call(x_t if dtype is None else x_t.to(dtype), ts_device[k], **call_kwargs)
         x0_err = x0 - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
         m, e = _mean_square(eps), _mean_square(x0_err)
         rows = torch.stack([m, m * m, e, e * e])
@@ -368,6 +444,7 @@ def estimate_moments(
             rows = torch.cat([rows, m_c, m_c * m_c, e_c, e_c * e_c])
         return _fold(rows, offset, num_t)
 
+    fast = _compiled(adapter, compile)
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(module), tqdm(
         total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
@@ -406,6 +483,7 @@ def estimate_moments(
         "timestep_shift": adapter.timestep_shift,
         "timestep_scale": adapter.timestep_scale,
         "dtype": str(dtype or work_dtype),
+        "noise_device": noise_source.type,
         "package_version": __version__,
         **record,
         **(provenance or {}),

@@ -102,10 +102,10 @@ class PretrainedModel:
 
 
 def load_pretrained(
-    name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True
+    name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True, torch_dtype=None
 ) -> PretrainedModel:
-    """``UNet2DModel`` + ``DDPMScheduler`` from ``<model>/unet`` and ``<model>/scheduler``; the table from
-    ``<model>/table`` if present (``None`` otherwise)."""
+    """``UNet2DModel`` (weights in ``torch_dtype``, default as saved) + ``DDPMScheduler`` from ``<model>/unet`` and
+    ``<model>/scheduler``; the table from ``<model>/table`` if present (``None`` otherwise)."""
     source = resolve(name_or_path)  # before importing diffusers: a bad name fails at once
 
     from diffusers import DDPMScheduler, UNet2DModel
@@ -113,7 +113,7 @@ def load_pretrained(
     from .table import VarianceTable
 
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision).eval()
+        unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision, torch_dtype=torch_dtype).eval()
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except OSError as err:
         if os.path.isdir(source):

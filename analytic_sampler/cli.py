@@ -130,7 +130,7 @@ def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
     )
 
 
-def _start_distributed(device: str | None) -> tuple[int, str | None]:
+def start_distributed(device: str | None) -> tuple[int, str | None]:
     """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1): gloo on the CPU,
     nccl on GPUs, each rank on its ``LOCAL_RANK`` GPU. Returns ``(rank, device)``."""
     import torch
@@ -152,7 +152,7 @@ def cmd_precompute(args) -> None:
 
     from .moments import estimate_moments
 
-    rank, args.device = _start_distributed(args.device)
+    rank, args.device = start_distributed(args.device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = load_pretrained(args.model, with_table=False, torch_dtype=dtype)
     timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)

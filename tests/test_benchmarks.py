@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
 import steps  # noqa: E402
+import throughput  # noqa: E402
 import trajectory  # noqa: E402
 
 
@@ -36,3 +37,14 @@ def test_trajectory_quick(tmp_path):
                                                                         ("paper DP", "analytic")}
     assert len(model["checks"]) == 2 and (tmp_path / "tables" / "digits-ddpm-linear-m10-s0").is_dir()
     assert "Checks:" in (tmp_path / "trajectory.md").read_text()
+
+
+def test_throughput_quick(tmp_path):
+    """One process and, where the machine has two cores, two under torchrun; every option but compile (too slow)."""
+    result = throughput.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    assert [r["option"] for r in result["moments"]] == ["default", "noise_on_device", "bfloat16"]
+    assert all(r["pairs_per_s"] > 0 and r["forward_images_per_s"] > 0 for r in result["moments"])
+    counts = [r["processes"] for r in result["processes"]]
+    assert counts[0] == 1 and counts == sorted(set(counts)) and all(r["pairs_per_s"] > 0 for r in result["processes"])
+    assert "torch" in result["versions"]
+    assert "against the number of processes" in (tmp_path / "throughput_cpu.md").read_text()

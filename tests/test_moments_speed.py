@@ -53,6 +53,17 @@ def test_noise_on_the_model_device_equals_host_noise_on_the_cpu(tmp_path):
         estimate(unet, noise_device="cuda")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_on_a_gpu_is_reproducible_and_agrees_with_host_noise_statistically(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    unet = tiny_unet(channels=3).cuda()
+    on_gpu, again, host = (estimate(unet, n=200, noise_device=where) for where in ("model", "model", "cpu"))
+    assert_same(on_gpu, again)
+    assert on_gpu.provenance["noise_device"] == "cuda" and not (on_gpu.ms_eps[TS] == host.ms_eps[TS]).any()
+    z = (on_gpu.ms_eps[TS] - host.ms_eps[TS]) / np.hypot(on_gpu.stderr[TS], host.stderr[TS])
+    assert np.all(np.abs(z) < 4), z
+
+
 def test_bfloat16_model_gives_float32_table_within_bfloat16_precision(tmp_path):
     full = estimate(tiny_unet(channels=3))
     half_unet = tiny_unet(channels=3).to(torch.bfloat16)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from analytic_sampler.likelihood import nll_bpd, nll_bpd_many
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable
@@ -95,7 +96,7 @@ class ChannelGaussianEps(torch.nn.Module):
 
 
 def channel_scheduler(per_channel: bool, **kwargs) -> AnalyticDPMScheduler:
-    """Stable Diffusion's schedule, no data range, the exact per-channel table and its channel mean as the scalar one."""
+    """Stable Diffusion's schedule, no data range, the exact per-channel tables and their channel means as scalars."""
     ms, x0 = exact_ms_eps(), exact_x0_mse()
     return AnalyticDPMScheduler(
         **SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), x0_mse=x0.mean(0).tolist(), channel_ms_eps=ms.tolist(),
@@ -246,5 +247,46 @@ def test_per_channel_refusals_name_the_fix():
     sched = channel_scheduler(True)
     sched.set_timesteps(10)
     x = torch.zeros(2, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"per-channel variance has 4 channels .* but the sample has 3 .*per_channel=False"):
+    with pytest.raises(ValueError, match=r"per-channel variance has 4 channels .* sample has 3 .*per_channel=False"):
         sched.step(x, sched.timesteps[0], x)
+
+
+# ---------------------------------------------------------------- likelihood
+@pytest.fixture(scope="module")
+def channel_data() -> torch.Tensor:
+    """2000 draws of 4 x 4 x 4 per-channel Gaussian data."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2000, C, 4, 4, generator=g) * torch.from_numpy(np.sqrt(V)).float().reshape(-1, 1, 1)
+
+
+@pytest.mark.parametrize("num_steps", [3, 10])
+@pytest.mark.parametrize("variance", ["analytic", "residual"])
+def test_per_channel_bound_equals_the_entropy(channel_data, num_steps, variance):
+    """Exact eps with the exact (C, N) tables: every KL term and the decoder (analytic variance c_c[t_1]) are
+    exact per channel, so the bound is the data's entropy, ``mean_c 0.5 log(2 pi e v_c)`` per dimension, for any K;
+    the channel-mean tables overshoot it by far."""
+    entropy = float(np.mean(0.5 * np.log(2 * np.pi * np.e * V)) / np.log(2))
+    kw = dict(decoder="gaussian", decoder_variance="analytic", data_range=None, batch_size=1000, progress=False)
+    ts = even_trajectory(N, num_steps)
+    ms, x0 = exact_ms_eps(), exact_x0_mse()
+    per = nll_bpd(ChannelGaussianEps(), channel_data, ABAR, ts, variance, ms_eps=ms, x0_mse=x0, **kw)
+    scalar = nll_bpd(ChannelGaussianEps(), channel_data, ABAR, ts, variance, ms_eps=ms.mean(0), x0_mse=x0.mean(0), **kw)
+    assert abs(per.mean - entropy) < 3 * per.stderr
+    assert scalar.mean > entropy + 0.05 and scalar.mean > per.mean + 10 * per.stderr
+    assert per.mean == pytest.approx(per.prior + per.transitions + per.decoder, rel=1e-9)
+
+
+@pytest.mark.parametrize("decoder, data_range", [("gaussian", None), ("discretized", (-1.0, 1.0))])
+def test_equal_channel_rows_give_the_scalar_bound_and_mismatched_channels_are_refused(channel_data, decoder,
+                                                                                      data_range):
+    """One code path: rows equal to the scalar table give the scalar result exactly, for every variance."""
+    ms, x0 = exact_ms_eps(np.full(C, 0.5)), exact_x0_mse(np.full(C, 0.5))
+    kw = dict(decoder=decoder, decoder_variance="analytic", data_range=data_range, progress=False, num_samples=200)
+    data = channel_data.clamp(-1, 1)
+    args = (ChannelGaussianEps(), data, ABAR, even_trajectory(N, 5), ("analytic", "residual", "btilde"))
+    per = nll_bpd_many(*args, ms_eps=ms, x0_mse=x0, **kw)
+    scalar = nll_bpd_many(*args, ms_eps=ms[0], x0_mse=x0[0], **kw)
+    for name in args[-1]:
+        assert per[name] == scalar[name]
+    with pytest.raises(ValueError, match=r"per-channel table has 4 channels but the data has 3 .*channel_ms_eps"):
+        nll_bpd(ChannelGaussianEps(V[:3]), data[:, :3], ABAR, even_trajectory(N, 5), ms_eps=exact_ms_eps(), **kw)

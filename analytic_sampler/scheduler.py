@@ -234,7 +234,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def channel_x0_mse(self) -> np.ndarray | None:
         return None if self.config.channel_x0_mse is None else np.asarray(self.config.channel_x0_mse, dtype=np.float64)
 
-    def variance_moments(self) -> tuple[str, np.ndarray]:
+    def _variance_moments(self) -> tuple[str, np.ndarray]:
         """``(name, table)`` the step's variance reads: ``ms_eps`` (analytic) or ``x0_mse`` (residual), shape ``(N,)``,
         or with ``per_channel`` their ``channel_`` rows, shape ``(C, N)``."""
         name = "x0_mse" if self.config.variance == "residual" else "ms_eps"
@@ -284,7 +284,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         else:
             trajectory = even_trajectory(n, num_inference_steps)
         validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])  # the DP's and the scalar variance's table
-        name, moments = self.variance_moments()
+        name, moments = self._variance_moments()
         validate_ms_eps(moments, n, needed=trajectory[:-1], name=name, per_channel=self.config.per_channel)
 
         self.trajectory = trajectory
@@ -311,7 +311,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         abar = self.alphas_cumprod_64
         a_t, a_s = abar[t], extended(abar, s)
         lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
-        moments = np.atleast_2d(self.variance_moments()[1])  # (C', N)
+        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
         var = np.zeros((moments.shape[0], t.size))
         if self.config.variance == "residual":
             var[:, :-1] = residual_variance(abar, moments, s[:-1], t[:-1], eta)

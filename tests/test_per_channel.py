@@ -24,6 +24,8 @@ from analytic_sampler.table import VarianceTable
 from analytic_sampler.trajectory import even_trajectory
 from analytic_sampler.variance import analytic_variance, residual_variance, validate_ms_eps
 
+from conftest import ExactGaussianEps
+
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 ABAR = alphas_cumprod_from_config(SD_SCHEDULE)
 BB = 1.0 - ABAR
@@ -33,12 +35,12 @@ N, C = ABAR.size, V.size
 
 def exact_ms_eps(v: np.ndarray = V) -> np.ndarray:
     """``(C, N)``: ``bb / (abar v_c + bb)``."""
-    return BB / (ABAR * v[:, None] + BB)
+    return ChannelGaussianEps(v).exact_ms_eps()
 
 
 def exact_x0_mse(v: np.ndarray = V) -> np.ndarray:
     """``(C, N)``: the posterior variance of x0_c, ``v_c bb / (abar v_c + bb)``."""
-    return v[:, None] * BB / (ABAR * v[:, None] + BB)
+    return ChannelGaussianEps(v).exact_x0_mse()
 
 
 # ---------------------------------------------------------------- variance.py
@@ -80,19 +82,9 @@ def test_channel_tables_are_validated_with_clear_messages():
 
 
 # ---------------------------------------------------------------- scheduler
-class ChannelGaussianEps(torch.nn.Module):
-    """The exact eps of per-channel Gaussian data, ``sqrt(bb[t]) x_t,c / (abar[t] v_c + bb[t])`` (float64 inside)."""
-
-    def __init__(self, v: np.ndarray = V):
-        super().__init__()
-        self.register_buffer("abar", torch.from_numpy(ABAR))
-        self.register_buffer("v", torch.as_tensor(v, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1)
-        a = self.abar[t].reshape(-1, *([1] * (x.ndim - 1)))
-        v = self.v.reshape(-1, *([1] * (x.ndim - 2)))
-        return ((1 - a).sqrt() * x.double() / (a * v + 1 - a)).to(x.dtype)
+def ChannelGaussianEps(v: np.ndarray = V) -> ExactGaussianEps:  # noqa: N802 (reads as the model class)
+    """The exact eps of per-channel Gaussian data, ``sqrt(bb[t]) x_t,c / (abar[t] v_c + bb[t])``."""
+    return ExactGaussianEps(ABAR, tuple(float(x) for x in v))
 
 
 def channel_scheduler(per_channel: bool, **kwargs) -> AnalyticDPMScheduler:

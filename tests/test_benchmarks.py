@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
+import per_channel  # noqa: E402
 import steps  # noqa: E402
 import trajectory  # noqa: E402
 
@@ -36,3 +37,12 @@ def test_trajectory_quick(tmp_path):
                                                                         ("paper DP", "analytic")}
     assert len(model["checks"]) == 2 and (tmp_path / "tables" / "digits-ddpm-linear-m10-s0").is_dir()
     assert "Checks:" in (tmp_path / "trajectory.md").read_text()
+
+
+def test_per_channel_small(tmp_path):
+    """Differing channels: the per-channel bound is below the scalar one; equal channels: the two coincide."""
+    result = per_channel.main(["--steps", "3", "--num-samples", "200", "--out", str(tmp_path)])
+    differ, equal = result["channels differ"][0], result["channels equal"][0]
+    assert differ["per-channel bpd"] < differ["scalar bpd"] - 0.2
+    assert equal["per-channel bpd"] == equal["scalar bpd"]
+    assert (tmp_path / "per_channel.md").is_file()

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .pretrained import DEFAULT_MODEL, load_pretrained, local_or_repo_id
+from .pretrained import BUNDLED_MODELS, DEFAULT_MODEL, TABLE_SUBFOLDER, load_pretrained, local_or_repo_id
 from .table import REESTIMATE_HINT
 
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
@@ -151,24 +151,54 @@ def cmd_precompute(args) -> None:
     import torch
 
     from .moments import estimate_moments
+    from .pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    model = load_pretrained(args.model, with_table=False, torch_dtype=dtype)
-    timesteps = _timesteps(args.timesteps, model.scheduler.config.num_train_timesteps)
-    data = _load_data(args.data, model.unet.config.in_channels)
-    _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
+    source = resolve(args.model)
+    latent = is_latent_pipeline_model(source, args.revision)
+    if not latent and (args.prompt is not None or args.captions or args.guidance_scale is not None):
+        raise ValueError(f"--prompt, --captions and --guidance-scale are for latent text-to-image pipelines; "
+                         f"{args.model} has no VAE (no model_index.json naming one).")
+    if args.out is None:
+        if args.model in BUNDLED_MODELS or not os.path.isdir(source):
+            raise ValueError(f"pass --out: {args.model} is not a local model folder to store the table beside.")
+        args.out = os.path.join(source, TABLE_SUBFOLDER)
+    provenance = {"model_id": args.model, "revision": args.revision, "data": args.data}
+    if latent:  # the data are checked before any output folder is made
+        model = load_pipeline(source, args.revision, torch_dtype=dtype)
+        data, schedule = _pipeline_images(args.data, args.num_samples), model.scheduler
+        options = dict(prompt=args.prompt, captions=args.captions, guidance_scale=args.guidance_scale,
+                       negative_prompt=args.negative_prompt, latent=args.latent)
+    else:
+        model = load_pretrained(source, revision=args.revision, with_table=False, torch_dtype=dtype)
+        data, schedule, options = _load_data(args.data, model.unet.config.in_channels), model.scheduler, {}
+        _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
+    timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
     out = _make_folder(args.out)
     checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
     _make_folder(checkpoint.parent)
     table = estimate_moments(
-        model.unet, data, model.scheduler, num_samples=args.num_samples, timesteps=timesteps,
+        model if latent else model.unet, data, schedule, num_samples=args.num_samples, timesteps=timesteps,
         batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
-        noise_device=args.noise_device, compile=args.compile, provenance={"model_id": args.model, "data": args.data},
+        noise_device=args.noise_device, compile=args.compile, provenance=provenance, **options,
     )
     if rank == 0:  # every rank holds the same table
         table.save(out)
         print(f"{table}\nsaved to {out}")
+
+
+def _pipeline_images(spec: str, needed: int) -> str:
+    """A latent pipeline's ``--data``: a folder of images, streamed (checked to hold ``needed`` images)."""
+    from .data import folder_files
+
+    if not os.path.isdir(spec):
+        raise ValueError(f"--data {spec!r}: a latent pipeline reads a folder of images (with captions beside them).")
+    count = len(folder_files(spec))
+    if count < needed:
+        raise ValueError(f"--data {spec!r} holds {count} images but --num-samples is {needed}; pass --num-samples "
+                         f"{count} or more images.")
+    return spec
 
 
 def _table(args, model=None):
@@ -322,10 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("precompute", help="Monte Carlo estimate of a model's ms_eps table")
-    p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/) or Hub repo id")
-    p.add_argument("--data", required=True, help="digits:train, a .pt/.npy file of images in [-1, 1], or an image folder")
-    p.add_argument("--out", required=True, help="folder for variance_table.{safetensors,json} (created if missing)")
+    p = sub.add_parser("precompute", help="Monte Carlo estimate of a model's ms_eps / x0_mse table")
+    p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/, or a Stable Diffusion-type "
+                   "pipeline) or Hub repo id")
+    p.add_argument("--data", required=True, help="digits:train, a .pt/.npy file of images in [-1, 1], or an image "
+                   "folder (the only form for latent pipelines)")
+    p.add_argument("--out", default=None, help="folder for variance_table.{safetensors,json} (created if missing; "
+                   "default for a local model folder: MODEL/table, where load_pretrained and --table find it)")
     p.add_argument("--num-samples", type=_positive_int, default=1000)
     p.add_argument("--timesteps", default="all", help="all, even:K or a comma list")
     p.add_argument("--batch-size", type=_positive_int, default=256)
@@ -338,6 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the same noise on every device; model: drawn on the GPU (faster; same table only on "
                         "the same kind of GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
+    conditioning = p.add_mutually_exclusive_group()
+    conditioning.add_argument("--prompt", default=None, help="latent pipelines: one prompt for every image")
+    conditioning.add_argument("--captions", default=None, help="latent pipelines: .txt (one line per image, sorted "
+                              "file names), .jsonl or .csv (file_name, text); default: DATA/metadata.jsonl or .csv")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="latent pipelines: estimate the guided eps at this classifier-free guidance scale (the one "
+                   "you will sample at); default: the conditional eps")
+    p.add_argument("--negative-prompt", default=None, help="the unconditional prompt of the guided eps (default '')")
+    p.add_argument("--latent", default="mean", choices=["mean", "sample"],
+                   help="latent pipelines: the VAE posterior mean (default) or a sample of it, times its scaling factor")
     p.set_defaults(func=cmd_precompute)
 
     p = sub.add_parser(

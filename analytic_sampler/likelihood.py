@@ -20,6 +20,10 @@ huge mean errors on coarse trajectories.
 Decoder ``p(x0 | x_{t_1})``: mean ``x0_hat(x_{t_1})`` (clipped to the data range for the discretised decoder)
 and, by default, the **same variance for every method**, ``1 - abar[t_1]`` (DDPM's ``beta`` of the last step);
 ``decoder_variance="analytic"`` uses the method-free analytic ``c[t_1]`` instead, ``float`` a fixed value.
+
+Per channel: ``ms_eps`` / ``x0_mse`` of shape ``(C, N)`` (a table's ``channel_ms_eps`` / ``channel_x0_mse``) give a
+diagonal ``p``, ``sigma_c^2`` for the entries of channel c in every KL term (and in the analytic decoder variance);
+the KL is elementwise, so this is the same sum with sigma^2 broadcast over ``(B, C, H, W)`` as ``(C, 1, 1)``.
 """
 
 from __future__ import annotations
@@ -100,8 +104,9 @@ def nll_bpd(
 
     ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
     2C outputs. A table's ``ms_eps`` is needed for ``analytic``, its ``x0_mse`` for ``residual`` (estimated with
-    the same clipping as ``clip_denoised``: the data range). Noise is drawn on the CPU from a generator
-    seeded per batch, so the figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
+    the same clipping as ``clip_denoised``: the data range). Either may have shape ``(N,)`` or ``(C, N)``, one row per
+    data channel: then sigma^2 is per channel. Noise is drawn on the CPU from a generator seeded per batch, so the
+    figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
     """
     return nll_bpd_many(
         model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
@@ -146,14 +151,14 @@ def nll_bpd_many(
     if "analytic" in variances or decoder_variance == "analytic":
         if ms_eps is None:
             raise ValueError("the analytic variance needs the model's table: pass ms_eps=table.ms_eps.")
-        ms_eps = validate_ms_eps(ms_eps, n, needed=traj)
+        ms_eps = validate_ms_eps(ms_eps, n, needed=traj, per_channel=None)
     if "residual" in variances:
         if x0_mse is None:
             raise ValueError(
                 "the residual variance needs the model's x0_mse: pass x0_mse=table.x0_mse (a table from "
                 "`analytic-sampler precompute`, format 2)."
             )
-        x0_mse = validate_ms_eps(x0_mse, n, needed=traj[:-1], name="x0_mse")
+        x0_mse = validate_ms_eps(x0_mse, n, needed=traj[:-1], name="x0_mse", per_channel=None)
     if prediction_type is None and not isinstance(model, EpsilonAdapter):
         config = getattr(scheduler_or_alphas_cumprod, "config", scheduler_or_alphas_cumprod)
         prediction_type = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
@@ -166,12 +171,13 @@ def nll_bpd_many(
 
     t = np.asarray(traj, dtype=np.int64)
     s = np.append(t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
+    # sigma^2 of each pair, shape (K-1,) or (C, K-1)
     fixed = {v: _variances(v, abar, s[:-1], t[:-1], data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
     if decoder_variance == "analytic":
-        dec_var = float(np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[t[-1]]), 1e-20,
-                                covariance_upper_bound(abar, t[-1], data_range)))
+        dec_var = np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[..., t[-1]]), 1e-20,
+                          covariance_upper_bound(abar, t[-1], data_range))
     elif decoder_variance == "beta":
-        dec_var = float(1.0 - abar[t[-1]])
+        dec_var = 1.0 - abar[t[-1]]
     else:
         dec_var = float(decoder_variance)
 
@@ -204,7 +210,8 @@ def nll_bpd_many(
                     x0_hat = x0_hat.clamp(*data_range)
                     eps = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
                 if k == k_steps:
-                    decoded = _decoder_log_likelihood(x0, x0_hat, dec_var, decoder, bin_width, data_range)
+                    var = _channel_tensor(dec_var, x0)
+                    decoded = _decoder_log_likelihood(x0, x0_hat, var, decoder, bin_width, data_range)
                     continue
                 btilde = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
                 true_mean = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
@@ -217,7 +224,7 @@ def nll_bpd_many(
                             raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
                         var = _variances("learned", abar, s[k], t[k], data_range, learned_v=v.double())
                     else:
-                        var = torch.tensor(float(fixed[variance][k]), dtype=torch.float64, device=device)
+                        var = _channel_tensor(fixed[variance][..., k], x0)
                     steps[i, :, k] = normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1)
             for i, variance in enumerate(names):
                 per_sample[variance].append(((prior + steps[i].sum(1) - decoded) / (d * math.log(2))).cpu())
@@ -262,7 +269,7 @@ def predicted_transitions_bpd(
     ``0.5 log(1 + coef^2 x0_mse / lambda^2)``) or the ``analytic`` one (needs ``ms_eps``). The prior and decoder
     terms, shared by every trajectory from N-1 to 0, are left out. The standard error is the delta method on the
     table's ``x0_mse_stderr`` (NaN without it). On the trajectory a DP chose with this very table the figure is
-    optimistic: the DP favours timesteps whose estimate came out low.
+    optimistic: the DP favours timesteps whose estimate came out low. Scalar tables only (shape ``(N,)``).
     """
     abar = as_alphas_cumprod(alphas_cumprod)
     t = np.asarray(validate_timesteps(timesteps, abar.size), dtype=np.int64)
@@ -281,12 +288,24 @@ def predicted_transitions_bpd(
     return float(kl.sum() / math.log(2)), float(np.sqrt(np.sum((grad * se) ** 2)) / math.log(2))
 
 
-def _decoder_log_likelihood(x0, x0_hat, var: float, decoder: str, bin_width: float, data_range) -> torch.Tensor:
-    """``log p(x0 | x_{t_1})`` summed over dimensions, float64 per image."""
+def _channel_tensor(values, like: torch.Tensor) -> torch.Tensor:
+    """float64 ``values`` of shape ``()`` or ``(C,)`` on ``like``'s device, shaped ``(C', 1, …)`` to broadcast over
+    ``like`` ``(B, C, …)``: one value for every channel or one per channel (then ``C`` must match)."""
+    values = torch.as_tensor(np.asarray(values, dtype=np.float64), device=like.device)
+    if values.ndim and values.shape[0] != like.shape[1]:
+        raise ValueError(
+            f"the per-channel table has {values.shape[0]} channels but the data has {like.shape[1]} (shape "
+            f"{tuple(like.shape)}); pass the channel_ms_eps / channel_x0_mse of this data's table, or its scalar ones."
+        )
+    return values.reshape(-1, *([1] * (like.ndim - 2)))
+
+
+def _decoder_log_likelihood(x0, x0_hat, var: torch.Tensor, decoder: str, bin_width: float, data_range) -> torch.Tensor:
+    """``log p(x0 | x_{t_1})`` summed over dimensions, float64 per image; ``var`` broadcasts over ``x0``."""
     if decoder == "gaussian":
-        logp = -0.5 * (math.log(2 * math.pi * var) + (x0.double() - x0_hat.double()) ** 2 / var)
+        logp = -0.5 * (torch.log(2 * math.pi * var) + (x0.double() - x0_hat.double()) ** 2 / var)
     else:
         mean = x0_hat.clamp(*data_range).double()
-        log_scale = torch.full_like(mean, 0.5 * math.log(var))
+        log_scale = (0.5 * torch.log(var)).expand_as(mean)
         logp = discretized_gaussian_log_likelihood(x0.double(), mean, log_scale, bin_width, data_range)
     return logp.flatten(1).sum(1)

@@ -129,3 +129,43 @@ def load_pretrained(
                 if local.is_dir():
                     raise
     return PretrainedModel(unet, scheduler, table, source)
+
+
+def _model_index(source: str, revision: str | None) -> dict | None:
+    """The pipeline's ``model_index.json`` (local or from the Hub), ``None`` where there is none."""
+    import json
+
+    if os.path.isdir(source):
+        path = os.path.join(source, "model_index.json")
+        if not os.path.isfile(path):
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(source, "model_index.json", revision=revision)
+        except Exception:  # no index (a bare UNet repo), offline or unreachable: load_pretrained reports it
+            return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_latent_pipeline_model(source: str, revision: str | None = None) -> bool:
+    """Whether ``source`` (a folder from :func:`resolve` or a Hub repo id) is a pipeline with a VAE (latent model)."""
+    index = _model_index(source, revision)
+    return bool(index) and isinstance(index.get("vae"), list) and index["vae"][0] is not None
+
+
+def load_pipeline(source: str, revision: str | None = None, torch_dtype=None):
+    """The Diffusers pipeline at ``source`` (``DiffusionPipeline.from_pretrained``, weights in ``torch_dtype``, default
+    as saved), progress bars off."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype)
+    except OSError as err:
+        if os.path.isdir(source):
+            raise
+        raise _hub_error(source, err) from err
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -9,6 +9,7 @@ One step from ``t`` to the previous point ``s`` of the trajectory (``s = -1`` af
 with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` either the clipped analytic variance of
 :func:`analytic_sampler.analytic_variance` (``variance="analytic"``) or the residual one,
 ``lambda^2 + coef^2 x0_mse[t]`` (``variance="residual"``, :func:`analytic_sampler.residual_variance`).
+With ``per_channel=True`` sigma is diagonal: ``sigma_c^2`` from channel c's row of the table, ``z`` scaled per channel.
 The last step returns ``x0_hat`` with no noise.
 """
 
@@ -77,6 +78,12 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         x0_mse: the same table's ``E||x0 - x0_hat||^2 / d``; with it ``trajectory="optimal"`` minimises the bound
             the network really achieves (the residual DP), without it Analytic-DPM's cost (with a warning).
         variance: ``"analytic"`` (default) or ``"residual"`` (needs ``x0_mse``).
+        channel_ms_eps, channel_x0_mse: the table's moments per data channel, ``C`` rows of ``num_train_timesteps``
+            floats (``VarianceTable.channel_ms_eps`` / ``.channel_x0_mse``; NaN where not estimated). When the scalar
+            ``ms_eps`` / ``x0_mse`` is not given it is their mean over channels, as in the table.
+        per_channel: ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
+            (``"residual"``), for data whose channels differ (Stable Diffusion latents); ``False`` (default): the
+            scalar variance. The trajectory DP always uses the scalar table.
         eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
         trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
             minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
@@ -108,6 +115,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         ms_eps: list[float] | None = None,
         x0_mse: list[float] | None = None,
+        channel_ms_eps: list[list[float]] | None = None,
+        channel_x0_mse: list[list[float]] | None = None,
+        per_channel: bool = False,
         variance: str = "analytic",
         eta: float = 1.0,
         trajectory: str = "even",
@@ -118,6 +128,20 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
     ):
+        channels = {
+            name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
+            for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
+            if value is not None
+        }
+        if len({value.shape for value in channels.values()}) > 1:
+            raise ValueError(
+                f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
+                f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
+            )
+        if ms_eps is None and "channel_ms_eps" in channels:
+            ms_eps = channels["channel_ms_eps"].mean(0)
+        if x0_mse is None and "channel_x0_mse" in channels:
+            x0_mse = channels["channel_x0_mse"].mean(0)
         if ms_eps is None:
             raise ValueError(
                 "AnalyticDPMScheduler needs the model's variance table: run "
@@ -130,6 +154,14 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(
                 "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
                 f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
+            )
+        needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
+        if per_channel and needed not in channels:
+            raise ValueError(
+                f"per_channel=True with variance={variance!r} needs {needed}: use "
+                "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
+                f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
+                "or set per_channel=False."
             )
         if trajectory not in TRAJECTORIES:
             raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
@@ -148,6 +180,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self.register_to_config(ms_eps=[float(v) for v in ms])
         if x0_mse is not None:
             self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, num_train_timesteps, [], "x0_mse")])
+        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
         if data_range is not None:
             self.register_to_config(data_range=tuple(float(v) for v in data_range))
 
@@ -181,9 +214,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> "AnalyticDPMScheduler":
         """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone).
 
-        ``guidance_scale``: the classifier-free guidance scale the pipeline will sample at; a warning when the table's
-        eps was estimated at another (``table.guidance_scale``; none counts as 1). A table without a data range
-        (latents) also sets ``clip_sample=False`` unless it is passed."""
+        The table's per-channel moments, when it has them, go into the config too (so a saved scheduler keeps them);
+        they are used only with ``per_channel=True``. ``guidance_scale``: the classifier-free guidance scale the
+        pipeline will sample at; a warning when the table's eps was estimated at another (``table.guidance_scale``;
+        none counts as 1). A table without a data range (latents) also sets ``clip_sample=False`` unless passed."""
         _check_guidance(table.guidance_scale, guidance_scale)
         if table.data_range is None:
             kwargs.setdefault("clip_sample", False)
@@ -198,6 +232,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             kwargs.setdefault("x0_mse", table.x0_mse.tolist())
         elif kwargs.get("variance") == "residual":
             table.require_x0_mse()
+        for name in ("channel_ms_eps", "channel_x0_mse"):
+            if getattr(table, name) is not None:  # tables before format 3 have none
+                kwargs.setdefault(name, np.asarray(getattr(table, name)).tolist())
         return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
 
     @staticmethod
@@ -213,6 +250,21 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     @property
     def x0_mse(self) -> np.ndarray | None:
         return None if self.config.x0_mse is None else np.asarray(self.config.x0_mse, dtype=np.float64)
+
+    @property
+    def channel_ms_eps(self) -> np.ndarray | None:
+        return None if self.config.channel_ms_eps is None else np.asarray(self.config.channel_ms_eps, dtype=np.float64)
+
+    @property
+    def channel_x0_mse(self) -> np.ndarray | None:
+        return None if self.config.channel_x0_mse is None else np.asarray(self.config.channel_x0_mse, dtype=np.float64)
+
+    def _variance_moments(self) -> tuple[str, np.ndarray]:
+        """``(name, table)`` the step's variance reads: ``ms_eps`` (analytic) or ``x0_mse`` (residual), shape ``(N,)``,
+        or with ``per_channel`` their ``channel_`` rows, shape ``(C, N)``."""
+        name = "x0_mse" if self.config.variance == "residual" else "ms_eps"
+        name = "channel_" + name if self.config.per_channel else name
+        return name, getattr(self, name)
 
     @property
     def step_index(self) -> int | None:
@@ -256,9 +308,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             trajectory = quadratic_trajectory(n, num_inference_steps)
         else:
             trajectory = even_trajectory(n, num_inference_steps)
-        validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])
-        if self.config.variance == "residual":
-            validate_ms_eps(self.x0_mse, n, needed=trajectory[:-1], name="x0_mse")
+        validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])  # the DP's and the scalar variance's table
+        name, moments = self._variance_moments()
+        validate_ms_eps(moments, n, needed=trajectory[:-1], name=name, per_channel=self.config.per_channel)
 
         self.trajectory = trajectory
         self.num_inference_steps = len(trajectory)
@@ -277,22 +329,25 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def step_coefficients(self, eta: float) -> np.ndarray:
         """Per-step float64 table, one row per trajectory point ``t_K … t_1``:
-        ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma]``."""
+        ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma_1 … sigma_C']``, with one sigma
+        (``C' = 1``, the scalar variance) or, with ``per_channel``, one per data channel (``C' = C``)."""
         t = np.asarray(self.trajectory, dtype=np.int64)
         s = np.append(t[1:], -1)
         abar = self.alphas_cumprod_64
         a_t, a_s = abar[t], extended(abar, s)
         lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
-        var = np.zeros(t.size)
+        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
+        var = np.zeros((moments.shape[0], t.size))
         if self.config.variance == "residual":
-            var[:-1] = residual_variance(abar, self.x0_mse, s[:-1], t[:-1], eta)
+            var[:, :-1] = residual_variance(abar, moments, s[:-1], t[:-1], eta)
         else:
-            var[:-1] = analytic_variance(abar, self.ms_eps, s[:-1], t[:-1], eta, self.config.data_range)
+            var[:, :-1] = analytic_variance(abar, moments, s[:-1], t[:-1], eta, self.config.data_range)
         if self.config.variance_cap_y is not None and t.size >= 2:
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
-            var[-2] = min(var[-2], cap)
-        return np.stack([np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0)), np.sqrt(var)], 1)
+            var[:, -2] = np.minimum(var[:, -2], cap)
+        mean = [np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0))]
+        return np.concatenate([np.stack(mean, 1), np.sqrt(var).T], 1)
 
     def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (eta, device, dtype)
@@ -324,7 +379,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
         trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
         A ``timestep`` given as a Python int or a CPU tensor must be the expected one, else ValueError; on an
-        accelerator tensor that check is skipped rather than wait for the device."""
+        accelerator tensor that check is skipped rather than wait for the device. With ``per_channel`` the noise std
+        broadcasts over ``sample`` ``(B, C, …)`` as ``(C, 1, …)``; a sample with another channel count is refused."""
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
         i = self._step_index
@@ -338,7 +394,15 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         eta = self.config.eta if eta is None else self._check_eta(eta)
         coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
-        sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef, std = coef.unbind()
+        sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef = coef[:4].unbind()
+        std = coef[4:]
+        if self.config.per_channel and sample.shape[1] != std.shape[0]:
+            raise ValueError(
+                f"this scheduler's per-channel variance has {std.shape[0]} channels (channel_ms_eps / channel_x0_mse), "
+                f"but the sample has {sample.shape[1]} (shape {tuple(sample.shape)}); use the variance table estimated "
+                "for this model's own data (or latents), or per_channel=False."
+            )
+        std = std.reshape(-1, *([1] * (sample.ndim - 2)))  # (C', 1, …): one sigma per channel, or one for all
 
         prediction, _ = split_learned_variance(model_output, sample)
         x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)

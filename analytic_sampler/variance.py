@@ -10,6 +10,9 @@ For a pair ``s < t`` (``s = -1`` is clean data) with ``a_ts = abar[t] / abar[s]`
 
 The sampler's mean error is ``coef * (x0_hat - x0)``, so the residual variance minimises the expected KL of
 each transition for the network's actual mean, where it equals ``(d/2) log(sigma^2 / lambda^2)`` (DESIGN.md §1).
+
+Per channel (diagonal variance): a table of shape ``(C, N)``, one row per data channel, gives one sigma^2 per channel
+and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the result gets a leading axis of length C.
 """
 
 from __future__ import annotations
@@ -24,37 +27,54 @@ DataRange = tuple[float, float] | None
 
 
 def validate_ms_eps(
-    ms_eps: Sequence[float] | np.ndarray, num_train_timesteps: int, needed=None, name: str = "ms_eps"
+    ms_eps: Sequence[float] | np.ndarray,
+    num_train_timesteps: int,
+    needed=None,
+    name: str = "ms_eps",
+    per_channel: bool | None = False,
 ) -> np.ndarray:
-    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong length,
-    negative values, or NaN at the timesteps in ``needed``."""
+    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong shape,
+    negative values, or NaN at the timesteps in ``needed``. ``per_channel``: ``False`` wants shape ``(N,)``, ``True``
+    ``(C, N)`` (one row per data channel), ``None`` either."""
     ms = np.asarray(ms_eps, dtype=np.float64)
-    if ms.ndim != 1 or ms.size != num_train_timesteps:
+    n = num_train_timesteps
+    if per_channel is False and ms.ndim == 1 and ms.size != n:
         raise ValueError(
-            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={num_train_timesteps}; "
+            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={n}; "
             "estimate the table with the same scheduler config as the model (estimate_moments)."
         )
+    ndims = {False: (1,), True: (2,), None: (1, 2)}[per_channel]
+    if ms.ndim not in ndims or ms.shape[-1] != n or ms.size == 0:
+        wanted = " or ".join({1: f"({n},)", 2: f"(channels, {n})"}[d] for d in ndims)
+        hint = (
+            "pass the scalar column (e.g. table.ms_eps), or a per-channel one where it is accepted (channel_ms_eps)"
+            if per_channel is False and ms.ndim == 2
+            else "estimate the table with the same scheduler config as the model (estimate_moments)"
+        )
+        raise ValueError(f"{name} has shape {ms.shape}, but needs {wanted} (num_train_timesteps={n}); {hint}.")
     if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
         raise ValueError(
             f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
             "VarianceTable from estimate_moments unchanged, or re-estimate it."
         )
-    idx = np.arange(num_train_timesteps) if needed is None else np.asarray(needed, dtype=np.int64)
-    missing = idx[~np.isfinite(ms[idx])]
+    idx = np.arange(n) if needed is None else np.asarray(needed, dtype=np.int64)
+    bad = ~np.isfinite(np.atleast_2d(ms)[:, idx])  # (channels or 1, len(idx))
+    missing = idx[bad.any(0)]
     if missing.size:
         shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
+        where = f" in channel(s) {np.flatnonzero(bad.any(1)).tolist()}" if ms.ndim == 2 else ""
         raise ValueError(
-            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}); estimate them with "
+            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}){where}; estimate them with "
             "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
         )
     return ms
 
 
 def pair_coefficients(alphas_cumprod, prev_t, t, eta):
-    """``(t, abar[t], bb[t], lambda^2, coef)`` of the pairs ``(prev_t, t)``, float64, after checking them."""
+    """``(t, abar[t], bb[t], lambda^2, coef)`` of the pairs ``(prev_t, t)``, float64, after checking them; ``t`` is
+    broadcast to the pairs' shape, so ``table[..., t]`` lines up with the other four."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    t = np.asarray(t, dtype=np.int64)
-    prev_t = np.asarray(prev_t, dtype=np.int64)
+    prev_t, t = np.broadcast_arrays(np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64))
     if np.any(prev_t >= t) or np.any(prev_t < -1) or np.any(t >= abar.size) or np.any(t < 0):
         raise ValueError("need -1 <= prev_t < t < num_train_timesteps for every pair.")
     if not 0.0 <= float(eta) <= 1.0:
@@ -78,17 +98,19 @@ def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0
 
 
 def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
-    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t."""
+    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t. ``ms_eps`` of
+    shape ``(N,)`` gives the pairs' shape, ``(C, N)`` one sigma^2 per channel: shape ``(C, *pairs)``."""
     t, a_t, bb_t, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    ms = np.asarray(ms_eps, dtype=np.float64)[t]
+    ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
     c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
     return lam2 + coef**2 * c
 
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
-    """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t."""
+    """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t, with a
+    leading channel axis for ``x0_mse`` of shape ``(C, N)``, as :func:`analytic_variance`."""
     t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[t], 0.0)
+    return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):

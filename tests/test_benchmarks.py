@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
+import per_channel  # noqa: E402
 import steps  # noqa: E402
 import throughput  # noqa: E402
 import trajectory  # noqa: E402
@@ -48,3 +49,12 @@ def test_throughput_quick(tmp_path):
     assert counts[0] == 1 and counts == sorted(set(counts)) and all(r["pairs_per_s"] > 0 for r in result["processes"])
     assert "torch" in result["versions"]
     assert "against the number of processes" in (tmp_path / "throughput_cpu.md").read_text()
+
+
+def test_per_channel_small(tmp_path):
+    """Differing channels: the per-channel bound is below the scalar one; equal channels: the two coincide."""
+    result = per_channel.main(["--steps", "3", "--num-samples", "200", "--out", str(tmp_path)])
+    differ, equal = result["channels differ"][0], result["channels equal"][0]
+    assert differ["per-channel bpd"] < differ["scalar bpd"] - 0.2
+    assert equal["per-channel bpd"] == equal["scalar bpd"]
+    assert (tmp_path / "per_channel.md").is_file()

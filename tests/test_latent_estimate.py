@@ -184,3 +184,36 @@ def test_table_used_at_another_guidance_scale_warns(pipe, images):
         AnalyticDPMScheduler.from_table(VarianceTable(**{**vars(guided), "provenance": {}}), config, guidance_scale=7.5)
     scheduler = AnalyticDPMScheduler.from_table(guided, config, guidance_scale=7.5)  # no warning
     assert scheduler.config.clip_sample is False and scheduler.config.data_range is None
+
+
+def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatch, capsys):
+    """``analytic-sampler precompute MODEL --data FOLDER --guidance-scale W`` stores the table in MODEL/table with its
+    provenance; it equals the library call; bad combinations are refused."""
+    from analytic_sampler.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "tiny-sd"
+    pipe.save_pretrained(model)
+    folder = write_folder(tmp_path / "images", images)
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"{i:03d}.png", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
+    main(["precompute", str(model), "--data", str(folder), "--num-samples", "8", "--timesteps", "1,301,601,901",
+          "--batch-size", "5", "--guidance-scale", "7.5", "--revision", "main"])
+    assert f"saved to {model / 'table'}" in capsys.readouterr().out
+    table = VarianceTable.load(model, subfolder="table")
+    expected = estimate_moments(pipe, str(folder), num_samples=8, guidance_scale=7.5, **SETTINGS)
+    assert_same(table, expected)
+    record = table.provenance
+    assert record["model_id"] == str(model) and record["revision"] == "main" and table.guidance_scale == 7.5
+    assert record["prompt_source"] == f"captions: {folder / 'metadata.jsonl'}" and record["latent"] == "mean"
+    assert record["vae_scaling_factor"] == pytest.approx(0.18215) and record["pipeline"] == "StableDiffusionPipeline"
+
+    main(["precompute", str(model), "--data", str(folder), "--num-samples", "2", "--timesteps", "901",
+          "--prompt", "one prompt", "--out", str(tmp_path / "t2")])
+    assert VarianceTable.load(tmp_path / "t2").provenance["prompt_source"] == "prompt: 'one prompt'"
+    with pytest.raises(SystemExit, match=r"holds 8 images but --num-samples is 9"):
+        main(["precompute", str(model), "--data", str(folder), "--num-samples", "9", "--out", str(tmp_path / "t3")])
+    with pytest.raises(SystemExit, match="are for latent text-to-image pipelines"):
+        main(["precompute", "digits-ddpm-linear", "--data", "digits:train", "--prompt", "a", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="pass --out"):
+        main(["precompute", "digits-ddpm-linear", "--data", "digits:train"])

@@ -331,6 +331,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         """Per-step float64 table, one row per trajectory point ``t_K … t_1``:
         ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma_1 … sigma_C']``, with one sigma
         (``C' = 1``, the scalar variance) or, with ``per_channel``, one per data channel (``C' = C``)."""
+        if not self.trajectory:
+            raise ValueError("call set_timesteps(num_inference_steps) before step_coefficients().")
         t = np.asarray(self.trajectory, dtype=np.int64)
         s = np.append(t[1:], -1)
         abar = self.alphas_cumprod_64

@@ -144,7 +144,7 @@ def test_ddim_pipeline_after_assignment_uses_eta_zero_by_default():
     pipe.set_progress_bar_config(disable=True)
     a = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
     b = pipe(batch_size=2, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(5), output_type="np").images
-    # eta=0 is deterministic given the initial noise, so only the starting noise differs here.
+    # Another seed: other noise (initial, and in Analytic-DDIM's steps, whose analytic variance is above zero).
     c = pipe(batch_size=2, num_inference_steps=5, eta=1.0, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert a.shape == (2, 8, 8, 1) and not np.array_equal(a, b) and not np.array_equal(a, c)
 
@@ -410,3 +410,9 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     cosine = DDPMScheduler(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
     with pytest.raises(ValueError, match="table was estimated for schedule .* estimate a table for this model"):
         AnalyticDPMScheduler.from_table(table, cosine.config)
+
+
+def test_step_coefficients_before_set_timesteps_names_the_fix():
+    scheduler = AnalyticDPMScheduler(num_train_timesteps=N, ms_eps=np.linspace(0.2, 0.999, N).tolist())
+    with pytest.raises(ValueError, match=r"call set_timesteps\(num_inference_steps\) before step_coefficients"):
+        scheduler.step_coefficients(1.0)

@@ -190,7 +190,8 @@ class PipelineSamples:
         self.pipe, self.data, self.num_samples, self.prompts = pipe, data, num_samples, prompts
         self.latent, self.chunk, self.seed = latent, chunk, seed
         self.guided = guidance_scale is not None and guidance_scale > 1
-        self.guidance_scale, self.negative_prompt = guidance_scale, (negative_prompt or "") if self.guided else None
+        self.guidance_scale = float(guidance_scale) if self.guided else None  # None: the conditional eps
+        self.negative_prompt = (negative_prompt or "") if self.guided else None
         self.single_prompt = len(set(prompts)) == 1
         self._shared = encode_prompts(pipe, prompts[:1]) if self.single_prompt else None
         self.uncond_kwargs = (
@@ -204,17 +205,18 @@ class PipelineSamples:
         if self._images is None or k < self._next_chunk:  # (re)start the stream of pixel chunks
             channels = self.pipe.vae.config.in_channels
             self._images, self._next_chunk = iter_batches(self.data, self.chunk, channels=channels), 0
+        lo = k * self.chunk
+        wanted = min(self.chunk, self.num_samples - lo)
         while True:
             pixels = next(self._images, None)
-            if pixels is None:
-                raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
             self._next_chunk += 1
-            if self._next_chunk - 1 == k:
+            if pixels is None or self._next_chunk - 1 == k:
                 break
-        pixels = pixels[: self.num_samples - k * self.chunk]
+        if pixels is None or pixels.shape[0] < wanted:
+            raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
+        pixels = pixels[:wanted]
         check_range(pixels, (-1.0, 1.0))
         latents = _latent_chunk(self.pipe, pixels, self.latent, _chunk_generator(self.seed, k))
-        lo = k * self.chunk
         embeds = None if self.single_prompt else encode_prompts(self.pipe, self.prompts[lo : lo + pixels.shape[0]])
         return latents, embeds
 
@@ -230,11 +232,14 @@ class PipelineSamples:
             if k not in self._cache:
                 self._cache[k] = self._encode_chunk(k)
         start, stop = lo - first * self.chunk, hi - first * self.chunk + 1
-        latents = torch.cat([self._cache[k][0] for k in range(first, last + 1)])[start:stop]
+
+        def rows(part: int) -> torch.Tensor:  # a view when the window lies in one chunk, as it mostly does
+            pieces = [self._cache[k][part] for k in range(first, last + 1)]
+            return (pieces[0] if len(pieces) == 1 else torch.cat(pieces))[start:stop]
+
         if self.single_prompt:
-            return latents, {}, {"encoder_hidden_states": self._shared}
-        embeds = torch.cat([self._cache[k][1] for k in range(first, last + 1)])[start:stop]
-        return latents, {"encoder_hidden_states": embeds}, {}
+            return rows(0), {}, {"encoder_hidden_states": self._shared}
+        return rows(0), {"encoder_hidden_states": rows(1)}, {}
 
     def sample_shape(self) -> tuple[int, ...]:
         """The shape of one latent (encodes the first chunk)."""
@@ -244,7 +249,7 @@ class PipelineSamples:
         """What a checkpoint must match to be resumed: data, prompts and encoding settings."""
         parts = [
             _data_identity(self.data, self.num_samples), "\n".join(self.prompts), self.latent, str(self.chunk),
-            str(self.guidance_scale if self.guided else None), str(self.negative_prompt),
+            str(self.guidance_scale), str(self.negative_prompt),
             str(self.pipe.vae.config.scaling_factor),
         ]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
@@ -257,8 +262,8 @@ class PipelineSamples:
             "latent": self.latent,
             "vae_scaling_factor": float(config.scaling_factor),
             "vae_shift_factor": getattr(config, "shift_factor", None),
-            "guidance_scale": float(self.guidance_scale) if self.guided else None,
-            "negative_prompt": self.negative_prompt if self.guided else None,
+            "guidance_scale": self.guidance_scale,
+            "negative_prompt": self.negative_prompt,
             "prompt_source": prompt_source,
         }
 

@@ -106,6 +106,14 @@ def _fold(values: torch.Tensor, offset: int, period: int) -> torch.Tensor:
     return padded.view(-1, rows, period).sum(1)
 
 
+def _split_kwargs(kwargs: Mapping[str, Any], num_samples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(per_sample, shared)``: tensors with one row per data sample go with their sample; the rest is shared."""
+    per_sample = {
+        k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == num_samples
+    }
+    return per_sample, {k: v for k, v in kwargs.items() if k not in per_sample}
+
+
 def _batch_kwargs(per_sample: dict[str, Any], shared: dict[str, Any], rows: torch.Tensor, device, dtype) -> dict[str, Any]:
     """Model kwargs of one batch: per-sample tensors indexed by ``rows``, single-row shared tensors expanded to the
     batch, other shared values as they are."""
@@ -247,17 +255,15 @@ def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torc
 
 
 class _TensorSamples:
-    """``x0`` held in memory with the user's ``model_kwargs``: tensors with one row per sample go with their sample,
-    the others are shared by all."""
+    """``x0`` held in memory, the sample source of a pixel-space model (a latent pipeline's is
+    :class:`~analytic_sampler.latents.PipelineSamples`)."""
 
-    def __init__(self, x0: torch.Tensor, kwargs: dict[str, Any]):
-        n = x0.shape[0]
+    def __init__(self, x0: torch.Tensor):
         self.x0 = x0
-        self.per_sample = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n}
-        self.shared = {k: v for k, v in kwargs.items() if k not in self.per_sample}
 
     def window(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
-        return self.x0[lo : hi + 1], {k: v[lo : hi + 1] for k, v in self.per_sample.items()}, self.shared
+        """``(x0, per_sample, shared)`` of samples ``lo … hi``; the user's ``model_kwargs`` are handled apart."""
+        return self.x0[lo : hi + 1], {}, {}
 
 
 def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
@@ -327,7 +333,8 @@ def estimate_moments(
         checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
             a run started with an existing checkpoint of the same settings resumes from it.
         prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
-        model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data.
+        model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data
+            (a pipeline's prompt embeddings come on top of these).
         provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
 
     With a pipeline (``vae``, ``unet``, ``encode_prompt``), ``data`` are pixel images in ``[-1, 1]`` and the
@@ -373,7 +380,7 @@ def estimate_moments(
         source = PipelineSamples(pipeline, data, num_samples, prompts, guidance_scale, negative_prompt, latent,
                                  encode_batch_size, seed)
         if source.guided:
-            options.update(guidance_scale=float(guidance_scale), uncond_kwargs=source.uncond_kwargs)
+            options.update(guidance_scale=source.guidance_scale, uncond_kwargs=source.uncond_kwargs)
         model, data_key, record = pipeline.unet, source.identity(), source.provenance(prompt_source)
         sample_shape = source.sample_shape()
     adapter = EpsilonAdapter.wrap(model, abar, **options)
@@ -386,14 +393,13 @@ def estimate_moments(
     dtype = _input_dtype(module, dtype)
     noise_source = _noise_source(noise_device, device)
     work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
-    kwargs = {k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}
+    user_kwargs = _split_kwargs({k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}, num_samples)
     if pipeline is None:
         x0 = take_samples(data, num_samples).float()
         check_range(x0, data_range)
         data_key = hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
         sample_shape = tuple(x0.shape[1:])
-        source = _TensorSamples(x0.to(device=device, dtype=work_dtype), kwargs)
-        kwargs = {}
+        source = _TensorSamples(x0.to(device=device, dtype=work_dtype))
     run = {
         "schedule": schedule_fingerprint(abar),
         "timesteps": hashlib.sha256(ts.tobytes()).hexdigest()[:16],
@@ -420,6 +426,7 @@ def estimate_moments(
     channels = sample_shape[0] if len(sample_shape) >= 2 else 0  # per-channel moments for (B, C, ...) data
     num_rows = len(SUMS) * (1 + channels)
     start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_rows, num_t, device, world)
+    fast = _compiled(adapter, compile)
 
     def batch_sums(b: int) -> torch.Tensor:
         """The per-timestep sums of batch ``b``: rows ``SUMS`` (then per channel), float64 on the device."""
@@ -428,12 +435,14 @@ def estimate_moments(
         lo, hi = offset // num_t, (end - 1) // num_t  # the samples of this batch
         x0_window, per_sample, shared = source.window(lo, hi)
         pair = torch.arange(offset, end, device=device)
-        k, s = pair % num_t, pair // num_t - lo
+        k, sample = pair % num_t, pair // num_t
+        s = sample - lo  # rows of the window
         x0 = x0_window.to(device=device, dtype=work_dtype)[s]
         noise = _batch_noise((pair.numel(), *sample_shape), seed, b, noise_source, device, work_dtype)
         sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
         x_t = sqrt_abar * x0 + sqrt_bb * noise
-        call_kwargs = {**kwargs, **_batch_kwargs(per_sample, shared, s, device, dtype)}
+        call_kwargs = {**_batch_kwargs(*user_kwargs, sample, device, dtype),
+                       **_batch_kwargs(per_sample, shared, s, device, dtype)}
         call = fast if pair.numel() == batch_size else adapter
         eps = call(x_t if dtype is None else x_t.to(dtype), ts_device[k], **call_kwargs)
         x0_err = x0 - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
@@ -444,7 +453,6 @@ def estimate_moments(
             rows = torch.cat([rows, m_c, m_c * m_c, e_c, e_c * e_c])
         return _fold(rows, offset, num_t)
 
-    fast = _compiled(adapter, compile)
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(module), tqdm(
         total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",

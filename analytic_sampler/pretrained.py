@@ -144,7 +144,7 @@ def _model_index(source: str, revision: str | None) -> dict | None:
 
         try:
             path = hf_hub_download(source, "model_index.json", revision=revision)
-        except Exception:  # no index (a bare UNet repo), offline or unreachable: load_pretrained reports it
+        except (OSError, ValueError):  # no index (a bare UNet repo), offline or unreachable: load_pretrained reports it
             return None
     with open(path) as f:
         return json.load(f)

@@ -173,6 +173,32 @@ def test_pipeline_input_errors_name_the_fix(pipe, images):
         estimate_moments(pipe, images, prompt="a", latent="median", num_samples=8, **SETTINGS)
     with pytest.raises(ValueError, match="data outside the declared range"):
         estimate_moments(pipe, images * 3, prompt="a", num_samples=8, **SETTINGS)
+    with pytest.raises(ValueError, match="data holds fewer than 8 images"):
+        estimate_moments(pipe, images[:5], prompt="a", num_samples=8, encode_batch_size=4, **SETTINGS)
+    with pytest.raises(ValueError, match="pass the model's noise schedule"):
+        estimate_moments(pipe.unet, images, num_samples=8, **SETTINGS)
+
+
+def test_pipelines_whose_prompt_encoder_returns_more_are_refused(pipe, images, monkeypatch):
+    """An SDXL-type encode_prompt (four outputs; the UNet would also need added_cond_kwargs) names the way round."""
+    monkeypatch.setattr(pipe, "encode_prompt", lambda *args, **kwargs: (None,) * 4)
+    with pytest.raises(ValueError, match="SDXL-type pipelines need added_cond_kwargs"):
+        estimate_moments(pipe, images, prompt="a", num_samples=8, **SETTINGS)
+
+
+def test_captions_file_errors_name_the_fix(tmp_path, images):
+    folder = write_folder(tmp_path / "images", images)
+    with pytest.raises(FileNotFoundError, match="captions file .*nowhere.txt' not found"):
+        read_captions(tmp_path / "nowhere.txt")
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"use .txt \(one line per image\), .jsonl or .csv"):
+        read_captions(tmp_path / "c.json")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"file_name": "000.png", "label": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"row 1 needs 'file_name' and one of \('text', 'caption', 'prompt'\)"):
+        read_captions(tmp_path / "c.jsonl", folder)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"file_name": "000.png", "text": "a"}) + "\n")
+    with pytest.raises(ValueError, match="names image files; pass the image folder as data"):
+        read_captions(tmp_path / "c.jsonl")
 
 
 def test_table_used_at_another_guidance_scale_warns(pipe, images):
@@ -211,6 +237,8 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
     main(["precompute", str(model), "--data", str(folder), "--num-samples", "2", "--timesteps", "901",
           "--prompt", "one prompt", "--out", str(tmp_path / "t2")])
     assert VarianceTable.load(tmp_path / "t2").provenance["prompt_source"] == "prompt: 'one prompt'"
+    with pytest.raises(SystemExit, match="a latent pipeline reads a folder of images"):
+        main(["precompute", str(model), "--data", "digits:train", "--prompt", "a", "--out", str(tmp_path / "t3")])
     with pytest.raises(SystemExit, match=r"holds 8 images but --num-samples is 9"):
         main(["precompute", str(model), "--data", str(folder), "--num-samples", "9", "--out", str(tmp_path / "t3")])
     with pytest.raises(SystemExit, match="are for latent text-to-image pipelines"):

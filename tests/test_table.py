@@ -227,3 +227,31 @@ def test_format_1_table_loads_without_x0_mse(tmp_path, table):
     with pytest.raises(ValueError, match=r"needs x0_mse.*analytic-sampler precompute MODEL --data DATA --out DIR"):
         old.require_x0_mse()
     assert table.require_x0_mse() is table.x0_mse
+
+
+def test_channel_arrays_are_checked_on_build_and_load(tmp_path, table):
+    """Per-channel arrays come all together with one shape (C, N); a saved table whose channel array is damaged
+    is refused as corrupted."""
+    from safetensors.numpy import load_file, save_file
+
+    m, taken = draws()
+    ms, counts = m.mean(1), taken.sum(1)
+    rows = np.tile(ms, (2, 1))
+    with pytest.raises(ValueError, match="per-channel arrays come together"):
+        VarianceTable(ms, ms, counts, ABAR, channel_ms_eps=rows)
+    with pytest.raises(ValueError, match=r"channel_stderr has shape \(3, 50\); it must be \(channels, 50\)"):
+        VarianceTable(ms, ms, counts, ABAR, channel_ms_eps=rows, channel_stderr=np.tile(ms, (3, 1)),
+                      channel_x0_mse=rows, channel_x0_mse_stderr=rows)
+    full = VarianceTable(ms, ms, counts, ABAR, channel_ms_eps=rows, channel_stderr=rows, channel_x0_mse=rows,
+                         channel_x0_mse_stderr=rows)
+    folder = tmp_path / "c"
+    full.save(folder)
+    assert VarianceTable.load(folder).num_channels == 2
+    arrays = load_file(folder / table_module.ARRAYS_NAME)
+    arrays["channel_x0_mse"] = arrays["channel_x0_mse"][:1]
+    save_file(arrays, folder / table_module.ARRAYS_NAME)
+    meta = json.load(open(folder / table_module.META_NAME))
+    meta["arrays_sha256"] = table_module._sha256(str(folder / table_module.ARRAYS_NAME))
+    json.dump(meta, open(folder / table_module.META_NAME, "w"))
+    with pytest.raises(ValueError, match=r"array 'channel_x0_mse' missing or not float64\[2, 50\]"):
+        VarianceTable.load(folder)

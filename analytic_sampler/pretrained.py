@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+BUNDLED_DIR = Path(__file__).resolve().parent / "digits" / "bundled"  # package data; the library imports nothing from digits
 BUNDLED_MODELS = ("digits-ddpm-linear", "digits-iddpm-cosine")
 DEFAULT_MODEL = "digits-ddpm-linear"
 TABLE_SUBFOLDER = "table"

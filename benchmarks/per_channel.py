@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analytic_sampler.gaussians import ExactGaussianEps
-from analytic_sampler.likelihood import nll_bpd_many
-from analytic_sampler.report import environment, footer, write_results
+from analytic_sampler.evaluation.likelihood import nll_bpd_many
+from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.schedule import alphas_cumprod_from_config
+from analytic_sampler.testing import ExactGaussianEps
 from analytic_sampler.trajectory import even_trajectory
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}

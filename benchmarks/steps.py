@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from analytic_sampler.bench import nll_rows as bench_nll_rows
+from analytic_sampler.commands.bench import nll_rows as bench_nll_rows
 from analytic_sampler.digits import fd_digits, load_digits_split
-from analytic_sampler.methods import sampling_methods
+from analytic_sampler.evaluation.baselines import sampling_methods
+from analytic_sampler.evaluation.provenance import environment, footer, write_results
+from analytic_sampler.evaluation.sampling import sample
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
-from analytic_sampler.report import environment, footer, write_results
-from analytic_sampler.sampling import sample
 
 FULL_STEPS = (10, 25, 50, 100, 200, 1000)
 QUICK_STEPS = (10, 25)

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from analytic_sampler.cli import start_distributed
+from analytic_sampler.distributed import start_distributed
+from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.moments import estimate_moments
-from analytic_sampler.report import environment, footer, write_results
 from analytic_sampler.scheduler import AnalyticDPMScheduler
 from analytic_sampler.trajectory import even_trajectory
 

@@ -11,9 +11,9 @@ import torch
 from diffusers import DDPMPipeline
 
 from analytic_sampler import AnalyticDPMScheduler
-from analytic_sampler.demo import run_demo
+from analytic_sampler.commands.demo import run_demo
+from analytic_sampler.evaluation.sampling import save_grid
 from analytic_sampler.pretrained import DEFAULT_MODEL, load_pretrained
-from analytic_sampler.sampling import save_grid
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     python examples/train_bundled.py --recipe digits-iddpm-cosine --stage export,evaluate
 
 Stages
-  train     ``analytic_sampler.training.train`` on the digits train split (1500 images), resuming from
+  train     ``analytic_sampler.digits.training.train`` on the digits train split (1500 images), resuming from
             ``<run-dir>/checkpoint.pt`` when it exists (1 CPU thread by default).
   export    EMA weights -> ``<bundle>/unet`` (safetensors) and ``<bundle>/scheduler`` (DDPMScheduler).
   evaluate  1000-step ancestral DDPM sampling with diffusers' DDPMScheduler (all samples batched in one
@@ -34,14 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analytic_sampler.digits import NUM_HELDOUT, fd_digits, load_digits_split  # noqa: E402
-from analytic_sampler.sampling import sample, save_grid  # noqa: E402
-from analytic_sampler.training import (  # noqa: E402
+from analytic_sampler.digits.training import (  # noqa: E402
     CHECKPOINT_NAME,
     RECIPES,
     export_diffusers,
     recipe_config,
     train,
 )
+from analytic_sampler.evaluation.sampling import sample, save_grid  # noqa: E402
 
 BUNDLED = ROOT / "analytic_sampler" / "bundled"
 
@@ -107,7 +107,7 @@ Data split (`analytic_sampler.digits`): `perm = numpy.random.default_rng(0).perm
 held-out = `perm[-297:]`, train = `perm[:1500]` (not stratified).
 
 Rerun: `python examples/train_bundled.py --recipe {name}` (or
-`python -m analytic_sampler.training --recipe {name}` for the training part alone; it resumes from its
+`python -m analytic_sampler.digits.training --recipe {name}` for the training part alone; it resumes from its
 checkpoint).
 
 ## Samples
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", required=True, choices=sorted(RECIPES))
     p.add_argument("--stage", default="train,export,evaluate")
     p.add_argument("--run-dir", default=None, help="training run folder (default runs/<recipe>)")
-    p.add_argument("--bundle-dir", default=None, help="default analytic_sampler/bundled/<recipe>")
+    p.add_argument("--bundle-dir", default=None, help="default analytic_sampler/digits/bundled/<recipe>")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-samples", type=int, default=2 * NUM_HELDOUT)

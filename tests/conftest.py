@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from analytic_sampler.gaussians import ExactGaussianEps  # noqa: F401 (tests import it from here)
 from analytic_sampler.schedule import alphas_cumprod_from_config
+from analytic_sampler.testing import ExactGaussianEps  # noqa: F401 (tests import it from here)
 
 # The suite is many tiny ops: one thread avoids OpenMP threads waiting on each other on small CI machines.
 torch.set_num_threads(1)

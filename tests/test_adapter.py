@@ -1,13 +1,12 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from analytic_sampler.adapter import EpsilonAdapter
 from analytic_sampler.schedule import alphas_cumprod_from_config
-
-from conftest import tiny_unet
 
 N = 1000
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "linear"})

@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from analytic_sampler.frechet import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
-from analytic_sampler.cli import main
-
-from conftest import tiny_unet
+from analytic_sampler.commands.cli import main
+from analytic_sampler.evaluation.frechet import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
 
 
 def png_folder(folder, count: int, channels: int, seed: int) -> str:
@@ -145,7 +144,7 @@ def test_bootstrap_stderr_shrinks_with_more_samples():
 
 def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
     """At K = N the optimal trajectory is the even one: both rows come from one pass of model calls."""
-    from analytic_sampler.bench import nll_rows
+    from analytic_sampler.commands.bench import nll_rows
     from analytic_sampler.moments import estimate_moments
     from analytic_sampler.pretrained import load_pretrained
 

@@ -10,13 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
-from analytic_sampler.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run_demo
+from analytic_sampler.commands.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run_demo
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
-
-from conftest import tiny_unet
 
 EXPECTED_VARIANCE = {"digits-ddpm-linear": "fixed_small", "digits-iddpm-cosine": "learned_range"}
 

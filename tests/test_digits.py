@@ -12,10 +12,10 @@ from analytic_sampler.digits import (  # noqa: E402
     CLASSIFIER_PATH,
     DigitFeatures,
     fd_digits,
-    frechet_distance,
     load_digits_split,
     split_indices,
 )
+from analytic_sampler.evaluation.frechet import frechet_distance  # noqa: E402
 
 
 def test_split_sizes_and_determinism():

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.table import VarianceTable
-
-from conftest import tiny_unet
 
 SCRIPT = str(Path(__file__).with_name("distributed_estimate.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -63,7 +62,7 @@ def test_cli_precompute_under_torchrun(tmp_path):
     tiny_unet(channels=1).save_pretrained(tmp_path / "model" / "unet")
     DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "model" / "scheduler")
     torch.save(torch.rand(6, 1, 8, 8) * 2 - 1, tmp_path / "images.pt")
-    args = ["-m", "analytic_sampler.cli", "precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"),
+    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"),
             "--num-samples", "6", "--batch-size", "16", "--device", "cpu", "--out"]
     run([*args, str(tmp_path / "one")])
     launched = run([*args, str(tmp_path / "two")], nproc=2)

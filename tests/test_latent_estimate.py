@@ -215,7 +215,7 @@ def test_table_used_at_another_guidance_scale_warns(pipe, images):
 def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatch, capsys):
     """``analytic-sampler precompute MODEL --data FOLDER --guidance-scale W`` stores the table in MODEL/table with its
     provenance; it equals the library call; bad combinations are refused."""
-    from analytic_sampler.cli import main
+    from analytic_sampler.commands.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model = tmp_path / "tiny-sd"

@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ExactGaussianEps, tiny_unet
 
-from analytic_sampler.likelihood import nll_bpd, nll_bpd_many
+from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
-
-from conftest import ExactGaussianEps, tiny_unet
 
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": 1000})
 V = 0.25

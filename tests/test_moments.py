@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import ExactGaussianEps, tiny_unet
 from diffusers import DDPMScheduler
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
@@ -9,8 +10,6 @@ from analytic_sampler.adapter import EpsilonAdapter
 from analytic_sampler.data import check_range, iter_batches, take_samples
 from analytic_sampler.moments import estimate_moments
 from analytic_sampler.schedule import alphas_cumprod_from_config
-
-from conftest import ExactGaussianEps, tiny_unet
 
 N = 1000
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "linear"})
@@ -226,9 +225,8 @@ def test_tiny_unet_with_scheduler_prediction_type():
 
 def test_a_model_loaded_from_a_path_object_gives_a_savable_table(tmp_path):
     """Diffusers keeps ``_name_or_path`` as given; a pathlib.Path there must not break the table's JSON."""
-    from diffusers import DDPMScheduler
-
     from conftest import tiny_unet
+    from diffusers import DDPMScheduler
 
     tiny_unet(channels=1).save_pretrained(tmp_path / "unet")
     unet = type(tiny_unet()).from_pretrained(tmp_path / "unet")

@@ -10,13 +10,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
-from analytic_sampler.cli import main
+from analytic_sampler.commands.cli import main
 from analytic_sampler.moments import estimate_moments
 from analytic_sampler.table import VarianceTable
-
-from conftest import tiny_unet
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
 TS = np.linspace(0, 999, 10).round().astype(int)

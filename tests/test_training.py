@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from analytic_sampler.gaussians import discretized_gaussian_log_likelihood, normal_kl
-from analytic_sampler.schedule import alphas_cumprod_from_config
-from analytic_sampler.training import (
+from analytic_sampler.digits.training import (
     EMA,
     GaussianDiffusionTerms,
     LossSecondMomentResampler,
@@ -25,8 +23,9 @@ from analytic_sampler.training import (
     train,
     training_losses,
 )
-
-BUNDLED = Path(__file__).resolve().parents[1] / "analytic_sampler" / "bundled"
+from analytic_sampler.evaluation.kl import discretized_gaussian_log_likelihood, normal_kl
+from analytic_sampler.pretrained import BUNDLED_DIR
+from analytic_sampler.schedule import alphas_cumprod_from_config
 
 
 def tiny_config(tmp_path, **kw) -> TrainConfig:
@@ -330,9 +329,7 @@ def test_recipes():
     ("digits-iddpm-cosine", "learned_range", 2),
 ])
 def test_bundled_model_layout(name, variance, out_channels):
-    folder = BUNDLED / name
-    if not (folder / "unet").exists():
-        pytest.skip(f"{name} not bundled yet")
+    folder = BUNDLED_DIR / name
     from diffusers import DDPMScheduler, UNet2DModel
 
     unet = UNet2DModel.from_pretrained(folder / "unet")

@@ -12,7 +12,15 @@ import torch
 from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.schedule import alphas_cumprod_from_config, cosine_alphas_cumprod, schedule_fingerprint
 from analytic_sampler.trajectory import (
-    TrajectoryDP, _is_monge, _solve_dense, even_trajectory, optimal_trajectory, posterior_variance, quadratic_trajectory, snr, trajectory_cost,
+    TrajectoryDP,
+    _is_monge,
+    _solve_dense,
+    even_trajectory,
+    optimal_trajectory,
+    posterior_variance,
+    quadratic_trajectory,
+    snr,
+    trajectory_cost,
     transition_cost,
 )
 from analytic_sampler.variance import analytic_variance, ddpm_variance, variance_bounds

@@ -14,7 +14,7 @@ def environment(device: str = "cpu") -> dict:
     import numpy
     import torch
 
-    from ._version import __version__
+    from .._version import __version__
 
     if str(device).startswith("cuda") and torch.cuda.is_available():
         where = torch.cuda.get_device_name(torch.device(device))

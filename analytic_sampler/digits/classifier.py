@@ -1,17 +1,5 @@
-"""scikit-learn's 8x8 digits as a tiny offline image data set, a small digit classifier, and FD-digits.
+"""A small digit classifier and FD-digits, the Fréchet distance in its feature space.
 
-Data
-----
-``sklearn.datasets.load_digits()``: 1797 greyscale 8x8 images with 17 grey levels (0 … 16).
-They are returned as float32 tensors of shape ``(n, 1, 8, 8)`` in ``[-1, 1]`` via ``x / 16 * 2 - 1``.
-
-Fixed split (``SPLIT_SEED = 0``): ``perm = numpy.random.default_rng(0).permutation(1797)``;
-**held-out** = the images at ``perm[-297:]`` (297 images), **train** = ``perm[:1500]`` (1500 images).
-Both index lists are sorted so that images keep sklearn's order inside each split. The split is not
-stratified (class counts differ by a few images between classes); it never changes.
-
-FD-digits
----------
 ``fd_digits(a, b)`` is the Fréchet distance between Gaussians fitted to the 64-d penultimate-layer
 features of the shipped digit classifier (``DigitFeatures``). It plays the role FID plays for natural
 images, but its values are **not comparable with Inception FID** (different network, feature
@@ -24,66 +12,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .frechet import FrechetReference, frechet_distance
+from ..evaluation.frechet import FrechetReference
+from .data import load_digits_split
 
-__all__ = [
-    "SPLIT_SEED",
-    "NUM_HELDOUT",
-    "split_indices",
-    "load_digits_split",
-    "DigitClassifier",
-    "DigitFeatures",
-    "train_digit_classifier",
-    "frechet_distance",
-    "fd_digits",
-    "CLASSIFIER_PATH",
-]
-
-SPLIT_SEED = 0
-NUM_DIGITS = 1797
-NUM_HELDOUT = 297
 CLASSIFIER_PATH = Path(__file__).resolve().parent / "bundled" / "digit-classifier" / "model.safetensors"
-
-
-def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the digits data set needs scikit-learn; install it with `pip install analytic-sampler[digits]`"
-        ) from err
-    d = load_digits()
-    return d.images.astype(np.float32), d.target.astype(np.int64)
-
-
-def split_indices(split: str = "train") -> np.ndarray:
-    """Sorted indices into ``sklearn.datasets.load_digits()`` of the fixed ``train`` / ``heldout`` split."""
-    perm = np.random.default_rng(SPLIT_SEED).permutation(NUM_DIGITS)
-    if split == "train":
-        idx = perm[: NUM_DIGITS - NUM_HELDOUT]
-    elif split in ("heldout", "held-out", "test"):
-        idx = perm[NUM_DIGITS - NUM_HELDOUT :]
-    elif split == "all":
-        idx = np.arange(NUM_DIGITS)
-    else:
-        raise ValueError(f"split={split!r} is not known; use 'train', 'heldout' or 'all'.")
-    return np.sort(idx)
-
-
-def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` of the fixed split: images float32 ``(n, 1, 8, 8)`` in [-1, 1], labels int64 ``(n,)``.
-
-    ``split``: ``"train"`` (1500 images), ``"heldout"`` (297 images) or ``"all"`` (1797 images).
-    """
-    images, labels = _load_sklearn_digits()
-    idx = split_indices(split)
-    x = torch.from_numpy(images[idx] / 16.0 * 2.0 - 1.0).unsqueeze(1).contiguous()
-    return x, torch.from_numpy(labels[idx])
 
 
 class DigitClassifier(nn.Module):
@@ -253,7 +189,7 @@ def _default_features() -> DigitFeatures:
     return _FEATURES
 
 
-if __name__ == "__main__":  # retrain the shipped classifier
+if __name__ == "__main__":  # retrain the shipped classifier: python -m analytic_sampler.digits.classifier
     import argparse
 
     p = argparse.ArgumentParser(description="Retrain the shipped digit classifier.")

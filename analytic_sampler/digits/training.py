@@ -27,7 +27,7 @@ What it implements
   ``<out>/scheduler`` (``DDPMScheduler`` with ``fixed_small`` or ``learned_range``).
 
 Bundled recipes (``RECIPES``) are rerun with
-``python -m analytic_sampler.training --recipe digits-ddpm-linear`` (see ``--help``).
+``python -m analytic_sampler.digits.training --recipe digits-ddpm-linear`` (see ``--help``).
 """
 
 from __future__ import annotations
@@ -37,16 +37,15 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .gaussians import discretized_gaussian_log_likelihood, normal_kl
-from .schedule import alphas_cumprod_from_config
+from ..evaluation.kl import discretized_gaussian_log_likelihood, normal_kl
+from ..schedule import alphas_cumprod_from_config
 
 __all__ = [
     "TrainConfig",
@@ -162,8 +161,8 @@ _DIGITS_UNET = dict(
     dropout=0.0,
 )
 
-#: Recipes of the bundled models (``analytic_sampler/bundled/<name>``); rerun with
-#: ``python -m analytic_sampler.training --recipe <name>``.
+#: Recipes of the bundled models (``analytic_sampler/digits/bundled/<name>``); rerun with
+#: ``python -m analytic_sampler.digits.training --recipe <name>``.
 RECIPES: dict[str, dict[str, Any]] = {
     "digits-ddpm-linear": dict(
         _DIGITS_UNET,
@@ -730,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.batch_size:
         overrides["batch_size"] = a.batch_size
     config = recipe_config(a.recipe, **overrides)
-    from .digits import load_digits_split
+    from .data import load_digits_split
 
     images, _ = load_digits_split("train")
     path = train(config, images)

@@ -7,8 +7,14 @@ import json
 import os
 from pathlib import Path
 
-from .pretrained import BUNDLED_MODELS, DEFAULT_MODEL, TABLE_SUBFOLDER, load_pretrained, local_or_repo_id
-from .table import REESTIMATE_HINT
+from ..pretrained import (
+    BUNDLED_MODELS,
+    DEFAULT_MODEL,
+    TABLE_SUBFOLDER,
+    load_pretrained,
+    local_or_repo_id,
+)
+from ..table import REESTIMATE_HINT
 
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
 
@@ -73,13 +79,13 @@ def _load_data(spec: str, channels: int):
     import torch
 
     if spec.startswith("digits:"):
-        from .digits import load_digits_split
+        from ..digits import load_digits_split
 
         return load_digits_split(spec.split(":", 1)[1])[0]
     if not os.path.exists(spec):
         raise ValueError(f"--data {spec!r}: no such file or folder; {DATA_FORMS}.")
     if os.path.isdir(spec):
-        from .data import iter_batches
+        from ..data import iter_batches
 
         return torch.cat(list(iter_batches(spec, batch_size=1024, channels=channels)))
     if spec.endswith(".pt"):
@@ -111,7 +117,7 @@ def _check_data(data, unet, spec: str, flag: str = "--data", needed: int = 1, co
 
 def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
     """``all`` (``None``), ``even:K`` or a comma list of distinct timesteps, checked against the schedule."""
-    from .trajectory import even_trajectory
+    from ..trajectory import even_trajectory
 
     n = num_train_timesteps
     try:
@@ -130,28 +136,12 @@ def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
     )
 
 
-def start_distributed(device: str | None) -> tuple[int, str | None]:
-    """Join the process group when launched by torchrun / accelerate (``WORLD_SIZE`` > 1): gloo on the CPU,
-    nccl on GPUs, each rank on its ``LOCAL_RANK`` GPU. Returns ``(rank, device)``."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, device
-    cuda = device is None and torch.cuda.is_available() or str(device).startswith("cuda")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), device or "cpu"
-
-
 def cmd_precompute(args) -> None:
     import torch
 
-    from .moments import estimate_moments
-    from .pretrained import is_latent_pipeline_model, load_pipeline, resolve
+    from ..distributed import start_distributed
+    from ..moments import estimate_moments
+    from ..pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
@@ -190,7 +180,7 @@ def cmd_precompute(args) -> None:
 
 def _pipeline_images(spec: str, needed: int) -> str:
     """A latent pipeline's ``--data``: a folder of images, streamed (checked to hold ``needed`` images)."""
-    from .data import folder_files
+    from ..data import folder_files
 
     if not os.path.isdir(spec):
         raise ValueError(f"--data {spec!r}: a latent pipeline reads a folder of images (with captions beside them).")
@@ -203,7 +193,7 @@ def _pipeline_images(spec: str, needed: int) -> str:
 
 def _table(args, model=None):
     """``--table`` if given (a missing local folder is never sent to the Hub), else the table the model ships."""
-    from .table import VarianceTable
+    from ..table import VarianceTable
 
     if args.table:
         fix = "pass the --out folder of `analytic-sampler precompute` or a Hub repo id 'owner/name'."
@@ -219,8 +209,8 @@ def cmd_trajectory(args) -> None:
 
     import numpy as np
 
-    from .likelihood import predicted_transitions_bpd
-    from .trajectory import TrajectoryDP, even_trajectory
+    from ..evaluation.likelihood import predicted_transitions_bpd
+    from ..trajectory import TrajectoryDP, even_trajectory
 
     table = _table(args)
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
@@ -268,8 +258,13 @@ def cmd_trajectory(args) -> None:
 
 
 def cmd_nll(args) -> None:
-    from .likelihood import nll_bpd
-    from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+    from ..evaluation.likelihood import nll_bpd
+    from ..trajectory import (
+        TrajectoryDP,
+        even_trajectory,
+        quadratic_trajectory,
+        validate_timesteps,
+    )
 
     model = load_pretrained(args.model)
     data = _load_data(args.data, model.unet.config.in_channels)
@@ -317,8 +312,8 @@ def cmd_bench(args) -> None:
 def cmd_sample(args) -> None:
     from PIL import Image
 
-    from .sampling import sample, save_grid
-    from .scheduler import AnalyticDPMScheduler
+    from ..evaluation.sampling import sample, save_grid
+    from ..scheduler import AnalyticDPMScheduler
 
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out!r} is not an image file name; end it in .png (or .jpg, ...).")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..evaluation.sampling import save_grid
+from ..pretrained import load_pretrained
 from .bench import run_bench
-from .pretrained import load_pretrained
-from .sampling import save_grid
 
 DEMO_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM")
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory
@@ -27,7 +27,7 @@ GRID_COLUMNS = 10
 def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 1000, seed: int = 0,
              device: str = "cpu") -> dict:
     """Run the demo into ``out_dir`` and return the results (``num_images`` samples per method and K)."""
-    from .digits import load_digits_split
+    from ..digits import load_digits_split
 
     out = Path(out_dir)
     model = load_pretrained(model_name)

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .frechet import FrechetReference, frechet_with_stderr
-from .likelihood import nll_bpd_many
-from .methods import LEARNED, sampling_methods
-from .pretrained import PretrainedModel, load_pretrained
-from .report import environment, footer, write_results
-from .sampling import sample
-from .trajectory import TrajectoryDP, even_trajectory
+from ..evaluation.baselines import LEARNED, sampling_methods
+from ..evaluation.frechet import FrechetReference, frechet_with_stderr
+from ..evaluation.likelihood import nll_bpd_many
+from ..evaluation.provenance import environment, footer, write_results
+from ..evaluation.sampling import sample
+from ..pretrained import PretrainedModel, load_pretrained
+from ..trajectory import TrajectoryDP, even_trajectory
 
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
@@ -64,7 +64,7 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
     if inception is not None:
         return inception_features(inception, device), "Inception FID"
     if tuple(image_shape) == (1, 8, 8):
-        from .digits import DigitFeatures
+        from ..digits import DigitFeatures
 
         return DigitFeatures(device=device), "FD-digits"
     return None, (f"sample quality skipped: no feature extractor for {'x'.join(map(str, image_shape))} images "
@@ -78,7 +78,7 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
         return table, "given"
     if model.table is not None and model.table.has_x0_mse:
         return model.table, "shipped with the model"
-    from .moments import estimate_moments
+    from ..moments import estimate_moments
 
     folder = out / "table"
     num_samples = min(num_samples, len(train))

@@ -36,12 +36,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import EpsilonAdapter
-from .data import check_range, iter_batches
-from .gaussians import discretized_gaussian_log_likelihood, normal_kl
-from .schedule import as_alphas_cumprod, extended
-from .trajectory import validate_timesteps
-from .variance import analytic_variance, covariance_upper_bound, pair_coefficients, residual_variance, validate_ms_eps
+from ..adapter import EpsilonAdapter
+from ..data import check_range, iter_batches
+from ..schedule import as_alphas_cumprod, extended
+from ..trajectory import validate_timesteps
+from ..variance import (
+    analytic_variance,
+    covariance_upper_bound,
+    pair_coefficients,
+    residual_variance,
+    validate_ms_eps,
+)
+from .kl import discretized_gaussian_log_likelihood, normal_kl
 
 VARIANCES = ("analytic", "residual", "beta", "btilde", "learned")
 DECODERS = ("discretized", "gaussian")

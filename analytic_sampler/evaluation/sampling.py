@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .predictions import split_learned_variance
+from ..predictions import split_learned_variance
 
 
 @torch.inference_mode()

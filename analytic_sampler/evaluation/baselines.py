@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from .scheduler import AnalyticDPMScheduler
-from .trajectory import even_trajectory
+from ..scheduler import AnalyticDPMScheduler
+from ..trajectory import even_trajectory
 
 LEARNED = ("learned", "learned_range")
 

@@ -1,11 +1,9 @@
-"""Gaussian pieces of diffusion likelihoods: the KL between diagonal Gaussians, the discretised decoder, and the exact
-eps model of Gaussian data (the test world where Analytic-DPM is exact, DESIGN.md §1)."""
+"""Gaussian pieces of diffusion likelihoods: the KL between diagonal Gaussians and the discretised decoder."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 
@@ -43,36 +41,3 @@ def discretized_gaussian_log_likelihood(
     mid = torch.clamp(torch.where(centered > 0, right, left), min=math.log(1e-12))
     lo, hi = data_range
     return torch.where(x < lo + half, log_cdf_upper, torch.where(x > hi - half, log_sf_lower, mid))
-
-
-class ExactGaussianEps(torch.nn.Module):
-    """The exact eps model for x0 ~ N(0, v I): ``eps*(x_t, t) = sqrt(1-abar[t]) x_t / (abar[t] v + 1-abar[t])``.
-
-    ``v`` may be one variance per channel (axis 1): then the moments below have shape ``(C, N)``."""
-
-    def __init__(self, alphas_cumprod: np.ndarray, v: float | tuple[float, ...]):
-        super().__init__()
-        self.register_buffer("abar", torch.as_tensor(alphas_cumprod, dtype=torch.float64))
-        self.v = v
-
-    def _v(self, like: torch.Tensor) -> float | torch.Tensor:
-        if isinstance(self.v, (int, float)):
-            return self.v
-        return torch.tensor(self.v, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 2)))
-
-    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1)
-        a = self.abar[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-        return (1 - a).sqrt() * x / (a * self._v(x) + 1 - a)
-
-    def _moment_v(self) -> np.ndarray | float:
-        return self.v if isinstance(self.v, (int, float)) else np.asarray(self.v, dtype=np.float64)[:, None]
-
-    def exact_ms_eps(self) -> np.ndarray:
-        abar, v = self.abar.numpy(), self._moment_v()
-        return (1 - abar) / (abar * v + 1 - abar)
-
-    def exact_x0_mse(self) -> np.ndarray:
-        """``E||x0 - x0_hat||^2 / d = v (1-abar) / (abar v + 1-abar)``, the posterior variance of x0."""
-        abar, v = self.abar.numpy(), self._moment_v()
-        return v * (1 - abar) / (abar * v + 1 - abar)

@@ -1,0 +1,1 @@
+"""The commands floor: the ``analytic-sampler`` command line, ``bench`` and the ``demo``."""

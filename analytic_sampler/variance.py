@@ -9,7 +9,7 @@ For a pair ``s < t`` (``s = -1`` is clean data) with ``a_ts = abar[t] / abar[s]`
     sigma^2    = lambda^2 + coef^2 * x0_mse[t]             # residual: the network's own x0 error
 
 The sampler's mean error is ``coef * (x0_hat - x0)``, so the residual variance minimises the expected KL of
-each transition for the network's actual mean, where it equals ``(d/2) log(sigma^2 / lambda^2)`` (DESIGN.md §1).
+each transition for the network's actual mean, where it equals ``(d/2) log(sigma^2 / lambda^2)`` (docs/math.md).
 
 Per channel (diagonal variance): a table of shape ``(C, N)``, one row per data channel, gives one sigma^2 per channel
 and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the result gets a leading axis of length C.

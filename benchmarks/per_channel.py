@@ -3,9 +3,9 @@
     python benchmarks/per_channel.py          # ~1 min on 2 CPU cores
 
 Data: 4 x 8 x 8 vectors whose channel c is N(0, v_c I), once with channels that differ (v = 0.05, 0.3, 1, 2, the
-issue's test) and once with equal channels (v = 0.84 for all, the same mean variance). Stable Diffusion's schedule,
+scheduler's exactness test) and once with equal channels (v = 0.84 for all, the same mean variance). Stable Diffusion's schedule,
 the exact eps model and exact tables, so the only error left is the variance's: with the per-channel analytic variance
-the bound equals the data's entropy for any K (DESIGN.md §1, per channel); the scalar variance (the channel mean of
+the bound equals the data's entropy for any K (each channel is exact Gaussian data); the scalar variance (the channel mean of
 the table) pays for treating the channels alike. Bits/dim of the K-step bound (Gaussian decoder with the analytic
 variance, even trajectory), ± standard error over the data.
 """

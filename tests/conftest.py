@@ -1,4 +1,4 @@
-"""Shared fixtures: the isotropic Gaussian world where Analytic-DPM is exact (DESIGN.md §1)."""
+"""Shared fixtures: the isotropic Gaussian world where Analytic-DPM is exact (docs/math.md)."""
 
 from __future__ import annotations
 

@@ -102,7 +102,7 @@ def test_errors_name_the_fix(gaussian):
 
 @pytest.mark.parametrize("model_name", ["digits-ddpm-linear", "digits-iddpm-cosine"])
 def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(model_name):
-    """DESIGN.md §1: with sigma^2 = lambda^2 + coef^2 x0_mse, each transition's expected KL is
+    """With sigma^2 = lambda^2 + coef^2 x0_mse, each transition's expected KL is
     (d/2) log(sigma^2 / lambda^2) for any network. Checked on a bundled model along the residual DP path (K = 10)
     of its shipped table, on the 200 training digits that table saw. x0_mse is re-estimated on that path with
     other noise: the DP picks timesteps where its own table's noise happens to be low, which makes the prediction

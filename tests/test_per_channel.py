@@ -1,7 +1,7 @@
 """Diagonal (per-channel) reverse variance: variance functions, scheduler, likelihood.
 
 The exact test world: "latents" whose channel c is x0_c ~ N(0, v_c I), independent across channels, with
-v = (0.05, 0.3, 1, 2). Each channel is an isotropic Gaussian problem of its own (DESIGN.md §1), so
+v = (0.05, 0.3, 1, 2). Each channel is an isotropic Gaussian problem of its own (docs/math.md), so
 
     eps*(x_t)_c = sqrt(bb[t]) x_t,c / (abar[t] v_c + bb[t]),      ms_eps_c[t] = bb[t] / (abar[t] v_c + bb[t]),
 
@@ -117,8 +117,8 @@ def channel_variance_errors(scheduler: AnalyticDPMScheduler, num_steps: int, n: 
 @pytest.mark.parametrize("num_steps", [3, 10])
 @pytest.mark.parametrize("eta", [1.0, 0.0])
 def test_per_channel_variance_is_exact_on_per_channel_gaussian(num_steps, eta):
-    """The issue's acceptance test. Exact eps and the exact per-channel table: every reverse step is the true
-    conditional of each channel (DESIGN.md §1's Gaussian argument, per channel, for any K and eta in [0, 1]), so
+    """Exact eps and the exact per-channel table: every reverse step is the true
+    conditional of each channel (the Gaussian argument of docs/math.md, per channel, for any K and eta in [0, 1]), so
     the per-channel scheduler reproduces, channel by channel, the exact marginal ``abar[s] v_c + bb[s]`` of x at
     every trajectory point s (up to the prior, N(0, I) instead of N(0, abar v + bb) at t = 999: < 0.5% here).
 

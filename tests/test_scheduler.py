@@ -324,7 +324,7 @@ def test_variance_cap_on_step_into_t1(linear_scheduler):
     np.testing.assert_array_equal(free.step_coefficients(1.0)[:-2], capped.step_coefficients(1.0)[:-2])
 
 
-# ---------------------------------------------------------------- error paths (DESIGN.md §4)
+# ---------------------------------------------------------------- error paths: a clear message that names the fix
 def test_missing_table_is_refused(linear_scheduler):
     with pytest.raises(ValueError, match="needs the model's variance table.*estimate_moments"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config)

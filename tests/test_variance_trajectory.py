@@ -1,4 +1,4 @@
-"""analytic_variance against DESIGN.md §1's closed forms and Theorem 2; the trajectory DP against brute force."""
+"""analytic_variance against the closed forms of docs/math.md and Theorem 2; the trajectory DP against brute force."""
 
 from __future__ import annotations
 

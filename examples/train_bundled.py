@@ -43,7 +43,7 @@ from analytic_sampler.digits.training import (  # noqa: E402
 )
 from analytic_sampler.evaluation.sampling import sample, save_grid  # noqa: E402
 
-BUNDLED = ROOT / "analytic_sampler" / "bundled"
+BUNDLED = ROOT / "analytic_sampler" / "digits" / "bundled"
 
 
 def fd_protocol(samples: torch.Tensor) -> dict:
@@ -79,7 +79,7 @@ Load it (offline, from the package):
 ```python
 from importlib.resources import files
 from diffusers import UNet2DModel, DDPMScheduler
-path = files("analytic_sampler") / "bundled" / "{name}"
+path = files("analytic_sampler") / "digits" / "bundled" / "{name}"
 unet = UNet2DModel.from_pretrained(str(path / "unet"))
 scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))  # variance_type="{variance_type}"
 ```

@@ -36,5 +36,5 @@ def test_the_check_finds_what_it_looks_for():
     design, shared, ticket = "DESIGN" + ".md", "../shared" + "/", "issue" + " "
     for line in (f"see {design} §1", f"in {shared}notes", f"the checks of {ticket.title()}7", f"fixed in {ticket}#12"):
         assert OUTSIDE.search(line), line
-    for line in ("the shared prompt embedding", "an issue with the data", "tissue 3"):
+    for line in ("the shared prompt embedding", "an issue with the data", "issues: 3 open"):
         assert not OUTSIDE.search(line), line

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,13 +28,13 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
-from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, extended, schedule_fingerprint
+from .predictions import check_prediction_type, clip_x0, split_learned_variance, to_x0_and_eps
+from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, schedule_fingerprint
+from .table import REESTIMATE_HINT
 from .trajectory import (
     SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
 )
-from .table import REESTIMATE_HINT
-from .variance import analytic_variance, residual_variance, validate_ms_eps
+from .variance import analytic_variance, check_eta, pair_coefficients, residual_variance, validate_ms_eps
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
 VARIANCES = ("analytic", "residual")
@@ -46,6 +46,27 @@ class AnalyticDPMSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
+
+
+class StepCoefficients(NamedTuple):
+    """The constants of every step ``t -> s`` of a trajectory, one row per point ``t_K … t_1`` (``s = -1`` after
+    ``t_1``)::
+
+        x_s = sqrt_abar_s * x0_hat + eps_coef * eps_hat + sigma * z,    x0_hat, eps_hat at sqrt_abar_t, sqrt_one_minus_abar_t
+
+    float64 arrays from :meth:`AnalyticDPMScheduler.step_coefficients`; ``step`` reads a copy in the sample's device
+    and dtype (:meth:`to`).
+    """
+
+    sqrt_abar_t: np.ndarray  # (K,) sqrt(abar[t])
+    sqrt_one_minus_abar_t: np.ndarray  # (K,) sqrt(1 - abar[t])
+    sqrt_abar_s: np.ndarray  # (K,) sqrt(abar[s]); 1 at the last step
+    eps_coef: np.ndarray  # (K,) sqrt(1 - abar[s] - lambda^2)
+    sigma: np.ndarray  # (K, C'): the noise std, one column (scalar variance) or one per data channel; 0 at the last step
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
+        """The same fields as tensors on ``device`` in ``dtype``."""
+        return StepCoefficients(*(torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype) for x in self))
 
 
 def _check_guidance(estimated: float | None, sampling: float | None) -> None:
@@ -61,6 +82,80 @@ def _check_guidance(estimated: float | None, sampling: float | None) -> None:
             "(estimate_moments(pipe, images, prompt=..., guidance_scale=...)).",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps: int) -> dict[str, np.ndarray]:
+    """The per-channel moments that were given, each checked to be ``(C, N)``, with one ``C`` for both."""
+    channels = {
+        name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
+        for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
+        if value is not None
+    }
+    if len({value.shape for value in channels.values()}) > 1:
+        raise ValueError(
+            f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
+            f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
+        )
+    return channels
+
+
+def _scalar_tables(ms_eps, x0_mse, channels: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    """``(ms_eps, x0_mse)``: as given, else the mean over channels of the per-channel ones (as in a table);
+    ``ms_eps`` is required."""
+    if ms_eps is None and "channel_ms_eps" in channels:
+        ms_eps = channels["channel_ms_eps"].mean(0)
+    if x0_mse is None and "channel_x0_mse" in channels:
+        x0_mse = channels["channel_x0_mse"].mean(0)
+    if ms_eps is None:
+        raise ValueError(
+            "AnalyticDPMScheduler needs the model's variance table: run "
+            "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
+            "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
+        )
+    return ms_eps, x0_mse
+
+
+def _check_options(
+    variance: str,
+    has_x0_mse: bool,
+    per_channel: bool,
+    channels: dict[str, np.ndarray],
+    trajectory: str,
+    timestep_spacing: str | None,
+    prediction_type: str,
+    eta: float,
+) -> None:
+    """Refuse an unknown option, or a variance the table cannot serve, naming the fix."""
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+    if variance == "residual" and not has_x0_mse:
+        raise ValueError(
+            "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
+            f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
+        )
+    needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
+    if per_channel and needed not in channels:
+        raise ValueError(
+            f"per_channel=True with variance={variance!r} needs {needed}: use "
+            "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
+            f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
+            "or set per_channel=False."
+        )
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
+    if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
+    check_prediction_type(prediction_type)
+    check_eta(eta)
+
+
+def _check_fingerprint(table_fingerprint: str | None, alphas_cumprod: np.ndarray) -> None:
+    """Refuse a table estimated for another schedule than the config's."""
+    if table_fingerprint is not None and table_fingerprint != schedule_fingerprint(alphas_cumprod):
+        raise ValueError(
+            f"the variance table was estimated for schedule {table_fingerprint}, but this scheduler's config "
+            f"gives {schedule_fingerprint(alphas_cumprod)}; estimate a table with this model's own scheduler config."
         )
 
 
@@ -128,76 +223,43 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
     ):
-        channels = {
-            name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
-            for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
-            if value is not None
-        }
-        if len({value.shape for value in channels.values()}) > 1:
-            raise ValueError(
-                f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
-                f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
-            )
-        if ms_eps is None and "channel_ms_eps" in channels:
-            ms_eps = channels["channel_ms_eps"].mean(0)
-        if x0_mse is None and "channel_x0_mse" in channels:
-            x0_mse = channels["channel_x0_mse"].mean(0)
-        if ms_eps is None:
-            raise ValueError(
-                "AnalyticDPMScheduler needs the model's variance table: run "
-                "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
-                "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
-            )
-        if variance not in VARIANCES:
-            raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
-        if variance == "residual" and x0_mse is None:
-            raise ValueError(
-                "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
-                f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
-            )
-        needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
-        if per_channel and needed not in channels:
-            raise ValueError(
-                f"per_channel=True with variance={variance!r} needs {needed}: use "
-                "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
-                f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
-                "or set per_channel=False."
-            )
-        if trajectory not in TRAJECTORIES:
-            raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
-        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
-        check_prediction_type(prediction_type)
-        self._check_eta(eta)
+        channels = _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps)
+        ms_eps, x0_mse = _scalar_tables(ms_eps, x0_mse, channels)
+        _check_options(
+            variance, x0_mse is not None, per_channel, channels, trajectory, timestep_spacing, prediction_type, eta
+        )
         abar = alphas_cumprod_from_config(self.config)
-        if table_fingerprint is not None and table_fingerprint != schedule_fingerprint(abar):
-            raise ValueError(
-                f"the variance table was estimated for schedule {table_fingerprint}, but this scheduler's config "
-                f"gives {schedule_fingerprint(abar)}; estimate a table with this model's own scheduler config."
-            )
-        ms = validate_ms_eps(ms_eps, num_train_timesteps, needed=[])
-        # The config keeps plain floats (NaN for timesteps that were not estimated) so it serialises to JSON.
-        self.register_to_config(ms_eps=[float(v) for v in ms])
-        if x0_mse is not None:
-            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, num_train_timesteps, [], "x0_mse")])
-        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
-        if data_range is not None:
-            self.register_to_config(data_range=tuple(float(v) for v in data_range))
-
-        # float32 views of the float64 schedule, as DDPMScheduler has them: alphas = 1 - betas, abar = cumprod(alphas).
-        self.alphas_cumprod_64 = abar
-        betas = betas_from_alphas_cumprod(abar)
-        self.betas = torch.from_numpy(betas).float()
-        self.alphas = torch.from_numpy(1.0 - betas).float()
-        self.alphas_cumprod = torch.from_numpy(abar).float()
+        _check_fingerprint(table_fingerprint, abar)
+        self._register_tables(ms_eps, x0_mse, channels, data_range)
+        self._set_schedule_tensors(abar)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
         self.trajectory: list[int] = []
         self._dp: TrajectoryDP | None = None
-        self._coefficients: dict[tuple, torch.Tensor] = {}
+        self._coefficients: dict[tuple, StepCoefficients] = {}
         self._step_index: int | None = None
         self._begin_index: int | None = None
+
+    def _register_tables(self, ms_eps, x0_mse, channels: dict[str, np.ndarray], data_range) -> None:
+        """Check the scalar moments and store every table array in the config as plain floats (NaN for timesteps
+        that were not estimated), so that it serialises to JSON."""
+        n = self.config.num_train_timesteps
+        self.register_to_config(ms_eps=[float(v) for v in validate_ms_eps(ms_eps, n, needed=[])])
+        if x0_mse is not None:
+            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, n, [], "x0_mse")])
+        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
+        if data_range is not None:
+            self.register_to_config(data_range=tuple(float(v) for v in data_range))
+
+    def _set_schedule_tensors(self, abar: np.ndarray) -> None:
+        """The float64 schedule and its float32 views, as DDPMScheduler has them: alphas = 1 - betas,
+        abar = cumprod(alphas)."""
+        self.alphas_cumprod_64 = abar
+        betas = betas_from_alphas_cumprod(abar)
+        self.betas = torch.from_numpy(betas).float()
+        self.alphas = torch.from_numpy(1.0 - betas).float()
+        self.alphas_cumprod = torch.from_numpy(abar).float()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -236,12 +298,6 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             if getattr(table, name) is not None:  # tables before format 3 have none
                 kwargs.setdefault(name, np.asarray(getattr(table, name)).tolist())
         return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
-
-    @staticmethod
-    def _check_eta(eta: float) -> float:
-        if not 0.0 <= float(eta) <= 1.0:
-            raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
-        return float(eta)
 
     @property
     def ms_eps(self) -> np.ndarray:
@@ -318,7 +374,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._coefficients = {}
         self._step_index = None
         self._begin_index = None
-        self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
+        self._coefficients_for(check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
         """The DP's path (residual cost with ``x0_mse``, else the paper's); one solve serves every K up to the
@@ -327,34 +383,38 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps, x0_mse=self.x0_mse)
         return self._dp.path(num_steps)
 
-    def step_coefficients(self, eta: float) -> np.ndarray:
-        """Per-step float64 table, one row per trajectory point ``t_K … t_1``:
-        ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma_1 … sigma_C']``, with one sigma
-        (``C' = 1``, the scalar variance) or, with ``per_channel``, one per data channel (``C' = C``)."""
+    def step_coefficients(self, eta: float) -> StepCoefficients:
+        """The float64 :class:`StepCoefficients` of the trajectory at ``eta``, one row per point ``t_K … t_1``:
+        ``sigma`` has one column (the scalar variance) or, with ``per_channel``, one per data channel."""
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step_coefficients().")
         t = np.asarray(self.trajectory, dtype=np.int64)
         s = np.append(t[1:], -1)
-        abar = self.alphas_cumprod_64
-        a_t, a_s = abar[t], extended(abar, s)
-        lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
-        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
-        var = np.zeros((moments.shape[0], t.size))
-        if self.config.variance == "residual":
-            var[:, :-1] = residual_variance(abar, moments, s[:-1], t[:-1], eta)
-        else:
-            var[:, :-1] = analytic_variance(abar, moments, s[:-1], t[:-1], eta, self.config.data_range)
-        if self.config.variance_cap_y is not None and t.size >= 2:
+        pair = pair_coefficients(self.alphas_cumprod_64, s, t, eta)
+        var = self._variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
+        if self.config.variance_cap_y is not None:  # the step into t_1
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
-            var[:, -2] = np.minimum(var[:, -2], cap)
-        mean = [np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0))]
-        return np.concatenate([np.stack(mean, 1), np.sqrt(var).T], 1)
+            var[:, -1] = np.minimum(var[:, -1], cap)
+        return StepCoefficients(
+            sqrt_abar_t=np.sqrt(pair.abar_t),
+            sqrt_one_minus_abar_t=np.sqrt(1 - pair.abar_t),
+            sqrt_abar_s=np.sqrt(pair.abar_s),
+            eps_coef=pair.eps_coef,
+            sigma=np.sqrt(np.concatenate([var, np.zeros((var.shape[0], 1))], 1)).T,
+        )
 
-    def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _variances(self, prev_t: np.ndarray, t: np.ndarray, eta: float) -> np.ndarray:
+        """sigma^2 of the pairs ``(prev_t, t)``, shape ``(C', pairs)``: the config's variance from its table."""
+        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
+        if self.config.variance == "residual":
+            return residual_variance(self.alphas_cumprod_64, moments, prev_t, t, eta)
+        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, self.config.data_range)
+
+    def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
         key = (eta, device, dtype)
         if key not in self._coefficients:
-            self._coefficients[key] = torch.from_numpy(self.step_coefficients(eta)).to(device=device, dtype=dtype)
+            self._coefficients[key] = self.step_coefficients(eta).to(device, dtype)
         return self._coefficients[key]
 
     def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
@@ -394,10 +454,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                 f"step() got timestep {int(timestep)}, but step {i} of this trajectory is t={self.trajectory[i]}; "
                 "step through scheduler.timesteps in order, or call set_timesteps() / set_begin_index() to restart."
             )
-        eta = self.config.eta if eta is None else self._check_eta(eta)
-        coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
-        sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef = coef[:4].unbind()
-        std = coef[4:]
+        eta = self.config.eta if eta is None else check_eta(eta)
+        coefficients = self._coefficients_for(float(eta), sample.device, sample.dtype)
+        sqrt_abar_t, sqrt_bb_t = coefficients.sqrt_abar_t[i], coefficients.sqrt_one_minus_abar_t[i]
+        std = coefficients.sigma[i]
         if self.config.per_channel and sample.shape[1] != std.shape[0]:
             raise ValueError(
                 f"this scheduler's per-channel variance has {std.shape[0]} channels (channel_ms_eps / channel_x0_mse), "
@@ -408,12 +468,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
         prediction, _ = split_learned_variance(model_output, sample)
         x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = x0.clamp(-r, r)
-            if use_clipped_model_output is not False:
-                eps = eps_from_x0(x0, sample, sqrt_abar_t, sqrt_bb_t)
-        prev_sample = sqrt_abar_s * x0 + eps_coef * eps
+        r = self.config.clip_sample_range
+        x0, eps = clip_x0(x0, eps, sample, sqrt_abar_t, sqrt_bb_t, (-r, r) if self.config.clip_sample else None,
+                          recompute_eps=use_clipped_model_output is not False)
+        prev_sample = coefficients.sqrt_abar_s[i] * x0 + coefficients.eps_coef[i] * eps
         if i < len(self.trajectory) - 1:
             if variance_noise is None:
                 variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)

@@ -18,6 +18,7 @@ and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the res
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -70,21 +71,48 @@ def validate_ms_eps(
     return ms
 
 
-def pair_coefficients(alphas_cumprod, prev_t, t, eta):
-    """``(t, abar[t], bb[t], lambda^2, coef)`` of the pairs ``(prev_t, t)``, float64, after checking them; ``t`` is
-    broadcast to the pairs' shape, so ``table[..., t]`` lines up with the other four."""
+def check_eta(eta: float) -> float:
+    """``eta`` as a float, refused outside ``[0, 1]`` (1: DDPM-type, 0: DDIM-type)."""
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
+    return float(eta)
+
+
+class PairCoefficients(NamedTuple):
+    """The float64 constants of the pairs ``(s, t)``, ``s < t`` (``s = -1``: clean data), each of the pairs' shape::
+
+        beta     = 1 - abar[t] / abar[s]                      (b_ts)
+        btilde   = (1 - abar[s]) beta / (1 - abar[t])         (DDPM's posterior variance on the pair)
+        lambda2  = eta^2 btilde                               (the generalised forward process's variance)
+        eps_coef = sqrt(1 - abar[s] - lambda2)                (the mean's eps weight)
+        coef     = sqrt(abar[s]) - sqrt((1 - abar[s] - lambda2) abar[t] / (1 - abar[t]))   (weight of x0_hat - x0)
+    """
+
+    t: np.ndarray  # t broadcast to the pairs' shape, so ``table[..., t]`` lines up with the other fields
+    abar_t: np.ndarray
+    abar_s: np.ndarray
+    beta: np.ndarray
+    btilde: np.ndarray
+    lambda2: np.ndarray
+    eps_coef: np.ndarray
+    coef: np.ndarray
+
+
+def pair_coefficients(alphas_cumprod, prev_t, t, eta: float = 1.0) -> PairCoefficients:
+    """:class:`PairCoefficients` of the pairs ``(prev_t, t)`` (broadcast), after checking the pairs and ``eta``."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     prev_t, t = np.broadcast_arrays(np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64))
     if np.any(prev_t >= t) or np.any(prev_t < -1) or np.any(t >= abar.size) or np.any(t < 0):
         raise ValueError("need -1 <= prev_t < t < num_train_timesteps for every pair.")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
+    eta = check_eta(eta)
     a_t, a_s = abar[t], extended(abar, prev_t)
     bb_t, bb_s = 1.0 - a_t, 1.0 - a_s
-    btilde = bb_s * (1.0 - a_t / a_s) / bb_t
-    lam2 = float(eta) ** 2 * btilde
-    coef = np.sqrt(a_s) - np.sqrt(np.maximum(bb_s - lam2, 0.0) * a_t / bb_t)
-    return t, a_t, bb_t, lam2, coef
+    beta = 1.0 - a_t / a_s
+    btilde = bb_s * beta / bb_t
+    lam2 = eta**2 * btilde
+    eps_var = np.maximum(bb_s - lam2, 0.0)
+    coef = np.sqrt(a_s) - np.sqrt(eps_var * a_t / bb_t)
+    return PairCoefficients(t, a_t, a_s, beta, btilde, lam2, np.sqrt(eps_var), coef)
 
 
 def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0)) -> np.ndarray:
@@ -97,33 +125,40 @@ def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0
     return upper
 
 
+def analytic_covariance(alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0, 1.0), floor: float = 0.0):
+    """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])`` clipped to ``[floor, covariance_upper_bound]``: the posterior
+    variance of x0 a perfect network implies; a leading channel axis for ``ms_eps`` of shape ``(C, N)``."""
+    t = np.asarray(t, dtype=np.int64)
+    a_t = np.asarray(alphas_cumprod, dtype=np.float64)[t]
+    ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
+    return np.clip((1.0 - a_t) / a_t * (1.0 - ms), floor, covariance_upper_bound(alphas_cumprod, t, data_range))
+
+
 def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
     """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t. ``ms_eps`` of
     shape ``(N,)`` gives the pairs' shape, ``(C, N)`` one sigma^2 per channel: shape ``(C, *pairs)``."""
-    t, a_t, bb_t, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
-    c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
-    return lam2 + coef**2 * c
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2 + pair.coef**2 * analytic_covariance(alphas_cumprod, ms_eps, pair.t, data_range)
 
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
     """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t, with a
     leading channel axis for ``x0_mse`` of shape ``(C, N)``, as :func:`analytic_variance`."""
-    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., t], 0.0)
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2 + pair.coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., pair.t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
     """Theorem 2: ``(lambda^2, lambda^2 + coef^2 * c_max)``, the range of any optimal sigma^2."""
-    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return lam2, lam2 + coef**2 * covariance_upper_bound(alphas_cumprod, t, data_range)
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2, pair.lambda2 + pair.coef**2 * covariance_upper_bound(alphas_cumprod, pair.t, data_range)
 
 
 def ddpm_variance(alphas_cumprod, prev_t, t, kind: str = "btilde"):
     """DDPM's fixed choices on a pair: ``btilde = bb[s] b_ts / bb[t]`` (fixed_small) or ``beta = b_ts`` (fixed_large)."""
-    t, a_t, bb_t, lam2, _ = pair_coefficients(alphas_cumprod, prev_t, t, 1.0)
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, 1.0)
     if kind == "btilde":
-        return lam2
+        return pair.btilde
     if kind == "beta":
-        return 1.0 - a_t / extended(alphas_cumprod, prev_t)
+        return pair.beta
     raise ValueError(f"kind={kind!r}; use 'btilde' or 'beta'.")

@@ -38,11 +38,13 @@ from tqdm.auto import tqdm
 
 from ..adapter import EpsilonAdapter
 from ..data import check_range, iter_batches
-from ..schedule import as_alphas_cumprod, extended
+from ..predictions import clip_x0, x0_from_eps
+from ..schedule import as_alphas_cumprod
 from ..trajectory import validate_timesteps
 from ..variance import (
+    analytic_covariance,
     analytic_variance,
-    covariance_upper_bound,
+    ddpm_variance,
     pair_coefficients,
     residual_variance,
     validate_ms_eps,
@@ -69,21 +71,19 @@ class NLLResult:
     variance: str = ""
 
 
-def _variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None, learned_v=None):
-    """sigma^2 on the pairs ``(s, t)`` as float64 numpy (or a tensor for ``learned``)."""
-    a_t, a_s = abar[t], extended(abar, s)
-    b_ts = 1.0 - a_t / a_s
-    btilde = (1.0 - a_s) * b_ts / (1.0 - a_t)
+def _variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None):
+    """sigma^2 on the pairs ``(s, t)`` of a fixed (not learned) variance, float64 numpy."""
     if kind == "analytic":
         return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
     if kind == "residual":
         return residual_variance(abar, x0_mse, s, t, 1.0)
-    if kind == "beta":
-        return b_ts
-    if kind == "btilde":
-        return btilde
-    frac = (learned_v + 1.0) / 2.0
-    return torch.exp(frac * math.log(b_ts) + (1.0 - frac) * math.log(btilde))
+    return ddpm_variance(abar, s, t, kind)
+
+
+def _learned_variance(v: torch.Tensor, beta: float, btilde: float) -> torch.Tensor:
+    """Improved DDPM's learned range on a pair: ``log sigma^2 = f log beta + (1 - f) log btilde``, ``f = (v + 1) / 2``."""
+    frac = (v + 1.0) / 2.0
+    return torch.exp(frac * math.log(beta) + (1.0 - frac) * math.log(btilde))
 
 
 def nll_bpd(
@@ -180,8 +180,7 @@ def nll_bpd_many(
     # sigma^2 of each pair, shape (K-1,) or (C, K-1)
     fixed = {v: _variances(v, abar, s[:-1], t[:-1], data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
     if decoder_variance == "analytic":
-        dec_var = np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[..., t[-1]]), 1e-20,
-                          covariance_upper_bound(abar, t[-1], data_range))
+        dec_var = analytic_covariance(abar, ms_eps, t[-1], data_range, floor=1e-20)
     elif decoder_variance == "beta":
         dec_var = 1.0 - abar[t[-1]]
     else:
@@ -205,30 +204,29 @@ def nll_bpd_many(
             prior = 0.5 * ((1 - a_T) + a_T * x0.double() ** 2 - 1 - math.log(1 - a_T)).flatten(1).sum(1)
             steps = torch.zeros(len(names), x0.shape[0], k_steps, dtype=torch.float64, device=device)
             for k in range(len(t)):
-                a_t, a_s = float(abar[t[k]]), float(extended(abar, s[k]))
+                pair = pair_coefficients(abar, s[k], t[k], 1.0)
+                a_t, a_s, beta, btilde = (float(x) for x in (pair.abar_t, pair.abar_s, pair.beta, pair.btilde))
+                sqrt_a_t, sqrt_bb_t = math.sqrt(a_t), math.sqrt(1 - a_t)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
-                x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * noise
+                x_t = sqrt_a_t * x0 + sqrt_bb_t * noise
                 t_batch = torch.full((x0.shape[0],), int(t[k]), device=device)
                 main, v = adapter.split_output(raw(x_t, adapter.model_timestep(t_batch)), x_t)
                 eps = adapter.to_epsilon(main, x_t, int(t[k]))
-                x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-                if clip_denoised and data_range is not None:
-                    x0_hat = x0_hat.clamp(*data_range)
-                    eps = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
+                x0_hat = x0_from_eps(eps, x_t, sqrt_a_t, sqrt_bb_t)
+                x0_hat, eps = clip_x0(x0_hat, eps, x_t, sqrt_a_t, sqrt_bb_t, data_range if clip_denoised else None)
                 if k == k_steps:
                     var = _channel_tensor(dec_var, x0)
                     decoded = _decoder_log_likelihood(x0, x0_hat, var, decoder, bin_width, data_range)
                     continue
-                btilde = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
-                true_mean = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
-                mean = math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - btilde, 0.0)) * eps
+                true_mean = math.sqrt(a_s) * beta / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
+                mean = math.sqrt(a_s) * x0_hat + float(pair.eps_coef) * eps
                 true_mean, mean = true_mean.double(), mean.double()
                 log_btilde = torch.tensor(math.log(btilde), dtype=torch.float64, device=device)
                 for i, variance in enumerate(names):
                     if variance == "learned":
                         if v is None:
                             raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
-                        var = _variances("learned", abar, s[k], t[k], data_range, learned_v=v.double())
+                        var = _learned_variance(v.double(), beta, btilde)
                     else:
                         var = _channel_tensor(fixed[variance][..., k], x0)
                     steps[i, :, k] = normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1)
@@ -285,8 +283,8 @@ def predicted_transitions_bpd(
         raise ValueError(f"variance={variance!r}; use 'residual', 'analytic', 'beta' or 'btilde'.")
     if variance == "analytic":
         ms_eps = validate_ms_eps(ms_eps, abar.size, needed=t)
-    _, _, _, lam2, coef = pair_coefficients(abar, s, t, 1.0)
-    coef2 = coef**2
+    pair = pair_coefficients(abar, s, t, 1.0)
+    lam2, coef2 = pair.lambda2, pair.coef**2
     var = _variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
     kl = 0.5 * (np.log(var / lam2) + (lam2 + coef2 * x0_mse[t]) / var - 1.0)
     se = np.full(t.size, np.nan) if x0_mse_stderr is None else np.asarray(x0_mse_stderr, dtype=np.float64)[t]

@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from .predictions import check_prediction_type, split_learned_variance, to_epsilon
-from .schedule import as_alphas_cumprod
+from .schedule import as_alphas_cumprod, same_schedule
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
@@ -40,6 +39,30 @@ def _to_batch(value: Any, batch: int) -> Any:
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 1 and batch > 1:
         return value.expand(batch, *value.shape[1:])
     return value
+
+
+def config_value(obj: Any, key: str) -> Any:
+    """``key`` of a scheduler's / model's config (or of a plain mapping), ``None`` where there is none."""
+    config = getattr(obj, "config", obj)
+    return config.get(key) if isinstance(config, Mapping) else None
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model (or an adapter's model) runs: the device of its first parameter; the CPU for a callable."""
+    module = model.model if isinstance(model, EpsilonAdapter) else model
+    param = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def as_epsilon_model(model: Any, schedule: Any, prediction_type: str | None = None, **options) -> EpsilonAdapter:
+    """``model`` as an :class:`EpsilonAdapter` on ``schedule``: a bare model predicts ``prediction_type``, by default
+    the one the schedule's config names, else ``"epsilon"``; an adapter is reused (:meth:`EpsilonAdapter.wrap`,
+    which refuses options next to it). ``options``: more :class:`EpsilonAdapter` arguments (guidance)."""
+    if not isinstance(model, EpsilonAdapter):
+        prediction_type = prediction_type or config_value(schedule, "prediction_type") or "epsilon"
+    if prediction_type is not None:
+        options["prediction_type"] = prediction_type
+    return EpsilonAdapter.wrap(model, schedule, **options)
 
 
 class EpsilonAdapter:
@@ -98,9 +121,7 @@ class EpsilonAdapter:
             raise ValueError(
                 f"got an EpsilonAdapter together with adapter options {sorted(kwargs)}; set them on the adapter itself."
             )
-        abar = as_alphas_cumprod(schedule)
-        theirs = model_or_adapter.alphas_cumprod
-        if abar.shape != theirs.shape or not np.allclose(abar, theirs, rtol=1e-5, atol=0.0):
+        if not same_schedule(as_alphas_cumprod(schedule), model_or_adapter.alphas_cumprod):
             raise ValueError(
                 "the EpsilonAdapter was built for a different noise schedule than the one given; "
                 "build the adapter with the same scheduler."

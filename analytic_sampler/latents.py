@@ -21,10 +21,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .data import check_range, folder_files, iter_batches
+from .noise import noise_generator
 
 LATENTS = ("mean", "sample")
 CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
@@ -51,11 +51,6 @@ def _check_latent(latent: str) -> None:
         raise ValueError(f"latent={latent!r}; use 'mean' (the VAE posterior mean) or 'sample' (a draw from it).")
 
 
-def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, chunk, 1]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 @torch.inference_mode()
 def encode_images(
     pipe, images: torch.Tensor, latent: str = "mean", batch_size: int = 16, seed: int = 0
@@ -64,7 +59,7 @@ def encode_images(
     (``latent="sample"``: posterior draws seeded by ``(seed, batch)``), float32 on the VAE's device."""
     _check_latent(latent)
     return torch.cat([
-        _latent_chunk(pipe, images[i : i + batch_size], latent, _chunk_generator(seed, k))
+        _latent_chunk(pipe, images[i : i + batch_size], latent, noise_generator(seed, k, stream="latent"))
         for k, i in enumerate(range(0, images.shape[0], batch_size))
     ])
 
@@ -251,7 +246,7 @@ class PipelineSamples:
             raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
         pixels = pixels[:wanted]
         check_range(pixels, (-1.0, 1.0))
-        latents = _latent_chunk(self.pipe, pixels, self.latent, _chunk_generator(self.seed, k))
+        latents = _latent_chunk(self.pipe, pixels, self.latent, noise_generator(self.seed, k, stream="latent"))
         embeds = None if self.single_prompt else encode_prompts(self.pipe, self.prompts[lo : lo + pixels.shape[0]])
         return latents, embeds
 

@@ -48,10 +48,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .adapter import EpsilonAdapter
+from .adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
 from .data import check_range, take_samples
 from .distributed import agree_on_start, all_gather, rank_path, world_rank
 from .latents import PipelineOptions, PipelineSamples, is_latent_pipeline
+from .noise import noise_generator
 from .predictions import x0_from_eps
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .table import VarianceTable
@@ -70,23 +71,6 @@ def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.
     if np.unique(ts).size != ts.size:
         raise ValueError("timesteps contains duplicates; pass each timestep once (raise num_samples for more draws).")
     return np.sort(ts)
-
-
-def _module(model) -> Any:
-    return model.model if isinstance(model, EpsilonAdapter) else model
-
-
-def _config_value(obj, key: str):
-    config = getattr(obj, "config", obj)
-    return config.get(key) if isinstance(config, Mapping) else None
-
-
-def _default_device(module) -> torch.device:
-    if isinstance(module, torch.nn.Module):
-        param = next(module.parameters(), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -150,11 +134,6 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> A
     return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
 
 
-def _noise_generator(seed: int, batch: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
-    state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
-
-
 def _noise_source(noise_device: str, device: torch.device) -> torch.device:
     """Where the noise is drawn: ``"cpu"``, or ``"model"``: the model's ``device``."""
     if noise_device not in NOISE_DEVICES:
@@ -170,7 +149,7 @@ def _batch_noise(shape: tuple[int, ...], seed: int, batch: int, source: torch.de
     """``N(0, I)`` noise of ``batch`` drawn on ``source``, on ``device`` in ``dtype``. A host draw bound for a GPU is
     pinned and copied without blocking (a pageable copy would wait for the GPU to finish its queue)."""
     pin = source.type == "cpu" and device.type == "cuda"
-    noise = torch.randn(shape, generator=_noise_generator(seed, batch, source), device=source, pin_memory=pin)
+    noise = torch.randn(shape, generator=noise_generator(seed, batch, source), device=source, pin_memory=pin)
     return noise.to(device=device, dtype=dtype, non_blocking=pin)
 
 
@@ -361,23 +340,19 @@ def prepare_estimate(
         data_range = None if pipeline is not None else (-1.0, 1.0)
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     ts = _timesteps(timesteps, abar.size)
-    if not isinstance(model, EpsilonAdapter):
-        prediction_type = prediction_type or _config_value(scheduler_or_alphas_cumprod, "prediction_type") or "epsilon"
-    options = {} if prediction_type is None else {"prediction_type": prediction_type}
-    source = None
+    guidance, source = {}, None
     if pipeline is not None:
         source = PipelineSamples(pipeline, data, num_samples, pipeline_options, seed, device)
         if source.guided:
-            options.update(guidance_scale=source.guidance_scale, uncond_kwargs=source.uncond_kwargs)
+            guidance = {"guidance_scale": source.guidance_scale, "uncond_kwargs": source.uncond_kwargs}
         model = pipeline.unet
-    adapter = EpsilonAdapter.wrap(model, abar, **options)
-    module = _module(adapter)
+    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type, **guidance)
     if device is None:
-        device = _default_device(module)
-    elif isinstance(module, torch.nn.Module):
-        module.to(device)
+        device = model_device(adapter)
+    elif isinstance(adapter.model, torch.nn.Module):
+        adapter.model.to(device)
     device = torch.device(device)
-    dtype = _input_dtype(module, dtype)
+    dtype = _input_dtype(adapter.model, dtype)
     noise_source = _noise_source(noise_device, device)
     work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
     model_kwargs = dict(model_kwargs or {})
@@ -430,7 +405,7 @@ def accumulate(
     fast = _compiled(plan.adapter, compile)
     num_batches = plan.num_batches
     rounds = -(-(num_batches - start) // world)
-    with torch.inference_mode(), _eval_mode(_module(plan.adapter)), tqdm(
+    with torch.inference_mode(), _eval_mode(plan.adapter.model), tqdm(
         total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
         unit="batch",
     ) as bar:
@@ -488,9 +463,9 @@ def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[st
     per_channel = full[len(SUMS):].reshape(len(SUMS), channels, n) if channels else None
     counts = np.zeros(n, dtype=np.int64)
     counts[ts] = plan.num_samples
-    adapter, module = plan.adapter, _module(plan.adapter)
+    adapter, module = plan.adapter, plan.adapter.model
     record = {
-        "model_id": str(_config_value(module, "_name_or_path") or type(module).__name__),
+        "model_id": str(config_value(module, "_name_or_path") or type(module).__name__),
         "data": f"{plan.num_samples} images, x0 of shape {plan.sample_shape}",
         "num_samples": plan.num_samples,
         "num_timesteps_estimated": int(ts.size),

@@ -29,15 +29,19 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .predictions import check_prediction_type, clip_x0, split_learned_variance, to_x0_and_eps
-from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, schedule_fingerprint
-from .table import REESTIMATE_HINT
-from .trajectory import (
-    SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
+from .schedule import (
+    SPACINGS,
+    alphas_cumprod_from_config,
+    betas_from_alphas_cumprod,
+    schedule_fingerprint,
+    spaced_timesteps,
 )
-from .variance import analytic_variance, check_eta, pair_coefficients, residual_variance, validate_ms_eps
+from .table import REESTIMATE_HINT, validate_ms_eps
+from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+from .variance import analytic_variance, channel_view, check_eta, pair_coefficients, residual_variance
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
-VARIANCES = ("analytic", "residual")
+SAMPLING_VARIANCES = ("analytic", "residual")  # the reverse variances the scheduler samples with, from its table
 
 
 @dataclass
@@ -127,8 +131,8 @@ def _check_options(
     eta: float,
 ) -> None:
     """Refuse an unknown option, or a variance the table cannot serve, naming the fix."""
-    if variance not in VARIANCES:
-        raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+    if variance not in SAMPLING_VARIANCES:
+        raise ValueError(f"variance={variance!r}; use one of {SAMPLING_VARIANCES}.")
     if variance == "residual" and not has_x0_mse:
         raise ValueError(
             "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
@@ -464,7 +468,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                 f"but the sample has {sample.shape[1]} (shape {tuple(sample.shape)}); use the variance table estimated "
                 "for this model's own data (or latents), or per_channel=False."
             )
-        std = std.reshape(-1, *([1] * (sample.ndim - 2)))  # (C', 1, …): one sigma per channel, or one for all
+        std = channel_view(std, sample.ndim)  # (C', 1, …): one sigma per channel, or one for all
 
         prediction, _ = split_learned_variance(model_output, sample)
         x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)

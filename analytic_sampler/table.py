@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .schedule import as_alphas_cumprod, schedule_fingerprint
-from .variance import validate_ms_eps
+from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
 FORMAT_VERSION = 3  # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays
 READABLE_VERSIONS = (1, 2, 3)
@@ -41,6 +41,50 @@ REESTIMATE_HINT = (
     "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
     "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
 )
+
+
+def validate_ms_eps(
+    ms_eps: Sequence[float] | np.ndarray,
+    num_train_timesteps: int,
+    needed=None,
+    name: str = "ms_eps",
+    per_channel: bool | None = False,
+) -> np.ndarray:
+    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong shape,
+    negative values, or NaN at the timesteps in ``needed``. ``per_channel``: ``False`` wants shape ``(N,)``, ``True``
+    ``(C, N)`` (one row per data channel), ``None`` either."""
+    ms = np.asarray(ms_eps, dtype=np.float64)
+    n = num_train_timesteps
+    if per_channel is False and ms.ndim == 1 and ms.size != n:
+        raise ValueError(
+            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={n}; "
+            "estimate the table with the same scheduler config as the model (estimate_moments)."
+        )
+    ndims = {False: (1,), True: (2,), None: (1, 2)}[per_channel]
+    if ms.ndim not in ndims or ms.shape[-1] != n or ms.size == 0:
+        wanted = " or ".join({1: f"({n},)", 2: f"(channels, {n})"}[d] for d in ndims)
+        hint = (
+            "pass the scalar column (e.g. table.ms_eps), or a per-channel one where it is accepted (channel_ms_eps)"
+            if per_channel is False and ms.ndim == 2
+            else "estimate the table with the same scheduler config as the model (estimate_moments)"
+        )
+        raise ValueError(f"{name} has shape {ms.shape}, but needs {wanted} (num_train_timesteps={n}); {hint}.")
+    if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
+        raise ValueError(
+            f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
+            "VarianceTable from estimate_moments unchanged, or re-estimate it."
+        )
+    idx = np.arange(n) if needed is None else np.asarray(needed, dtype=np.int64)
+    bad = ~np.isfinite(np.atleast_2d(ms)[:, idx])  # (channels or 1, len(idx))
+    missing = idx[bad.any(0)]
+    if missing.size:
+        shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
+        where = f" in channel(s) {np.flatnonzero(bad.any(1)).tolist()}" if ms.ndim == 2 else ""
+        raise ValueError(
+            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}){where}; estimate them with "
+            "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
+        )
+    return ms
 
 
 def _sha256(path: str) -> str:
@@ -218,7 +262,7 @@ class VarianceTable:
     def check_schedule(self, alphas_cumprod_or_scheduler) -> VarianceTable:
         """Refuse a scheduler / schedule other than the one this table was estimated for; return ``self``."""
         abar = as_alphas_cumprod(alphas_cumprod_or_scheduler)
-        if abar.shape != self.alphas_cumprod.shape or not np.allclose(abar, self.alphas_cumprod, rtol=1e-5, atol=0.0):
+        if not same_schedule(abar, self.alphas_cumprod):
             raise ValueError(
                 f"the variance table was estimated for schedule {self.fingerprint}, the scheduler uses "
                 f"{schedule_fingerprint(abar)}; estimate a table for this model/schedule with estimate_moments "

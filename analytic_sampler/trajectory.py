@@ -1,5 +1,5 @@
-"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming), and
-Diffusers' ``timestep_spacing`` ones, which may start below N-1 and end above 0.
+"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming); Diffusers'
+``timestep_spacing`` ones, which may start below N-1 and end above 0, are in :mod:`analytic_sampler.schedule`.
 
 With ``snr[t] = abar[t] / (1 - abar[t])``, the DDPM-type K-step bound is, up to terms that every trajectory
 shares, ``(d/2) sum_k J(t_{k-1}, t_k)`` with::
@@ -31,63 +31,23 @@ import numpy as np
 import torch
 from scipy.optimize import isotonic_regression
 
-from .schedule import as_alphas_cumprod
-from .variance import validate_ms_eps
+from .schedule import as_alphas_cumprod, check_num_steps, spaced_timesteps
+from .table import validate_ms_eps
 
 _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
 
 
-def _check_steps(num_train_timesteps: int, num_steps: int) -> int:
-    if not 2 <= int(num_steps) <= num_train_timesteps:
-        raise ValueError(
-            f"num_steps={num_steps} must be between 2 and num_train_timesteps={num_train_timesteps}; "
-            "the first step is t=N-1 and the last t=0."
-        )
-    return int(num_steps)
-
-
 def even_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """``linspace(0, N-1, K).round()``, descending."""
-    k = _check_steps(num_train_timesteps, num_steps)
-    return np.linspace(0, num_train_timesteps - 1, k).round().astype(int)[::-1].tolist()
+    """``linspace(0, N-1, K).round()``, descending: Diffusers' ``"linspace"`` timestep spacing."""
+    return spaced_timesteps(num_train_timesteps, num_steps, "linspace")
 
 
 def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
     """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending."""
-    k = _check_steps(num_train_timesteps, num_steps)
+    k = check_num_steps(num_train_timesteps, num_steps)
     t = np.linspace(0.0, np.sqrt(num_train_timesteps - 1), k) ** 2
     t = np.maximum.accumulate(np.round(t).astype(int) - np.arange(k)) + np.arange(k)
     return t[::-1].tolist()
-
-
-SPACINGS = ("leading", "linspace", "trailing")
-
-
-def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> list[int]:
-    """Diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), descending, as DDIM/DDPMScheduler give it::
-
-        leading:  arange(K) * (N // K) + steps_offset
-        linspace: round(linspace(0, N-1, K))
-        trailing: round(arange(N, 0, -N/K)) - 1
-
-    Only ``leading`` uses ``steps_offset``. Diffusers' float ``arange`` gives ``trailing`` a spurious last ``t = -1``
-    for some K (61 of 1000, …); the first K points are kept.
-    """
-    n, k = num_train_timesteps, _check_steps(num_train_timesteps, num_steps)
-    if spacing == "leading":
-        t = np.arange(k)[::-1] * (n // k) + int(steps_offset)
-    elif spacing == "linspace":
-        t = np.array(even_trajectory(n, k))
-    elif spacing == "trailing":
-        t = np.round(np.arange(n, 0, -n / k))[:k] - 1
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
-    if t[0] > n - 1:
-        raise ValueError(
-            f"timestep_spacing={spacing!r} with steps_offset={steps_offset} starts at t={int(t[0])} > N-1={n - 1} "
-            f"for K={k}; use fewer steps or a smaller steps_offset."
-        )
-    return t.astype(np.int64).tolist()
 
 
 def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
@@ -236,7 +196,7 @@ class TrajectoryDP:
     ):
         self.abar = as_alphas_cumprod(alphas_cumprod)
         n = self.abar.size
-        self.max_steps = _check_steps(n, max_steps)
+        self.max_steps = check_num_steps(n, max_steps)
         if stderr is not None:
             stderr = validate_ms_eps(stderr, n, needed=[], name="stderr")
         if x0_mse is None:
@@ -265,7 +225,7 @@ class TrajectoryDP:
 
     def path(self, num_steps: int) -> list[int]:
         """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""
-        k = _check_steps(self.abar.size, num_steps)
+        k = check_num_steps(self.abar.size, num_steps)
         if k > self.max_steps:
             raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
         last = self.visited.size - 1

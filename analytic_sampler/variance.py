@@ -17,7 +17,6 @@ and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -27,48 +26,10 @@ from .schedule import extended
 DataRange = tuple[float, float] | None
 
 
-def validate_ms_eps(
-    ms_eps: Sequence[float] | np.ndarray,
-    num_train_timesteps: int,
-    needed=None,
-    name: str = "ms_eps",
-    per_channel: bool | None = False,
-) -> np.ndarray:
-    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong shape,
-    negative values, or NaN at the timesteps in ``needed``. ``per_channel``: ``False`` wants shape ``(N,)``, ``True``
-    ``(C, N)`` (one row per data channel), ``None`` either."""
-    ms = np.asarray(ms_eps, dtype=np.float64)
-    n = num_train_timesteps
-    if per_channel is False and ms.ndim == 1 and ms.size != n:
-        raise ValueError(
-            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={n}; "
-            "estimate the table with the same scheduler config as the model (estimate_moments)."
-        )
-    ndims = {False: (1,), True: (2,), None: (1, 2)}[per_channel]
-    if ms.ndim not in ndims or ms.shape[-1] != n or ms.size == 0:
-        wanted = " or ".join({1: f"({n},)", 2: f"(channels, {n})"}[d] for d in ndims)
-        hint = (
-            "pass the scalar column (e.g. table.ms_eps), or a per-channel one where it is accepted (channel_ms_eps)"
-            if per_channel is False and ms.ndim == 2
-            else "estimate the table with the same scheduler config as the model (estimate_moments)"
-        )
-        raise ValueError(f"{name} has shape {ms.shape}, but needs {wanted} (num_train_timesteps={n}); {hint}.")
-    if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
-        raise ValueError(
-            f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
-            "VarianceTable from estimate_moments unchanged, or re-estimate it."
-        )
-    idx = np.arange(n) if needed is None else np.asarray(needed, dtype=np.int64)
-    bad = ~np.isfinite(np.atleast_2d(ms)[:, idx])  # (channels or 1, len(idx))
-    missing = idx[bad.any(0)]
-    if missing.size:
-        shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
-        where = f" in channel(s) {np.flatnonzero(bad.any(1)).tolist()}" if ms.ndim == 2 else ""
-        raise ValueError(
-            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}){where}; estimate them with "
-            "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
-        )
-    return ms
+def channel_view(values, sample_ndim: int):
+    """``values`` of shape ``()`` or ``(C',)`` (a tensor or an array) reshaped to ``(C', 1, …)``, to broadcast over a
+    ``(B, C, …)`` sample of ``sample_ndim`` axes: one value for every channel, or one per channel (``C' = C``)."""
+    return values.reshape(-1, *([1] * (sample_ndim - 2)))
 
 
 def check_eta(eta: float) -> float:

@@ -21,9 +21,9 @@ from conftest import ExactGaussianEps
 from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
-from analytic_sampler.table import VarianceTable
+from analytic_sampler.table import VarianceTable, validate_ms_eps
 from analytic_sampler.trajectory import even_trajectory
-from analytic_sampler.variance import analytic_variance, residual_variance, validate_ms_eps
+from analytic_sampler.variance import analytic_variance, residual_variance
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 ABAR = alphas_cumprod_from_config(SD_SCHEDULE)

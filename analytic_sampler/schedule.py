@@ -116,8 +116,14 @@ def same_schedule(alphas_cumprod: np.ndarray, other: np.ndarray) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=0.0))
 
 
-def extended(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.ndarray:
-    """``abar[index]`` with the convention ``abar[-1] = 1`` (clean data)."""
+def signal_to_noise(alphas_cumprod) -> np.ndarray:
+    """``snr[t] = abar[t] / (1 - abar[t])``, float64."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return abar / (1.0 - abar)
+
+
+def abar_with_clean(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.ndarray:
+    """``abar[index]`` for indices from -1: ``abar[-1] = 1`` is clean data (not numpy's last entry)."""
     idx = np.asarray(index)
     return np.where(idx < 0, 1.0, np.asarray(alphas_cumprod, dtype=np.float64)[np.maximum(idx, 0)])
 

@@ -395,7 +395,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         t = np.asarray(self.trajectory, dtype=np.int64)
         s = np.append(t[1:], -1)
         pair = pair_coefficients(self.alphas_cumprod_64, s, t, eta)
-        var = self._variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
+        var = self._pair_variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
         if self.config.variance_cap_y is not None:  # the step into t_1
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
@@ -408,7 +408,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             sigma=np.sqrt(np.concatenate([var, np.zeros((var.shape[0], 1))], 1)).T,
         )
 
-    def _variances(self, prev_t: np.ndarray, t: np.ndarray, eta: float) -> np.ndarray:
+    def _pair_variances(self, prev_t: np.ndarray, t: np.ndarray, eta: float) -> np.ndarray:
         """sigma^2 of the pairs ``(prev_t, t)``, shape ``(C', pairs)``: the config's variance from its table."""
         moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
         if self.config.variance == "residual":

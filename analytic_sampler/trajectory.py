@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from scipy.optimize import isotonic_regression
 
-from .schedule import as_alphas_cumprod, check_num_steps, spaced_timesteps
+from .schedule import as_alphas_cumprod, check_num_steps, signal_to_noise, spaced_timesteps
 from .table import validate_ms_eps
 
 _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
@@ -62,15 +62,9 @@ def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> li
     return ts
 
 
-def snr(alphas_cumprod) -> np.ndarray:
-    """``snr[t] = abar[t] / (1 - abar[t])``, float64."""
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    return abar / (1.0 - abar)
-
-
 def posterior_variance(alphas_cumprod, ms_eps) -> np.ndarray:
     """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])``, at least 0: the x0 error a perfect network would make."""
-    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / snr(alphas_cumprod)
+    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / signal_to_noise(alphas_cumprod)
 
 
 def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
@@ -79,7 +73,7 @@ def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
     Weighted isotonic regression of g with weights ``1 / Var(g) ~ m^4 / stderr^2`` (delta method; where a
     standard error is missing, the median relative one).
     """
-    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    snr, m = signal_to_noise(alphas_cumprod), np.asarray(moment, dtype=np.float64)
     est = np.flatnonzero(np.isfinite(m))
     out = np.full(m.shape, np.nan)
     if est.size == 0:
@@ -89,16 +83,16 @@ def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
     rel = np.full(est.size, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)[est] / raw
     usable = np.isfinite(rel) & (rel > 0)
     rel = np.where(usable, rel, np.median(rel[usable]) if usable.any() else 1.0)
-    fit = isotonic_regression(1.0 / raw - u[est], weights=(raw / rel) ** 2, increasing=False).x
-    out[est] = 1.0 / np.maximum(fit + u[est], 1e-12 / top)  # guards a non-positive 1/m only
+    fit = isotonic_regression(1.0 / raw - snr[est], weights=(raw / rel) ** 2, increasing=False).x
+    out[est] = 1.0 / np.maximum(fit + snr[est], 1e-12 / top)  # guards a non-positive 1/m only
     return out
 
 
 def transition_cost(alphas_cumprod, moment, prev_t, t) -> np.ndarray:
     """``J(s, t) = log(1 + (snr[s] - snr[t]) m[t])`` for ``0 <= s < t``; broadcasts."""
-    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    snr, m = signal_to_noise(alphas_cumprod), np.asarray(moment, dtype=np.float64)
     s, t = np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64)
-    return np.log1p((u[s] - u[t]) * m[t])
+    return np.log1p((snr[s] - snr[t]) * m[t])
 
 
 def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
@@ -106,14 +100,14 @@ def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
     return float(np.sum(transition_cost(alphas_cumprod, moment, timesteps[1:], timesteps[:-1])))
 
 
-def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve_dense(snr: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact DP for any moment: ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` over the full cost matrix,
     O(K N^2) time, in row blocks that stay in cache. Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
-    n = u.numel()
-    jt = torch.log1p((u[None, :] - u[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
-    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=u.device).triu_(), float("inf"))
-    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=u.device)
-    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=u.device)
+    n = snr.numel()
+    jt = torch.log1p((snr[None, :] - snr[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
+    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=snr.device).triu_(), float("inf"))
+    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=snr.device)
+    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=snr.device)
     cost[1, 0] = 0.0
     for k in range(2, max_steps + 1):
         lo = k - 2
@@ -124,24 +118,24 @@ def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torc
     return cost, arg
 
 
-def _is_monge(u: np.ndarray, m: np.ndarray) -> bool:
+def _is_monge(snr: np.ndarray, m: np.ndarray) -> bool:
     """Whether ``g = 1/m - snr`` is non-increasing (to rounding), the condition that makes J a Monge matrix; a raw
     moment of 0 (c where ms_eps >= 1) is not."""
     if np.any(m <= 0):
         return False
-    g = 1.0 / m - u
-    return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + u[1:])))
+    g = 1.0 / m - snr
+    return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + snr[1:])))
 
 
-def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _solve_monge(snr: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact DP when J is Monge: per level, the argmin ``o(t)`` over s is non-decreasing in t, so the middle t
     of a range bounds the windows of both halves (divide and conquer). All ranges of one recursion depth are
     evaluated together as one ragged array: O(K N log N) work in O(K log N) numpy calls. Within a level the
     search runs on ``exp(C_{k-1}[s] - min C_{k-1}) (g[t] + snr[s])``, whose argmin is that of
     ``C_{k-1}[s] + J(s, t)`` (``J = log m[t] + log(g[t] + snr[s])``), so the inner loop has no logarithm.
     Returns ``(C, argmin)`` like :func:`_solve_dense`."""
-    n = u.size
-    g, log_m = 1.0 / m - u, np.log(m)
+    n = snr.size
+    g, log_m = 1.0 / m - snr, np.log(m)
     cost = np.full((max_steps + 1, n), np.inf)
     arg = np.zeros((max_steps + 1, n), dtype=np.int64)
     cost[1, 0] = 0.0
@@ -161,7 +155,7 @@ def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarr
             ends = np.cumsum(width)
             starts = ends - width
             s = positions[: ends[-1]] - np.repeat(starts - s_lo, width)
-            vals = weight[s] * (u[s] + np.repeat(g[mid], width))
+            vals = weight[s] * (snr[s] + np.repeat(g[mid], width))
             low = np.minimum.reduceat(vals, starts)
             hits = np.flatnonzero(vals == np.repeat(low, width))
             o = s[hits[np.searchsorted(hits, starts)]]  # the first minimum of each window
@@ -209,18 +203,18 @@ class TrajectoryDP:
                 stacklevel=2,
             )
             raw = posterior_variance(self.abar, validate_ms_eps(ms_eps, n, needed=[]))
-            stderr = None if stderr is None else stderr / snr(self.abar)  # the stderr of c
+            stderr = None if stderr is None else stderr / signal_to_noise(self.abar)  # the stderr of c
         else:
             raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
         self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
         self.visited = np.flatnonzero(np.isfinite(self.moment))
-        u, m = snr(self.abar)[self.visited], self.moment[self.visited]
+        snr, m = signal_to_noise(self.abar)[self.visited], self.moment[self.visited]
         steps = min(self.max_steps, self.visited.size)
         on_cpu = device is None or torch.device(device).type == "cpu"
-        if on_cpu and steps >= 2 and _is_monge(u, m):
-            self._cost, self._argmin = _solve_monge(u, m, steps)
+        if on_cpu and steps >= 2 and _is_monge(snr, m):
+            self._cost, self._argmin = _solve_monge(snr, m, steps)
         else:
-            cost, argmin = _solve_dense(torch.from_numpy(u).to(device), torch.from_numpy(m).to(device), steps)
+            cost, argmin = _solve_dense(torch.from_numpy(snr).to(device), torch.from_numpy(m).to(device), steps)
             self._cost, self._argmin = cost.cpu().numpy(), argmin.cpu().numpy()
 
     def path(self, num_steps: int) -> list[int]:

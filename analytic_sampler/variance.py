@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .schedule import extended
+from .schedule import abar_with_clean
 
 DataRange = tuple[float, float] | None
 
@@ -66,7 +66,7 @@ def pair_coefficients(alphas_cumprod, prev_t, t, eta: float = 1.0) -> PairCoeffi
     if np.any(prev_t >= t) or np.any(prev_t < -1) or np.any(t >= abar.size) or np.any(t < 0):
         raise ValueError("need -1 <= prev_t < t < num_train_timesteps for every pair.")
     eta = check_eta(eta)
-    a_t, a_s = abar[t], extended(abar, prev_t)
+    a_t, a_s = abar[t], abar_with_clean(abar, prev_t)
     bb_t, bb_s = 1.0 - a_t, 1.0 - a_s
     beta = 1.0 - a_t / a_s
     btilde = bb_s * beta / bb_t

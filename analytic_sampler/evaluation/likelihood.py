@@ -73,7 +73,7 @@ class NLLResult:
     variance: str = ""
 
 
-def _variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None):
+def _fixed_variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None):
     """sigma^2 on the pairs ``(s, t)`` of a fixed (not learned) variance, float64 numpy."""
     if kind == "analytic":
         return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
@@ -221,7 +221,7 @@ class _TrajectoryBound:
         self.s = np.append(self.t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
         s, t = self.s[:-1], self.t[:-1]
         # sigma^2 of each pair, shape (K-1,) or (C, K-1)
-        self.fixed = {v: _variances(v, abar, s, t, data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
+        self.fixed = {v: _fixed_variances(v, abar, s, t, data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
         self.decoder_variance = _decoder_variance(decoder_variance, abar, self.t[-1], ms_eps, data_range)
         self.decoder, self.bin_width, self.data_range = decoder, bin_width, data_range
         self.clip_range = data_range if clip_denoised else None
@@ -339,7 +339,7 @@ def predicted_transitions_bpd(
         ms_eps = validate_ms_eps(ms_eps, abar.size, needed=t)
     pair = pair_coefficients(abar, s, t, 1.0)
     lam2, coef2 = pair.lambda2, pair.coef**2
-    var = _variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
+    var = _fixed_variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
     kl = 0.5 * (np.log(var / lam2) + (lam2 + coef2 * x0_mse[t]) / var - 1.0)
     se = np.full(t.size, np.nan) if x0_mse_stderr is None else np.asarray(x0_mse_stderr, dtype=np.float64)[t]
     grad = 0.5 * coef2 / var  # d KL / d x0_mse[t] (for the residual variance the sigma^2 term has zero derivative)

@@ -66,17 +66,27 @@ def as_epsilon_model(model: Any, schedule: Any, prediction_type: str | None = No
 
 
 class EpsilonAdapter:
-    """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon.
+    """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon, whatever the model predicts.
 
     Args:
-        model: a Diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` or any callable ``model(sample, timestep, **kw)``.
-        schedule: a Diffusers scheduler, its config, or an array of ``alphas_cumprod``.
-        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        timestep_shift, timestep_scale: the model is called with ``(t + timestep_shift) * timestep_scale``
-            (e.g. shift ``-1`` for checkpoints indexed from 1, scale ``1000 / N`` for rescaled timesteps).
-        guidance_scale: classifier-free guidance scale ``s``; needs ``uncond_kwargs``.
-        uncond_kwargs: model kwargs of the unconditional pass; they override the conditional kwargs.
-        **model_kwargs: passed to every model call (e.g. ``encoder_hidden_states``, ``class_labels``).
+        model (`UNet2DModel`, `UNet2DConditionModel` or a callable):
+            Any callable ``model(sample, timestep, **kwargs)`` returning a tensor, a tuple with the tensor first, or
+            an object with ``.sample``.
+        schedule (a scheduler, its config or `np.ndarray`):
+            The model's noise schedule (its ``alphas_cumprod``).
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        timestep_shift (`float`, defaults to 0):
+            The model is called with ``(t + timestep_shift) * timestep_scale`` (e.g. ``-1`` for checkpoints indexed
+            from 1).
+        timestep_scale (`float`, defaults to 1.0):
+            Likewise (e.g. ``1000 / N`` for rescaled timesteps).
+        guidance_scale (`float`, *optional*):
+            The classifier-free guidance scale ``s``: ``eps = eps_u + s (eps_c - eps_u)``; needs ``uncond_kwargs``.
+        uncond_kwargs (`dict`, *optional*):
+            Model kwargs of the unconditional pass; they override the conditional kwargs.
+        **model_kwargs:
+            Passed to every model call (e.g. ``encoder_hidden_states``, ``class_labels``).
     """
 
     def __init__(

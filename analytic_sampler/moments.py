@@ -512,51 +512,102 @@ def estimate_moments(
     latent: str = "mean",
     encode_batch_size: int = 16,
 ) -> VarianceTable:
-    """Estimate ``ms_eps`` and ``x0_mse`` at ``timesteps`` (default: all) from the first ``num_samples`` images.
+    """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
+    ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
+    channel, each (sample, timestep) pair with fresh noise.
 
     Args:
-        model: a Diffusers UNet, an ``EpsilonAdapter``, a callable ``model(sample, timestep, **kwargs)``, or a latent
-            text-to-image pipeline (``StableDiffusionPipeline``; see below).
-        data: anything ``data.take_samples`` reads (tensor, DataLoader, Dataset, folder of images); the same
-            ``x0`` serve every timestep, with fresh noise for every (sample, timestep) pair.
-        scheduler_or_alphas_cumprod: the model's noise schedule (scheduler, config or ``alphas_cumprod``); default
-            for a pipeline: its scheduler.
-        batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
-        device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
-        dtype: dtype of the model inputs (``torch.float16``, ``torch.bfloat16``; the model's weights must be in it);
-            default: the weights' dtype if it is one of these, else float32. ``x_t``, ``x0_hat`` are formed in float32
-            and the sums in float64 whatever the dtype.
-        noise_device: ``"cpu"`` (default): noise drawn by the host, so ``x_t`` does not depend on the device (tables
-            differ across devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a
-            GPU it costs the host's time to draw a batch, hidden behind the device's work while that is shorter than
-            a model call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same
-            table, on a GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints
-            record it.
-        compile: ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the
-            model once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather
-            than compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
-        data_range: declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers
-            clip it); ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
-        checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
-            a run started with an existing checkpoint of the same settings resumes from it.
-        prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
-        model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data
-            (a pipeline's prompt embeddings come on top of these).
-        provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+        model (`UNet2DModel`, `EpsilonAdapter`, a callable or a pipeline):
+            A Diffusers UNet, an :class:`~analytic_sampler.EpsilonAdapter`, a callable
+            ``model(sample, timestep, **kwargs)``, or a latent text-to-image pipeline (``StableDiffusionPipeline``;
+            see below).
+        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
+            The images ``x0``, ``(N, C, H, W)`` in ``data_range``; a folder's image files are mapped from
+            ``[0, 255]`` to ``[-1, 1]``. The same ``x0`` serve every timestep.
+        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`, *optional*):
+            The model's noise schedule; default for a pipeline: its scheduler.
+        num_samples (`int`, defaults to 1000):
+            Images used, hence draws per timestep (100 to 1000 for a real table).
+        timesteps (`list[int]`, *optional*):
+            The training timesteps to estimate (default: all); the others stay NaN in the table.
+        batch_size (`int`, defaults to 64):
+            (sample, timestep) pairs per model call. The table depends on ``seed`` and ``batch_size``, not on the
+            device or the number of processes.
+        seed (`int`, defaults to 0):
+            Seeds the noise of every batch.
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
+        dtype (`torch.dtype`, *optional*):
+            The model inputs' dtype (``torch.float16``, ``torch.bfloat16``; the weights must be in it); default: the
+            weights' dtype if it is one of these, else float32. ``x_t`` and ``x0_hat`` are formed in float32 and the
+            sums in float64 whatever the dtype.
+        noise_device (`str`, defaults to `"cpu"`):
+            ``"cpu"``: noise drawn by the host, so ``x_t`` does not depend on the device (tables differ across
+            devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a GPU it costs
+            the host's time to draw a batch, hidden behind the device's work while that is shorter than a model
+            call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same table, on a
+            GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints record it.
+        compile (`bool` or `dict`, defaults to `False`):
+            ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the model
+            once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather than
+            compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
+        data_range (`tuple[float, float]` or `None`, defaults to `"auto"`):
+            The declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers clip it);
+            ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
+        checkpoint (`str` or `os.PathLike`, *optional*):
+            A file for the running sums, written every ``checkpoint_every`` batches and at the end; a run started
+            with an existing checkpoint of the same settings resumes from it, one of other settings is refused.
+        checkpoint_every (`int`, defaults to 50):
+            Batches between checkpoints (rounds of one batch per process under torch.distributed).
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+        prediction_type (`str`, *optional*):
+            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        model_kwargs (`dict`, *optional*):
+            Conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data (a
+            pipeline's prompt embeddings come on top of these).
+        provenance (`dict`, *optional*):
+            Recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+        prompt (`str` or `list[str]`, *optional*):
+            Pipelines only: one prompt for all images, or one per image.
+        captions (`str` or `os.PathLike`, *optional*):
+            Pipelines only: a captions file (``.txt``, ``.jsonl``, ``.csv``); without ``prompt`` and ``captions``,
+            the image folder's ``metadata.jsonl`` / ``.csv``.
+        guidance_scale (`float`, *optional*):
+            Pipelines only: ``> 1`` estimates the guided eps ``eps_u + w (eps_c - eps_u)`` the pipeline samples with,
+            and the table records ``w``.
+        negative_prompt (`str`, *optional*):
+            Pipelines only: the prompt of ``eps_u`` under guidance (default ``""``).
+        latent (`str`, defaults to `"mean"`):
+            Pipelines only: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor.
+        encode_batch_size (`int`, defaults to 16):
+            Pipelines only: images and prompts encoded per VAE / text-encoder call, when the estimate reaches them.
+
+    Returns:
+        :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
 
     With a pipeline (``vae``, ``unet``, ``encode_prompt``), ``data`` are pixel images in ``[-1, 1]`` and the
-    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`):
-    ``prompt`` (one for all, or one per image) or ``captions`` (a file; default: the image folder's
-    ``metadata.jsonl`` / ``.csv``) condition it; ``guidance_scale`` > 1 estimates the guided eps
-    ``eps_u + w (eps_c - eps_u)`` (``negative_prompt``, default ``""``, for ``eps_u``), and the table records ``w``;
-    ``latent``: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor; images and prompts are
-    encoded ``encode_batch_size`` at a time when the estimate reaches them, once per image.
-
+    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`).
     Under torch.distributed (``torchrun --nproc_per_node N``, ``accelerate launch``) the batches are shared among
-    the processes and every process returns the same table, equal to a single process's (module docstring);
-    each rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.
-    ``checkpoint_every`` then counts rounds of one batch per rank. Independent shards (other seeds or data) can
-    also be pooled with ``VarianceTable.merge``.
+    the processes and every process returns the same table, equal to a single process's (module docstring); each
+    rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.
+    Independent shards (other seeds or data) can also be pooled with ``VarianceTable.merge``.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from analytic_sampler import estimate_moments
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear", with_table=False)  # a bundled UNet and its DDPMScheduler
+    >>> images = torch.rand(8, 1, 8, 8) * 2 - 1  # your training images, (N, C, H, W) in [-1, 1]
+    >>> table = estimate_moments(model.unet, images, model.scheduler, num_samples=8, timesteps=[0, 500, 999],
+    ...                          progress=False)  # all timesteps and 100-1000 images for a real table
+    >>> table.counts[[0, 1, 500, 999]].tolist()
+    [8, 0, 8, 8]
+
+    ```
     """
     if num_samples < 1 or batch_size < 1 or checkpoint_every < 1 or encode_batch_size < 1:
         raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")

@@ -164,38 +164,94 @@ def _check_fingerprint(table_fingerprint: str | None, alphas_cumprod: np.ndarray
 
 
 class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
-    """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a precomputed ``ms_eps`` table.
+    """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a model's variance table.
+
+    Each step from ``t`` to the previous trajectory point ``s`` is
+    ``x_s = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps_hat + sigma(s, t) z`` with
+    ``lambda^2 = eta^2 btilde(s, t)`` and sigma^2 the analytic or residual variance of the table; the last step returns
+    ``x0_hat``. Build it with :meth:`from_table` (or :meth:`from_config` and ``ms_eps=...``) and assign it to a
+    pipeline: ``pipe.scheduler = AnalyticDPMScheduler.from_table(table, pipe.scheduler.config)``.
 
     Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
-            the model's training schedule, as in ``DDPMScheduler``.
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; 2C-channel (learned-variance)
+        num_train_timesteps (`int`, defaults to 1000):
+            The number of diffusion steps the model was trained with (N).
+        beta_start (`float`, defaults to 0.0001):
+            The first beta of the ``"linear"`` and ``"scaled_linear"`` schedules.
+        beta_end (`float`, defaults to 0.02):
+            The last beta of those schedules.
+        beta_schedule (`str`, defaults to `"linear"`):
+            ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"``, as in ``DDPMScheduler``.
+        trained_betas (`np.ndarray` or `list[float]`, *optional*):
+            The betas themselves, in place of ``beta_schedule``.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``. 2C-channel (learned-variance)
             outputs are accepted and their variance half is ignored.
-        clip_sample, clip_sample_range: clip x0_hat to ``[-range, range]``.
-        ms_eps: the table ``E||eps_theta(x_t, t)||^2 / d`` (length ``num_train_timesteps``), from
-            :func:`analytic_sampler.estimate_moments`; NaN where not estimated.
-        x0_mse: the same table's ``E||x0 - x0_hat||^2 / d``; with it ``trajectory="optimal"`` minimises the bound
-            the network really achieves (the residual DP), without it Analytic-DPM's cost (with a warning).
-        variance: ``"analytic"`` (default) or ``"residual"`` (needs ``x0_mse``).
-        channel_ms_eps, channel_x0_mse: the table's moments per data channel, ``C`` rows of ``num_train_timesteps``
-            floats (``VarianceTable.channel_ms_eps`` / ``.channel_x0_mse``; NaN where not estimated). When the scalar
-            ``ms_eps`` / ``x0_mse`` is not given it is their mean over channels, as in the table.
-        per_channel: ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
-            (``"residual"``), for data whose channels differ (Stable Diffusion latents); ``False`` (default): the
-            scalar variance. The trajectory DP always uses the scalar table.
-        eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
-        trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
-            minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
-            measure; explicit timesteps go to ``set_timesteps(timesteps=...)``.
-        timestep_spacing, steps_offset: Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps
-            (``steps_offset`` is added to ``"leading"`` ones), exactly those DDIMScheduler / DDPMScheduler give for
-            the same K. When ``timestep_spacing`` is set it wins over ``trajectory``; ``from_config`` keeps the one a
-            pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0 (``"leading"``
-            with ``steps_offset=1``: …, 1) still takes its last step to clean data.
-        data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
-        variance_cap_y: optional cap on the variance of the step into ``t_1``,
-            ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
-        table_fingerprint: the schedule fingerprint the table was estimated for; a mismatch is refused.
+        clip_sample (`bool`, defaults to `True`):
+            Clip ``x0_hat`` to ``[-clip_sample_range, clip_sample_range]`` (and recompute ``eps_hat`` from it).
+        clip_sample_range (`float`, defaults to 1.0):
+            The bound of that clip.
+        ms_eps (`list[float]`, *optional*):
+            The table ``E||eps_theta(x_t, t)||^2 / d``, ``num_train_timesteps`` floats from
+            :func:`~analytic_sampler.estimate_moments` (``VarianceTable.ms_eps``); NaN where not estimated. Required,
+            unless ``channel_ms_eps`` is given.
+        x0_mse (`list[float]`, *optional*):
+            The same table's ``E||x0 - x0_hat||^2 / d``. With it ``trajectory="optimal"`` minimises the bound the
+            network really achieves (the residual DP); without it, Analytic-DPM's cost (with a warning).
+        channel_ms_eps (`list[list[float]]`, *optional*):
+            ``ms_eps`` per data channel, ``C`` rows of ``num_train_timesteps`` floats (``VarianceTable.channel_ms_eps``);
+            when ``ms_eps`` is not given it is their mean over channels, as in the table.
+        channel_x0_mse (`list[list[float]]`, *optional*):
+            ``x0_mse`` per data channel, likewise.
+        per_channel (`bool`, defaults to `False`):
+            ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
+            (``"residual"``), for data whose channels differ (Stable Diffusion latents); ``False``: the scalar
+            variance. The trajectory DP always uses the scalar table.
+        variance (`str`, defaults to `"analytic"`):
+            ``"analytic"``: Analytic-DPM's variance, clipped to Theorem 2's bounds; ``"residual"``:
+            ``lambda^2 + coef^2 x0_mse[t]``, the variance that minimises each step's KL for the network's own mean
+            (needs ``x0_mse``).
+        eta (`float`, defaults to 1.0):
+            1 for DDPM-type, 0 for DDIM-type, anything in ``[0, 1]``; a pipeline's ``eta`` overrides it per call.
+        trajectory (`str`, defaults to `"even"`):
+            ``"even"``, ``"quadratic"`` or ``"optimal"``: the DP trajectory, which minimises the likelihood bound
+            (bits/dim) but, with its large jumps at high noise, not a sample-quality measure. Explicit timesteps go
+            to ``set_timesteps(timesteps=...)``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for unbounded data (latents).
+        variance_cap_y (`float`, *optional*):
+            Caps the variance of the step into ``t_1``: ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with
+            ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
+        table_fingerprint (`str`, *optional*):
+            The schedule fingerprint the table was estimated for (``VarianceTable.fingerprint``); a mismatch with
+            this config's schedule is refused.
+        rescale_betas_zero_snr (`bool`, defaults to `False`):
+            Rescale the betas to zero terminal SNR, as in ``DDPMScheduler``.
+        timestep_spacing (`str`, *optional*):
+            Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps, exactly those DDIMScheduler /
+            DDPMScheduler give for the same K. When set it wins over ``trajectory``; :meth:`from_config` keeps the
+            one a pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0
+            (``"leading"`` with ``steps_offset=1``: …, 1) still takes its last step to clean data.
+        steps_offset (`int`, defaults to 0):
+            Added to ``"leading"`` timesteps.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMPipeline
+    >>> from analytic_sampler import AnalyticDPMScheduler
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear")  # a bundled 8x8 digits UNet, its scheduler and its table
+    >>> scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, trajectory="optimal")
+    >>> pipe = DDPMPipeline(unet=model.unet, scheduler=scheduler)
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> images = pipe(batch_size=4, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+    ...               output_type="np").images
+    >>> images.shape, len(scheduler.timesteps)
+    ((4, 8, 8, 1), 10)
+
+    ```
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -278,12 +334,24 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def from_table(
         cls, table, scheduler_config=None, guidance_scale: float | None = None, **kwargs
     ) -> "AnalyticDPMScheduler":
-        """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone).
+        """Build from a :class:`~analytic_sampler.VarianceTable` and the model's scheduler config.
 
-        The table's per-channel moments, when it has them, go into the config too (so a saved scheduler keeps them);
-        they are used only with ``per_channel=True``. ``guidance_scale``: the classifier-free guidance scale the
-        pipeline will sample at; a warning when the table's eps was estimated at another (``table.guidance_scale``;
-        none counts as 1). A table without a data range (latents) also sets ``clip_sample=False`` unless passed."""
+        The table's schedule must be the config's (else ValueError); its ``ms_eps``, ``x0_mse``, data range and
+        per-channel moments (kept in the config, used only with ``per_channel=True``) go into the scheduler. A table
+        without a data range (latents) also sets ``clip_sample=False`` unless it is passed.
+
+        Args:
+            table (`VarianceTable`):
+                The model's table, from :func:`~analytic_sampler.estimate_moments` or ``VarianceTable.load``.
+            scheduler_config (`dict` or a scheduler, *optional*):
+                The model's scheduler config (``pipe.scheduler.config``); default: the table's schedule as
+                ``trained_betas``.
+            guidance_scale (`float`, *optional*):
+                The classifier-free guidance scale the pipeline will sample at; a warning when the table's eps was
+                estimated at another (``table.guidance_scale``; none counts as 1).
+            **kwargs:
+                Any other argument of :class:`AnalyticDPMScheduler` (``eta``, ``trajectory``, ``variance``, …).
+        """
         _check_guidance(table.guidance_scale, guidance_scale)
         if table.data_range is None:
             kwargs.setdefault("clip_sample", False)
@@ -350,8 +418,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points, spaced by
-        ``timestep_spacing`` when the config sets one, else by ``trajectory``."""
+        """Choose the trajectory: ``num_inference_steps`` points, spaced by ``timestep_spacing`` when the config
+        sets one, else by ``trajectory``; or explicit ``timesteps``. Precomputes every step's coefficients.
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                The number of steps K (2 to ``num_train_timesteps``).
+            device (`str` or `torch.device`, *optional*):
+                Where ``timesteps`` and the step coefficients live.
+            timesteps (`list[int]`, *optional*):
+                A strictly descending list of training timesteps, in place of ``num_inference_steps``.
+        """
         n = self.config.num_train_timesteps
         if timesteps is not None:
             if num_inference_steps is not None:
@@ -389,7 +466,12 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def step_coefficients(self, eta: float) -> StepCoefficients:
         """The float64 :class:`StepCoefficients` of the trajectory at ``eta``, one row per point ``t_K … t_1``:
-        ``sigma`` has one column (the scalar variance) or, with ``per_channel``, one per data channel."""
+        ``sigma`` has one column (the scalar variance) or, with ``per_channel``, one per data channel.
+
+        Args:
+            eta (`float`):
+                1 for DDPM-type, 0 for DDIM-type, anything in ``[0, 1]``.
+        """
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step_coefficients().")
         t = np.asarray(self.trajectory, dtype=np.int64)
@@ -439,14 +521,33 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         variance_noise: torch.Tensor | None = None,
         **unused,
     ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One reverse step ``x_t -> x_s``. ``eta`` (e.g. from DDIMPipeline) overrides the config's;
-        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat.
+        """One reverse step ``x_t -> x_s`` to the previous point of the trajectory.
 
         Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
         trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
         A ``timestep`` given as a Python int or a CPU tensor must be the expected one, else ValueError; on an
-        accelerator tensor that check is skipped rather than wait for the device. With ``per_channel`` the noise std
-        broadcasts over ``sample`` ``(B, C, …)`` as ``(C, 1, …)``; a sample with another channel count is refused."""
+        accelerator tensor that check is skipped rather than wait for the device.
+
+        Args:
+            model_output (`torch.Tensor`):
+                The model's output at ``(sample, timestep)``: eps, v or x0 per ``prediction_type``; a 2C-channel
+                output's variance half is ignored.
+            timestep (`int` or `torch.Tensor`):
+                The current timestep ``t`` (an entry of ``timesteps``).
+            sample (`torch.Tensor`):
+                ``x_t``, ``(B, C, …)``. With ``per_channel`` the noise std broadcasts as ``(C, 1, …)``; a sample with
+                another channel count is refused.
+            generator (`torch.Generator`, *optional*):
+                Draws the noise ``z``.
+            return_dict (`bool`, defaults to `True`):
+                Return an :class:`AnalyticDPMSchedulerOutput`, else the tuple ``(prev_sample, pred_original_sample)``.
+            eta (`float`, *optional*):
+                Overrides the config's ``eta`` (DDIMPipeline passes its own).
+            use_clipped_model_output (`bool`, *optional*):
+                ``False`` keeps the model's own eps next to a clipped ``x0_hat``; by default eps is recomputed from it.
+            variance_noise (`torch.Tensor`, *optional*):
+                The noise ``z`` itself, in place of drawing it.
+        """
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
         i = self._step_index

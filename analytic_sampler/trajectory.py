@@ -38,12 +38,22 @@ _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 25
 
 
 def even_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """``linspace(0, N-1, K).round()``, descending: Diffusers' ``"linspace"`` timestep spacing."""
+    """``linspace(0, N-1, K).round()``, descending: Diffusers' ``"linspace"`` timestep spacing.
+
+    Args:
+        num_train_timesteps (`int`): N.
+        num_steps (`int`): K, from 2 to N.
+    """
     return spaced_timesteps(num_train_timesteps, num_steps, "linspace")
 
 
 def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending."""
+    """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending.
+
+    Args:
+        num_train_timesteps (`int`): N.
+        num_steps (`int`): K, from 2 to N.
+    """
     k = check_num_steps(num_train_timesteps, num_steps)
     t = np.linspace(0.0, np.sqrt(num_train_timesteps - 1), k) ** 2
     t = np.maximum.accumulate(np.round(t).astype(int) - np.arange(k)) + np.arange(k)
@@ -170,12 +180,24 @@ def _solve_monge(snr: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.nda
 
 class TrajectoryDP:
     """One dynamic-programming pass up to ``max_steps``; ``path(K)`` and ``cost(K)`` for any K <= max_steps.
+    Timesteps without an estimate (NaN) are never visited.
 
-    With ``x0_mse`` it minimises the residual bound (``m = x0_mse``); without it, Analytic-DPM's J
-    (``m = c`` from ``ms_eps``), with a warning. ``monotone=True`` (default) fits the moment with
-    :func:`monotone_moment`; ``monotone=False`` uses the raw moment. Timesteps without an estimate (NaN)
-    are never visited. ``device``: where the DP runs; on a CPU a monotone moment takes the O(K N log N) solver,
-    otherwise (a raw moment, or a GPU, where the dense DP is one batched kernel per block) the dense one.
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``: without ``x0_mse``, Analytic-DPM's J (``m = c``), with a warning.
+        max_steps (`int`, defaults to 1000):
+            The largest K solved for.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse``: the residual bound (``m = x0_mse``).
+        stderr (`np.ndarray`, *optional*):
+            The moment's standard error (of ``x0_mse``, or of ``ms_eps`` for the paper's cost), to weight the fit.
+        monotone (`bool`, defaults to `True`):
+            Fit the moment with :func:`monotone_moment` first; ``False`` uses the raw moment.
+        device (`str` or `torch.device`, *optional*):
+            Where the DP runs: on a CPU a monotone moment takes the O(K N log N) solver, otherwise (a raw moment, or
+            a GPU, where the dense DP is one batched kernel per block) the dense O(K N^2) one.
     """
 
     def __init__(
@@ -241,5 +263,16 @@ class TrajectoryDP:
 
 def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> list[int]:
     """The K-step trajectory minimising the residual bound (``x0_mse`` given) or Analytic-DPM's (``ms_eps`` only),
-    descending N-1 … 0."""
+    descending N-1 … 0 (:class:`TrajectoryDP`, which serves every K up to its ``max_steps`` from one pass).
+
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``: the paper's cost, with a warning, when ``x0_mse`` is not given.
+        num_steps (`int`):
+            K, from 2 to N.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse``: the residual cost, the bound the network really achieves.
+    """
     return TrajectoryDP(alphas_cumprod, ms_eps, num_steps, x0_mse=x0_mse).path(num_steps)

@@ -96,21 +96,62 @@ def analytic_covariance(alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0
 
 
 def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
-    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t. ``ms_eps`` of
-    shape ``(N,)`` gives the pairs' shape, ``(C, N)`` one sigma^2 per channel: shape ``(C, *pairs)``."""
+    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds:
+    ``lambda^2 + coef^2 c[t]``, ``c[t] = clip((bb[t] / abar[t]) (1 - ms_eps[t]), 0, c_max)``.
+
+    Args:
+        alphas_cumprod (`np.ndarray`):
+            The schedule ``abar``, length N.
+        ms_eps (`np.ndarray`):
+            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` for one sigma^2 per channel.
+        prev_t (`int` or `np.ndarray`):
+            The earlier timestep ``s`` of each pair (``-1``: clean data); broadcasts with ``t``.
+        t (`int` or `np.ndarray`):
+            The later timestep of each pair.
+        eta (`float`, defaults to 1.0):
+            1: DDPM-type (``lambda^2 = btilde``), 0: DDIM-type, anything in ``[0, 1]``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            Bounds ``c`` by ``((b - a) / 2)^2``; ``None``: no data bound.
+
+    Returns:
+        `np.ndarray`: float64 sigma^2 of the pairs' shape, with a leading channel axis for a ``(C, N)`` table.
+    """
     pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     return pair.lambda2 + pair.coef**2 * analytic_covariance(alphas_cumprod, ms_eps, pair.t, data_range)
 
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
-    """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t, with a
-    leading channel axis for ``x0_mse`` of shape ``(C, N)``, as :func:`analytic_variance`."""
+    """The residual variance ``lambda^2 + coef^2 x0_mse[t]``, which minimises each step's KL for the network's own
+    mean.
+
+    Args:
+        alphas_cumprod (`np.ndarray`):
+            The schedule ``abar``, length N.
+        x0_mse (`np.ndarray`):
+            The table's ``x0_mse`` (negative entries count as 0), shape ``(N,)`` or ``(C, N)``.
+        prev_t, t (`int` or `np.ndarray`):
+            The pairs, as in :func:`analytic_variance`.
+        eta (`float`, defaults to 1.0):
+            As in :func:`analytic_variance`.
+
+    Returns:
+        `np.ndarray`: float64 sigma^2, shaped as :func:`analytic_variance`'s.
+    """
     pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     return pair.lambda2 + pair.coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., pair.t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
-    """Theorem 2: ``(lambda^2, lambda^2 + coef^2 * c_max)``, the range of any optimal sigma^2."""
+    """Theorem 2: ``(lambda^2, lambda^2 + coef^2 c_max)``, the range of any optimal sigma^2 on the pairs, with
+    ``c_max = min(bb[t] / abar[t], ((b - a) / 2)^2)``.
+
+    Args:
+        alphas_cumprod, prev_t, t, eta, data_range:
+            As in :func:`analytic_variance`.
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: the lower and upper bounds.
+    """
     pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
     return pair.lambda2, pair.lambda2 + pair.coef**2 * covariance_upper_bound(alphas_cumprod, pair.t, data_range)
 

@@ -59,7 +59,20 @@ DECODERS = ("discretized", "gaussian")
 
 @dataclass
 class NLLResult:
-    """Bits/dim of the bound: ``mean`` ± ``stderr`` over data points, with the per-term split."""
+    """Bits/dim of the bound: ``mean`` ± ``stderr`` over data points, with the per-term split.
+
+    Args:
+        mean (`float`): the bound in bits/dim, averaged over the images.
+        stderr (`float`): its standard error over the images.
+        num_samples (`int`): the images evaluated.
+        prior (`float`): the prior KL ``KL(q(x_{t_K} | x0) || N(0, I))``, bits/dim.
+        transitions (`float`): the sum of the transition KLs, bits/dim.
+        decoder (`float`): ``-log p(x0 | x_{t_1})``, bits/dim.
+        per_step (`list[float]`): the mean KL of each pair ``(t_{k-1}, t_k)``, K-1 entries, bits/dim.
+        per_step_stderr (`list[float]`): their standard errors over the images.
+        timesteps (`list[int]`): the trajectory.
+        variance (`str`): the reverse variance scored.
+    """
 
     mean: float
     stderr: float
@@ -67,8 +80,8 @@ class NLLResult:
     prior: float
     transitions: float
     decoder: float
-    per_step: list[float] = field(default_factory=list)  # mean KL of each pair (t_{k-1}, t_k), K-1 entries, bits/dim
-    per_step_stderr: list[float] = field(default_factory=list)  # its standard error over data points
+    per_step: list[float] = field(default_factory=list)
+    per_step_stderr: list[float] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
     variance: str = ""
 
@@ -108,13 +121,72 @@ def nll_bpd(
     prediction_type: str | None = None,
     clip_denoised: bool = True,
 ) -> NLLResult:
-    """The K-step bound in bits/dim over ``data`` (all of it, or the first ``num_samples`` images).
+    """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first ``num_samples``
+    images): ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
+    ``bits/dim = L / (d ln 2)``, each KL term estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
 
-    ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
-    2C outputs. A table's ``ms_eps`` is needed for ``analytic``, its ``x0_mse`` for ``residual`` (estimated with
-    the same clipping as ``clip_denoised``: the data range). Either may have shape ``(N,)`` or ``(C, N)``, one row per
-    data channel: then sigma^2 is per channel. Noise is drawn on the CPU from a generator seeded per batch, so the
-    figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
+    Args:
+        model (`UNet2DModel`, `EpsilonAdapter` or a callable):
+            The model; ``variance="learned"`` needs a raw model with 2C output channels.
+        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
+            The evaluation images, ``(N, C, H, W)`` in ``data_range``.
+        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`):
+            The model's noise schedule.
+        timesteps (`list[int]`):
+            The trajectory, strictly descending (e.g. ``even_trajectory(N, K)`` or ``optimal_trajectory(...)``).
+            Compare bits/dim only between trajectories that end at the same ``t_1``.
+        variance (`str`, defaults to `"analytic"`):
+            The reverse variance: ``"analytic"`` (needs ``ms_eps``), ``"residual"`` (needs ``x0_mse``), ``"beta"``,
+            ``"btilde"`` or ``"learned"`` (Improved DDPM's learned range on the respaced pair).
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` (``channel_ms_eps``) for one sigma^2 per channel.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse`` likewise, estimated with the same clipping as ``clip_denoised`` (the data range).
+        decoder (`str`, defaults to `"discretized"`):
+            ``"discretized"``: a Gaussian over the data's quantisation bins (edge bins open); ``"gaussian"``: a
+            density.
+        batch_size (`int`, defaults to 256):
+            Images per model call.
+        seed (`int`, defaults to 0):
+            Seeds the noise of every batch (drawn on the CPU), so the figure is reproducible.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            The data's range: checked, the bins' range and the clip range.
+        bin_width (`float`, defaults to 2/255):
+            The quantisation bin of the discretised decoder (8-bit images in ``[-1, 1]``).
+        decoder_variance (`str` or `float`, defaults to `"beta"`):
+            The decoder's variance, the same for every method: ``"beta"`` ``1 - abar[t_1]``, ``"analytic"`` the
+            analytic ``c[t_1]`` (needs ``ms_eps``), or a fixed value.
+        num_samples (`int`, *optional*):
+            Evaluate the first ``num_samples`` images only.
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs; default: the model's device.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+        prediction_type (`str`, *optional*):
+            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        clip_denoised (`bool`, defaults to `True`):
+            Clip ``x0_hat`` to the data range and recompute ``eps_hat`` from it, as samplers do.
+
+    Returns:
+        :class:`NLLResult`: ``mean`` ± ``stderr`` in bits/dim over the images, with the prior, transition and decoder
+        parts and the KL of every step. :func:`nll_bpd_many` scores several variances from the same model calls.
+
+    Example:
+
+    ```py
+    >>> from analytic_sampler import nll_bpd, optimal_trajectory
+    >>> from analytic_sampler.digits import load_digits_split  # the bundled world's held-out digits
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear")
+    >>> table, heldout = model.table, load_digits_split("heldout")[0][:16]
+    >>> steps = optimal_trajectory(table.alphas_cumprod, table.ms_eps, 10, x0_mse=table.x0_mse)
+    >>> result = nll_bpd(model.unet, heldout, model.scheduler, steps, variance="residual", x0_mse=table.x0_mse,
+    ...                  progress=False)
+    >>> result.num_samples, len(result.per_step)  # result.mean ± result.stderr: about 5.2 ± 0.1 bits/dim
+    (16, 9)
+
+    ```
     """
     return nll_bpd_many(
         model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
@@ -145,7 +217,18 @@ def nll_bpd_many(
     clip_denoised: bool = True,
 ) -> dict[str, NLLResult]:
     """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
-    differences between the results are paired)."""
+    differences between the results are paired).
+
+    Args:
+        variances (`list[str]`, defaults to `("analytic", "beta", "btilde")`):
+            The variances to score, each one of :func:`nll_bpd`'s ``variance``.
+        model, data, scheduler_or_alphas_cumprod, timesteps, ms_eps, x0_mse, decoder, batch_size, seed, data_range,
+        bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised:
+            As in :func:`nll_bpd`.
+
+    Returns:
+        `dict[str, NLLResult]`: one result per variance.
+    """
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     traj = validate_timesteps(timesteps, abar.size)
     ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, data_range, decoder_variance)
@@ -328,6 +411,25 @@ def predicted_transitions_bpd(
     terms, shared by every trajectory from N-1 to 0, are left out. The standard error is the delta method on the
     table's ``x0_mse_stderr`` (NaN without it). On the trajectory a DP chose with this very table the figure is
     optimistic: the DP favours timesteps whose estimate came out low. Scalar tables only (shape ``(N,)``).
+
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        timesteps (`list[int]`):
+            The trajectory, strictly descending.
+        x0_mse (`np.ndarray`):
+            The table's ``x0_mse``.
+        x0_mse_stderr (`np.ndarray`, *optional*):
+            Its standard error, for the figure's.
+        variance (`str`, defaults to `"residual"`):
+            ``"residual"``, ``"analytic"`` (needs ``ms_eps``), ``"beta"`` or ``"btilde"``.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            The data's range, for the analytic variance's clip.
+
+    Returns:
+        `tuple[float, float]`: the transitions' bits/dim and its standard error.
     """
     abar = as_alphas_cumprod(alphas_cumprod)
     t = np.asarray(validate_timesteps(timesteps, abar.size), dtype=np.int64)

@@ -213,9 +213,9 @@ class PipelineSamples:
         device: str | torch.device | None = None,
     ):
         prompts, self.prompt_source = resolve_prompts(data, num_samples, options.prompt, options.captions)
+        _check_latent(options.latent)
         if device is not None:
             pipe.to(device)
-        _check_latent(options.latent)
         self.pipe, self.data, self.num_samples, self.prompts = pipe, data, num_samples, prompts
         self.latent, self.chunk, self.seed = options.latent, options.encode_batch_size, seed
         guidance_scale = options.guidance_scale

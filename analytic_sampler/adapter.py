@@ -14,11 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from .predictions import check_prediction_type, split_learned_variance, to_epsilon
-from .schedule import as_alphas_cumprod
+from .schedule import as_alphas_cumprod, same_schedule
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
@@ -42,18 +41,52 @@ def _to_batch(value: Any, batch: int) -> Any:
     return value
 
 
+def config_value(obj: Any, key: str) -> Any:
+    """``key`` of a scheduler's / model's config (or of a plain mapping), ``None`` where there is none."""
+    config = getattr(obj, "config", obj)
+    return config.get(key) if isinstance(config, Mapping) else None
+
+
+def model_device(model: Any) -> torch.device:
+    """Where a model (or an adapter's model) runs: the device of its first parameter; the CPU for a callable."""
+    module = model.model if isinstance(model, EpsilonAdapter) else model
+    param = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
+    return param.device if param is not None else torch.device("cpu")
+
+
+def as_epsilon_model(model: Any, schedule: Any, prediction_type: str | None = None, **options) -> EpsilonAdapter:
+    """``model`` as an :class:`EpsilonAdapter` on ``schedule``: a bare model predicts ``prediction_type``, by default
+    the one the schedule's config names, else ``"epsilon"``; an adapter is reused (:meth:`EpsilonAdapter.wrap`,
+    which refuses options next to it). ``options``: more :class:`EpsilonAdapter` arguments (guidance)."""
+    if not isinstance(model, EpsilonAdapter):
+        prediction_type = prediction_type or config_value(schedule, "prediction_type") or "epsilon"
+    if prediction_type is not None:
+        options["prediction_type"] = prediction_type
+    return EpsilonAdapter.wrap(model, schedule, **options)
+
+
 class EpsilonAdapter:
-    """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon.
+    """Wrap ``model`` so that ``adapter(x_t, t, **kwargs)`` returns epsilon, whatever the model predicts.
 
     Args:
-        model: a Diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` or any callable ``model(sample, timestep, **kw)``.
-        schedule: a Diffusers scheduler, its config, or an array of ``alphas_cumprod``.
-        prediction_type: what the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
-        timestep_shift, timestep_scale: the model is called with ``(t + timestep_shift) * timestep_scale``
-            (e.g. shift ``-1`` for checkpoints indexed from 1, scale ``1000 / N`` for rescaled timesteps).
-        guidance_scale: classifier-free guidance scale ``s``; needs ``uncond_kwargs``.
-        uncond_kwargs: model kwargs of the unconditional pass; they override the conditional kwargs.
-        **model_kwargs: passed to every model call (e.g. ``encoder_hidden_states``, ``class_labels``).
+        model (`UNet2DModel`, `UNet2DConditionModel` or a callable):
+            Any callable ``model(sample, timestep, **kwargs)`` returning a tensor, a tuple with the tensor first, or
+            an object with ``.sample``.
+        schedule (a scheduler, its config or `np.ndarray`):
+            The model's noise schedule (its ``alphas_cumprod``).
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        timestep_shift (`float`, defaults to 0):
+            The model is called with ``(t + timestep_shift) * timestep_scale`` (e.g. ``-1`` for checkpoints indexed
+            from 1).
+        timestep_scale (`float`, defaults to 1.0):
+            Likewise (e.g. ``1000 / N`` for rescaled timesteps).
+        guidance_scale (`float`, *optional*):
+            The classifier-free guidance scale ``s``: ``eps = eps_u + s (eps_c - eps_u)``; needs ``uncond_kwargs``.
+        uncond_kwargs (`dict`, *optional*):
+            Model kwargs of the unconditional pass; they override the conditional kwargs.
+        **model_kwargs:
+            Passed to every model call (e.g. ``encoder_hidden_states``, ``class_labels``).
     """
 
     def __init__(
@@ -98,9 +131,7 @@ class EpsilonAdapter:
             raise ValueError(
                 f"got an EpsilonAdapter together with adapter options {sorted(kwargs)}; set them on the adapter itself."
             )
-        abar = as_alphas_cumprod(schedule)
-        theirs = model_or_adapter.alphas_cumprod
-        if abar.shape != theirs.shape or not np.allclose(abar, theirs, rtol=1e-5, atol=0.0):
+        if not same_schedule(as_alphas_cumprod(schedule), model_or_adapter.alphas_cumprod):
             raise ValueError(
                 "the EpsilonAdapter was built for a different noise schedule than the one given; "
                 "build the adapter with the same scheduler."

@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from .data import check_range, folder_files, iter_batches
+from .noise import noise_generator
 
 LATENTS = ("mean", "sample")
 CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
@@ -50,11 +51,6 @@ def _check_latent(latent: str) -> None:
         raise ValueError(f"latent={latent!r}; use 'mean' (the VAE posterior mean) or 'sample' (a draw from it).")
 
 
-def _chunk_generator(seed: int, chunk: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, chunk, 1]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 @torch.inference_mode()
 def encode_images(
     pipe, images: torch.Tensor, latent: str = "mean", batch_size: int = 16, seed: int = 0
@@ -63,7 +59,7 @@ def encode_images(
     (``latent="sample"``: posterior draws seeded by ``(seed, batch)``), float32 on the VAE's device."""
     _check_latent(latent)
     return torch.cat([
-        _latent_chunk(pipe, images[i : i + batch_size], latent, _chunk_generator(seed, k))
+        _latent_chunk(pipe, images[i : i + batch_size], latent, noise_generator(seed, k, stream="latent"))
         for k, i in enumerate(range(0, images.shape[0], batch_size))
     ])
 
@@ -161,17 +157,50 @@ def _data_identity(data: Any, num_samples: int) -> str:
     return type(data).__name__
 
 
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How a latent pipeline's pixel images and prompts become the estimate's latents and conditioning: the
+    pipeline arguments of :func:`~analytic_sampler.estimate_moments`.
+
+    Args:
+        prompt (`str` or `list[str]`, *optional*): one prompt for all images, or one per image.
+        captions (`str` or `os.PathLike`, *optional*): a captions file (:func:`read_captions`); without ``prompt`` and
+            ``captions``, the image folder's own ``metadata.jsonl`` / ``metadata.csv``.
+        guidance_scale (`float`, *optional*): ``None`` or ``<= 1``: the conditional eps; ``w > 1``: the guided
+            ``eps_u + w (eps_c - eps_u)``, as the pipeline computes it.
+        negative_prompt (`str`, *optional*): the prompt of ``eps_u`` under guidance (default ``""``).
+        latent (`str`, defaults to `"mean"`): ``"mean"`` or ``"sample"`` of the VAE posterior.
+        encode_batch_size (`int`, defaults to 16): images (and prompts) encoded per VAE / text-encoder call.
+    """
+
+    prompt: str | Sequence[str] | None = None
+    captions: str | os.PathLike | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    latent: str = "mean"
+    encode_batch_size: int = 16
+
+    def check_bare_model(self) -> None:
+        """Refuse prompts or guidance for a model that is not a latent pipeline, naming what to pass instead."""
+        if self.prompt is not None or self.captions is not None or self.guidance_scale is not None:
+            raise ValueError(
+                "prompt, captions and guidance_scale need a pipeline with a VAE and a text encoder as model; for a "
+                "bare UNet pass encoder_hidden_states in model_kwargs (and wrap it in EpsilonAdapter(..., "
+                "guidance_scale=w))."
+            )
+
+
 class PipelineSamples:
     """The estimate's ``x0`` (latents) and per-sample model kwargs for a latent pipeline, encoded chunk by chunk.
 
     Args:
         pipe: a Diffusers pipeline with ``vae``, ``unet``, ``encode_prompt`` (``StableDiffusionPipeline``, img2img).
         data: pixel images in ``[-1, 1]`` (anything ``data.iter_batches`` reads: a folder, a tensor, a loader).
-        prompts: one prompt per image (:func:`resolve_prompts`).
-        guidance_scale: ``None`` or ``<= 1``: the conditional eps; ``w > 1``: the guided
-            ``eps_u + w (eps_c - eps_u)`` with ``negative_prompt`` (default ``""``) for ``eps_u``, as the pipeline
-            computes it.
-        latent: ``"mean"`` or ``"sample"`` of the VAE posterior. chunk: images encoded per VAE / text-encoder call.
+        num_samples (`int`): the images used, from the first.
+        options (:class:`PipelineOptions`): prompts, guidance, latent and encoding batch; the prompts are resolved
+            (:func:`resolve_prompts`) and checked before anything is encoded.
+        seed (`int`, defaults to 0): seeds the posterior draws of ``latent="sample"``.
+        device (`str` or `torch.device`, *optional*): where the pipeline is moved before encoding.
     """
 
     def __init__(
@@ -179,19 +208,20 @@ class PipelineSamples:
         pipe,
         data: Any,
         num_samples: int,
-        prompts: list[str],
-        guidance_scale: float | None = None,
-        negative_prompt: str | None = None,
-        latent: str = "mean",
-        chunk: int = 16,
+        options: PipelineOptions,
         seed: int = 0,
+        device: str | torch.device | None = None,
     ):
-        _check_latent(latent)
+        prompts, self.prompt_source = resolve_prompts(data, num_samples, options.prompt, options.captions)
+        _check_latent(options.latent)
+        if device is not None:
+            pipe.to(device)
         self.pipe, self.data, self.num_samples, self.prompts = pipe, data, num_samples, prompts
-        self.latent, self.chunk, self.seed = latent, chunk, seed
+        self.latent, self.chunk, self.seed = options.latent, options.encode_batch_size, seed
+        guidance_scale = options.guidance_scale
         self.guided = guidance_scale is not None and guidance_scale > 1
         self.guidance_scale = float(guidance_scale) if self.guided else None  # None: the conditional eps
-        self.negative_prompt = (negative_prompt or "") if self.guided else None
+        self.negative_prompt = (options.negative_prompt or "") if self.guided else None
         self.single_prompt = len(set(prompts)) == 1
         self._shared = encode_prompts(pipe, prompts[:1]) if self.single_prompt else None
         self.uncond_kwargs = (
@@ -216,7 +246,7 @@ class PipelineSamples:
             raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
         pixels = pixels[:wanted]
         check_range(pixels, (-1.0, 1.0))
-        latents = _latent_chunk(self.pipe, pixels, self.latent, _chunk_generator(self.seed, k))
+        latents = _latent_chunk(self.pipe, pixels, self.latent, noise_generator(self.seed, k, stream="latent"))
         embeds = None if self.single_prompt else encode_prompts(self.pipe, self.prompts[lo : lo + pixels.shape[0]])
         return latents, embeds
 
@@ -254,7 +284,8 @@ class PipelineSamples:
         ]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
-    def provenance(self, prompt_source: str) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any]:
+        """What the table records of the latents and prompts."""
         config = self.pipe.vae.config
         return {
             "model_id": str(getattr(self.pipe, "name_or_path", None) or type(self.pipe).__name__),
@@ -264,6 +295,6 @@ class PipelineSamples:
             "vae_shift_factor": getattr(config, "shift_factor", None),
             "guidance_scale": self.guidance_scale,
             "negative_prompt": self.negative_prompt,
-            "prompt_source": prompt_source,
+            "prompt_source": self.prompt_source,
         }
 

@@ -26,6 +26,10 @@ and copied without blocking), so the host queues batches ahead of the device; th
 checkpoint boundaries (every ``checkpoint_every`` rounds and at the end), where the NaN check and the checkpoint read
 the sums, and, with a latent pipeline, when it copies the next chunk of pixel images to the VAE (once per
 ``encode_batch_size`` images).
+
+:func:`estimate_moments` runs three steps: :func:`prepare_estimate` (the sample source, the model on its device, the
+work list) with :func:`run_key` (what a checkpoint must match), :func:`accumulate` (the loop, its checkpoints and the
+distributed gather) and :func:`build_table` (the table and its provenance).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import copy
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -42,8 +48,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ._version import __version__
-from .adapter import EpsilonAdapter
+from .adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
 from .data import check_range, take_samples
+from .distributed import agree_on_start, all_gather, rank_path, world_rank
+from .latents import PipelineOptions, PipelineSamples, is_latent_pipeline
+from .noise import noise_generator
+from .predictions import x0_from_eps
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .table import VarianceTable
 
@@ -61,23 +71,6 @@ def _timesteps(timesteps: Sequence[int] | None, num_train_timesteps: int) -> np.
     if np.unique(ts).size != ts.size:
         raise ValueError("timesteps contains duplicates; pass each timestep once (raise num_samples for more draws).")
     return np.sort(ts)
-
-
-def _module(model) -> Any:
-    return model.model if isinstance(model, EpsilonAdapter) else model
-
-
-def _config_value(obj, key: str):
-    config = getattr(obj, "config", obj)
-    return config.get(key) if isinstance(config, Mapping) else None
-
-
-def _default_device(module) -> torch.device:
-    if isinstance(module, torch.nn.Module):
-        param = next(module.parameters(), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -104,6 +97,12 @@ def _fold(values: torch.Tensor, offset: int, period: int) -> torch.Tensor:
     padded = values.new_zeros(values.shape[0], rows * period)
     padded[:, start : start + count] = values
     return padded.view(-1, rows, period).sum(1)
+
+
+def _mean_square(x: torch.Tensor, start: int = 1) -> torch.Tensor:
+    """``||x_i||^2 / d`` per batch row (``start=1``), or per row and channel ``(B, C)`` (``start=2``), in float64."""
+    flat = x.flatten(start)
+    return torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64).square() / flat.shape[-1]
 
 
 def _split_kwargs(kwargs: Mapping[str, Any], num_samples: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -135,11 +134,6 @@ def _to_device(value: Any, device: torch.device, dtype: torch.dtype | None) -> A
     return value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else value.dtype)
 
 
-def _noise_generator(seed: int, batch: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
-    state = np.random.SeedSequence([seed, batch]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(state))
-
-
 def _noise_source(noise_device: str, device: torch.device) -> torch.device:
     """Where the noise is drawn: ``"cpu"``, or ``"model"``: the model's ``device``."""
     if noise_device not in NOISE_DEVICES:
@@ -155,7 +149,7 @@ def _batch_noise(shape: tuple[int, ...], seed: int, batch: int, source: torch.de
     """``N(0, I)`` noise of ``batch`` drawn on ``source``, on ``device`` in ``dtype``. A host draw bound for a GPU is
     pinned and copied without blocking (a pageable copy would wait for the GPU to finish its queue)."""
     pin = source.type == "cpu" and device.type == "cuda"
-    noise = torch.randn(shape, generator=_noise_generator(seed, batch, source), device=source, pin_memory=pin)
+    noise = torch.randn(shape, generator=noise_generator(seed, batch, source), device=source, pin_memory=pin)
     return noise.to(device=device, dtype=dtype, non_blocking=pin)
 
 
@@ -196,36 +190,6 @@ def _check_finite(sums: torch.Tensor, timesteps: np.ndarray) -> None:
         )
 
 
-def _world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _rank_path(path: str, rank: int) -> str:
-    """Rank 0 keeps ``path``; rank r > 0 writes ``<stem>.rank<r><suffix>`` beside it (no shared disk needed)."""
-    if rank == 0:
-        return path
-    root, ext = os.path.splitext(path)
-    return f"{root}.rank{rank}{ext}"
-
-
-def _agree_on_start(resumed, num_rows: int, num_t: int, device: torch.device, world: int) -> tuple[int, torch.Tensor]:
-    """Every rank starts from the least advanced checkpoint among the ranks (a rank killed before its last write
-    is behind the others); that rank's sums, identical on every rank that reached them, are broadcast."""
-    start, sums = (0, torch.zeros(num_rows, num_t, dtype=torch.float64)) if resumed is None else resumed
-    sums = sums.to(device)
-    if world == 1:
-        return start, sums
-    starts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-    torch.distributed.all_gather(starts, torch.tensor([start], dtype=torch.int64, device=device))
-    starts = [int(x) for x in starts]
-    source = starts.index(min(starts))
-    torch.distributed.broadcast(sums, src=source)
-    return starts[source], sums
-
-
 def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
     if not os.path.exists(path):
         return None
@@ -256,14 +220,28 @@ def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torc
 
 class _TensorSamples:
     """``x0`` held in memory, the sample source of a pixel-space model (a latent pipeline's is
-    :class:`~analytic_sampler.latents.PipelineSamples`)."""
+    :class:`~analytic_sampler.latents.PipelineSamples`): the first ``num_samples`` images of ``data``, checked against
+    ``data_range``, on ``device`` in ``dtype``."""
 
-    def __init__(self, x0: torch.Tensor):
-        self.x0 = x0
+    def __init__(self, data: Any, num_samples: int, data_range, device: torch.device, dtype: torch.dtype):
+        x0 = take_samples(data, num_samples).float()
+        check_range(x0, data_range)
+        self._identity = hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        self.x0 = x0.to(device=device, dtype=dtype)
 
     def window(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
         """``(x0, per_sample, shared)`` of samples ``lo … hi``; the user's ``model_kwargs`` are handled apart."""
         return self.x0[lo : hi + 1], {}, {}
+
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.x0.shape[1:])
+
+    def identity(self) -> str:
+        """What a checkpoint must match to be resumed: a hash of the images."""
+        return self._identity
+
+    def provenance(self) -> dict[str, Any]:
+        return {}
 
 
 def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
@@ -277,6 +255,235 @@ def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
         else:
             digest.update(repr(value).encode())
     return digest.hexdigest()[:16]
+
+
+@dataclass
+class MonteCarloPlan:
+    """The settings of one estimate, fixed before its first batch (:func:`prepare_estimate`): the work list of
+    (timestep, sample) pairs, the sample source, the model and where and in which dtype it runs."""
+
+    alphas_cumprod: np.ndarray
+    timesteps: np.ndarray  # sorted training timesteps to estimate
+    num_samples: int
+    batch_size: int
+    seed: int
+    adapter: EpsilonAdapter
+    device: torch.device
+    dtype: torch.dtype | None  # the model inputs' dtype (None: float32)
+    work_dtype: torch.dtype  # the dtype of x0, x_t and x0_hat: float32, or wider if the model inputs are
+    noise_source: torch.device  # where the noise is drawn
+    source: Any  # _TensorSamples or PipelineSamples: window(lo, hi) -> (x0, per-sample kwargs, shared kwargs)
+    sample_shape: tuple[int, ...]
+    data_range: tuple[float, float] | None
+    model_kwargs: dict[str, Any]  # the user's conditioning as given (the run key hashes it)
+    user_kwargs: tuple[dict[str, Any], dict[str, Any]]  # the same on the device: (per_sample, shared)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.timesteps.size * self.num_samples
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_pairs // self.batch_size)
+
+    @property
+    def channels(self) -> int:
+        """Data channels with per-channel moments: ``C`` of ``(C, ...)`` samples, 0 for flat ones."""
+        return self.sample_shape[0] if len(self.sample_shape) >= 2 else 0
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the running sums: ``SUMS``, then the same four for each channel."""
+        return len(SUMS) * (1 + self.channels)
+
+    @cached_property
+    def roots(self) -> torch.Tensor:
+        """``(2, T)`` on the device: ``sqrt(abar[t])`` and ``sqrt(1 - abar[t])`` of the estimated timesteps."""
+        abar, ts = self.alphas_cumprod, self.timesteps
+        return torch.from_numpy(np.stack([np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])])).to(
+            device=self.device, dtype=self.work_dtype
+        )
+
+    @cached_property
+    def timesteps_on_device(self) -> torch.Tensor:
+        return torch.from_numpy(self.timesteps).to(self.device)
+
+
+def prepare_estimate(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    *,
+    num_samples: int,
+    timesteps: Sequence[int] | None,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    noise_device: str,
+    data_range: tuple[float, float] | None | str,
+    prediction_type: str | None,
+    model_kwargs: Mapping[str, Any] | None,
+    pipeline_options: PipelineOptions,
+) -> MonteCarloPlan:
+    """The first step of :func:`estimate_moments`: check the arguments, set up the sample source (images in memory,
+    or a latent pipeline's images and prompts, encoded as the estimate reaches them), the model (an
+    :class:`EpsilonAdapter` on its device) and the work list. Arguments as in :func:`estimate_moments`."""
+    pipeline = model if is_latent_pipeline(model) else None
+    if pipeline is None:
+        pipeline_options.check_bare_model()
+    if scheduler_or_alphas_cumprod is None:
+        if pipeline is None:
+            raise ValueError("pass the model's noise schedule: its scheduler, scheduler config or alphas_cumprod.")
+        scheduler_or_alphas_cumprod = pipeline.scheduler
+    if data_range == "auto":
+        data_range = None if pipeline is not None else (-1.0, 1.0)
+    abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
+    ts = _timesteps(timesteps, abar.size)
+    guidance, source = {}, None
+    if pipeline is not None:
+        source = PipelineSamples(pipeline, data, num_samples, pipeline_options, seed, device)
+        if source.guided:
+            guidance = {"guidance_scale": source.guidance_scale, "uncond_kwargs": source.uncond_kwargs}
+        model = pipeline.unet
+    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type, **guidance)
+    if device is None:
+        device = model_device(adapter)
+    elif isinstance(adapter.model, torch.nn.Module):
+        adapter.model.to(device)
+    device = torch.device(device)
+    dtype = _input_dtype(adapter.model, dtype)
+    noise_source = _noise_source(noise_device, device)
+    work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
+    model_kwargs = dict(model_kwargs or {})
+    user_kwargs = _split_kwargs({k: _to_device(v, device, dtype) for k, v in model_kwargs.items()}, num_samples)
+    if source is None:
+        source = _TensorSamples(data, num_samples, data_range, device, work_dtype)
+    return MonteCarloPlan(
+        abar, ts, num_samples, batch_size, seed, adapter, device, dtype, work_dtype, noise_source, source,
+        source.sample_shape(), data_range, model_kwargs, user_kwargs,
+    )
+
+
+def run_key(plan: MonteCarloPlan) -> dict[str, Any]:
+    """What a checkpoint records of its run and must match to be resumed: the schedule, the work list, the seed,
+    the data, the conditioning, the prediction type and the input dtype (and the noise device when it is not the
+    host, so that checkpoints of host-drawn noise stay resumable)."""
+    key = {
+        "schedule": schedule_fingerprint(plan.alphas_cumprod),
+        "timesteps": hashlib.sha256(plan.timesteps.tobytes()).hexdigest()[:16],
+        "num_samples": plan.num_samples,
+        "batch_size": plan.batch_size,
+        "seed": plan.seed,
+        "data": plan.source.identity(),
+        "conditioning": _tensor_identity({**plan.model_kwargs, "guidance_scale": plan.adapter.guidance_scale}),
+        "prediction_type": plan.adapter.prediction_type,
+        "dtype": str(plan.dtype),
+    }
+    if plan.noise_source.type != "cpu":
+        key["noise_device"] = plan.noise_source.type
+    return key
+
+
+def accumulate(
+    plan: MonteCarloPlan,
+    key: dict[str, Any],
+    checkpoint: str | os.PathLike | None,
+    checkpoint_every: int,
+    compile: bool | Mapping[str, Any],
+    progress: bool,
+) -> torch.Tensor:
+    """The Monte Carlo loop: the per-timestep sums of every batch of ``plan``, float64 ``(plan.num_rows, T)`` on the
+    device. Resumes from ``checkpoint`` when it holds a run with this ``key``, and writes it every
+    ``checkpoint_every`` rounds and at the end; under torch.distributed every rank runs one batch per round and
+    adds all ranks' sums in batch order."""
+    rank, world = world_rank()
+    path = None if checkpoint is None else rank_path(os.fspath(checkpoint), rank)
+    resumed = None if path is None else _load_checkpoint(path, key)
+    start, sums = (0, torch.zeros(plan.num_rows, plan.timesteps.size, dtype=torch.float64)) if resumed is None else resumed
+    start, sums = agree_on_start(start, sums.to(plan.device), world)
+    fast = _compiled(plan.adapter, compile)
+    num_batches = plan.num_batches
+    rounds = -(-(num_batches - start) // world)
+    with torch.inference_mode(), _eval_mode(plan.adapter.model), tqdm(
+        total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
+        unit="batch",
+    ) as bar:
+        for r in range(rounds):
+            first = start + r * world  # batches first … first + world - 1, one per rank
+            mine = first + rank
+            part = _batch_sums(plan, mine, fast) if mine < num_batches else torch.zeros_like(sums)
+            done = min(first + world, num_batches)
+            for contribution in all_gather(part, world)[: done - first]:  # in batch order, as one process adds them
+                sums += contribution
+            bar.update(done - first)
+            if (r + 1) % checkpoint_every == 0 or done == num_batches:
+                _check_finite(sums, plan.timesteps)
+                if path is not None:
+                    _save_checkpoint(path, key, done, sums)
+    return sums
+
+
+def _batch_sums(plan: MonteCarloPlan, b: int, fast: EpsilonAdapter) -> torch.Tensor:
+    """The per-timestep sums of batch ``b``: rows ``SUMS`` (then per channel), float64 on the device. ``fast``: the
+    (compiled) model for full batches; a last, smaller batch runs ``plan.adapter``."""
+    num_t, device, work_dtype = plan.timesteps.size, plan.device, plan.work_dtype
+    offset = b * plan.batch_size
+    end = min(offset + plan.batch_size, plan.num_pairs)
+    lo, hi = offset // num_t, (end - 1) // num_t  # the samples of this batch
+    x0_window, per_sample, shared = plan.source.window(lo, hi)
+    pair = torch.arange(offset, end, device=device)
+    k, sample = pair % num_t, pair // num_t
+    s = sample - lo  # rows of the window
+    x0 = x0_window.to(device=device, dtype=work_dtype)[s]
+    noise = _batch_noise((pair.numel(), *plan.sample_shape), plan.seed, b, plan.noise_source, device, work_dtype)
+    shape = (-1,) + (1,) * len(plan.sample_shape)
+    sqrt_abar, sqrt_bb = plan.roots[0, k].view(shape), plan.roots[1, k].view(shape)
+    x_t = sqrt_abar * x0 + sqrt_bb * noise
+    call_kwargs = {**_batch_kwargs(*plan.user_kwargs, sample, device, plan.dtype),
+                   **_batch_kwargs(per_sample, shared, s, device, plan.dtype)}
+    call = fast if pair.numel() == plan.batch_size else plan.adapter
+    eps = call(x_t if plan.dtype is None else x_t.to(plan.dtype), plan.timesteps_on_device[k], **call_kwargs)
+    x0_hat = x0_from_eps(eps.to(work_dtype), x_t, sqrt_abar, sqrt_bb)
+    x0_err = x0 - (x0_hat if plan.data_range is None else x0_hat.clamp(*plan.data_range))
+    m, e = _mean_square(eps), _mean_square(x0_err)
+    rows = torch.stack([m, m * m, e, e * e])
+    if plan.channels:
+        m_c, e_c = _mean_square(eps, 2).T, _mean_square(x0_err, 2).T  # (C, B)
+        rows = torch.cat([rows, m_c, m_c * m_c, e_c, e_c * e_c])
+    return _fold(rows, offset, num_t)
+
+
+def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[str, Any] | None) -> VarianceTable:
+    """The last step of :func:`estimate_moments`: the :class:`VarianceTable` of the sums, with the run's provenance
+    (the defaults below, then the sample source's, then ``provenance``)."""
+    n, ts, channels = plan.alphas_cumprod.size, plan.timesteps, plan.channels
+    full = np.zeros((plan.num_rows, n))
+    full[:, ts] = sums.cpu().numpy()
+    per_channel = full[len(SUMS):].reshape(len(SUMS), channels, n) if channels else None
+    counts = np.zeros(n, dtype=np.int64)
+    counts[ts] = plan.num_samples
+    adapter, module = plan.adapter, plan.adapter.model
+    record = {
+        "model_id": str(config_value(module, "_name_or_path") or type(module).__name__),
+        "data": f"{plan.num_samples} images, x0 of shape {plan.sample_shape}",
+        "num_samples": plan.num_samples,
+        "num_timesteps_estimated": int(ts.size),
+        "seed": plan.seed,
+        "batch_size": plan.batch_size,
+        "prediction_type": adapter.prediction_type,
+        "timestep_shift": adapter.timestep_shift,
+        "timestep_scale": adapter.timestep_scale,
+        "dtype": str(plan.dtype or plan.work_dtype),
+        "noise_device": plan.noise_source.type,
+        "package_version": __version__,
+        **plan.source.provenance(),
+        **(provenance or {}),
+    }
+    return VarianceTable.from_sums(
+        full[0], full[1], counts, plan.alphas_cumprod, full[2], full[3], channel_sums=per_channel,
+        data_range=plan.data_range, x0_clip=plan.data_range, provenance=record,
+    )
 
 
 def estimate_moments(
@@ -305,204 +512,110 @@ def estimate_moments(
     latent: str = "mean",
     encode_batch_size: int = 16,
 ) -> VarianceTable:
-    """Estimate ``ms_eps`` and ``x0_mse`` at ``timesteps`` (default: all) from the first ``num_samples`` images.
+    """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
+    ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
+    channel, each (sample, timestep) pair with fresh noise.
 
     Args:
-        model: a Diffusers UNet, an ``EpsilonAdapter``, a callable ``model(sample, timestep, **kwargs)``, or a latent
-            text-to-image pipeline (``StableDiffusionPipeline``; see below).
-        data: anything ``data.take_samples`` reads (tensor, DataLoader, Dataset, folder of images); the same
-            ``x0`` serve every timestep, with fresh noise for every (sample, timestep) pair.
-        scheduler_or_alphas_cumprod: the model's noise schedule (scheduler, config or ``alphas_cumprod``); default
-            for a pipeline: its scheduler.
-        batch_size: pairs per model call. Results depend on ``seed`` and ``batch_size``, not on the device.
-        device: where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
-        dtype: dtype of the model inputs (``torch.float16``, ``torch.bfloat16``; the model's weights must be in it);
-            default: the weights' dtype if it is one of these, else float32. ``x_t``, ``x0_hat`` are formed in float32
-            and the sums in float64 whatever the dtype.
-        noise_device: ``"cpu"`` (default): noise drawn by the host, so ``x_t`` does not depend on the device (tables
-            differ across devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a
-            GPU it costs the host's time to draw a batch, hidden behind the device's work while that is shorter than
-            a model call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same
-            table, on a GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints
-            record it.
-        compile: ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the
-            model once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather
-            than compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
-        data_range: declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers
-            clip it); ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
-        checkpoint: file for the running sums, written every ``checkpoint_every`` batches and at the end;
-            a run started with an existing checkpoint of the same settings resumes from it.
-        prediction_type: what the model predicts; default: the scheduler config's, else ``"epsilon"``.
-        model_kwargs: conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data
-            (a pipeline's prompt embeddings come on top of these).
-        provenance: recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+        model (`UNet2DModel`, `EpsilonAdapter`, a callable or a pipeline):
+            A Diffusers UNet, an :class:`~analytic_sampler.EpsilonAdapter`, a callable
+            ``model(sample, timestep, **kwargs)``, or a latent text-to-image pipeline (``StableDiffusionPipeline``;
+            see below).
+        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
+            The images ``x0``, ``(N, C, H, W)`` in ``data_range``; a folder's image files are mapped from
+            ``[0, 255]`` to ``[-1, 1]``. The same ``x0`` serve every timestep.
+        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`, *optional*):
+            The model's noise schedule; default for a pipeline: its scheduler.
+        num_samples (`int`, defaults to 1000):
+            Images used, hence draws per timestep (100 to 1000 for a real table).
+        timesteps (`list[int]`, *optional*):
+            The training timesteps to estimate (default: all); the others stay NaN in the table.
+        batch_size (`int`, defaults to 64):
+            (sample, timestep) pairs per model call. The table depends on ``seed`` and ``batch_size``, not on the
+            device or the number of processes.
+        seed (`int`, defaults to 0):
+            Seeds the noise of every batch.
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
+        dtype (`torch.dtype`, *optional*):
+            The model inputs' dtype (``torch.float16``, ``torch.bfloat16``; the weights must be in it); default: the
+            weights' dtype if it is one of these, else float32. ``x_t`` and ``x0_hat`` are formed in float32 and the
+            sums in float64 whatever the dtype.
+        noise_device (`str`, defaults to `"cpu"`):
+            ``"cpu"``: noise drawn by the host, so ``x_t`` does not depend on the device (tables differ across
+            devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a GPU it costs
+            the host's time to draw a batch, hidden behind the device's work while that is shorter than a model
+            call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same table, on a
+            GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints record it.
+        compile (`bool` or `dict`, defaults to `False`):
+            ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the model
+            once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather than
+            compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
+        data_range (`tuple[float, float]` or `None`, defaults to `"auto"`):
+            The declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers clip it);
+            ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
+        checkpoint (`str` or `os.PathLike`, *optional*):
+            A file for the running sums, written every ``checkpoint_every`` batches and at the end; a run started
+            with an existing checkpoint of the same settings resumes from it, one of other settings is refused.
+        checkpoint_every (`int`, defaults to 50):
+            Batches between checkpoints (rounds of one batch per process under torch.distributed).
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+        prediction_type (`str`, *optional*):
+            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        model_kwargs (`dict`, *optional*):
+            Conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data (a
+            pipeline's prompt embeddings come on top of these).
+        provenance (`dict`, *optional*):
+            Recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+        prompt (`str` or `list[str]`, *optional*):
+            Pipelines only: one prompt for all images, or one per image.
+        captions (`str` or `os.PathLike`, *optional*):
+            Pipelines only: a captions file (``.txt``, ``.jsonl``, ``.csv``); without ``prompt`` and ``captions``,
+            the image folder's ``metadata.jsonl`` / ``.csv``.
+        guidance_scale (`float`, *optional*):
+            Pipelines only: ``> 1`` estimates the guided eps ``eps_u + w (eps_c - eps_u)`` the pipeline samples with,
+            and the table records ``w``.
+        negative_prompt (`str`, *optional*):
+            Pipelines only: the prompt of ``eps_u`` under guidance (default ``""``).
+        latent (`str`, defaults to `"mean"`):
+            Pipelines only: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor.
+        encode_batch_size (`int`, defaults to 16):
+            Pipelines only: images and prompts encoded per VAE / text-encoder call, when the estimate reaches them.
+
+    Returns:
+        :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
 
     With a pipeline (``vae``, ``unet``, ``encode_prompt``), ``data`` are pixel images in ``[-1, 1]`` and the
-    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`):
-    ``prompt`` (one for all, or one per image) or ``captions`` (a file; default: the image folder's
-    ``metadata.jsonl`` / ``.csv``) condition it; ``guidance_scale`` > 1 estimates the guided eps
-    ``eps_u + w (eps_c - eps_u)`` (``negative_prompt``, default ``""``, for ``eps_u``), and the table records ``w``;
-    ``latent``: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor; images and prompts are
-    encoded ``encode_batch_size`` at a time when the estimate reaches them, once per image.
-
+    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`).
     Under torch.distributed (``torchrun --nproc_per_node N``, ``accelerate launch``) the batches are shared among
-    the processes and every process returns the same table, equal to a single process's (module docstring);
-    each rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.
-    ``checkpoint_every`` then counts rounds of one batch per rank. Independent shards (other seeds or data) can
-    also be pooled with ``VarianceTable.merge``.
-    """
-    from .latents import PipelineSamples, is_latent_pipeline, resolve_prompts
+    the processes and every process returns the same table, equal to a single process's (module docstring); each
+    rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.
+    Independent shards (other seeds or data) can also be pooled with ``VarianceTable.merge``.
 
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from analytic_sampler import estimate_moments
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear", with_table=False)  # a bundled UNet and its DDPMScheduler
+    >>> images = torch.rand(8, 1, 8, 8) * 2 - 1  # your training images, (N, C, H, W) in [-1, 1]
+    >>> table = estimate_moments(model.unet, images, model.scheduler, num_samples=8, timesteps=[0, 500, 999],
+    ...                          progress=False)  # all timesteps and 100-1000 images for a real table
+    >>> table.counts[[0, 1, 500, 999]].tolist()
+    [8, 0, 8, 8]
+
+    ```
+    """
     if num_samples < 1 or batch_size < 1 or checkpoint_every < 1 or encode_batch_size < 1:
         raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
-    pipeline = model if is_latent_pipeline(model) else None
-    if pipeline is None and (prompt is not None or captions is not None or guidance_scale is not None):
-        raise ValueError(
-            "prompt, captions and guidance_scale need a pipeline with a VAE and a text encoder as model; for a bare "
-            "UNet pass encoder_hidden_states in model_kwargs (and wrap it in EpsilonAdapter(..., guidance_scale=w))."
-        )
-    if scheduler_or_alphas_cumprod is None:
-        if pipeline is None:
-            raise ValueError("pass the model's noise schedule: its scheduler, scheduler config or alphas_cumprod.")
-        scheduler_or_alphas_cumprod = pipeline.scheduler
-    if data_range == "auto":
-        data_range = None if pipeline is not None else (-1.0, 1.0)
-    abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
-    ts = _timesteps(timesteps, abar.size)
-    if not isinstance(model, EpsilonAdapter):
-        prediction_type = prediction_type or _config_value(scheduler_or_alphas_cumprod, "prediction_type") or "epsilon"
-    options = {} if prediction_type is None else {"prediction_type": prediction_type}
-    record: dict[str, Any] = {}
-    if pipeline is not None:
-        prompts, prompt_source = resolve_prompts(data, num_samples, prompt, captions)
-        if device is not None:
-            pipeline.to(device)
-        source = PipelineSamples(pipeline, data, num_samples, prompts, guidance_scale, negative_prompt, latent,
-                                 encode_batch_size, seed)
-        if source.guided:
-            options.update(guidance_scale=source.guidance_scale, uncond_kwargs=source.uncond_kwargs)
-        model, data_key, record = pipeline.unet, source.identity(), source.provenance(prompt_source)
-        sample_shape = source.sample_shape()
-    adapter = EpsilonAdapter.wrap(model, abar, **options)
-    module = _module(adapter)
-    if device is None:
-        device = _default_device(module)
-    elif isinstance(module, torch.nn.Module):
-        module.to(device)
-    device = torch.device(device)
-    dtype = _input_dtype(module, dtype)
-    noise_source = _noise_source(noise_device, device)
-    work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
-    user_kwargs = _split_kwargs({k: _to_device(v, device, dtype) for k, v in (model_kwargs or {}).items()}, num_samples)
-    if pipeline is None:
-        x0 = take_samples(data, num_samples).float()
-        check_range(x0, data_range)
-        data_key = hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-        sample_shape = tuple(x0.shape[1:])
-        source = _TensorSamples(x0.to(device=device, dtype=work_dtype))
-    run = {
-        "schedule": schedule_fingerprint(abar),
-        "timesteps": hashlib.sha256(ts.tobytes()).hexdigest()[:16],
-        "num_samples": num_samples,
-        "batch_size": batch_size,
-        "seed": seed,
-        "data": data_key,
-        "conditioning": _tensor_identity({**(model_kwargs or {}), "guidance_scale": adapter.guidance_scale}),
-        "prediction_type": adapter.prediction_type,
-        "dtype": str(dtype),
-    }
-    if noise_source.type != "cpu":  # (checkpoints of host-drawn noise keep their settings, and stay resumable)
-        run["noise_device"] = noise_source.type
-
-    num_t, num_pairs = ts.size, ts.size * num_samples
-    num_batches = -(-num_pairs // batch_size)
-    roots = torch.from_numpy(np.stack([np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])])).to(device=device, dtype=work_dtype)
-    clip = (lambda x: x) if data_range is None else (lambda x: x.clamp(*data_range))
-    ts_device = torch.from_numpy(ts).to(device)
-    shape = (1,) * len(sample_shape)
-
-    rank, world = _world()
-    path = None if checkpoint is None else _rank_path(os.fspath(checkpoint), rank)
-    channels = sample_shape[0] if len(sample_shape) >= 2 else 0  # per-channel moments for (B, C, ...) data
-    num_rows = len(SUMS) * (1 + channels)
-    start, sums = _agree_on_start(None if path is None else _load_checkpoint(path, run), num_rows, num_t, device, world)
-    fast = _compiled(adapter, compile)
-
-    def batch_sums(b: int) -> torch.Tensor:
-        """The per-timestep sums of batch ``b``: rows ``SUMS`` (then per channel), float64 on the device."""
-        offset = b * batch_size
-        end = min(offset + batch_size, num_pairs)
-        lo, hi = offset // num_t, (end - 1) // num_t  # the samples of this batch
-        x0_window, per_sample, shared = source.window(lo, hi)
-        pair = torch.arange(offset, end, device=device)
-        k, sample = pair % num_t, pair // num_t
-        s = sample - lo  # rows of the window
-        x0 = x0_window.to(device=device, dtype=work_dtype)[s]
-        noise = _batch_noise((pair.numel(), *sample_shape), seed, b, noise_source, device, work_dtype)
-        sqrt_abar, sqrt_bb = roots[0, k].view(-1, *shape), roots[1, k].view(-1, *shape)
-        x_t = sqrt_abar * x0 + sqrt_bb * noise
-        call_kwargs = {**_batch_kwargs(*user_kwargs, sample, device, dtype),
-                       **_batch_kwargs(per_sample, shared, s, device, dtype)}
-        call = fast if pair.numel() == batch_size else adapter
-        eps = call(x_t if dtype is None else x_t.to(dtype), ts_device[k], **call_kwargs)
-        x0_err = x0 - clip((x_t - sqrt_bb * eps.to(work_dtype)) / sqrt_abar)
-        m, e = _mean_square(eps), _mean_square(x0_err)
-        rows = torch.stack([m, m * m, e, e * e])
-        if channels:
-            m_c, e_c = _mean_square(eps, 2).T, _mean_square(x0_err, 2).T  # (C, B)
-            rows = torch.cat([rows, m_c, m_c * m_c, e_c, e_c * e_c])
-        return _fold(rows, offset, num_t)
-
-    rounds = -(-(num_batches - start) // world)
-    with torch.inference_mode(), _eval_mode(module), tqdm(
-        total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
-        unit="batch",
-    ) as bar:
-        for r in range(rounds):
-            first = start + r * world  # batches first … first + world - 1, one per rank
-            mine = first + rank
-            part = batch_sums(mine) if mine < num_batches else torch.zeros_like(sums)
-            parts = [part]
-            if world > 1:
-                parts = [torch.empty_like(part) for _ in range(world)]
-                torch.distributed.all_gather(parts, part)
-            done = min(first + world, num_batches)
-            for contribution in parts[: done - first]:  # in batch order, as one process would add them
-                sums += contribution
-            bar.update(done - first)
-            if (r + 1) % checkpoint_every == 0 or done == num_batches:
-                _check_finite(sums, ts)
-                if path is not None:
-                    _save_checkpoint(path, run, done, sums)
-
-    full = np.zeros((num_rows, abar.size))
-    full[:, ts] = sums.cpu().numpy()
-    per_channel = full[len(SUMS):].reshape(len(SUMS), channels, abar.size) if channels else None
-    counts = np.zeros(abar.size, dtype=np.int64)
-    counts[ts] = num_samples
-    record = {
-        "model_id": str(_config_value(module, "_name_or_path") or type(module).__name__),
-        "data": f"{num_samples} images, x0 of shape {sample_shape}",
-        "num_samples": num_samples,
-        "num_timesteps_estimated": int(num_t),
-        "seed": seed,
-        "batch_size": batch_size,
-        "prediction_type": adapter.prediction_type,
-        "timestep_shift": adapter.timestep_shift,
-        "timestep_scale": adapter.timestep_scale,
-        "dtype": str(dtype or work_dtype),
-        "noise_device": noise_source.type,
-        "package_version": __version__,
-        **record,
-        **(provenance or {}),
-    }
-    return VarianceTable.from_sums(
-        full[0], full[1], counts, abar, full[2], full[3], channel_sums=per_channel, data_range=data_range,
-        x0_clip=data_range, provenance=record,
+    plan = prepare_estimate(
+        model, data, scheduler_or_alphas_cumprod, num_samples=num_samples, timesteps=timesteps,
+        batch_size=batch_size, seed=seed, device=device, dtype=dtype, noise_device=noise_device,
+        data_range=data_range, prediction_type=prediction_type, model_kwargs=model_kwargs,
+        pipeline_options=PipelineOptions(prompt, captions, guidance_scale, negative_prompt, latent, encode_batch_size),
     )
-
-
-def _mean_square(x: torch.Tensor, start: int = 1) -> torch.Tensor:
-    """``||x_i||^2 / d`` per batch row (``start=1``), or per row and channel ``(B, C)`` (``start=2``), in float64."""
-    flat = x.flatten(start)
-    return torch.linalg.vector_norm(flat, dim=-1, dtype=torch.float64).square() / flat.shape[-1]
+    sums = accumulate(plan, run_key(plan), checkpoint, checkpoint_every, compile, progress)
+    return build_table(plan, sums, provenance)

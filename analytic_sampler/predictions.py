@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+Coefficient = torch.Tensor | float  # a schedule root: a tensor that broadcasts over the sample, or a Python float
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
@@ -48,7 +50,7 @@ def to_x0_and_eps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x0_hat, eps_hat)`` from a model prediction of the given type; the abar terms broadcast against sample."""
     if prediction_type == "epsilon":
-        return (sample - sqrt_one_minus_abar * prediction) / sqrt_abar, prediction
+        return x0_from_eps(prediction, sample, sqrt_abar, sqrt_one_minus_abar), prediction
     if prediction_type == "sample":
         return prediction, (sample - sqrt_abar * prediction) / sqrt_one_minus_abar
     if prediction_type == "v_prediction":
@@ -56,6 +58,30 @@ def to_x0_and_eps(
     raise ValueError(f"prediction_type={prediction_type!r} is not supported; use one of {PREDICTION_TYPES}.")
 
 
-def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+def x0_from_eps(eps: torch.Tensor, sample: torch.Tensor, sqrt_abar: Coefficient, sqrt_one_minus_abar: Coefficient) -> torch.Tensor:
+    """``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``."""
+    return (sample - sqrt_one_minus_abar * eps) / sqrt_abar
+
+
+def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, sqrt_abar: Coefficient, sqrt_one_minus_abar: Coefficient) -> torch.Tensor:
     """``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
     return (sample - sqrt_abar * x0) / sqrt_one_minus_abar
+
+
+def clip_x0(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    sample: torch.Tensor,
+    sqrt_abar: Coefficient,
+    sqrt_one_minus_abar: Coefficient,
+    clip_range: tuple[float, float] | None,
+    recompute_eps: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x0_hat, eps_hat)`` with ``x0_hat`` clamped to ``clip_range`` and, with ``recompute_eps``, ``eps_hat``
+    recomputed from the clamped ``x0_hat`` (:func:`eps_from_x0`), so that the mean
+    ``sqrt(abar_s) x0_hat + sqrt(1 - abar_s - lambda^2) eps_hat`` is that of the clipped prediction.
+    ``clip_range=None`` returns both unchanged."""
+    if clip_range is None:
+        return x0, eps
+    x0 = x0.clamp(*clip_range)
+    return x0, eps_from_x0(x0, sample, sqrt_abar, sqrt_one_minus_abar) if recompute_eps else eps

@@ -1,4 +1,4 @@
-"""Noise schedules in float64, read from any Diffusers scheduler config.
+"""Noise schedules in float64, read from any Diffusers scheduler config, and Diffusers' timestep spacings.
 
 Indexing follows Diffusers: ``abar[t] = alphas_cumprod[t]`` for ``t = 0 … N-1``; ``abar[-1] := 1``.
 """
@@ -109,7 +109,60 @@ def schedule_fingerprint(alphas_cumprod: np.ndarray) -> str:
     return f"N{abar.size}-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def extended(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.ndarray:
-    """``abar[index]`` with the convention ``abar[-1] = 1`` (clean data)."""
+def same_schedule(alphas_cumprod: np.ndarray, other: np.ndarray) -> bool:
+    """Whether two ``alphas_cumprod`` arrays are one schedule: equal length and equal to float32 precision
+    (``rtol=1e-5``), so that a float32 copy matches its float64 original (fingerprints compare float64 only)."""
+    a, b = np.asarray(alphas_cumprod, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=1e-5, atol=0.0))
+
+
+def signal_to_noise(alphas_cumprod) -> np.ndarray:
+    """``snr[t] = abar[t] / (1 - abar[t])``, float64."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return abar / (1.0 - abar)
+
+
+def abar_with_clean(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.ndarray:
+    """``abar[index]`` for indices from -1: ``abar[-1] = 1`` is clean data (not numpy's last entry)."""
     idx = np.asarray(index)
     return np.where(idx < 0, 1.0, np.asarray(alphas_cumprod, dtype=np.float64)[np.maximum(idx, 0)])
+
+
+def check_num_steps(num_train_timesteps: int, num_steps: int) -> int:
+    """``num_steps`` (K) as an int, refused outside ``[2, N]``."""
+    if not 2 <= int(num_steps) <= num_train_timesteps:
+        raise ValueError(
+            f"num_steps={num_steps} must be between 2 and num_train_timesteps={num_train_timesteps}; "
+            "the first step is t=N-1 and the last t=0."
+        )
+    return int(num_steps)
+
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> list[int]:
+    """Diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), descending, as DDIM/DDPMScheduler give it::
+
+        leading:  arange(K) * (N // K) + steps_offset
+        linspace: round(linspace(0, N-1, K))
+        trailing: round(arange(N, 0, -N/K)) - 1
+
+    Only ``leading`` uses ``steps_offset``. Diffusers' float ``arange`` gives ``trailing`` a spurious last ``t = -1``
+    for some K (61 of 1000, …); the first K points are kept.
+    """
+    n, k = num_train_timesteps, check_num_steps(num_train_timesteps, num_steps)
+    if spacing == "leading":
+        t = np.arange(k)[::-1] * (n // k) + int(steps_offset)
+    elif spacing == "linspace":
+        t = np.linspace(0, n - 1, k).round()[::-1]
+    elif spacing == "trailing":
+        t = np.round(np.arange(n, 0, -n / k))[:k] - 1
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
+    if t[0] > n - 1:
+        raise ValueError(
+            f"timestep_spacing={spacing!r} with steps_offset={steps_offset} starts at t={int(t[0])} > N-1={n - 1} "
+            f"for K={k}; use fewer steps or a smaller steps_offset."
+        )
+    return t.astype(np.int64).tolist()

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -28,16 +28,20 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .predictions import check_prediction_type, eps_from_x0, split_learned_variance, to_x0_and_eps
-from .schedule import alphas_cumprod_from_config, betas_from_alphas_cumprod, extended, schedule_fingerprint
-from .trajectory import (
-    SPACINGS, TrajectoryDP, even_trajectory, quadratic_trajectory, spaced_timesteps, validate_timesteps,
+from .predictions import check_prediction_type, clip_x0, split_learned_variance, to_x0_and_eps
+from .schedule import (
+    SPACINGS,
+    alphas_cumprod_from_config,
+    betas_from_alphas_cumprod,
+    schedule_fingerprint,
+    spaced_timesteps,
 )
-from .table import REESTIMATE_HINT
-from .variance import analytic_variance, residual_variance, validate_ms_eps
+from .table import REESTIMATE_HINT, validate_ms_eps
+from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
+from .variance import analytic_variance, channel_view, check_eta, pair_coefficients, residual_variance
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
-VARIANCES = ("analytic", "residual")
+SAMPLING_VARIANCES = ("analytic", "residual")  # the reverse variances the scheduler samples with, from its table
 
 
 @dataclass
@@ -46,6 +50,27 @@ class AnalyticDPMSchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
+
+
+class StepCoefficients(NamedTuple):
+    """The constants of every step ``t -> s`` of a trajectory, one row per point ``t_K … t_1`` (``s = -1`` after
+    ``t_1``)::
+
+        x_s = sqrt_abar_s * x0_hat + eps_coef * eps_hat + sigma * z,    x0_hat, eps_hat at sqrt_abar_t, sqrt_one_minus_abar_t
+
+    float64 arrays from :meth:`AnalyticDPMScheduler.step_coefficients`; ``step`` reads a copy in the sample's device
+    and dtype (:meth:`to`).
+    """
+
+    sqrt_abar_t: np.ndarray  # (K,) sqrt(abar[t])
+    sqrt_one_minus_abar_t: np.ndarray  # (K,) sqrt(1 - abar[t])
+    sqrt_abar_s: np.ndarray  # (K,) sqrt(abar[s]); 1 at the last step
+    eps_coef: np.ndarray  # (K,) sqrt(1 - abar[s] - lambda^2)
+    sigma: np.ndarray  # (K, C'): the noise std, one column (scalar variance) or one per data channel; 0 at the last step
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
+        """The same fields as tensors on ``device`` in ``dtype``."""
+        return StepCoefficients(*(torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype) for x in self))
 
 
 def _check_guidance(estimated: float | None, sampling: float | None) -> None:
@@ -64,39 +89,169 @@ def _check_guidance(estimated: float | None, sampling: float | None) -> None:
         )
 
 
+def _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps: int) -> dict[str, np.ndarray]:
+    """The per-channel moments that were given, each checked to be ``(C, N)``, with one ``C`` for both."""
+    channels = {
+        name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
+        for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
+        if value is not None
+    }
+    if len({value.shape for value in channels.values()}) > 1:
+        raise ValueError(
+            f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
+            f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
+        )
+    return channels
+
+
+def _scalar_tables(ms_eps, x0_mse, channels: dict[str, np.ndarray]) -> tuple[Any, Any]:
+    """``(ms_eps, x0_mse)``: as given, else the mean over channels of the per-channel ones (as in a table);
+    ``ms_eps`` is required."""
+    if ms_eps is None and "channel_ms_eps" in channels:
+        ms_eps = channels["channel_ms_eps"].mean(0)
+    if x0_mse is None and "channel_x0_mse" in channels:
+        x0_mse = channels["channel_x0_mse"].mean(0)
+    if ms_eps is None:
+        raise ValueError(
+            "AnalyticDPMScheduler needs the model's variance table: run "
+            "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
+            "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
+        )
+    return ms_eps, x0_mse
+
+
+def _check_options(
+    variance: str,
+    has_x0_mse: bool,
+    per_channel: bool,
+    channels: dict[str, np.ndarray],
+    trajectory: str,
+    timestep_spacing: str | None,
+    prediction_type: str,
+    eta: float,
+) -> None:
+    """Refuse an unknown option, or a variance the table cannot serve, naming the fix."""
+    if variance not in SAMPLING_VARIANCES:
+        raise ValueError(f"variance={variance!r}; use one of {SAMPLING_VARIANCES}.")
+    if variance == "residual" and not has_x0_mse:
+        raise ValueError(
+            "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
+            f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
+        )
+    needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
+    if per_channel and needed not in channels:
+        raise ValueError(
+            f"per_channel=True with variance={variance!r} needs {needed}: use "
+            "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
+            f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
+            "or set per_channel=False."
+        )
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
+    if timestep_spacing is not None and timestep_spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
+    check_prediction_type(prediction_type)
+    check_eta(eta)
+
+
+def _check_fingerprint(table_fingerprint: str | None, alphas_cumprod: np.ndarray) -> None:
+    """Refuse a table estimated for another schedule than the config's."""
+    if table_fingerprint is not None and table_fingerprint != schedule_fingerprint(alphas_cumprod):
+        raise ValueError(
+            f"the variance table was estimated for schedule {table_fingerprint}, but this scheduler's config "
+            f"gives {schedule_fingerprint(alphas_cumprod)}; estimate a table with this model's own scheduler config."
+        )
+
+
 class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
-    """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a precomputed ``ms_eps`` table.
+    """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a model's variance table.
+
+    Each step from ``t`` to the previous trajectory point ``s`` is
+    ``x_s = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps_hat + sigma(s, t) z`` with
+    ``lambda^2 = eta^2 btilde(s, t)`` and sigma^2 the analytic or residual variance of the table; the last step returns
+    ``x0_hat``. Build it with :meth:`from_table` (or :meth:`from_config` and ``ms_eps=...``) and assign it to a
+    pipeline: ``pipe.scheduler = AnalyticDPMScheduler.from_table(table, pipe.scheduler.config)``.
 
     Args:
-        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr:
-            the model's training schedule, as in ``DDPMScheduler``.
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``; 2C-channel (learned-variance)
+        num_train_timesteps (`int`, defaults to 1000):
+            The number of diffusion steps the model was trained with (N).
+        beta_start (`float`, defaults to 0.0001):
+            The first beta of the ``"linear"`` and ``"scaled_linear"`` schedules.
+        beta_end (`float`, defaults to 0.02):
+            The last beta of those schedules.
+        beta_schedule (`str`, defaults to `"linear"`):
+            ``"linear"``, ``"scaled_linear"`` or ``"squaredcos_cap_v2"``, as in ``DDPMScheduler``.
+        trained_betas (`np.ndarray` or `list[float]`, *optional*):
+            The betas themselves, in place of ``beta_schedule``.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``. 2C-channel (learned-variance)
             outputs are accepted and their variance half is ignored.
-        clip_sample, clip_sample_range: clip x0_hat to ``[-range, range]``.
-        ms_eps: the table ``E||eps_theta(x_t, t)||^2 / d`` (length ``num_train_timesteps``), from
-            :func:`analytic_sampler.estimate_moments`; NaN where not estimated.
-        x0_mse: the same table's ``E||x0 - x0_hat||^2 / d``; with it ``trajectory="optimal"`` minimises the bound
-            the network really achieves (the residual DP), without it Analytic-DPM's cost (with a warning).
-        variance: ``"analytic"`` (default) or ``"residual"`` (needs ``x0_mse``).
-        channel_ms_eps, channel_x0_mse: the table's moments per data channel, ``C`` rows of ``num_train_timesteps``
-            floats (``VarianceTable.channel_ms_eps`` / ``.channel_x0_mse``; NaN where not estimated). When the scalar
-            ``ms_eps`` / ``x0_mse`` is not given it is their mean over channels, as in the table.
-        per_channel: ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
-            (``"residual"``), for data whose channels differ (Stable Diffusion latents); ``False`` (default): the
-            scalar variance. The trajectory DP always uses the scalar table.
-        eta: 1 for DDPM-type, 0 for DDIM-type, anything in between; a pipeline's ``eta`` overrides it per call.
-        trajectory: ``"even"`` (default), ``"quadratic"`` or ``"optimal"``: the DP trajectory of Analytic-DPM, which
-            minimises the likelihood bound (bits/dim) but, with its large jumps at high noise, not a sample-quality
-            measure; explicit timesteps go to ``set_timesteps(timesteps=...)``.
-        timestep_spacing, steps_offset: Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps
-            (``steps_offset`` is added to ``"leading"`` ones), exactly those DDIMScheduler / DDPMScheduler give for
-            the same K. When ``timestep_spacing`` is set it wins over ``trajectory``; ``from_config`` keeps the one a
-            pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0 (``"leading"``
-            with ``steps_offset=1``: …, 1) still takes its last step to clean data.
-        data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
-        variance_cap_y: optional cap on the variance of the step into ``t_1``,
-            ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
-        table_fingerprint: the schedule fingerprint the table was estimated for; a mismatch is refused.
+        clip_sample (`bool`, defaults to `True`):
+            Clip ``x0_hat`` to ``[-clip_sample_range, clip_sample_range]`` (and recompute ``eps_hat`` from it).
+        clip_sample_range (`float`, defaults to 1.0):
+            The bound of that clip.
+        ms_eps (`list[float]`, *optional*):
+            The table ``E||eps_theta(x_t, t)||^2 / d``, ``num_train_timesteps`` floats from
+            :func:`~analytic_sampler.estimate_moments` (``VarianceTable.ms_eps``); NaN where not estimated. Required,
+            unless ``channel_ms_eps`` is given.
+        x0_mse (`list[float]`, *optional*):
+            The same table's ``E||x0 - x0_hat||^2 / d``. With it ``trajectory="optimal"`` minimises the bound the
+            network really achieves (the residual DP); without it, Analytic-DPM's cost (with a warning).
+        channel_ms_eps (`list[list[float]]`, *optional*):
+            ``ms_eps`` per data channel, ``C`` rows of ``num_train_timesteps`` floats (``VarianceTable.channel_ms_eps``);
+            when ``ms_eps`` is not given it is their mean over channels, as in the table.
+        channel_x0_mse (`list[list[float]]`, *optional*):
+            ``x0_mse`` per data channel, likewise.
+        per_channel (`bool`, defaults to `False`):
+            ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
+            (``"residual"``), for data whose channels differ (Stable Diffusion latents); ``False``: the scalar
+            variance. The trajectory DP always uses the scalar table.
+        variance (`str`, defaults to `"analytic"`):
+            ``"analytic"``: Analytic-DPM's variance, clipped to Theorem 2's bounds; ``"residual"``:
+            ``lambda^2 + coef^2 x0_mse[t]``, the variance that minimises each step's KL for the network's own mean
+            (needs ``x0_mse``).
+        eta (`float`, defaults to 1.0):
+            1 for DDPM-type, 0 for DDIM-type, anything in ``[0, 1]``; a pipeline's ``eta`` overrides it per call.
+        trajectory (`str`, defaults to `"even"`):
+            ``"even"``, ``"quadratic"`` or ``"optimal"``: the DP trajectory, which minimises the likelihood bound
+            (bits/dim) but, with its large jumps at high noise, not a sample-quality measure. Explicit timesteps go
+            to ``set_timesteps(timesteps=...)``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for unbounded data (latents).
+        variance_cap_y (`float`, *optional*):
+            Caps the variance of the step into ``t_1``: ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with
+            ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
+        table_fingerprint (`str`, *optional*):
+            The schedule fingerprint the table was estimated for (``VarianceTable.fingerprint``); a mismatch with
+            this config's schedule is refused.
+        rescale_betas_zero_snr (`bool`, defaults to `False`):
+            Rescale the betas to zero terminal SNR, as in ``DDPMScheduler``.
+        timestep_spacing (`str`, *optional*):
+            Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps, exactly those DDIMScheduler /
+            DDPMScheduler give for the same K. When set it wins over ``trajectory``; :meth:`from_config` keeps the
+            one a pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0
+            (``"leading"`` with ``steps_offset=1``: …, 1) still takes its last step to clean data.
+        steps_offset (`int`, defaults to 0):
+            Added to ``"leading"`` timesteps.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers import DDPMPipeline
+    >>> from analytic_sampler import AnalyticDPMScheduler
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear")  # a bundled 8x8 digits UNet, its scheduler and its table
+    >>> scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, trajectory="optimal")
+    >>> pipe = DDPMPipeline(unet=model.unet, scheduler=scheduler)
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> images = pipe(batch_size=4, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+    ...               output_type="np").images
+    >>> images.shape, len(scheduler.timesteps)
+    ((4, 8, 8, 1), 10)
+
+    ```
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -128,76 +283,43 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
     ):
-        channels = {
-            name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
-            for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
-            if value is not None
-        }
-        if len({value.shape for value in channels.values()}) > 1:
-            raise ValueError(
-                f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
-                f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
-            )
-        if ms_eps is None and "channel_ms_eps" in channels:
-            ms_eps = channels["channel_ms_eps"].mean(0)
-        if x0_mse is None and "channel_x0_mse" in channels:
-            x0_mse = channels["channel_x0_mse"].mean(0)
-        if ms_eps is None:
-            raise ValueError(
-                "AnalyticDPMScheduler needs the model's variance table: run "
-                "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
-                "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
-            )
-        if variance not in VARIANCES:
-            raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
-        if variance == "residual" and x0_mse is None:
-            raise ValueError(
-                "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
-                f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
-            )
-        needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
-        if per_channel and needed not in channels:
-            raise ValueError(
-                f"per_channel=True with variance={variance!r} needs {needed}: use "
-                "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
-                f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
-                "or set per_channel=False."
-            )
-        if trajectory not in TRAJECTORIES:
-            raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
-        if timestep_spacing is not None and timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
-        check_prediction_type(prediction_type)
-        self._check_eta(eta)
+        channels = _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps)
+        ms_eps, x0_mse = _scalar_tables(ms_eps, x0_mse, channels)
+        _check_options(
+            variance, x0_mse is not None, per_channel, channels, trajectory, timestep_spacing, prediction_type, eta
+        )
         abar = alphas_cumprod_from_config(self.config)
-        if table_fingerprint is not None and table_fingerprint != schedule_fingerprint(abar):
-            raise ValueError(
-                f"the variance table was estimated for schedule {table_fingerprint}, but this scheduler's config "
-                f"gives {schedule_fingerprint(abar)}; estimate a table with this model's own scheduler config."
-            )
-        ms = validate_ms_eps(ms_eps, num_train_timesteps, needed=[])
-        # The config keeps plain floats (NaN for timesteps that were not estimated) so it serialises to JSON.
-        self.register_to_config(ms_eps=[float(v) for v in ms])
-        if x0_mse is not None:
-            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, num_train_timesteps, [], "x0_mse")])
-        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
-        if data_range is not None:
-            self.register_to_config(data_range=tuple(float(v) for v in data_range))
-
-        # float32 views of the float64 schedule, as DDPMScheduler has them: alphas = 1 - betas, abar = cumprod(alphas).
-        self.alphas_cumprod_64 = abar
-        betas = betas_from_alphas_cumprod(abar)
-        self.betas = torch.from_numpy(betas).float()
-        self.alphas = torch.from_numpy(1.0 - betas).float()
-        self.alphas_cumprod = torch.from_numpy(abar).float()
+        _check_fingerprint(table_fingerprint, abar)
+        self._register_tables(ms_eps, x0_mse, channels, data_range)
+        self._set_schedule_tensors(abar)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
         self.trajectory: list[int] = []
         self._dp: TrajectoryDP | None = None
-        self._coefficients: dict[tuple, torch.Tensor] = {}
+        self._coefficients: dict[tuple, StepCoefficients] = {}
         self._step_index: int | None = None
         self._begin_index: int | None = None
+
+    def _register_tables(self, ms_eps, x0_mse, channels: dict[str, np.ndarray], data_range) -> None:
+        """Check the scalar moments and store every table array in the config as plain floats (NaN for timesteps
+        that were not estimated), so that it serialises to JSON."""
+        n = self.config.num_train_timesteps
+        self.register_to_config(ms_eps=[float(v) for v in validate_ms_eps(ms_eps, n, needed=[])])
+        if x0_mse is not None:
+            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, n, [], "x0_mse")])
+        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
+        if data_range is not None:
+            self.register_to_config(data_range=tuple(float(v) for v in data_range))
+
+    def _set_schedule_tensors(self, abar: np.ndarray) -> None:
+        """The float64 schedule and its float32 views, as DDPMScheduler has them: alphas = 1 - betas,
+        abar = cumprod(alphas)."""
+        self.alphas_cumprod_64 = abar
+        betas = betas_from_alphas_cumprod(abar)
+        self.betas = torch.from_numpy(betas).float()
+        self.alphas = torch.from_numpy(1.0 - betas).float()
+        self.alphas_cumprod = torch.from_numpy(abar).float()
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -212,12 +334,24 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     def from_table(
         cls, table, scheduler_config=None, guidance_scale: float | None = None, **kwargs
     ) -> "AnalyticDPMScheduler":
-        """Build from a :class:`VarianceTable` and the model's scheduler config (or its schedule alone).
+        """Build from a :class:`~analytic_sampler.VarianceTable` and the model's scheduler config.
 
-        The table's per-channel moments, when it has them, go into the config too (so a saved scheduler keeps them);
-        they are used only with ``per_channel=True``. ``guidance_scale``: the classifier-free guidance scale the
-        pipeline will sample at; a warning when the table's eps was estimated at another (``table.guidance_scale``;
-        none counts as 1). A table without a data range (latents) also sets ``clip_sample=False`` unless passed."""
+        The table's schedule must be the config's (else ValueError); its ``ms_eps``, ``x0_mse``, data range and
+        per-channel moments (kept in the config, used only with ``per_channel=True``) go into the scheduler. A table
+        without a data range (latents) also sets ``clip_sample=False`` unless it is passed.
+
+        Args:
+            table (`VarianceTable`):
+                The model's table, from :func:`~analytic_sampler.estimate_moments` or ``VarianceTable.load``.
+            scheduler_config (`dict` or a scheduler, *optional*):
+                The model's scheduler config (``pipe.scheduler.config``); default: the table's schedule as
+                ``trained_betas``.
+            guidance_scale (`float`, *optional*):
+                The classifier-free guidance scale the pipeline will sample at; a warning when the table's eps was
+                estimated at another (``table.guidance_scale``; none counts as 1).
+            **kwargs:
+                Any other argument of :class:`AnalyticDPMScheduler` (``eta``, ``trajectory``, ``variance``, …).
+        """
         _check_guidance(table.guidance_scale, guidance_scale)
         if table.data_range is None:
             kwargs.setdefault("clip_sample", False)
@@ -236,12 +370,6 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             if getattr(table, name) is not None:  # tables before format 3 have none
                 kwargs.setdefault(name, np.asarray(getattr(table, name)).tolist())
         return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
-
-    @staticmethod
-    def _check_eta(eta: float) -> float:
-        if not 0.0 <= float(eta) <= 1.0:
-            raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
-        return float(eta)
 
     @property
     def ms_eps(self) -> np.ndarray:
@@ -290,8 +418,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the trajectory: explicit ``timesteps`` (descending) or ``num_inference_steps`` points, spaced by
-        ``timestep_spacing`` when the config sets one, else by ``trajectory``."""
+        """Choose the trajectory: ``num_inference_steps`` points, spaced by ``timestep_spacing`` when the config
+        sets one, else by ``trajectory``; or explicit ``timesteps``. Precomputes every step's coefficients.
+
+        Args:
+            num_inference_steps (`int`, *optional*):
+                The number of steps K (2 to ``num_train_timesteps``).
+            device (`str` or `torch.device`, *optional*):
+                Where ``timesteps`` and the step coefficients live.
+            timesteps (`list[int]`, *optional*):
+                A strictly descending list of training timesteps, in place of ``num_inference_steps``.
+        """
         n = self.config.num_train_timesteps
         if timesteps is not None:
             if num_inference_steps is not None:
@@ -318,7 +455,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._coefficients = {}
         self._step_index = None
         self._begin_index = None
-        self._coefficients_for(self._check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
+        self._coefficients_for(check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
 
     def _optimal(self, num_steps: int) -> list[int]:
         """The DP's path (residual cost with ``x0_mse``, else the paper's); one solve serves every K up to the
@@ -327,34 +464,43 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps, x0_mse=self.x0_mse)
         return self._dp.path(num_steps)
 
-    def step_coefficients(self, eta: float) -> np.ndarray:
-        """Per-step float64 table, one row per trajectory point ``t_K … t_1``:
-        ``[sqrt(abar_t), sqrt(1-abar_t), sqrt(abar_s), sqrt(1-abar_s-lambda^2), sigma_1 … sigma_C']``, with one sigma
-        (``C' = 1``, the scalar variance) or, with ``per_channel``, one per data channel (``C' = C``)."""
+    def step_coefficients(self, eta: float) -> StepCoefficients:
+        """The float64 :class:`StepCoefficients` of the trajectory at ``eta``, one row per point ``t_K … t_1``:
+        ``sigma`` has one column (the scalar variance) or, with ``per_channel``, one per data channel.
+
+        Args:
+            eta (`float`):
+                1 for DDPM-type, 0 for DDIM-type, anything in ``[0, 1]``.
+        """
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step_coefficients().")
         t = np.asarray(self.trajectory, dtype=np.int64)
         s = np.append(t[1:], -1)
-        abar = self.alphas_cumprod_64
-        a_t, a_s = abar[t], extended(abar, s)
-        lam2 = eta**2 * (1.0 - a_s) * (1.0 - a_t / a_s) / (1.0 - a_t)
-        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
-        var = np.zeros((moments.shape[0], t.size))
-        if self.config.variance == "residual":
-            var[:, :-1] = residual_variance(abar, moments, s[:-1], t[:-1], eta)
-        else:
-            var[:, :-1] = analytic_variance(abar, moments, s[:-1], t[:-1], eta, self.config.data_range)
-        if self.config.variance_cap_y is not None and t.size >= 2:
+        pair = pair_coefficients(self.alphas_cumprod_64, s, t, eta)
+        var = self._pair_variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
+        if self.config.variance_cap_y is not None:  # the step into t_1
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
-            var[:, -2] = np.minimum(var[:, -2], cap)
-        mean = [np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0))]
-        return np.concatenate([np.stack(mean, 1), np.sqrt(var).T], 1)
+            var[:, -1] = np.minimum(var[:, -1], cap)
+        return StepCoefficients(
+            sqrt_abar_t=np.sqrt(pair.abar_t),
+            sqrt_one_minus_abar_t=np.sqrt(1 - pair.abar_t),
+            sqrt_abar_s=np.sqrt(pair.abar_s),
+            eps_coef=pair.eps_coef,
+            sigma=np.sqrt(np.concatenate([var, np.zeros((var.shape[0], 1))], 1)).T,
+        )
 
-    def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _pair_variances(self, prev_t: np.ndarray, t: np.ndarray, eta: float) -> np.ndarray:
+        """sigma^2 of the pairs ``(prev_t, t)``, shape ``(C', pairs)``: the config's variance from its table."""
+        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
+        if self.config.variance == "residual":
+            return residual_variance(self.alphas_cumprod_64, moments, prev_t, t, eta)
+        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, self.config.data_range)
+
+    def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
         key = (eta, device, dtype)
         if key not in self._coefficients:
-            self._coefficients[key] = torch.from_numpy(self.step_coefficients(eta)).to(device=device, dtype=dtype)
+            self._coefficients[key] = self.step_coefficients(eta).to(device, dtype)
         return self._coefficients[key]
 
     def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
@@ -375,14 +521,33 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         variance_noise: torch.Tensor | None = None,
         **unused,
     ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One reverse step ``x_t -> x_s``. ``eta`` (e.g. from DDIMPipeline) overrides the config's;
-        ``use_clipped_model_output=False`` keeps the model's own eps next to a clipped x0_hat.
+        """One reverse step ``x_t -> x_s`` to the previous point of the trajectory.
 
         Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
         trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
         A ``timestep`` given as a Python int or a CPU tensor must be the expected one, else ValueError; on an
-        accelerator tensor that check is skipped rather than wait for the device. With ``per_channel`` the noise std
-        broadcasts over ``sample`` ``(B, C, …)`` as ``(C, 1, …)``; a sample with another channel count is refused."""
+        accelerator tensor that check is skipped rather than wait for the device.
+
+        Args:
+            model_output (`torch.Tensor`):
+                The model's output at ``(sample, timestep)``: eps, v or x0 per ``prediction_type``; a 2C-channel
+                output's variance half is ignored.
+            timestep (`int` or `torch.Tensor`):
+                The current timestep ``t`` (an entry of ``timesteps``).
+            sample (`torch.Tensor`):
+                ``x_t``, ``(B, C, …)``. With ``per_channel`` the noise std broadcasts as ``(C, 1, …)``; a sample with
+                another channel count is refused.
+            generator (`torch.Generator`, *optional*):
+                Draws the noise ``z``.
+            return_dict (`bool`, defaults to `True`):
+                Return an :class:`AnalyticDPMSchedulerOutput`, else the tuple ``(prev_sample, pred_original_sample)``.
+            eta (`float`, *optional*):
+                Overrides the config's ``eta`` (DDIMPipeline passes its own).
+            use_clipped_model_output (`bool`, *optional*):
+                ``False`` keeps the model's own eps next to a clipped ``x0_hat``; by default eps is recomputed from it.
+            variance_noise (`torch.Tensor`, *optional*):
+                The noise ``z`` itself, in place of drawing it.
+        """
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
         i = self._step_index
@@ -394,26 +559,24 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                 f"step() got timestep {int(timestep)}, but step {i} of this trajectory is t={self.trajectory[i]}; "
                 "step through scheduler.timesteps in order, or call set_timesteps() / set_begin_index() to restart."
             )
-        eta = self.config.eta if eta is None else self._check_eta(eta)
-        coef = self._coefficients_for(float(eta), sample.device, sample.dtype)[i]
-        sqrt_abar_t, sqrt_bb_t, sqrt_abar_s, eps_coef = coef[:4].unbind()
-        std = coef[4:]
+        eta = self.config.eta if eta is None else check_eta(eta)
+        coefficients = self._coefficients_for(float(eta), sample.device, sample.dtype)
+        sqrt_abar_t, sqrt_bb_t = coefficients.sqrt_abar_t[i], coefficients.sqrt_one_minus_abar_t[i]
+        std = coefficients.sigma[i]
         if self.config.per_channel and sample.shape[1] != std.shape[0]:
             raise ValueError(
                 f"this scheduler's per-channel variance has {std.shape[0]} channels (channel_ms_eps / channel_x0_mse), "
                 f"but the sample has {sample.shape[1]} (shape {tuple(sample.shape)}); use the variance table estimated "
                 "for this model's own data (or latents), or per_channel=False."
             )
-        std = std.reshape(-1, *([1] * (sample.ndim - 2)))  # (C', 1, …): one sigma per channel, or one for all
+        std = channel_view(std, sample.ndim)  # (C', 1, …): one sigma per channel, or one for all
 
         prediction, _ = split_learned_variance(model_output, sample)
         x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)
-        if self.config.clip_sample:
-            r = self.config.clip_sample_range
-            x0 = x0.clamp(-r, r)
-            if use_clipped_model_output is not False:
-                eps = eps_from_x0(x0, sample, sqrt_abar_t, sqrt_bb_t)
-        prev_sample = sqrt_abar_s * x0 + eps_coef * eps
+        r = self.config.clip_sample_range
+        x0, eps = clip_x0(x0, eps, sample, sqrt_abar_t, sqrt_bb_t, (-r, r) if self.config.clip_sample else None,
+                          recompute_eps=use_clipped_model_output is not False)
+        prev_sample = coefficients.sqrt_abar_s[i] * x0 + coefficients.eps_coef[i] * eps
         if i < len(self.trajectory) - 1:
             if variance_noise is None:
                 variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)

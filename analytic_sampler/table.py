@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidat
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .schedule import as_alphas_cumprod, schedule_fingerprint
-from .variance import validate_ms_eps
+from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
 FORMAT_VERSION = 3  # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays
 READABLE_VERSIONS = (1, 2, 3)
@@ -41,6 +41,50 @@ REESTIMATE_HINT = (
     "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
     "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
 )
+
+
+def validate_ms_eps(
+    ms_eps: Sequence[float] | np.ndarray,
+    num_train_timesteps: int,
+    needed=None,
+    name: str = "ms_eps",
+    per_channel: bool | None = False,
+) -> np.ndarray:
+    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong shape,
+    negative values, or NaN at the timesteps in ``needed``. ``per_channel``: ``False`` wants shape ``(N,)``, ``True``
+    ``(C, N)`` (one row per data channel), ``None`` either."""
+    ms = np.asarray(ms_eps, dtype=np.float64)
+    n = num_train_timesteps
+    if per_channel is False and ms.ndim == 1 and ms.size != n:
+        raise ValueError(
+            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={n}; "
+            "estimate the table with the same scheduler config as the model (estimate_moments)."
+        )
+    ndims = {False: (1,), True: (2,), None: (1, 2)}[per_channel]
+    if ms.ndim not in ndims or ms.shape[-1] != n or ms.size == 0:
+        wanted = " or ".join({1: f"({n},)", 2: f"(channels, {n})"}[d] for d in ndims)
+        hint = (
+            "pass the scalar column (e.g. table.ms_eps), or a per-channel one where it is accepted (channel_ms_eps)"
+            if per_channel is False and ms.ndim == 2
+            else "estimate the table with the same scheduler config as the model (estimate_moments)"
+        )
+        raise ValueError(f"{name} has shape {ms.shape}, but needs {wanted} (num_train_timesteps={n}); {hint}.")
+    if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
+        raise ValueError(
+            f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
+            "VarianceTable from estimate_moments unchanged, or re-estimate it."
+        )
+    idx = np.arange(n) if needed is None else np.asarray(needed, dtype=np.int64)
+    bad = ~np.isfinite(np.atleast_2d(ms)[:, idx])  # (channels or 1, len(idx))
+    missing = idx[bad.any(0)]
+    if missing.size:
+        shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
+        where = f" in channel(s) {np.flatnonzero(bad.any(1)).tolist()}" if ms.ndim == 2 else ""
+        raise ValueError(
+            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}){where}; estimate them with "
+            "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
+        )
+    return ms
 
 
 def _sha256(path: str) -> str:
@@ -77,15 +121,53 @@ def _corrupt(name: str, problem: str) -> ValueError:
 
 @dataclass
 class VarianceTable:
-    """Monte Carlo estimate of ``ms_eps`` and ``x0_mse`` for one model and noise schedule.
+    """Monte Carlo estimate of ``ms_eps`` and ``x0_mse`` for one model and noise schedule, as
+    :func:`~analytic_sampler.estimate_moments` returns it; saved and loaded as two files (``save``, ``load``,
+    ``push_to_hub``), and turned into a scheduler by ``AnalyticDPMScheduler.from_table``.
 
-    ``ms_eps``, ``stderr``, ``x0_mse``, ``x0_mse_stderr`` and ``counts`` have one entry per training timestep
-    (both moments come from the same draws); NaN / 0 where not estimated, standard errors NaN where fewer than two
-    draws were made. ``x0_mse`` is NaN everywhere in tables from before it existed (format 1); ``x0_clip`` is the
-    range ``x0_hat`` was clipped to when ``x0_mse`` was estimated (``None``: no clipping).
+    Every array has one entry per training timestep; both moments come from the same draws.
 
-    ``channel_ms_eps``, ``channel_stderr``, ``channel_x0_mse`` and ``channel_x0_mse_stderr`` are the same moments
-    per data channel, shape ``(C, N)``, or ``None`` (tables from before format 3, or merged with one).
+    Args:
+        ms_eps (`np.ndarray`):
+            ``E||eps_theta(x_t, t)||^2 / d``, NaN where not estimated.
+        stderr (`np.ndarray`):
+            Its standard error, NaN where fewer than two draws were made.
+        counts (`np.ndarray`):
+            Draws per timestep (0: not estimated).
+        alphas_cumprod (`np.ndarray`):
+            The schedule the table was estimated for; its fingerprint is checked against every scheduler it serves.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            The data's range (``None``: unbounded, e.g. latents).
+        fingerprint (`str`, *optional*):
+            The schedule's fingerprint; computed when empty, refused when it does not match ``alphas_cumprod``.
+        provenance (`dict`, *optional*):
+            Model id, data, seed, settings and versions of the run.
+        x0_mse (`np.ndarray`, *optional*):
+            ``E||x0 - x0_hat||^2 / d``; NaN everywhere in tables from before it existed (format 1).
+        x0_mse_stderr (`np.ndarray`, *optional*):
+            Its standard error.
+        x0_clip (`tuple[float, float]`, *optional*):
+            The range ``x0_hat`` was clipped to when ``x0_mse`` was estimated (``None``: no clipping).
+        channel_ms_eps, channel_stderr, channel_x0_mse, channel_x0_mse_stderr (`np.ndarray`, *optional*):
+            The same moments per data channel, shape ``(C, N)``, all four or none (tables from before format 3, or
+            merged with one, have none).
+
+    Example:
+
+    ```py
+    >>> import tempfile
+    >>> from analytic_sampler import VarianceTable
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> table = load_pretrained("digits-ddpm-linear").table  # or estimate_moments(...), VarianceTable.load("user/repo")
+    >>> table.num_train_timesteps, int(table.counts.max()), table.has_x0_mse
+    (1000, 200, True)
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     loaded = VarianceTable.load(table.save(folder))
+    >>> loaded.fingerprint == table.fingerprint
+    True
+
+    ```
     """
 
     ms_eps: np.ndarray
@@ -154,9 +236,25 @@ class VarianceTable:
     def from_sums(
         cls, sums, sums_sq, counts, alphas_cumprod, x0_sums=None, x0_sums_sq=None, channel_sums=None, **kwargs
     ):
-        """Build from ``S1 = sum m``, ``S2 = sum m^2`` and ``n`` per timestep (``n = 0``: not estimated), the
-        same sums of the per-draw ``||x0 - x0_hat||^2 / d`` when given, and ``channel_sums``: the four sums
-        (m, m^2, x0 error, its square) per channel, shape ``(4, C, N)``, when given."""
+        """Build from per-timestep sums over ``n`` draws of a per-draw value ``m``:
+        ``mean = S1 / n``, ``stderr = sqrt((S2 - n mean^2) / ((n - 1) n))``.
+
+        Args:
+            sums (`np.ndarray`):
+                ``S1 = sum m`` of ``m = ||eps_theta||^2 / d``, per timestep.
+            sums_sq (`np.ndarray`):
+                ``S2 = sum m^2``.
+            counts (`np.ndarray`):
+                ``n`` per timestep (0: not estimated).
+            alphas_cumprod (`np.ndarray`):
+                The schedule.
+            x0_sums, x0_sums_sq (`np.ndarray`, *optional*):
+                The same sums of ``||x0 - x0_hat||^2 / d``.
+            channel_sums (`np.ndarray`, *optional*):
+                The four sums (m, m^2, x0 error, its square) per channel, shape ``(4, C, N)``.
+            **kwargs:
+                The other fields (``data_range``, ``provenance``, ``x0_clip``).
+        """
         n = np.asarray(counts, dtype=np.int64)
         ms_eps, stderr = _mean_stderr(sums, sums_sq, n)
         if x0_sums is not None:
@@ -218,7 +316,7 @@ class VarianceTable:
     def check_schedule(self, alphas_cumprod_or_scheduler) -> VarianceTable:
         """Refuse a scheduler / schedule other than the one this table was estimated for; return ``self``."""
         abar = as_alphas_cumprod(alphas_cumprod_or_scheduler)
-        if abar.shape != self.alphas_cumprod.shape or not np.allclose(abar, self.alphas_cumprod, rtol=1e-5, atol=0.0):
+        if not same_schedule(abar, self.alphas_cumprod):
             raise ValueError(
                 f"the variance table was estimated for schedule {self.fingerprint}, the scheduler uses "
                 f"{schedule_fingerprint(abar)}; estimate a table for this model/schedule with estimate_moments "
@@ -227,7 +325,12 @@ class VarianceTable:
         return self
 
     def merge(self, other: VarianceTable) -> VarianceTable:
-        """Pool two independent estimates (e.g. runs with different seeds or data shards) by adding their sums."""
+        """Pool two independent estimates (e.g. runs with different seeds or data shards) by adding their sums.
+
+        Args:
+            other (`VarianceTable`):
+                A table of the same schedule and data range.
+        """
         self.check_schedule(other.alphas_cumprod)
         if self.data_range != other.data_range:
             raise ValueError(
@@ -251,7 +354,13 @@ class VarianceTable:
         )
 
     def save(self, directory: str | os.PathLike) -> str:
-        """Write ``variance_table.safetensors`` and ``variance_table.json`` into ``directory``; return it."""
+        """Write ``variance_table.safetensors`` (the arrays) and ``variance_table.json`` (metadata, with the arrays'
+        checksum) into ``directory``, creating it; return it.
+
+        Args:
+            directory (`str` or `os.PathLike`):
+                The folder.
+        """
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         arrays_path = os.path.join(directory, ARRAYS_NAME)
@@ -281,7 +390,19 @@ class VarianceTable:
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> VarianceTable:
-        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (honours ``HF_HUB_OFFLINE``)."""
+        """Load from a local folder, else from a Hub repo through ``hf_hub_download`` (honours ``HF_HUB_OFFLINE``).
+        A corrupted or foreign file is refused with a message that names the fix.
+
+        Args:
+            dir_or_repo_id (`str` or `os.PathLike`):
+                A folder holding the two table files, or a Hub repo id ``"owner/name"``.
+            subfolder (`str`, *optional*):
+                The files' folder inside it (e.g. ``"table"`` of a model repo).
+            revision (`str`, *optional*):
+                The Hub revision (branch, tag or commit).
+            cache_dir (`str` or `os.PathLike`, *optional*):
+                The Hugging Face cache to use.
+        """
         local = os.path.join(os.fspath(dir_or_repo_id), subfolder or "")
         if os.path.isdir(local):
             meta_path, arrays_path = (os.path.join(local, name) for name in (META_NAME, ARRAYS_NAME))
@@ -347,7 +468,20 @@ class VarianceTable:
         private: bool | None = None,
         token: str | None = None,
     ):
-        """Create ``repo_id`` if needed and upload the two table files (into ``subfolder``); return the commit info."""
+        """Create ``repo_id`` if needed and upload the two table files; return the commit info.
+
+        Args:
+            repo_id (`str`):
+                The Hub repo ``"owner/name"``.
+            subfolder (`str`, *optional*):
+                The folder inside the repo (e.g. ``"table"`` beside a model's ``unet/``).
+            commit_message (`str`, defaults to `"Upload variance table"`):
+                The commit message.
+            private (`bool`, *optional*):
+                Create the repo private.
+            token (`str`, *optional*):
+                A Hub token (default: the logged-in one).
+        """
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:

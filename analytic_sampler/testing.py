@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .variance import channel_view
+
 
 class ExactGaussianEps(torch.nn.Module):
     """The exact eps model for x0 ~ N(0, v I): ``eps*(x_t, t) = sqrt(1-abar[t]) x_t / (abar[t] v + 1-abar[t])``.
@@ -24,7 +26,7 @@ class ExactGaussianEps(torch.nn.Module):
     def _v(self, like: torch.Tensor) -> float | torch.Tensor:
         if isinstance(self.v, (int, float)):
             return self.v
-        return torch.tensor(self.v, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.ndim - 2)))
+        return channel_view(torch.tensor(self.v, dtype=like.dtype, device=like.device), like.ndim)
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).long().reshape(-1)

@@ -1,5 +1,5 @@
-"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming), and
-Diffusers' ``timestep_spacing`` ones, which may start below N-1 and end above 0.
+"""K-step trajectories ``N-1 = t_K > … > t_1 = 0``: even, quadratic and optimal (dynamic programming); Diffusers'
+``timestep_spacing`` ones, which may start below N-1 and end above 0, are in :mod:`analytic_sampler.schedule`.
 
 With ``snr[t] = abar[t] / (1 - abar[t])``, the DDPM-type K-step bound is, up to terms that every trajectory
 shares, ``(d/2) sum_k J(t_{k-1}, t_k)`` with::
@@ -31,63 +31,33 @@ import numpy as np
 import torch
 from scipy.optimize import isotonic_regression
 
-from .schedule import as_alphas_cumprod
-from .variance import validate_ms_eps
+from .schedule import as_alphas_cumprod, check_num_steps, signal_to_noise, spaced_timesteps
+from .table import validate_ms_eps
 
 _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
 
 
-def _check_steps(num_train_timesteps: int, num_steps: int) -> int:
-    if not 2 <= int(num_steps) <= num_train_timesteps:
-        raise ValueError(
-            f"num_steps={num_steps} must be between 2 and num_train_timesteps={num_train_timesteps}; "
-            "the first step is t=N-1 and the last t=0."
-        )
-    return int(num_steps)
-
-
 def even_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """``linspace(0, N-1, K).round()``, descending."""
-    k = _check_steps(num_train_timesteps, num_steps)
-    return np.linspace(0, num_train_timesteps - 1, k).round().astype(int)[::-1].tolist()
+    """``linspace(0, N-1, K).round()``, descending: Diffusers' ``"linspace"`` timestep spacing.
+
+    Args:
+        num_train_timesteps (`int`): N.
+        num_steps (`int`): K, from 2 to N.
+    """
+    return spaced_timesteps(num_train_timesteps, num_steps, "linspace")
 
 
 def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
-    """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending."""
-    k = _check_steps(num_train_timesteps, num_steps)
+    """``round(linspace(0, sqrt(N-1), K)^2)``, made strictly increasing near t = 0, descending.
+
+    Args:
+        num_train_timesteps (`int`): N.
+        num_steps (`int`): K, from 2 to N.
+    """
+    k = check_num_steps(num_train_timesteps, num_steps)
     t = np.linspace(0.0, np.sqrt(num_train_timesteps - 1), k) ** 2
     t = np.maximum.accumulate(np.round(t).astype(int) - np.arange(k)) + np.arange(k)
     return t[::-1].tolist()
-
-
-SPACINGS = ("leading", "linspace", "trailing")
-
-
-def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> list[int]:
-    """Diffusers' ``timestep_spacing`` (Lin et al. 2023, Table 2), descending, as DDIM/DDPMScheduler give it::
-
-        leading:  arange(K) * (N // K) + steps_offset
-        linspace: round(linspace(0, N-1, K))
-        trailing: round(arange(N, 0, -N/K)) - 1
-
-    Only ``leading`` uses ``steps_offset``. Diffusers' float ``arange`` gives ``trailing`` a spurious last ``t = -1``
-    for some K (61 of 1000, …); the first K points are kept.
-    """
-    n, k = num_train_timesteps, _check_steps(num_train_timesteps, num_steps)
-    if spacing == "leading":
-        t = np.arange(k)[::-1] * (n // k) + int(steps_offset)
-    elif spacing == "linspace":
-        t = np.array(even_trajectory(n, k))
-    elif spacing == "trailing":
-        t = np.round(np.arange(n, 0, -n / k))[:k] - 1
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
-    if t[0] > n - 1:
-        raise ValueError(
-            f"timestep_spacing={spacing!r} with steps_offset={steps_offset} starts at t={int(t[0])} > N-1={n - 1} "
-            f"for K={k}; use fewer steps or a smaller steps_offset."
-        )
-    return t.astype(np.int64).tolist()
 
 
 def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
@@ -102,15 +72,9 @@ def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> li
     return ts
 
 
-def snr(alphas_cumprod) -> np.ndarray:
-    """``snr[t] = abar[t] / (1 - abar[t])``, float64."""
-    abar = np.asarray(alphas_cumprod, dtype=np.float64)
-    return abar / (1.0 - abar)
-
-
 def posterior_variance(alphas_cumprod, ms_eps) -> np.ndarray:
     """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])``, at least 0: the x0 error a perfect network would make."""
-    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / snr(alphas_cumprod)
+    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / signal_to_noise(alphas_cumprod)
 
 
 def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
@@ -119,7 +83,7 @@ def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
     Weighted isotonic regression of g with weights ``1 / Var(g) ~ m^4 / stderr^2`` (delta method; where a
     standard error is missing, the median relative one).
     """
-    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    snr, m = signal_to_noise(alphas_cumprod), np.asarray(moment, dtype=np.float64)
     est = np.flatnonzero(np.isfinite(m))
     out = np.full(m.shape, np.nan)
     if est.size == 0:
@@ -129,16 +93,16 @@ def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
     rel = np.full(est.size, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)[est] / raw
     usable = np.isfinite(rel) & (rel > 0)
     rel = np.where(usable, rel, np.median(rel[usable]) if usable.any() else 1.0)
-    fit = isotonic_regression(1.0 / raw - u[est], weights=(raw / rel) ** 2, increasing=False).x
-    out[est] = 1.0 / np.maximum(fit + u[est], 1e-12 / top)  # guards a non-positive 1/m only
+    fit = isotonic_regression(1.0 / raw - snr[est], weights=(raw / rel) ** 2, increasing=False).x
+    out[est] = 1.0 / np.maximum(fit + snr[est], 1e-12 / top)  # guards a non-positive 1/m only
     return out
 
 
 def transition_cost(alphas_cumprod, moment, prev_t, t) -> np.ndarray:
     """``J(s, t) = log(1 + (snr[s] - snr[t]) m[t])`` for ``0 <= s < t``; broadcasts."""
-    u, m = snr(alphas_cumprod), np.asarray(moment, dtype=np.float64)
+    snr, m = signal_to_noise(alphas_cumprod), np.asarray(moment, dtype=np.float64)
     s, t = np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64)
-    return np.log1p((u[s] - u[t]) * m[t])
+    return np.log1p((snr[s] - snr[t]) * m[t])
 
 
 def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
@@ -146,14 +110,14 @@ def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
     return float(np.sum(transition_cost(alphas_cumprod, moment, timesteps[1:], timesteps[:-1])))
 
 
-def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _solve_dense(snr: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact DP for any moment: ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` over the full cost matrix,
     O(K N^2) time, in row blocks that stay in cache. Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
-    n = u.numel()
-    jt = torch.log1p((u[None, :] - u[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
-    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=u.device).triu_(), float("inf"))
-    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=u.device)
-    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=u.device)
+    n = snr.numel()
+    jt = torch.log1p((snr[None, :] - snr[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
+    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=snr.device).triu_(), float("inf"))
+    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=snr.device)
+    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=snr.device)
     cost[1, 0] = 0.0
     for k in range(2, max_steps + 1):
         lo = k - 2
@@ -164,24 +128,24 @@ def _solve_dense(u: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torc
     return cost, arg
 
 
-def _is_monge(u: np.ndarray, m: np.ndarray) -> bool:
+def _is_monge(snr: np.ndarray, m: np.ndarray) -> bool:
     """Whether ``g = 1/m - snr`` is non-increasing (to rounding), the condition that makes J a Monge matrix; a raw
     moment of 0 (c where ms_eps >= 1) is not."""
     if np.any(m <= 0):
         return False
-    g = 1.0 / m - u
-    return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + u[1:])))
+    g = 1.0 / m - snr
+    return bool(np.all(np.diff(g) <= 1e-12 * (np.abs(g[1:]) + snr[1:])))
 
 
-def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _solve_monge(snr: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact DP when J is Monge: per level, the argmin ``o(t)`` over s is non-decreasing in t, so the middle t
     of a range bounds the windows of both halves (divide and conquer). All ranges of one recursion depth are
     evaluated together as one ragged array: O(K N log N) work in O(K log N) numpy calls. Within a level the
     search runs on ``exp(C_{k-1}[s] - min C_{k-1}) (g[t] + snr[s])``, whose argmin is that of
     ``C_{k-1}[s] + J(s, t)`` (``J = log m[t] + log(g[t] + snr[s])``), so the inner loop has no logarithm.
     Returns ``(C, argmin)`` like :func:`_solve_dense`."""
-    n = u.size
-    g, log_m = 1.0 / m - u, np.log(m)
+    n = snr.size
+    g, log_m = 1.0 / m - snr, np.log(m)
     cost = np.full((max_steps + 1, n), np.inf)
     arg = np.zeros((max_steps + 1, n), dtype=np.int64)
     cost[1, 0] = 0.0
@@ -201,7 +165,7 @@ def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarr
             ends = np.cumsum(width)
             starts = ends - width
             s = positions[: ends[-1]] - np.repeat(starts - s_lo, width)
-            vals = weight[s] * (u[s] + np.repeat(g[mid], width))
+            vals = weight[s] * (snr[s] + np.repeat(g[mid], width))
             low = np.minimum.reduceat(vals, starts)
             hits = np.flatnonzero(vals == np.repeat(low, width))
             o = s[hits[np.searchsorted(hits, starts)]]  # the first minimum of each window
@@ -216,12 +180,24 @@ def _solve_monge(u: np.ndarray, m: np.ndarray, max_steps: int) -> tuple[np.ndarr
 
 class TrajectoryDP:
     """One dynamic-programming pass up to ``max_steps``; ``path(K)`` and ``cost(K)`` for any K <= max_steps.
+    Timesteps without an estimate (NaN) are never visited.
 
-    With ``x0_mse`` it minimises the residual bound (``m = x0_mse``); without it, Analytic-DPM's J
-    (``m = c`` from ``ms_eps``), with a warning. ``monotone=True`` (default) fits the moment with
-    :func:`monotone_moment`; ``monotone=False`` uses the raw moment. Timesteps without an estimate (NaN)
-    are never visited. ``device``: where the DP runs; on a CPU a monotone moment takes the O(K N log N) solver,
-    otherwise (a raw moment, or a GPU, where the dense DP is one batched kernel per block) the dense one.
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``: without ``x0_mse``, Analytic-DPM's J (``m = c``), with a warning.
+        max_steps (`int`, defaults to 1000):
+            The largest K solved for.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse``: the residual bound (``m = x0_mse``).
+        stderr (`np.ndarray`, *optional*):
+            The moment's standard error (of ``x0_mse``, or of ``ms_eps`` for the paper's cost), to weight the fit.
+        monotone (`bool`, defaults to `True`):
+            Fit the moment with :func:`monotone_moment` first; ``False`` uses the raw moment.
+        device (`str` or `torch.device`, *optional*):
+            Where the DP runs: on a CPU a monotone moment takes the O(K N log N) solver, otherwise (a raw moment, or
+            a GPU, where the dense DP is one batched kernel per block) the dense O(K N^2) one.
     """
 
     def __init__(
@@ -236,7 +212,7 @@ class TrajectoryDP:
     ):
         self.abar = as_alphas_cumprod(alphas_cumprod)
         n = self.abar.size
-        self.max_steps = _check_steps(n, max_steps)
+        self.max_steps = check_num_steps(n, max_steps)
         if stderr is not None:
             stderr = validate_ms_eps(stderr, n, needed=[], name="stderr")
         if x0_mse is None:
@@ -249,23 +225,23 @@ class TrajectoryDP:
                 stacklevel=2,
             )
             raw = posterior_variance(self.abar, validate_ms_eps(ms_eps, n, needed=[]))
-            stderr = None if stderr is None else stderr / snr(self.abar)  # the stderr of c
+            stderr = None if stderr is None else stderr / signal_to_noise(self.abar)  # the stderr of c
         else:
             raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
         self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
         self.visited = np.flatnonzero(np.isfinite(self.moment))
-        u, m = snr(self.abar)[self.visited], self.moment[self.visited]
+        snr, m = signal_to_noise(self.abar)[self.visited], self.moment[self.visited]
         steps = min(self.max_steps, self.visited.size)
         on_cpu = device is None or torch.device(device).type == "cpu"
-        if on_cpu and steps >= 2 and _is_monge(u, m):
-            self._cost, self._argmin = _solve_monge(u, m, steps)
+        if on_cpu and steps >= 2 and _is_monge(snr, m):
+            self._cost, self._argmin = _solve_monge(snr, m, steps)
         else:
-            cost, argmin = _solve_dense(torch.from_numpy(u).to(device), torch.from_numpy(m).to(device), steps)
+            cost, argmin = _solve_dense(torch.from_numpy(snr).to(device), torch.from_numpy(m).to(device), steps)
             self._cost, self._argmin = cost.cpu().numpy(), argmin.cpu().numpy()
 
     def path(self, num_steps: int) -> list[int]:
         """The optimal descending trajectory with ``num_steps`` points, N-1 … 0."""
-        k = _check_steps(self.abar.size, num_steps)
+        k = check_num_steps(self.abar.size, num_steps)
         if k > self.max_steps:
             raise ValueError(f"num_steps={k} exceeds max_steps={self.max_steps} of this DP; solve with a larger one.")
         last = self.visited.size - 1
@@ -287,5 +263,16 @@ class TrajectoryDP:
 
 def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> list[int]:
     """The K-step trajectory minimising the residual bound (``x0_mse`` given) or Analytic-DPM's (``ms_eps`` only),
-    descending N-1 … 0."""
+    descending N-1 … 0 (:class:`TrajectoryDP`, which serves every K up to its ``max_steps`` from one pass).
+
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``: the paper's cost, with a warning, when ``x0_mse`` is not given.
+        num_steps (`int`):
+            K, from 2 to N.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse``: the residual cost, the bound the network really achieves.
+    """
     return TrajectoryDP(alphas_cumprod, ms_eps, num_steps, x0_mse=x0_mse).path(num_steps)

@@ -17,74 +17,63 @@ and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the res
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
-from .schedule import extended
+from .schedule import abar_with_clean
 
 DataRange = tuple[float, float] | None
 
 
-def validate_ms_eps(
-    ms_eps: Sequence[float] | np.ndarray,
-    num_train_timesteps: int,
-    needed=None,
-    name: str = "ms_eps",
-    per_channel: bool | None = False,
-) -> np.ndarray:
-    """Return a table column (``name``: ms_eps, x0_mse or a standard error) as float64, refusing a wrong shape,
-    negative values, or NaN at the timesteps in ``needed``. ``per_channel``: ``False`` wants shape ``(N,)``, ``True``
-    ``(C, N)`` (one row per data channel), ``None`` either."""
-    ms = np.asarray(ms_eps, dtype=np.float64)
-    n = num_train_timesteps
-    if per_channel is False and ms.ndim == 1 and ms.size != n:
-        raise ValueError(
-            f"{name} has {ms.size} entries but the schedule has num_train_timesteps={n}; "
-            "estimate the table with the same scheduler config as the model (estimate_moments)."
-        )
-    ndims = {False: (1,), True: (2,), None: (1, 2)}[per_channel]
-    if ms.ndim not in ndims or ms.shape[-1] != n or ms.size == 0:
-        wanted = " or ".join({1: f"({n},)", 2: f"(channels, {n})"}[d] for d in ndims)
-        hint = (
-            "pass the scalar column (e.g. table.ms_eps), or a per-channel one where it is accepted (channel_ms_eps)"
-            if per_channel is False and ms.ndim == 2
-            else "estimate the table with the same scheduler config as the model (estimate_moments)"
-        )
-        raise ValueError(f"{name} has shape {ms.shape}, but needs {wanted} (num_train_timesteps={n}); {hint}.")
-    if np.any(ms < 0):  # NaN compares False: unestimated timesteps are refused below, where needed
-        raise ValueError(
-            f"{name} has negative entries (min {np.nanmin(ms):.4g}), but it is a mean square; pass the {name} of a "
-            "VarianceTable from estimate_moments unchanged, or re-estimate it."
-        )
-    idx = np.arange(n) if needed is None else np.asarray(needed, dtype=np.int64)
-    bad = ~np.isfinite(np.atleast_2d(ms)[:, idx])  # (channels or 1, len(idx))
-    missing = idx[bad.any(0)]
-    if missing.size:
-        shown = ", ".join(map(str, missing[:8].tolist())) + (" …" if missing.size > 8 else "")
-        where = f" in channel(s) {np.flatnonzero(bad.any(1)).tolist()}" if ms.ndim == 2 else ""
-        raise ValueError(
-            f"{name} is NaN/inf at {missing.size} needed timestep(s) ({shown}){where}; estimate them with "
-            "estimate_moments(..., timesteps=...) or choose a trajectory through estimated timesteps only."
-        )
-    return ms
+def channel_view(values, sample_ndim: int):
+    """``values`` of shape ``()`` or ``(C',)`` (a tensor or an array) reshaped to ``(C', 1, …)``, to broadcast over a
+    ``(B, C, …)`` sample of ``sample_ndim`` axes: one value for every channel, or one per channel (``C' = C``)."""
+    return values.reshape(-1, *([1] * (sample_ndim - 2)))
 
 
-def pair_coefficients(alphas_cumprod, prev_t, t, eta):
-    """``(t, abar[t], bb[t], lambda^2, coef)`` of the pairs ``(prev_t, t)``, float64, after checking them; ``t`` is
-    broadcast to the pairs' shape, so ``table[..., t]`` lines up with the other four."""
+def check_eta(eta: float) -> float:
+    """``eta`` as a float, refused outside ``[0, 1]`` (1: DDPM-type, 0: DDIM-type)."""
+    if not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
+    return float(eta)
+
+
+class PairCoefficients(NamedTuple):
+    """The float64 constants of the pairs ``(s, t)``, ``s < t`` (``s = -1``: clean data), each of the pairs' shape::
+
+        beta     = 1 - abar[t] / abar[s]                      (b_ts)
+        btilde   = (1 - abar[s]) beta / (1 - abar[t])         (DDPM's posterior variance on the pair)
+        lambda2  = eta^2 btilde                               (the generalised forward process's variance)
+        eps_coef = sqrt(1 - abar[s] - lambda2)                (the mean's eps weight)
+        coef     = sqrt(abar[s]) - sqrt((1 - abar[s] - lambda2) abar[t] / (1 - abar[t]))   (weight of x0_hat - x0)
+    """
+
+    t: np.ndarray  # t broadcast to the pairs' shape, so ``table[..., t]`` lines up with the other fields
+    abar_t: np.ndarray
+    abar_s: np.ndarray
+    beta: np.ndarray
+    btilde: np.ndarray
+    lambda2: np.ndarray
+    eps_coef: np.ndarray
+    coef: np.ndarray
+
+
+def pair_coefficients(alphas_cumprod, prev_t, t, eta: float = 1.0) -> PairCoefficients:
+    """:class:`PairCoefficients` of the pairs ``(prev_t, t)`` (broadcast), after checking the pairs and ``eta``."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)
     prev_t, t = np.broadcast_arrays(np.asarray(prev_t, dtype=np.int64), np.asarray(t, dtype=np.int64))
     if np.any(prev_t >= t) or np.any(prev_t < -1) or np.any(t >= abar.size) or np.any(t < 0):
         raise ValueError("need -1 <= prev_t < t < num_train_timesteps for every pair.")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta={eta} is outside [0, 1]; use 1 for Analytic-DDPM, 0 for Analytic-DDIM.")
-    a_t, a_s = abar[t], extended(abar, prev_t)
+    eta = check_eta(eta)
+    a_t, a_s = abar[t], abar_with_clean(abar, prev_t)
     bb_t, bb_s = 1.0 - a_t, 1.0 - a_s
-    btilde = bb_s * (1.0 - a_t / a_s) / bb_t
-    lam2 = float(eta) ** 2 * btilde
-    coef = np.sqrt(a_s) - np.sqrt(np.maximum(bb_s - lam2, 0.0) * a_t / bb_t)
-    return t, a_t, bb_t, lam2, coef
+    beta = 1.0 - a_t / a_s
+    btilde = bb_s * beta / bb_t
+    lam2 = eta**2 * btilde
+    eps_var = np.maximum(bb_s - lam2, 0.0)
+    coef = np.sqrt(a_s) - np.sqrt(eps_var * a_t / bb_t)
+    return PairCoefficients(t, a_t, a_s, beta, btilde, lam2, np.sqrt(eps_var), coef)
 
 
 def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0)) -> np.ndarray:
@@ -97,33 +86,81 @@ def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0
     return upper
 
 
-def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
-    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds; broadcasts over prev_t / t. ``ms_eps`` of
-    shape ``(N,)`` gives the pairs' shape, ``(C, N)`` one sigma^2 per channel: shape ``(C, *pairs)``."""
-    t, a_t, bb_t, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+def analytic_covariance(alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0, 1.0), floor: float = 0.0):
+    """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])`` clipped to ``[floor, covariance_upper_bound]``: the posterior
+    variance of x0 a perfect network implies; a leading channel axis for ``ms_eps`` of shape ``(C, N)``."""
+    t = np.asarray(t, dtype=np.int64)
+    a_t = np.asarray(alphas_cumprod, dtype=np.float64)[t]
     ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
-    c = np.clip(bb_t / a_t * (1.0 - ms), 0.0, covariance_upper_bound(alphas_cumprod, t, data_range))
-    return lam2 + coef**2 * c
+    return np.clip((1.0 - a_t) / a_t * (1.0 - ms), floor, covariance_upper_bound(alphas_cumprod, t, data_range))
+
+
+def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
+    """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds:
+    ``lambda^2 + coef^2 c[t]``, ``c[t] = clip((bb[t] / abar[t]) (1 - ms_eps[t]), 0, c_max)``.
+
+    Args:
+        alphas_cumprod (`np.ndarray`):
+            The schedule ``abar``, length N.
+        ms_eps (`np.ndarray`):
+            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` for one sigma^2 per channel.
+        prev_t (`int` or `np.ndarray`):
+            The earlier timestep ``s`` of each pair (``-1``: clean data); broadcasts with ``t``.
+        t (`int` or `np.ndarray`):
+            The later timestep of each pair.
+        eta (`float`, defaults to 1.0):
+            1: DDPM-type (``lambda^2 = btilde``), 0: DDIM-type, anything in ``[0, 1]``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            Bounds ``c`` by ``((b - a) / 2)^2``; ``None``: no data bound.
+
+    Returns:
+        `np.ndarray`: float64 sigma^2 of the pairs' shape, with a leading channel axis for a ``(C, N)`` table.
+    """
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2 + pair.coef**2 * analytic_covariance(alphas_cumprod, ms_eps, pair.t, data_range)
 
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
-    """``lambda^2 + coef^2 * x0_mse[t]`` (x0_mse from the table, at least 0); broadcasts over prev_t / t, with a
-    leading channel axis for ``x0_mse`` of shape ``(C, N)``, as :func:`analytic_variance`."""
-    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return lam2 + coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., t], 0.0)
+    """The residual variance ``lambda^2 + coef^2 x0_mse[t]``, which minimises each step's KL for the network's own
+    mean.
+
+    Args:
+        alphas_cumprod (`np.ndarray`):
+            The schedule ``abar``, length N.
+        x0_mse (`np.ndarray`):
+            The table's ``x0_mse`` (negative entries count as 0), shape ``(N,)`` or ``(C, N)``.
+        prev_t, t (`int` or `np.ndarray`):
+            The pairs, as in :func:`analytic_variance`.
+        eta (`float`, defaults to 1.0):
+            As in :func:`analytic_variance`.
+
+    Returns:
+        `np.ndarray`: float64 sigma^2, shaped as :func:`analytic_variance`'s.
+    """
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2 + pair.coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., pair.t], 0.0)
 
 
 def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
-    """Theorem 2: ``(lambda^2, lambda^2 + coef^2 * c_max)``, the range of any optimal sigma^2."""
-    t, _, _, lam2, coef = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return lam2, lam2 + coef**2 * covariance_upper_bound(alphas_cumprod, t, data_range)
+    """Theorem 2: ``(lambda^2, lambda^2 + coef^2 c_max)``, the range of any optimal sigma^2 on the pairs, with
+    ``c_max = min(bb[t] / abar[t], ((b - a) / 2)^2)``.
+
+    Args:
+        alphas_cumprod, prev_t, t, eta, data_range:
+            As in :func:`analytic_variance`.
+
+    Returns:
+        `tuple[np.ndarray, np.ndarray]`: the lower and upper bounds.
+    """
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
+    return pair.lambda2, pair.lambda2 + pair.coef**2 * covariance_upper_bound(alphas_cumprod, pair.t, data_range)
 
 
 def ddpm_variance(alphas_cumprod, prev_t, t, kind: str = "btilde"):
     """DDPM's fixed choices on a pair: ``btilde = bb[s] b_ts / bb[t]`` (fixed_small) or ``beta = b_ts`` (fixed_large)."""
-    t, a_t, bb_t, lam2, _ = pair_coefficients(alphas_cumprod, prev_t, t, 1.0)
+    pair = pair_coefficients(alphas_cumprod, prev_t, t, 1.0)
     if kind == "btilde":
-        return lam2
+        return pair.btilde
     if kind == "beta":
-        return 1.0 - a_t / extended(alphas_cumprod, prev_t)
+        return pair.beta
     raise ValueError(f"kind={kind!r}; use 'btilde' or 'beta'.")

@@ -28,15 +28,15 @@ from analytic_sampler.evaluation.likelihood import nll_bpd_many
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.moments import estimate_moments
 from analytic_sampler.pretrained import load_pretrained
-from analytic_sampler.schedule import alphas_cumprod_from_config
+from analytic_sampler.schedule import alphas_cumprod_from_config, signal_to_noise
 from analytic_sampler.scheduler import AnalyticDPMScheduler
-from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, snr, trajectory_cost
+from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, trajectory_cost
 
 
 def naive_dp(abar: np.ndarray, moment: np.ndarray, num_steps: int) -> list[int]:
     """The textbook DP: ``C_k[t] = min_{s<t} C_{k-1}[s] + J(s, t)`` with an O(N^2) cost matrix
     ``J(s, t) = log(1 + (snr[s] - snr[t]) m[t])``, a Python loop over t and numpy over s."""
-    n, u = abar.size, snr(abar)
+    n, u = abar.size, signal_to_noise(abar)
     with np.errstate(invalid="ignore"):
         j = np.log1p((u[:, None] - u[None, :]) * moment[None, :])  # j[s, t]
     cost = np.full((num_steps + 1, n), np.inf)
@@ -57,7 +57,7 @@ def smooth_table(n: int) -> tuple[np.ndarray, np.ndarray]:
     """The N-step linear schedule (betas scaled by 1000/N) and a non-Gaussian x0_mse with 5% noise."""
     abar = alphas_cumprod_from_config({"num_train_timesteps": n, "beta_schedule": "linear",
                                        "beta_start": 1e-4 * 1000 / n, "beta_end": 0.02 * 1000 / n})
-    u = snr(abar)
+    u = signal_to_noise(abar)
     x0_mse = 1.0 / (u + 1 / 0.3 + 0.5 * u**1.5)
     return abar, x0_mse * (1 + 0.05 * np.random.default_rng(0).standard_normal(n))
 

@@ -21,9 +21,9 @@ from conftest import ExactGaussianEps
 from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
-from analytic_sampler.table import VarianceTable
+from analytic_sampler.table import VarianceTable, validate_ms_eps
 from analytic_sampler.trajectory import even_trajectory
-from analytic_sampler.variance import analytic_variance, residual_variance, validate_ms_eps
+from analytic_sampler.variance import analytic_variance, residual_variance
 
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 ABAR = alphas_cumprod_from_config(SD_SCHEDULE)
@@ -152,8 +152,11 @@ def test_equal_channel_rows_give_the_scalar_sampler_bit_for_bit(variance):
     per, scalar = AnalyticDPMScheduler(**SD_SCHEDULE, per_channel=True, **kw), AnalyticDPMScheduler(**SD_SCHEDULE, **kw)
     assert torch.equal(run_loop(per), run_loop(scalar))
     coef_per, coef_scalar = per.step_coefficients(0.5), scalar.step_coefficients(0.5)
-    assert coef_per.shape == (10, 4 + C) and coef_scalar.shape == (10, 5)
-    np.testing.assert_array_equal(coef_per, np.repeat(coef_scalar, [1, 1, 1, 1, C], axis=1))
+    assert coef_per.sigma.shape == (10, C) and coef_scalar.sigma.shape == (10, 1)
+    np.testing.assert_array_equal(coef_per.sigma, np.repeat(coef_scalar.sigma, C, axis=1))
+    for name in ("sqrt_abar_t", "sqrt_one_minus_abar_t", "sqrt_abar_s", "eps_coef"):
+        assert getattr(coef_per, name).shape == (10,)
+        np.testing.assert_array_equal(getattr(coef_per, name), getattr(coef_scalar, name))
 
 
 def test_step_noise_is_one_sigma_per_channel_and_the_cap_applies_per_channel():
@@ -164,14 +167,14 @@ def test_step_noise_is_one_sigma_per_channel_and_the_cap_applies_per_channel():
     sched.set_timesteps(5)
     assert free[0, -1] < cap < free[-1, -1]
     free[:, -1] = np.minimum(free[:, -1], cap)
-    np.testing.assert_allclose(sched.step_coefficients(1.0)[:-1, 4:] ** 2, free.T, rtol=1e-12)
+    np.testing.assert_allclose(sched.step_coefficients(1.0).sigma[:-1] ** 2, free.T, rtol=1e-12)
     # step adds sigma_c * z to channel c: with zero model output the mean is known, so the noise can be read off
     x = torch.ones(1, C, 2, 2, dtype=torch.float64)
     z = torch.randn(1, C, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     out = sched.step(torch.zeros_like(x), int(t[0]), x, variance_noise=z).prev_sample
-    coef = sched.step_coefficients(1.0)[0]
-    mean = coef[2] / coef[0]  # sqrt(abar_s) x0_hat with x0_hat = x / sqrt(abar_t), eps = 0
-    np.testing.assert_allclose((out - mean).numpy(), (torch.from_numpy(coef[4:]).reshape(-1, 1, 1) * z).numpy(),
+    coef = sched.step_coefficients(1.0)
+    mean = coef.sqrt_abar_s[0] / coef.sqrt_abar_t[0]  # sqrt(abar_s) x0_hat with x0_hat = x / sqrt(abar_t), eps = 0
+    np.testing.assert_allclose((out - mean).numpy(), (torch.from_numpy(coef.sigma[0]).reshape(-1, 1, 1) * z).numpy(),
                                rtol=1e-12)
 
 
@@ -207,14 +210,14 @@ def test_from_table_passes_the_channel_moments(monkeypatch):
     np.testing.assert_array_equal(plain.channel_ms_eps, ms)
     np.testing.assert_array_equal(plain.channel_x0_mse, x0)
     plain.set_timesteps(10)
-    assert plain.step_coefficients(1.0).shape == (10, 5)
+    assert plain.step_coefficients(1.0).sigma.shape == (10, 1)
     for variance, moments in (("analytic", ms), ("residual", x0)):
         per = AnalyticDPMScheduler.from_table(table, SD_SCHEDULE, per_channel=True, variance=variance)
         per.set_timesteps(10)
         t = np.array(per.trajectory)
         expected = (analytic_variance(ABAR, moments, t[1:], t[:-1], 1.0, None) if variance == "analytic"
                     else residual_variance(ABAR, moments, t[1:], t[:-1], 1.0))
-        np.testing.assert_allclose(per.step_coefficients(1.0)[:-1, 4:] ** 2, expected.T, rtol=1e-12)
+        np.testing.assert_allclose(per.step_coefficients(1.0).sigma[:-1] ** 2, expected.T, rtol=1e-12)
 
 
 def test_per_channel_refusals_name_the_fix():

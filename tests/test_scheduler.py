@@ -60,7 +60,7 @@ def test_unit_ms_eps_gives_ddpm_fixed_small_variance(linear_scheduler):
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[1.0] * N, trajectory="even")
     sched.set_timesteps(10)
     t = np.array(sched.trajectory)
-    sigma = sched.step_coefficients(1.0)[:, 4]
+    sigma = sched.step_coefficients(1.0).sigma[:, 0]
     ddpm = DDPMScheduler(num_train_timesteps=N)
     ddpm.set_timesteps(timesteps=sched.trajectory)
     expected = np.array([float(ddpm._get_variance(int(ti))) for ti in t[:-1]])
@@ -76,7 +76,7 @@ def _means_agree(ours, theirs, timesteps, their_kwargs, clip):
     zero = torch.zeros_like(x)
     for i, t in enumerate(timesteps):
         mine = ours.step(out, t, x, variance_noise=zero).prev_sample
-        std = ours.step_coefficients(ours.config.eta)[i, 4]
+        std = ours.step_coefficients(ours.config.eta).sigma[i, 0]
         their = theirs.step(out, t, x, generator=torch.Generator().manual_seed(2), **their_kwargs).prev_sample
         if isinstance(theirs, DDPMScheduler) and t > 0:
             noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
@@ -181,7 +181,7 @@ def test_residual_variance_round_trip_and_step(tmp_path, linear_scheduler):
     loaded.set_timesteps(10)
     t = np.array(loaded.trajectory)
     expected = residual_variance(loaded.alphas_cumprod_64, x0_mse, t[1:], t[:-1], 0.3)
-    np.testing.assert_allclose(loaded.step_coefficients(0.3)[:-1, 4] ** 2, expected, rtol=1e-12)
+    np.testing.assert_allclose(loaded.step_coefficients(0.3).sigma[:-1, 0] ** 2, expected, rtol=1e-12)
 
 
 def test_config_round_trip_with_ddpm_ddim_pndm():
@@ -222,7 +222,7 @@ def test_timestep_spacing_gives_the_source_schedulers_timesteps(cls, spacing, st
     ours.set_timesteps(num_steps)
     assert ours.timesteps.dtype == theirs.timesteps.dtype and torch.equal(ours.timesteps, theirs.timesteps)
     assert ours.trajectory == theirs.timesteps.tolist() and ours.num_inference_steps == num_steps
-    assert ours.step_coefficients(1.0)[-1, 2] == 1.0  # the last step goes to clean data, also from t=1
+    assert ours.step_coefficients(1.0).sqrt_abar_s[-1] == 1.0  # the last step goes to clean data, also from t=1
 
 
 def test_trailing_spacing_drops_diffusers_spurious_last_timestep():
@@ -319,9 +319,12 @@ def test_variance_cap_on_step_into_t1(linear_scheduler):
     for s in (free, capped):
         s.set_timesteps(5)
     cap = 2 / 255 * np.sqrt(np.pi / 2)
-    assert free.step_coefficients(1.0)[-2, 4] > cap
-    assert capped.step_coefficients(1.0)[-2, 4] == pytest.approx(cap)
-    np.testing.assert_array_equal(free.step_coefficients(1.0)[:-2], capped.step_coefficients(1.0)[:-2])
+    free_coef, capped_coef = free.step_coefficients(1.0), capped.step_coefficients(1.0)
+    assert free_coef.sigma[-2, 0] > cap
+    assert capped_coef.sigma[-2, 0] == pytest.approx(cap)
+    for name in ("sqrt_abar_t", "sqrt_one_minus_abar_t", "sqrt_abar_s", "eps_coef"):  # the cap changes sigma only
+        np.testing.assert_array_equal(getattr(free_coef, name), getattr(capped_coef, name))
+    np.testing.assert_array_equal(np.delete(free_coef.sigma, -2, 0), np.delete(capped_coef.sigma, -2, 0))
 
 
 # ---------------------------------------------------------------- error paths: a clear message that names the fix

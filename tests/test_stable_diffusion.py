@@ -124,7 +124,7 @@ def test_noise_enters_only_through_the_analytic_variance_at_eta_zero(sd_base, pi
 
     # Analytic-DDIM adds noise with variance (sqrt(abar_s) - sqrt(bb_s abar_t / bb_t))^2 c[t] > 0 ...
     assert not torch.equal(*by_generator())
-    assert (pipe.scheduler.step_coefficients(0.0)[:-1, 4] > 0).all()
+    assert (pipe.scheduler.step_coefficients(0.0).sigma[:-1, 0] > 0).all()
     # ... which vanishes with c = 0 (ms_eps = 1): DDIM's deterministic step, while eta=1.0 still adds btilde noise.
     pipe.scheduler = AnalyticDPMScheduler.from_config(sd_base.scheduler.config, ms_eps=[1.0] * 1000, data_range=None)
     assert torch.equal(*by_generator())
@@ -193,5 +193,5 @@ def test_latent_model_settings_from_sds_config(sd_base, table):
     s = np.asarray(scheduler.trajectory[1:])
     abar, ms_eps = scheduler.alphas_cumprod_64, scheduler.ms_eps
     unbounded = analytic_variance(abar, ms_eps, s, t, eta=1.0, data_range=None)
-    np.testing.assert_allclose(scheduler.step_coefficients(1.0)[:-1, 4] ** 2, unbounded, rtol=1e-12)
+    np.testing.assert_allclose(scheduler.step_coefficients(1.0).sigma[:-1, 0] ** 2, unbounded, rtol=1e-12)
     assert (analytic_variance(abar, ms_eps, s, t, eta=1.0) < unbounded).any()

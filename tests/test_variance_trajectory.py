@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from analytic_sampler.pretrained import load_pretrained
-from analytic_sampler.schedule import alphas_cumprod_from_config, cosine_alphas_cumprod, schedule_fingerprint
+from analytic_sampler.schedule import (
+    alphas_cumprod_from_config,
+    cosine_alphas_cumprod,
+    schedule_fingerprint,
+    signal_to_noise,
+)
 from analytic_sampler.trajectory import (
     TrajectoryDP,
     _is_monge,
@@ -19,7 +24,6 @@ from analytic_sampler.trajectory import (
     optimal_trajectory,
     posterior_variance,
     quadratic_trajectory,
-    snr,
     trajectory_cost,
     transition_cost,
 )
@@ -92,12 +96,12 @@ def test_bad_pairs_are_refused():
 def test_dp_equals_exhaustive_search(n, cost, monotone):
     abar = np.cumprod(1 - np.linspace(0.05, 0.4, n))
     ms = np.minimum((1 - abar) / (abar * 0.3 + 1 - abar) * (1 + 0.1 * np.sin(3 * np.arange(n))), 1)
-    x0_mse = 0.3 / (0.3 * snr(abar) + 1) * (1 + 0.3 * np.cos(2 * np.arange(n)))  # not monotone: any moment works
+    x0_mse = 0.3 / (0.3 * signal_to_noise(abar) + 1) * (1 + 0.3 * np.cos(2 * np.arange(n)))  # not monotone: any moment works
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dp = TrajectoryDP(abar, ms, n, x0_mse=x0_mse if cost == "residual" else None, monotone=monotone)
     moment = dp.moment
-    assert _is_monge(snr(abar), moment) == monotone
+    assert _is_monge(signal_to_noise(abar), moment) == monotone
     if not monotone:
         np.testing.assert_array_equal(moment, x0_mse if cost == "residual" else posterior_variance(abar, ms))
     for k in range(2, n + 1):
@@ -110,7 +114,7 @@ def test_dp_equals_exhaustive_search(n, cost, monotone):
 
 
 def _dense_costs(abar, moment, max_steps):
-    u, m = torch.from_numpy(snr(abar)), torch.from_numpy(moment)
+    u, m = torch.from_numpy(signal_to_noise(abar)), torch.from_numpy(moment)
     return _solve_dense(u, m, max_steps)[0].numpy()[2:, -1]
 
 
@@ -119,9 +123,9 @@ def test_fast_dp_equals_dense_dp_on_random_tables(seed):
     """The divide-and-conquer DP (monotone moment) and the dense O(K N^2) DP reach the same optimum, N = 1000."""
     rng = np.random.default_rng(seed)
     abar = ABAR if seed % 2 else cosine_alphas_cumprod(1000)
-    x0_mse = rng.uniform(0.05, 0.5) / (snr(abar) * rng.uniform(0.05, 0.5) + 1) * np.exp(rng.normal(0, 0.3, 1000))
+    x0_mse = rng.uniform(0.05, 0.5) / (signal_to_noise(abar) * rng.uniform(0.05, 0.5) + 1) * np.exp(rng.normal(0, 0.3, 1000))
     dp = TrajectoryDP(abar, None, 1000, x0_mse=x0_mse, stderr=x0_mse * 0.1)
-    assert _is_monge(snr(abar), dp.moment)
+    assert _is_monge(signal_to_noise(abar), dp.moment)
     fast = np.array([dp.cost(k) for k in range(2, 1001)])
     np.testing.assert_allclose(fast, _dense_costs(abar, dp.moment, 1000), rtol=1e-9)
     for k in (2, 10, 100, 1000):  # the paths realise the costs they report
@@ -135,7 +139,7 @@ def test_fast_dp_equals_dense_dp_on_bundled_tables(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dp = TrajectoryDP(table.alphas_cumprod, ms_eps, 300, x0_mse=x0_mse, stderr=stderr)
-        assert _is_monge(snr(table.alphas_cumprod), dp.moment)
+        assert _is_monge(signal_to_noise(table.alphas_cumprod), dp.moment)
         fast = np.array([dp.cost(k) for k in range(2, 301)])
         np.testing.assert_allclose(fast, _dense_costs(table.alphas_cumprod, dp.moment, 300), rtol=1e-9)
 
@@ -146,13 +150,13 @@ def test_paper_cost_differs_from_the_residual_form_by_a_shared_term():
     s, t = np.array([0, 10, 500, 998]), np.array([5, 700, 999, 999])
     paper = np.log1p(-(1 - ABAR[t] / ABAR[s]) * ms[t] / (1 - ABAR[t]))
     ours = transition_cost(ABAR, posterior_variance(ABAR, ms), s, t)
-    np.testing.assert_allclose(paper, ours + np.log(snr(ABAR)[t]) - np.log(snr(ABAR)[s]), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(paper, ours + np.log(signal_to_noise(ABAR)[t]) - np.log(signal_to_noise(ABAR)[s]), rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_optimal_never_worse_than_even(schedule):
     abar = ABAR if schedule == "linear" else cosine_alphas_cumprod(1000)
-    x0_mse = 0.2 / (0.2 * snr(abar) + 1) * np.exp(RNG.normal(0, 0.05, 1000))
+    x0_mse = 0.2 / (0.2 * signal_to_noise(abar) + 1) * np.exp(RNG.normal(0, 0.05, 1000))
     dp = TrajectoryDP(abar, None, 100, x0_mse=x0_mse)
     for k in (2, 5, 10, 25, 100):
         path = dp.path(k)
@@ -167,7 +171,7 @@ def test_monotone_fit_absorbs_ms_eps_above_one():
     noisy[[700, 850, 999]] = 1.02
     with pytest.warns(UserWarning, match="residual cost, which holds for real networks, needs a table with x0_mse"):
         dp = TrajectoryDP(ABAR, noisy, 50)
-    g = 1 / dp.moment - snr(ABAR)
+    g = 1 / dp.moment - signal_to_noise(ABAR)
     assert np.all(np.isfinite(dp.moment)) and np.all(dp.moment > 0) and np.all(np.diff(g) <= 1e-9 * np.abs(g[1:]))
     assert dp.moment[999] > 0.5 * posterior_variance(ABAR, ms)[999]  # the fit pools t=999 with its neighbours
     for k in (2, 3, 10, 50):

@@ -36,26 +36,43 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter import EpsilonAdapter
+from ..adapter import as_epsilon_model, model_device
 from ..data import check_range, iter_batches
-from ..schedule import as_alphas_cumprod, extended
+from ..noise import noise_generator
+from ..predictions import clip_x0, x0_from_eps
+from ..schedule import as_alphas_cumprod
+from ..table import validate_ms_eps
 from ..trajectory import validate_timesteps
 from ..variance import (
+    analytic_covariance,
     analytic_variance,
-    covariance_upper_bound,
+    channel_view,
+    ddpm_variance,
     pair_coefficients,
     residual_variance,
-    validate_ms_eps,
 )
 from .kl import discretized_gaussian_log_likelihood, normal_kl
 
-VARIANCES = ("analytic", "residual", "beta", "btilde", "learned")
+LIKELIHOOD_VARIANCES = ("analytic", "residual", "beta", "btilde", "learned")  # the reverse variances nll_bpd scores
 DECODERS = ("discretized", "gaussian")
 
 
 @dataclass
 class NLLResult:
-    """Bits/dim of the bound: ``mean`` ± ``stderr`` over data points, with the per-term split."""
+    """Bits/dim of the bound: ``mean`` ± ``stderr`` over data points, with the per-term split.
+
+    Args:
+        mean (`float`): the bound in bits/dim, averaged over the images.
+        stderr (`float`): its standard error over the images.
+        num_samples (`int`): the images evaluated.
+        prior (`float`): the prior KL ``KL(q(x_{t_K} | x0) || N(0, I))``, bits/dim.
+        transitions (`float`): the sum of the transition KLs, bits/dim.
+        decoder (`float`): ``-log p(x0 | x_{t_1})``, bits/dim.
+        per_step (`list[float]`): the mean KL of each pair ``(t_{k-1}, t_k)``, K-1 entries, bits/dim.
+        per_step_stderr (`list[float]`): their standard errors over the images.
+        timesteps (`list[int]`): the trajectory.
+        variance (`str`): the reverse variance scored.
+    """
 
     mean: float
     stderr: float
@@ -63,27 +80,25 @@ class NLLResult:
     prior: float
     transitions: float
     decoder: float
-    per_step: list[float] = field(default_factory=list)  # mean KL of each pair (t_{k-1}, t_k), K-1 entries, bits/dim
-    per_step_stderr: list[float] = field(default_factory=list)  # its standard error over data points
+    per_step: list[float] = field(default_factory=list)
+    per_step_stderr: list[float] = field(default_factory=list)
     timesteps: list[int] = field(default_factory=list)
     variance: str = ""
 
 
-def _variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None, learned_v=None):
-    """sigma^2 on the pairs ``(s, t)`` as float64 numpy (or a tensor for ``learned``)."""
-    a_t, a_s = abar[t], extended(abar, s)
-    b_ts = 1.0 - a_t / a_s
-    btilde = (1.0 - a_s) * b_ts / (1.0 - a_t)
+def _fixed_variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None):
+    """sigma^2 on the pairs ``(s, t)`` of a fixed (not learned) variance, float64 numpy."""
     if kind == "analytic":
         return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
     if kind == "residual":
         return residual_variance(abar, x0_mse, s, t, 1.0)
-    if kind == "beta":
-        return b_ts
-    if kind == "btilde":
-        return btilde
-    frac = (learned_v + 1.0) / 2.0
-    return torch.exp(frac * math.log(b_ts) + (1.0 - frac) * math.log(btilde))
+    return ddpm_variance(abar, s, t, kind)
+
+
+def _learned_variance(v: torch.Tensor, beta: float, btilde: float) -> torch.Tensor:
+    """Improved DDPM's learned range on a pair: ``log sigma^2 = f log beta + (1 - f) log btilde``, ``f = (v + 1) / 2``."""
+    frac = (v + 1.0) / 2.0
+    return torch.exp(frac * math.log(beta) + (1.0 - frac) * math.log(btilde))
 
 
 def nll_bpd(
@@ -106,13 +121,72 @@ def nll_bpd(
     prediction_type: str | None = None,
     clip_denoised: bool = True,
 ) -> NLLResult:
-    """The K-step bound in bits/dim over ``data`` (all of it, or the first ``num_samples`` images).
+    """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first ``num_samples``
+    images): ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
+    ``bits/dim = L / (d ln 2)``, each KL term estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
 
-    ``model``: a UNet, an :class:`EpsilonAdapter` or a callable; ``variance="learned"`` needs a raw model with
-    2C outputs. A table's ``ms_eps`` is needed for ``analytic``, its ``x0_mse`` for ``residual`` (estimated with
-    the same clipping as ``clip_denoised``: the data range). Either may have shape ``(N,)`` or ``(C, N)``, one row per
-    data channel: then sigma^2 is per channel. Noise is drawn on the CPU from a generator seeded per batch, so the
-    figure is reproducible. :func:`nll_bpd_many` scores several variances at once.
+    Args:
+        model (`UNet2DModel`, `EpsilonAdapter` or a callable):
+            The model; ``variance="learned"`` needs a raw model with 2C output channels.
+        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
+            The evaluation images, ``(N, C, H, W)`` in ``data_range``.
+        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`):
+            The model's noise schedule.
+        timesteps (`list[int]`):
+            The trajectory, strictly descending (e.g. ``even_trajectory(N, K)`` or ``optimal_trajectory(...)``).
+            Compare bits/dim only between trajectories that end at the same ``t_1``.
+        variance (`str`, defaults to `"analytic"`):
+            The reverse variance: ``"analytic"`` (needs ``ms_eps``), ``"residual"`` (needs ``x0_mse``), ``"beta"``,
+            ``"btilde"`` or ``"learned"`` (Improved DDPM's learned range on the respaced pair).
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` (``channel_ms_eps``) for one sigma^2 per channel.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse`` likewise, estimated with the same clipping as ``clip_denoised`` (the data range).
+        decoder (`str`, defaults to `"discretized"`):
+            ``"discretized"``: a Gaussian over the data's quantisation bins (edge bins open); ``"gaussian"``: a
+            density.
+        batch_size (`int`, defaults to 256):
+            Images per model call.
+        seed (`int`, defaults to 0):
+            Seeds the noise of every batch (drawn on the CPU), so the figure is reproducible.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            The data's range: checked, the bins' range and the clip range.
+        bin_width (`float`, defaults to 2/255):
+            The quantisation bin of the discretised decoder (8-bit images in ``[-1, 1]``).
+        decoder_variance (`str` or `float`, defaults to `"beta"`):
+            The decoder's variance, the same for every method: ``"beta"`` ``1 - abar[t_1]``, ``"analytic"`` the
+            analytic ``c[t_1]`` (needs ``ms_eps``), or a fixed value.
+        num_samples (`int`, *optional*):
+            Evaluate the first ``num_samples`` images only.
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs; default: the model's device.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+        prediction_type (`str`, *optional*):
+            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        clip_denoised (`bool`, defaults to `True`):
+            Clip ``x0_hat`` to the data range and recompute ``eps_hat`` from it, as samplers do.
+
+    Returns:
+        :class:`NLLResult`: ``mean`` ± ``stderr`` in bits/dim over the images, with the prior, transition and decoder
+        parts and the KL of every step. :func:`nll_bpd_many` scores several variances from the same model calls.
+
+    Example:
+
+    ```py
+    >>> from analytic_sampler import nll_bpd, optimal_trajectory
+    >>> from analytic_sampler.digits import load_digits_split  # the bundled world's held-out digits
+    >>> from analytic_sampler.pretrained import load_pretrained
+
+    >>> model = load_pretrained("digits-ddpm-linear")
+    >>> table, heldout = model.table, load_digits_split("heldout")[0][:16]
+    >>> steps = optimal_trajectory(table.alphas_cumprod, table.ms_eps, 10, x0_mse=table.x0_mse)
+    >>> result = nll_bpd(model.unet, heldout, model.scheduler, steps, variance="residual", x0_mse=table.x0_mse,
+    ...                  progress=False)
+    >>> result.num_samples, len(result.per_step)  # result.mean ± result.stderr: about 5.2 ± 0.1 bits/dim
+    (16, 9)
+
+    ```
     """
     return nll_bpd_many(
         model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
@@ -143,13 +217,43 @@ def nll_bpd_many(
     clip_denoised: bool = True,
 ) -> dict[str, NLLResult]:
     """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
-    differences between the results are paired)."""
+    differences between the results are paired).
+
+    Args:
+        variances (`list[str]`, defaults to `("analytic", "beta", "btilde")`):
+            The variances to score, each one of :func:`nll_bpd`'s ``variance``.
+        model, data, scheduler_or_alphas_cumprod, timesteps, ms_eps, x0_mse, decoder, batch_size, seed, data_range,
+        bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised:
+            As in :func:`nll_bpd`.
+
+    Returns:
+        `dict[str, NLLResult]`: one result per variance.
+    """
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
-    n = abar.size
-    traj = validate_timesteps(timesteps, n)
+    traj = validate_timesteps(timesteps, abar.size)
+    ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, data_range, decoder_variance)
+    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type)
+    device = torch.device(model_device(adapter) if device is None else device)
+    bound = _TrajectoryBound(abar, traj, variances, ms_eps, x0_mse, data_range, clip_denoised, decoder,
+                             decoder_variance, bin_width)
+    totals = _Totals(list(variances), len(traj) - 1)
+    with torch.inference_mode(), tqdm(desc=f"NLL K={len(traj)}", unit="img", disable=not progress,
+                                      total=num_samples) as bar:
+        for b, x0 in enumerate(_first_images(data, batch_size, num_samples)):
+            x0 = x0.to(device=device, dtype=torch.float32)
+            check_range(x0, data_range)
+            terms = bound.terms(adapter, x0, noise_generator(seed, b, stream="likelihood"), device)
+            totals.add(*terms, dims=x0[0].numel())
+            bar.update(x0.shape[0])
+    return totals.results(traj)
+
+
+def _check_options(n: int, traj: list[int], variances, ms_eps, x0_mse, decoder: str, data_range, decoder_variance):
+    """Refuse an unknown variance or decoder, or a table column a choice needs but that is missing or unusable on
+    the trajectory; return ``(ms_eps, x0_mse)`` checked (as given where not needed)."""
     for variance in variances:
-        if variance not in VARIANCES:
-            raise ValueError(f"variance={variance!r}; use one of {VARIANCES}.")
+        if variance not in LIKELIHOOD_VARIANCES:
+            raise ValueError(f"variance={variance!r}; use one of {LIKELIHOOD_VARIANCES}.")
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}; use one of {DECODERS}.")
     if decoder == "discretized" and data_range is None:
@@ -165,103 +269,134 @@ def nll_bpd_many(
                 "`analytic-sampler precompute`, format 2)."
             )
         x0_mse = validate_ms_eps(x0_mse, n, needed=traj[:-1], name="x0_mse", per_channel=None)
-    if prediction_type is None and not isinstance(model, EpsilonAdapter):
-        config = getattr(scheduler_or_alphas_cumprod, "config", scheduler_or_alphas_cumprod)
-        prediction_type = config.get("prediction_type", "epsilon") if hasattr(config, "get") else "epsilon"
-    raw = model.model if isinstance(model, EpsilonAdapter) else model
-    adapter = EpsilonAdapter.wrap(model, abar, **({} if prediction_type is None else {"prediction_type": prediction_type}))
-    if device is None:
-        param = next(raw.parameters(), None) if isinstance(raw, torch.nn.Module) else None
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    return ms_eps, x0_mse
 
-    t = np.asarray(traj, dtype=np.int64)
-    s = np.append(t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
-    # sigma^2 of each pair, shape (K-1,) or (C, K-1)
-    fixed = {v: _variances(v, abar, s[:-1], t[:-1], data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
+
+def _first_images(data, batch_size: int, num_samples: int | None):
+    """The batches of ``data`` up to ``num_samples`` images in all (all of it for ``None``)."""
+    total = 0
+    for x0 in iter_batches(data, batch_size):
+        if num_samples is not None and total >= num_samples:
+            return
+        x0 = x0[: None if num_samples is None else num_samples - total]
+        total += x0.shape[0]
+        yield x0
+
+
+def _decoder_variance(decoder_variance: str | float, abar: np.ndarray, t1: int, ms_eps, data_range):
+    """The decoder's variance at ``t_1``: ``"beta"`` ``1 - abar[t_1]``, ``"analytic"`` ``c[t_1]`` (per channel for a
+    ``(C, N)`` table), or a fixed value."""
     if decoder_variance == "analytic":
-        dec_var = np.clip((1 - abar[t[-1]]) / abar[t[-1]] * (1 - ms_eps[..., t[-1]]), 1e-20,
-                          covariance_upper_bound(abar, t[-1], data_range))
-    elif decoder_variance == "beta":
-        dec_var = 1.0 - abar[t[-1]]
-    else:
-        dec_var = float(decoder_variance)
+        return analytic_covariance(abar, ms_eps, t1, data_range, floor=1e-20)
+    if decoder_variance == "beta":
+        return 1.0 - abar[t1]
+    return float(decoder_variance)
 
-    k_steps, names = len(t) - 1, list(variances)
-    per_sample = {v: [] for v in names}
-    per_step, per_step_sq = np.zeros((len(names), k_steps)), np.zeros((len(names), k_steps))
-    prior_sum, decoder_sum, total = 0.0, 0.0, 0
-    bar = tqdm(desc=f"NLL K={len(t)}", unit="img", disable=not progress, total=num_samples)
-    with torch.inference_mode():
-        for b, x0 in enumerate(iter_batches(data, batch_size)):
-            if num_samples is not None and total >= num_samples:
-                break
-            x0 = x0[: None if num_samples is None else num_samples - total].to(device=device, dtype=torch.float32)
-            check_range(x0, data_range)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + b)
-            d = x0[0].numel()
-            # prior: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)), summed over dimensions
-            a_T = float(abar[t[0]])
-            prior = 0.5 * ((1 - a_T) + a_T * x0.double() ** 2 - 1 - math.log(1 - a_T)).flatten(1).sum(1)
-            steps = torch.zeros(len(names), x0.shape[0], k_steps, dtype=torch.float64, device=device)
-            for k in range(len(t)):
-                a_t, a_s = float(abar[t[k]]), float(extended(abar, s[k]))
-                noise = torch.randn(x0.shape, generator=gen).to(device)
-                x_t = math.sqrt(a_t) * x0 + math.sqrt(1 - a_t) * noise
-                t_batch = torch.full((x0.shape[0],), int(t[k]), device=device)
-                main, v = adapter.split_output(raw(x_t, adapter.model_timestep(t_batch)), x_t)
-                eps = adapter.to_epsilon(main, x_t, int(t[k]))
-                x0_hat = (x_t - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-                if clip_denoised and data_range is not None:
-                    x0_hat = x0_hat.clamp(*data_range)
-                    eps = (x_t - math.sqrt(a_t) * x0_hat) / math.sqrt(1 - a_t)
-                if k == k_steps:
-                    var = _channel_tensor(dec_var, x0)
-                    decoded = _decoder_log_likelihood(x0, x0_hat, var, decoder, bin_width, data_range)
-                    continue
-                btilde = (1 - a_s) * (1 - a_t / a_s) / (1 - a_t)
-                true_mean = math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
-                mean = math.sqrt(a_s) * x0_hat + math.sqrt(max(1 - a_s - btilde, 0.0)) * eps
-                true_mean, mean = true_mean.double(), mean.double()
-                log_btilde = torch.tensor(math.log(btilde), dtype=torch.float64, device=device)
-                for i, variance in enumerate(names):
-                    if variance == "learned":
-                        if v is None:
-                            raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
-                        var = _variances("learned", abar, s[k], t[k], data_range, learned_v=v.double())
-                    else:
-                        var = _channel_tensor(fixed[variance][..., k], x0)
-                    steps[i, :, k] = normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1)
-            for i, variance in enumerate(names):
-                per_sample[variance].append(((prior + steps[i].sum(1) - decoded) / (d * math.log(2))).cpu())
-            per_step += steps.sum(1).cpu().numpy()
-            per_step_sq += (steps**2).sum(1).cpu().numpy()
-            prior_sum += float(prior.sum())
-            decoder_sum += float(-decoded.sum())
-            total += x0.shape[0]
-            bar.update(x0.shape[0])
-    bar.close()
-    if total == 0:
-        raise ValueError("the data yielded no images; pass a non-empty data set.")
-    scale = 1.0 / (total * d * math.log(2))
-    spread = np.maximum(per_step_sq / total - (per_step / total) ** 2, 0.0) * total / max(total - 1, 1)
-    step_stderr = np.sqrt(spread / total) / (d * math.log(2))
-    results = {}
-    for i, variance in enumerate(names):
-        bpd = torch.cat(per_sample[variance]).numpy()
-        results[variance] = NLLResult(
-            mean=float(bpd.mean()),
-            stderr=float(bpd.std(ddof=1) / math.sqrt(total)) if total > 1 else float("nan"),
-            num_samples=total,
-            prior=prior_sum * scale,
-            transitions=float(per_step[i].sum() * scale),
-            decoder=decoder_sum * scale,
-            per_step=(per_step[i] * scale).tolist(),
-            per_step_stderr=step_stderr[i].tolist(),
-            timesteps=[int(x) for x in t],
-            variance=variance,
-        )
-    return results
+
+class _TrajectoryBound:
+    """The terms of the bound on one trajectory for a batch of images, each summed over dimensions (nats per image):
+    the prior KL, one transition KL per pair and variance, and the decoder's log-likelihood."""
+
+    def __init__(self, abar, traj, variances, ms_eps, x0_mse, data_range, clip_denoised: bool, decoder: str,
+                 decoder_variance, bin_width: float):
+        self.abar, self.names = abar, list(variances)
+        self.t = np.asarray(traj, dtype=np.int64)
+        self.s = np.append(self.t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
+        s, t = self.s[:-1], self.t[:-1]
+        # sigma^2 of each pair, shape (K-1,) or (C, K-1)
+        self.fixed = {v: _fixed_variances(v, abar, s, t, data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
+        self.decoder_variance = _decoder_variance(decoder_variance, abar, self.t[-1], ms_eps, data_range)
+        self.decoder, self.bin_width, self.data_range = decoder, bin_width, data_range
+        self.clip_range = data_range if clip_denoised else None
+
+    def terms(self, adapter, x0: torch.Tensor, generator: torch.Generator, device: torch.device):
+        """``(prior (B,), transitions (V, B, K-1), decoder log-likelihood (B,))`` for the images ``x0`` with one
+        forward-process draw ``x_{t_k} ~ q(x_{t_k} | x0)`` per step, float64 on ``device``."""
+        # prior: KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)), summed over dimensions
+        a_T = float(self.abar[self.t[0]])
+        prior = 0.5 * ((1 - a_T) + a_T * x0.double() ** 2 - 1 - math.log(1 - a_T)).flatten(1).sum(1)
+        k_steps = len(self.t) - 1
+        steps = torch.zeros(len(self.names), x0.shape[0], k_steps, dtype=torch.float64, device=device)
+        for k in range(k_steps + 1):
+            pair = pair_coefficients(self.abar, self.s[k], self.t[k], 1.0)
+            a_t = float(pair.abar_t)
+            sqrt_a_t, sqrt_bb_t = math.sqrt(a_t), math.sqrt(1 - a_t)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            x_t = sqrt_a_t * x0 + sqrt_bb_t * noise
+            t_batch = torch.full((x0.shape[0],), int(self.t[k]), device=device)
+            main, v = adapter.split_output(adapter.model(x_t, adapter.model_timestep(t_batch)), x_t)
+            eps = adapter.to_epsilon(main, x_t, int(self.t[k]))
+            x0_hat = x0_from_eps(eps, x_t, sqrt_a_t, sqrt_bb_t)
+            x0_hat, eps = clip_x0(x0_hat, eps, x_t, sqrt_a_t, sqrt_bb_t, self.clip_range)
+            if k == k_steps:
+                var = _channel_tensor(self.decoder_variance, x0)
+                decoded = _decoder_log_likelihood(x0, x0_hat, var, self.decoder, self.bin_width, self.data_range)
+            else:
+                steps[:, :, k] = self._transition_kls(pair, k, x0, x_t, x0_hat, eps, v)
+        return prior, steps, decoded
+
+    def _transition_kls(self, pair, k: int, x0, x_t, x0_hat, eps, v) -> torch.Tensor:
+        """``KL(q(x_s | x_t, x0) || p(x_s | x_t))`` of pair ``k`` for each variance, summed over dimensions: ``(V, B)``."""
+        a_t, a_s, beta, btilde = (float(x) for x in (pair.abar_t, pair.abar_s, pair.beta, pair.btilde))
+        true_mean = math.sqrt(a_s) * beta / (1 - a_t) * x0 + math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t) * x_t
+        mean = math.sqrt(a_s) * x0_hat + float(pair.eps_coef) * eps
+        true_mean, mean = true_mean.double(), mean.double()
+        log_btilde = torch.tensor(math.log(btilde), dtype=torch.float64, device=x0.device)
+        kls = []
+        for variance in self.names:
+            if variance == "learned":
+                if v is None:
+                    raise ValueError("variance='learned' needs a model with 2C output channels (learned range).")
+                var = _learned_variance(v.double(), beta, btilde)
+            else:
+                var = _channel_tensor(self.fixed[variance][..., k], x0)
+            kls.append(normal_kl(true_mean, log_btilde, mean, torch.log(var)).flatten(1).sum(1))
+        return torch.stack(kls)
+
+
+class _Totals:
+    """Running sums of the bound's terms over batches, and the :class:`NLLResult` of each variance from them."""
+
+    def __init__(self, names: list[str], k_steps: int):
+        self.names = names
+        self.per_sample: dict[str, list[torch.Tensor]] = {v: [] for v in names}  # bits/dim of each image
+        self.per_step, self.per_step_sq = np.zeros((len(names), k_steps)), np.zeros((len(names), k_steps))
+        self.prior_sum, self.decoder_sum, self.total, self.dims = 0.0, 0.0, 0, 0
+
+    def add(self, prior: torch.Tensor, steps: torch.Tensor, decoded: torch.Tensor, dims: int) -> None:
+        """One batch's terms from :meth:`_TrajectoryBound.terms`; ``dims``: the dimension d of one image."""
+        for i, variance in enumerate(self.names):
+            self.per_sample[variance].append(((prior + steps[i].sum(1) - decoded) / (dims * math.log(2))).cpu())
+        self.per_step += steps.sum(1).cpu().numpy()
+        self.per_step_sq += (steps**2).sum(1).cpu().numpy()
+        self.prior_sum += float(prior.sum())
+        self.decoder_sum += float(-decoded.sum())
+        self.total += prior.shape[0]
+        self.dims = dims
+
+    def results(self, timesteps: list[int]) -> dict[str, NLLResult]:
+        total, d = self.total, self.dims
+        if total == 0:
+            raise ValueError("the data yielded no images; pass a non-empty data set.")
+        scale = 1.0 / (total * d * math.log(2))
+        spread = np.maximum(self.per_step_sq / total - (self.per_step / total) ** 2, 0.0) * total / max(total - 1, 1)
+        step_stderr = np.sqrt(spread / total) / (d * math.log(2))
+        results = {}
+        for i, variance in enumerate(self.names):
+            bpd = torch.cat(self.per_sample[variance]).numpy()
+            results[variance] = NLLResult(
+                mean=float(bpd.mean()),
+                stderr=float(bpd.std(ddof=1) / math.sqrt(total)) if total > 1 else float("nan"),
+                num_samples=total,
+                prior=self.prior_sum * scale,
+                transitions=float(self.per_step[i].sum() * scale),
+                decoder=self.decoder_sum * scale,
+                per_step=(self.per_step[i] * scale).tolist(),
+                per_step_stderr=step_stderr[i].tolist(),
+                timesteps=[int(x) for x in timesteps],
+                variance=variance,
+            )
+        return results
 
 
 def predicted_transitions_bpd(
@@ -276,6 +411,25 @@ def predicted_transitions_bpd(
     terms, shared by every trajectory from N-1 to 0, are left out. The standard error is the delta method on the
     table's ``x0_mse_stderr`` (NaN without it). On the trajectory a DP chose with this very table the figure is
     optimistic: the DP favours timesteps whose estimate came out low. Scalar tables only (shape ``(N,)``).
+
+    Args:
+        alphas_cumprod (`np.ndarray` or a scheduler):
+            The schedule.
+        timesteps (`list[int]`):
+            The trajectory, strictly descending.
+        x0_mse (`np.ndarray`):
+            The table's ``x0_mse``.
+        x0_mse_stderr (`np.ndarray`, *optional*):
+            Its standard error, for the figure's.
+        variance (`str`, defaults to `"residual"`):
+            ``"residual"``, ``"analytic"`` (needs ``ms_eps``), ``"beta"`` or ``"btilde"``.
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
+            The data's range, for the analytic variance's clip.
+
+    Returns:
+        `tuple[float, float]`: the transitions' bits/dim and its standard error.
     """
     abar = as_alphas_cumprod(alphas_cumprod)
     t = np.asarray(validate_timesteps(timesteps, abar.size), dtype=np.int64)
@@ -285,9 +439,9 @@ def predicted_transitions_bpd(
         raise ValueError(f"variance={variance!r}; use 'residual', 'analytic', 'beta' or 'btilde'.")
     if variance == "analytic":
         ms_eps = validate_ms_eps(ms_eps, abar.size, needed=t)
-    _, _, _, lam2, coef = pair_coefficients(abar, s, t, 1.0)
-    coef2 = coef**2
-    var = _variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
+    pair = pair_coefficients(abar, s, t, 1.0)
+    lam2, coef2 = pair.lambda2, pair.coef**2
+    var = _fixed_variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
     kl = 0.5 * (np.log(var / lam2) + (lam2 + coef2 * x0_mse[t]) / var - 1.0)
     se = np.full(t.size, np.nan) if x0_mse_stderr is None else np.asarray(x0_mse_stderr, dtype=np.float64)[t]
     grad = 0.5 * coef2 / var  # d KL / d x0_mse[t] (for the residual variance the sigma^2 term has zero derivative)
@@ -303,7 +457,7 @@ def _channel_tensor(values, like: torch.Tensor) -> torch.Tensor:
             f"the per-channel table has {values.shape[0]} channels but the data has {like.shape[1]} (shape "
             f"{tuple(like.shape)}); pass the channel_ms_eps / channel_x0_mse of this data's table, or its scalar ones."
         )
-    return values.reshape(-1, *([1] * (like.ndim - 2)))
+    return channel_view(values, like.ndim)
 
 
 def _decoder_log_likelihood(x0, x0_hat, var: torch.Tensor, decoder: str, bin_width: float, data_range) -> torch.Tensor:

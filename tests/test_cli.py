@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +160,17 @@ def test_trajectory_warns_on_a_noisy_table_and_needs_x0_mse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "this table has no x0_mse, so no bound can be predicted" in out and "analytic-sampler precompute" in out
     assert "K=5 paper DP: [99," in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["sample", "--help"], ["bench"],
+                                  ["sample", "--num-images", "0"], ["nll", "--bogus"],
+                                  ["sample", "--device", "cuda", "--steps", "x"]])
+def test_help_and_argument_errors_import_neither_torch_nor_diffusers(argv):
+    """``--help`` and argument errors answer at once: torch and diffusers are imported only by the commands."""
+    probe = ("import sys\nfrom analytic_sampler.commands.cli import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit as err:\n    code = err.code\n"
+             "print([m for m in ('torch', 'diffusers') if m in sys.modules], code)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", probe, *argv], check=False, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == f"[] {0 if argv[-1] == '--help' else 2}", done.stderr

@@ -16,6 +16,7 @@ from ..pretrained import (
 )
 from ..table import REESTIMATE_HINT
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (checked before any work)"
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
 
 
@@ -39,7 +40,8 @@ def _steps(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """argparse type: a torch device that this machine has, so that a missing GPU is reported before any work."""
+    """A torch device that this machine has, so that a missing GPU is reported before any work. Checked after the
+    arguments are read (:func:`main`), so that ``--help`` and argument errors never import torch."""
     import torch
 
     try:
@@ -344,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
     p.add_argument("--num-images", type=_positive_int, default=1000, help="samples per method and K for FD-digits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_demo, parser=p)
 
     p = sub.add_parser("precompute", help="Monte Carlo estimate of a model's ms_eps / x0_mse table")
     p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/, or a Stable Diffusion-type "
@@ -358,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default="all", help="all, even:K or a comma list")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default=None)
+    p.add_argument("--device", default=None,
+                   help=DEVICE_HELP + "; default cpu, under torchrun each rank's GPU where there is one")
     p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model weights and inputs (default: as saved); the sums stay float64")
@@ -377,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="the unconditional prompt of the guided eps (default '')")
     p.add_argument("--latent", default="mean", choices=["mean", "sample"],
                    help="latent pipelines: the VAE posterior mean (default) or a sample of it, times its scaling factor")
-    p.set_defaults(func=cmd_precompute)
+    p.set_defaults(func=cmd_precompute, parser=p)
 
     p = sub.add_parser(
         "trajectory", help="optimal K-step trajectories of a table and the bound (bits/dim) it predicts against even"
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None)
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
     p.add_argument("--json", default=None, help="also write the trajectories and predictions to this JSON file")
-    p.set_defaults(func=cmd_trajectory)
+    p.set_defaults(func=cmd_trajectory, parser=p)
 
     p = sub.add_parser("nll", help="the K-step NLL bound (bits/dim) of one configuration on some images")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -399,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_nll)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_nll, parser=p)
 
     p = sub.add_parser("bench", help="NLL and sample quality against K for any model: bench.json, bench.md, plots")
     p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/ [+ table/]) or Hub repo id")
@@ -415,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_bench)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_bench, parser=p)
 
     p = sub.add_parser("sample", help="sample a grid with AnalyticDPMScheduler")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -426,14 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
     p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--out", default="samples.png", help="PNG file (its folder is created if missing)")
-    p.set_defaults(func=cmd_sample)
+    p.set_defaults(func=cmd_sample, parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) not in (None, "cpu"):
+        try:
+            _device(args.device)
+        except argparse.ArgumentTypeError as err:
+            args.parser.error(f"argument --device: {err}")
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -33,11 +33,15 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
     model, table_dir = str(model_dir / "model"), model_dir / "table"
     args = ["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
             "--num-samples", "8", "--batch-size", "40"]
-    main(args)
+    main([*args, "--keep-checkpoint"])
     first = VarianceTable.load(table_dir)
     assert first.counts.tolist() == [8] * 50 and (table_dir / "checkpoint.pt").exists()
-    main(args)  # a finished checkpoint: resumes at the end, same table
+    with pytest.raises(SystemExit, match=r"already holds variance_table.json, variance_table.safetensors \(from an "
+                       r"earlier run\); pass --overwrite to replace them, or choose another --out"):
+        main(args)
+    main([*args, "--overwrite"])  # a finished checkpoint: resumes at the end, same table; then removed
     assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
+    assert not (table_dir / "checkpoint.pt").exists()
 
     capsys.readouterr()
     main(["trajectory", "--table", str(table_dir), "--steps", "5", "10", "--json", str(model_dir / "traj.json")])
@@ -54,7 +58,7 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
 
     out = model_dir / "grid.png"
     main(["sample", model, "--table", str(table_dir), "--steps", "5", "--num-images", "4", "--out", str(out)])
-    assert Image.open(out).size == (4 * (2 * 9 + 1), 4 * (2 * 9 + 1))
+    assert Image.open(out).size == (27 * (2 * 9 + 1), 27 * (2 * 9 + 1))  # enlarged 27x: 513 px, at least 512
 
 
 def test_errors_name_the_fix(model_dir):

@@ -39,7 +39,7 @@ MODEL = "digits-ddpm-linear"
 CONFIGS = {  # name: (what it is, Python code that runs the command, extra arguments)
     "torch defaults": ("torch imported first: OpenMP's default waits (spin, then sleep), one thread per core",
                        "import sys, torch; from analytic_sampler.commands.cli import main; main(sys.argv[1:])", []),
-    "command defaults": ("analytic-sampler precompute as shipped",
+    "command defaults": ("the command as shipped: waiting threads sleep (OMP_WAIT_POLICY=PASSIVE), one per core",
                          "from analytic_sampler.commands.cli import main; main()", []),
     "--threads 1": ("one thread", "from analytic_sampler.commands.cli import main; main()", ["--threads", "1"]),
 }
@@ -78,24 +78,37 @@ def stop_busy(processes: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _cell(runs: list[dict], config: str, timeout: float) -> tuple[float, bool, str]:
+    """Median wall time of ``config`` (a lower bound where a run timed out: counted at the limit), whether it is
+    a bound, and the Markdown cell: median, then every run."""
+    times = [x["seconds"] for x in runs if x["config"] == config]
+    bound = None in times
+    median = statistics.median(timeout if t is None else t for t in times)
+    each = ", ".join(f"> {timeout:.0f}" if t is None else f"{t:.1f}" for t in times)
+    return median, bound, f"{'> ' if bound else ''}{median:.1f} ({each})"
+
+
 def markdown(r: dict) -> str:
     configs = list(CONFIGS)
     lines = [
         f"# Threads: a {r['num_samples']}-sample `precompute` of {MODEL} on a busy machine", "",
         (f"Wall time (s) of `analytic-sampler precompute {MODEL} --data digits:train --num-samples "
          f"{r['num_samples']}` in a fresh process, {r['cores']} cores available, with competing busy loops on top of "
-         "the machine's other work; median of the repeats (every run in the JSON), load average (1 min) before the "
-         f"runs. Configurations alternate; {r['settle_s']:.0f} s of settling after the busy loops start."), "",
+         "the machine's other work: median (each run), runs stopped after "
+         f"{r['timeout_s']:.0f} s counted as that; load average (1 min) when the level started, and its range "
+         f"over the runs. Configurations alternate; {r['settle_s']:.0f} s of settling after the busy loops "
+         "start."), "",
         *(f"- **{name}**: {CONFIGS[name][0]}" for name in configs), "",
-        "| busy loops | load before | " + " | ".join(configs) + " | torch defaults / command defaults |",
+        "| busy loops | load | " + " | ".join(configs) + " | torch defaults / command defaults |",
         "|---:|---:|" + "---:|" * len(configs) + "---:|",
     ]
     for level in r["levels"]:
-        med = {c: level["median_s"][c] for c in configs}
-        cells = " | ".join("timeout" if med[c] is None else f"{med[c]:.1f}" for c in configs)
-        before, after = med["torch defaults"], med["command defaults"]
-        ratio = "—" if before is None or after is None else f"{before / after:.1f}x"
-        lines.append(f"| {level['busy']} | {level['load_before']:.1f} | {cells} | {ratio} |")
+        cells = {c: _cell(level["runs"], c, r["timeout_s"]) for c in configs}
+        (before, bound, _), (after, _, _) = cells["torch defaults"], cells["command defaults"]
+        loads = [x["load_before"] for x in level["runs"]]
+        lines.append(f"| {level['busy']} | {level['load_before']:.1f} ({min(loads):.1f}-{max(loads):.1f}) | "
+                     + " | ".join(cell for _, _, cell in cells.values())
+                     + f" | {'> ' if bound else ''}{before / after:.1f}x |")
     lines += ["", footer(r)]
     return "\n".join(lines) + "\n"
 
@@ -129,13 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"busy {busy}: {runs[-1]}", flush=True)
         finally:
             stop_busy(processes)
-        median = {}
-        for config in CONFIGS:
-            times = [x["seconds"] for x in runs if x["config"] == config]
-            median[config] = None if None in times else statistics.median(times)
-        levels.append({"busy": busy, "load_before": load, "median_s": median, "runs": runs})
+        levels.append({"busy": busy, "load_before": load, "runs": runs})
 
     result = {"model": MODEL, "num_samples": args.num_samples, "repeats": args.repeats, "settle_s": args.settle,
+              "timeout_s": args.timeout,
               "cores": available_cores(), "levels": levels, **environment("cpu")}
     write_results(args.out, "threads", result, markdown(result))
     print(markdown(result))

@@ -1,14 +1,16 @@
 """CPU threads of the commands: as many as the cores this process may use, waiting without spinning.
 
-PyTorch's CPU kernels run on OpenMP threads, by default one per core of the machine, that spin while they wait for
-each other. Where other work holds the cores, a thread that spins keeps its sibling off the core it waits for: a
-5-sample ``precompute`` of the bundled digits model took 44 s with two spinning threads against 7 s with one on 2
-cores under a load of 2-4 (``benchmarks/threads.py``). The commands therefore
+PyTorch's CPU kernels run on OpenMP threads, by default one per core of the machine, that spin for a while when
+they wait for each other. Where other work holds the cores, a spinning thread keeps the sibling it waits for off
+its core, and a run slows down several times over (``benchmarks/threads.py`` measures it). The commands therefore
 
 - let OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets a policy; it
-  takes effect only where torch is not imported yet, as in the ``analytic-sampler`` command), and
+  takes effect where torch is not imported yet, as in the ``analytic-sampler`` command), and
 - use ``--threads`` threads, else ``OMP_NUM_THREADS`` (which torch reads itself), else one per core this process may
   use (its CPU affinity, a container's CPU quota), shared among the processes of a ``torchrun`` node.
+
+The count never follows the machine's load: the number of threads may change the order in which a kernel sums, and a
+resumed estimate must give the table of an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -67,4 +67,4 @@ def test_threads_quick(tmp_path):
     (level,) = result["levels"]
     assert level["busy"] == 0 and [r["config"] for r in level["runs"]] == list(threads.CONFIGS)
     assert all(r["seconds"] > 0 for r in level["runs"]) and result["cores"] >= 1
-    assert "| busy loops | load before |" in (tmp_path / "threads.md").read_text()
+    assert "| busy loops | load | torch defaults | command defaults |" in (tmp_path / "threads.md").read_text()

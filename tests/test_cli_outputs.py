@@ -36,8 +36,8 @@ def keep(path, text: str = "earlier results") -> str:
 
 
 @pytest.mark.parametrize(("argv", "existing", "listed"), [
-    (["sample", "--out", "{d}/grid.png"], "grid.png", "--out {d}/grid.png already exists (from an earlier run); pass "
-                                                      "--overwrite to replace it, or choose another --out."),
+    (["sample", "--out", "{d}/grid.png"], "grid.png",
+     "--out {d}/grid.png already exists (from an earlier run); pass --overwrite to replace it, or choose another --out."),
     (["bench", "digits-ddpm-linear", "--data", "digits:train", "--eval-data", "digits:heldout", "--out", "{d}"],
      "bench.md", "--out {d} already holds bench.md (from an earlier run); pass --overwrite to replace them"),
     (["demo", "--out", "{d}"], "table/variance_table.safetensors",

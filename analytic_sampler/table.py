@@ -95,6 +95,13 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _ordinary_permissions(path: str) -> None:
+    """The permissions of any new file (``0o666`` less the umask: 0644 as a rule); safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _mean_stderr(sums, sums_sq, counts) -> tuple[np.ndarray, np.ndarray]:
     """Per-timestep mean and its standard error from ``S1``, ``S2`` and ``n`` (NaN where ``n`` is too small)."""
     s1, s2, n = np.asarray(sums, dtype=np.float64), np.asarray(sums_sq, dtype=np.float64), np.asarray(counts)
@@ -368,6 +375,7 @@ class VarianceTable:
         if self.num_channels is not None:
             dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
         save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}, arrays_path)
+        _ordinary_permissions(arrays_path)
         meta = {
             "format_version": FORMAT_VERSION,
             "num_train_timesteps": self.num_train_timesteps,

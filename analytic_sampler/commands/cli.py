@@ -207,11 +207,11 @@ def _remove_checkpoint(checkpoint: Path, rank: int) -> None:
     """Delete this rank's checkpoint once the table is saved (every rank waits for rank 0's save first)."""
     import torch.distributed as dist
 
-    from ..moments import _rank_path
+    from ..distributed import rank_path
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    path = Path(_rank_path(str(checkpoint), rank))
+    path = Path(rank_path(str(checkpoint), rank))
     if path.exists():
         path.unlink()
         if rank == 0:

@@ -121,10 +121,11 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     finished_model = Flaky()
     assert_same(run(finished_model, checkpoint=path), full)  # a finished checkpoint needs no model calls
     assert finished_model.calls == 0
-    with pytest.raises(ValueError, match=r"different settings \(seed: 0 != 1\); delete the file"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(seed: 0 in the checkpoint, 1 now\); delete it "
+                       r"to start afresh \(`analytic-sampler precompute`: pass --overwrite\), or rerun with"):
         run(checkpoint=path, seed=1)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="unreadable .*delete it to start the estimate over"):
+    with pytest.raises(ValueError, match=r"unreadable \(\w+\); delete it to start afresh"):
         run(checkpoint=path)
 
 

@@ -51,10 +51,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .adapter import EpsilonAdapter
-    from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd
-    from .moments import estimate_moments
-    from .scheduler import AnalyticDPMScheduler
-    from .table import VarianceTable
-    from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory
-    from .variance import analytic_variance, residual_variance, variance_bounds
+    from .adapter import EpsilonAdapter  # noqa: F401
+    from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd  # noqa: F401
+    from .moments import estimate_moments  # noqa: F401
+    from .scheduler import AnalyticDPMScheduler  # noqa: F401
+    from .table import VarianceTable  # noqa: F401
+    from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401
+    from .variance import analytic_variance, residual_variance, variance_bounds  # noqa: F401

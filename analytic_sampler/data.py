@@ -6,6 +6,7 @@ Images from files (and PIL images in datasets) are mapped from ``[0, 255]`` to `
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,6 +16,13 @@ import torch
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 IMAGE_KEYS = ("images", "pixel_values", "sample", "image", "img")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# PIL modes by the kind of image they hold, which converting to another kind changes (grey <-> colour, alpha)
+_KINDS = {"1": "L", "L": "L", "I": "L", "I;16": "L", "F": "L", "LA": "RGBA", "La": "RGBA", "PA": "RGBA",
+          "RGBA": "RGBA", "RGBa": "RGBA"}
+_LOSS = {("L", "RGB"): "the grey level is repeated in R, G and B", ("L", "RGBA"): "grey repeated, opaque alpha added",
+         ("RGB", "L"): "colour is lost", ("RGB", "RGBA"): "an opaque alpha channel is added",
+         ("RGBA", "L"): "colour and alpha are dropped", ("RGBA", "RGB"): "the alpha channel is dropped"}
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # captions beside the images (Hugging Face's imagefolder)
 
 
 def _pil_to_tensor(image, channels: int | None) -> torch.Tensor:
@@ -57,28 +65,53 @@ def _check_batch(x: torch.Tensor) -> torch.Tensor:
 
 
 def folder_files(path: str) -> list[str]:
-    """The image files of a folder, sorted by name: the order in which their images are read."""
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    """The image files of a folder, sorted by name: the order in which their images are read. Other entries
+    (a README, ``.DS_Store``, subfolders) are skipped with one warning naming them; captions files
+    (``metadata.jsonl`` / ``.csv``) without one."""
+    entries = sorted(os.listdir(path))
+    files = [f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f))]
+    others = [f + ("/" if os.path.isdir(os.path.join(path, f)) else "") for f in entries
+              if f not in files and f not in METADATA_FILES]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}; point data at image files.")
+        held = f"it holds only {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}" if others else "it is empty"
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {path} ({held}); point data at a folder "
+                         "of image files.")
+    if others:
+        warnings.warn(f"folder {path}: skipping what is not an image file ({', '.join(others)}).")
     return files
 
 
-def _folder_images(path: str, channels: int | None) -> Iterator[torch.Tensor]:
-    from PIL import Image
+def _open_image(path: str):
+    """The image at ``path``, fully read; a ``ValueError`` naming the file where it is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path} is not a readable image ({err}); replace or remove the file.") from err
+
+
+def _folder_images(path: str, channels: int | None) -> Iterator[torch.Tensor]:
     files = folder_files(path)
-    size = None
+    size, warned = None, set()
     for name in files:
-        with Image.open(os.path.join(path, name)) as image:
-            if size is None:  # the first image sets the size and, with channels=None, the mode of all
-                size, channels = image.size, channels or {"L": 1, "RGBA": 4}.get(image.mode, 3)
-            elif image.size != size:
-                raise ValueError(
-                    f"{name} is {image.size[0]}x{image.size[1]} but {files[0]} is {size[0]}x{size[1]}; "
-                    "all images in the folder must have the same size: resize or crop them first."
-                )
-            yield _pil_to_tensor(image, channels)[None]
+        image = _open_image(os.path.join(path, name))
+        if size is None:  # the first image sets the size and, with channels=None, the mode of all
+            size, channels = image.size, channels or {"L": 1, "RGBA": 4}.get(image.mode, 3)
+        elif image.size != size:
+            raise ValueError(
+                f"{name} is {image.size[0]}x{image.size[1]} but {files[0]} is {size[0]}x{size[1]}; "
+                "all images in the folder must have the same size: resize or crop them first."
+            )
+        target = _MODES.get(channels)
+        kind = _KINDS.get(image.mode, "RGB")
+        if target is not None and kind != target and (image.mode, target) not in warned:
+            warned.add((image.mode, target))
+            warnings.warn(f"folder {path}: converting {image.mode} images to {target} for {channels} channel(s) "
+                          f"(first: {name}); {_LOSS[(kind, target)]}.")
+        yield _pil_to_tensor(image, channels)[None]
 
 
 def _pieces(data: Any, channels: int | None) -> Iterator[torch.Tensor]:

@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from .data import check_range, folder_files, iter_batches
+from .data import METADATA_FILES, check_range, folder_files, iter_batches
 from .fingerprint import files_fingerprint, tensor_fingerprint, weights_fingerprint
 from .noise import noise_generator
 
 LATENTS = ("mean", "sample")
-CAPTION_FILES = ("metadata.jsonl", "metadata.csv")
+CAPTION_FILES = METADATA_FILES
 CAPTION_KEYS = ("text", "caption", "prompt")
 
 
@@ -94,7 +94,12 @@ def read_captions(path: str | os.PathLike, folder: str | os.PathLike | None = No
     ext = os.path.splitext(path)[1].lower()
     if ext == ".txt":
         with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f]
+            lines = [line.rstrip("\n") for line in f]
+        count = None if folder is None else len(folder_files(os.fspath(folder)))
+        if count is not None and len(lines) != count:
+            raise ValueError(f"captions file {path} has {len(lines)} lines but {folder} holds {count} images; give "
+                             "one line per image, in the order of the sorted file names.")
+        return lines
     if ext not in (".jsonl", ".csv"):
         raise ValueError(f"captions file {path!r}: use .txt (one line per image), .jsonl or .csv (file_name, text).")
     with open(path, encoding="utf-8", newline="") as f:

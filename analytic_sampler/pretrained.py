@@ -86,9 +86,37 @@ def _hub_error(repo_id: str, err: OSError) -> ValueError:
         why = f"{type(err).__name__}: {err}"
         fix = "Check the repo id, the revision and your connection (`hf auth login` for a private repo)"
     return ValueError(
-        f"cannot load Hub repo {repo_id!r} ({why}); there is no local folder of that name either. "
-        f"{fix}, or pass {MODEL_FORMS}."
+        f"cannot load Hub repo {repo_id!r} ({why}); there is no local folder of that name either (looked in "
+        f"{os.path.abspath(repo_id)}). {fix}, or pass {MODEL_FORMS}."
     )
+
+
+def _loading_options() -> dict:
+    """Diffusers' loading options: without accelerate, the plain load that Diffusers would fall back to anyway
+    (asked for, it skips the warning that accelerate is missing)."""
+    import importlib.util
+
+    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+
+
+def _refuse_conditional_unet(name: str | os.PathLike, source: str) -> None:
+    """A local model whose ``unet/`` is not a ``UNet2DModel`` (a Stable Diffusion-type pipeline) is refused with the
+    way to sample it, instead of Diffusers' error about the missing config entries."""
+    import json
+
+    config = Path(source) / "unet" / "config.json"
+    if not config.is_file():
+        return
+    with open(config) as f:
+        kind = json.load(f).get("_class_name", "UNet2DModel")
+    if kind != "UNet2DModel":
+        raise ValueError(
+            f"{os.fspath(name)!r} holds a {kind} (a latent or conditional pipeline), and this loads pixel-space "
+            "UNet2DModel models (the sample, nll, bench and trajectory commands). For a Stable Diffusion-type "
+            "pipeline, estimate its table with `analytic-sampler precompute MODEL --data IMAGES --prompt ...` and "
+            "sample in Python: pipe.scheduler = AnalyticDPMScheduler.from_table(table, pipe.scheduler.config) "
+            "(README, Stable Diffusion)."
+        )
 
 
 @dataclass
@@ -100,6 +128,18 @@ class PretrainedModel:
     table: object | None
     source: str
 
+    @property
+    def name(self) -> str:
+        """The model as results show it: a bundled model's name, a Hub repo id or relative path as given, the
+        last folder of an absolute path (no machine's paths in titles and reports)."""
+        path = Path(self.source)
+        return path.name if path.is_absolute() else self.source
+
+    @property
+    def is_bundled(self) -> bool:
+        """Whether this is one of the models installed with the package."""
+        return Path(self.source).parent == BUNDLED_DIR
+
 
 def load_pretrained(
     name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True, torch_dtype=None
@@ -107,13 +147,15 @@ def load_pretrained(
     """``UNet2DModel`` (weights in ``torch_dtype``, default as saved) + ``DDPMScheduler`` from ``<model>/unet`` and
     ``<model>/scheduler``; the table from ``<model>/table`` if present (``None`` otherwise)."""
     source = resolve(name_or_path)  # before importing diffusers: a bad name fails at once
+    _refuse_conditional_unet(name_or_path, source)
 
     from diffusers import DDPMScheduler, UNet2DModel
 
     from .table import VarianceTable
 
     try:
-        unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision, torch_dtype=torch_dtype).eval()
+        unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision, torch_dtype=torch_dtype,
+                                           **_loading_options()).eval()
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
     except OSError as err:
         if os.path.isdir(source):
@@ -162,7 +204,8 @@ def load_pipeline(source: str, revision: str | None = None, torch_dtype=None):
     from diffusers import DiffusionPipeline
 
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype,
+                                                 **_loading_options())
     except OSError as err:
         if os.path.isdir(source):
             raise

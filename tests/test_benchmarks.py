@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cost  # noqa: E402
 import per_channel  # noqa: E402
 import steps  # noqa: E402
+import threads  # noqa: E402
 import throughput  # noqa: E402
 import trajectory  # noqa: E402
 
@@ -58,3 +59,12 @@ def test_per_channel_small(tmp_path):
     assert differ["per-channel bpd"] < differ["scalar bpd"] - 0.2
     assert equal["per-channel bpd"] == equal["scalar bpd"]
     assert (tmp_path / "per_channel.md").is_file()
+
+
+def test_threads_quick(tmp_path):
+    """Each configuration runs the real command once, in a fresh process, and is timed."""
+    result = threads.main(["--quick", "--out", str(tmp_path)])
+    (level,) = result["levels"]
+    assert level["busy"] == 0 and [r["config"] for r in level["runs"]] == list(threads.CONFIGS)
+    assert all(r["seconds"] > 0 for r in level["runs"]) and result["cores"] >= 1
+    assert "| busy loops | load | torch defaults | command defaults |" in (tmp_path / "threads.md").read_text()

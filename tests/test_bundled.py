@@ -69,8 +69,8 @@ def test_demo_writes_grid_and_table(tmp_path):
     assert {(r["K"], r["trajectory"], r["variance"]) for r in saved["nll"]} >= {(5, "optimal", "residual"),
                                                                                  (8, "even", "analytic")}
     grid = Image.open(tmp_path / "grid.png")
-    unlabelled = 10 * (8 + 1) * 4 + 4
-    assert grid.height == 8 * (8 + 1) * 4 + 4 and grid.width > unlabelled + 60  # 8 rows, a label margin
+    unlabelled = 10 * (8 + 1) * 6 + 6  # enlarged 6x: the 91 px wide grid becomes 546, at least 512
+    assert grid.height == 8 * (8 + 1) * 6 + 6 and grid.width > unlabelled + 60  # 8 rows, a label margin
     assert result["table"] == "shipped with the model"
 
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,11 +33,15 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
     model, table_dir = str(model_dir / "model"), model_dir / "table"
     args = ["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
             "--num-samples", "8", "--batch-size", "40"]
-    main(args)
+    main([*args, "--keep-checkpoint"])
     first = VarianceTable.load(table_dir)
     assert first.counts.tolist() == [8] * 50 and (table_dir / "checkpoint.pt").exists()
-    main(args)  # a finished checkpoint: resumes at the end, same table
+    with pytest.raises(SystemExit, match=r"already holds variance_table.json, variance_table.safetensors \(from an "
+                       r"earlier run\); pass --overwrite to replace them, or choose another --out"):
+        main(args)
+    main([*args, "--overwrite"])  # a finished checkpoint: resumes at the end, same table; then removed
     assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
+    assert not (table_dir / "checkpoint.pt").exists()
 
     capsys.readouterr()
     main(["trajectory", "--table", str(table_dir), "--steps", "5", "10", "--json", str(model_dir / "traj.json")])
@@ -50,7 +58,7 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
 
     out = model_dir / "grid.png"
     main(["sample", model, "--table", str(table_dir), "--steps", "5", "--num-images", "4", "--out", str(out)])
-    assert Image.open(out).size == (4 * (2 * 9 + 1), 4 * (2 * 9 + 1))
+    assert Image.open(out).size == (27 * (2 * 9 + 1), 27 * (2 * 9 + 1))  # enlarged 27x: 513 px, at least 512
 
 
 def test_errors_name_the_fix(model_dir):
@@ -156,3 +164,17 @@ def test_trajectory_warns_on_a_noisy_table_and_needs_x0_mse(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "this table has no x0_mse, so no bound can be predicted" in out and "analytic-sampler precompute" in out
     assert "K=5 paper DP: [99," in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["sample", "--help"], ["bench"],
+                                  ["sample", "--num-images", "0"], ["nll", "--bogus"],
+                                  ["sample", "--device", "cuda", "--steps", "x"]])
+def test_help_and_argument_errors_import_neither_torch_nor_diffusers(argv):
+    """``--help`` and argument errors answer at once: torch and diffusers are imported only by the commands."""
+    probe = ("import sys\nfrom analytic_sampler.commands.cli import main\ntry:\n    main(sys.argv[1:])\n"
+             "except SystemExit as err:\n    code = err.code\n"
+             "print([m for m in ('torch', 'diffusers') if m in sys.modules], code)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", probe, *argv], check=False, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == f"[] {0 if argv[-1] == '--help' else 2}", done.stderr

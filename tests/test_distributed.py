@@ -68,3 +68,4 @@ def test_cli_precompute_under_torchrun(tmp_path):
     launched = run([*args, str(tmp_path / "two")], nproc=2)
     assert launched.stdout.count("saved to") == 1  # rank 0 alone writes and reports
     assert_same_table(tmp_path / "one", tmp_path / "two")
+    assert not list((tmp_path / "two").glob("checkpoint*"))  # every rank removed its checkpoint after the save

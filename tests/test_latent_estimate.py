@@ -270,3 +270,42 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
         main(["precompute", "digits-ddpm-linear", "--data", "digits:train", "--prompt", "a", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="pass --out"):
         main(["precompute", "digits-ddpm-linear", "--data", "digits:train"])
+
+
+def test_a_captions_file_of_another_length_is_refused_with_the_counts(images, tmp_path):
+    folder = write_folder(tmp_path / "images", images)
+    (tmp_path / "long.txt").write_text("\n".join(PROMPTS + ["one too many"]) + "\n")
+    with pytest.raises(ValueError, match=r"long.txt has 9 lines but .*images holds 8 images; give one line per "
+                       "image, in the order of the sorted file names"):
+        read_captions(tmp_path / "long.txt", folder)
+    (tmp_path / "short.txt").write_text("\n".join(PROMPTS[:5]) + "\n")
+    with pytest.raises(ValueError, match=r"short.txt has 5 lines but .*images holds 8 images"):
+        read_captions(tmp_path / "short.txt", folder)
+    assert read_captions(tmp_path / "short.txt") == PROMPTS[:5]  # no folder to count against: read as it is
+
+
+def test_cli_checks_prompts_before_loading_the_pipeline_and_sample_names_the_way(pipe, images, tmp_path,
+                                                                                 monkeypatch):
+    """The prompt errors name the command line's flags, are raised before the pipeline loads (a captions file of
+    the wrong length too, even with --num-samples below both counts), and ``sample`` on a pipeline folder says how
+    to sample one instead of Diffusers' error about its UNet's config."""
+    from analytic_sampler import pretrained
+    from analytic_sampler.commands.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tmp_path / "tiny-sd"
+    pipe.save_pretrained(model)
+    folder = write_folder(tmp_path / "images", images)
+    monkeypatch.setattr(pretrained, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline was loaded"))
+    base = ["precompute", str(model), "--data", str(folder), "--out", str(tmp_path / "t"), "--num-samples", "4"]
+    with pytest.raises(SystemExit, match=r"has no captions \(metadata.jsonl or metadata.csv\) and the pipeline is "
+                       r"text-conditioned: pass --prompt '...' \(one prompt for every image; --prompt '' for the "
+                       r"unconditional model\) or --captions FILE"):
+        main(base)
+    (tmp_path / "captions.txt").write_text("\n".join(PROMPTS[:6]) + "\n")
+    with pytest.raises(SystemExit, match=r"captions.txt has 6 lines but .*images holds 8 images"):
+        main([*base, "--captions", str(tmp_path / "captions.txt")])
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(SystemExit, match=r"'.*tiny-sd' holds a UNet2DConditionModel \(a latent or conditional "
+                       r"pipeline\).*AnalyticDPMScheduler.from_table\(table, pipe.scheduler.config\)"):
+        main(["sample", str(model), "--out", str(tmp_path / "x.png")])

@@ -30,12 +30,20 @@ from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import nll_bpd_many
 from ..evaluation.provenance import environment, footer, write_results
 from ..evaluation.sampling import sample
-from ..pretrained import PretrainedModel, load_pretrained
+from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
+from ..table import ARRAYS_NAME, META_NAME
 from ..trajectory import TrajectoryDP, even_trajectory
 
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
+PLOT_APART = ("btilde",)  # tens to hundreds of bits/dim at small K: plotted beside the others, not with them
 Features = Callable[[torch.Tensor], torch.Tensor]
+
+
+def output_names(name: str = "bench") -> tuple[str, ...]:
+    """The files :func:`run_bench` writes into its ``out`` folder (the table where it estimates one)."""
+    return (f"{name}.json", f"{name}.md", f"{name}_nll.png", f"{name}_fd.png", f"{TABLE_SUBFOLDER}/{META_NAME}",
+            f"{TABLE_SUBFOLDER}/{ARRAYS_NAME}")
 
 
 def inception_features(path: str | os.PathLike, device: str | torch.device = "cpu") -> Features:
@@ -77,16 +85,22 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
     if table is not None:
         return table, "given"
     if model.table is not None and model.table.has_x0_mse:
-        return model.table, "shipped with the model"
+        return model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
     from ..moments import estimate_moments
 
-    folder = out / "table"
+    folder = out / TABLE_SUBFOLDER
     num_samples = min(num_samples, len(train))
     table = estimate_moments(model.unet, train, model.scheduler, num_samples=num_samples, batch_size=batch_size,
                              seed=seed, device=device, checkpoint=folder / "checkpoint.pt",
                              provenance={"model_id": str(model.source)})
     table.save(folder)
     return table, f"estimated here ({num_samples} images per timestep, saved to {folder})"
+
+
+def _own_table_label(model) -> str:
+    """Where the table of a user's model folder came from, by its provenance."""
+    data = model.table.provenance.get("data")
+    return f"the model's {TABLE_SUBFOLDER}/ folder" + (f" (estimated on {data})" if data else "")
 
 
 def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_size: int = 256, seed: int = 0,
@@ -184,7 +198,7 @@ def run_bench(
     bar.close()
 
     result = {
-        "model": str(model.source), "table": table_source, "table_samples_per_timestep":
+        "model": model.name, "table": table_source, "table_samples_per_timestep":
             int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": seed,
         "train_images": len(train), "eval_images": len(heldout), "nll": nll,
         "sample_quality": {"measure": feature_name if features is not None else None,
@@ -244,14 +258,21 @@ def plot(r: dict, out: Path, name: str = "bench") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for variance in dict.fromkeys(x["variance"] for x in r["nll"]):
+    variances = list(dict.fromkeys(x["variance"] for x in r["nll"]))
+    apart = [v for v in variances if v in PLOT_APART]  # far above the others: their own panel, their own scale
+    fig, axes = plt.subplots(1, 2 if apart else 1, figsize=(9 if apart else 6, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1] if apart else [1]})
+    for variance in variances:
+        ax = axes[0, 1] if variance in apart else axes[0, 0]
         for trajectory, style in (("even", "--"), ("optimal", "-")):
             rows = [x for x in r["nll"] if x["variance"] == variance and x["trajectory"] == trajectory]
             ax.errorbar([x["K"] for x in rows], [x["bpd"] for x in rows], [x["stderr"] for x in rows], fmt=style,
                         marker="o", label=f"{variance} ({trajectory})")
-    ax.set(xscale="log", yscale="log", xlabel="K", ylabel="NLL bound (bits/dim)", title=r["model"])
-    ax.legend(fontsize=7)
+    axes[0, 0].set(xscale="log", xlabel="K", ylabel="NLL bound (bits/dim)", title=r["model"])
+    if apart:
+        axes[0, 1].set(xscale="log", yscale="log", xlabel="K", title=f"{', '.join(apart)}: own scale (log)")
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{name}_nll.png", dpi=110)
     plt.close(fig)

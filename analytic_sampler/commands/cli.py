@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 from ..pretrained import (
@@ -14,8 +15,14 @@ from ..pretrained import (
     load_pretrained,
     local_or_repo_id,
 )
-from ..table import REESTIMATE_HINT
+from ..table import ARRAYS_NAME, META_NAME, REESTIMATE_HINT
+from .outputs import refuse_overwrite
+from .runtime import configure_threads
 
+DEVICE_HELP = "cpu, cuda, cuda:N or mps (checked before any work)"
+THREADS_HELP = ("CPU threads of torch (default: OMP_NUM_THREADS if set, else one per core this process may use; "
+                "waiting threads sleep instead of spinning, so a busy machine does not stall the run)")
+OVERWRITE_HELP = "replace the results of an earlier run in --out (refused otherwise)"
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
 
 
@@ -39,7 +46,8 @@ def _steps(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    """argparse type: a torch device that this machine has, so that a missing GPU is reported before any work."""
+    """A torch device that this machine has, so that a missing GPU is reported before any work. Checked after the
+    arguments are read (:func:`main`), so that ``--help`` and argument errors never import torch."""
     import torch
 
     try:
@@ -73,7 +81,7 @@ def _make_folder(folder: str | os.PathLike) -> Path:
     return path
 
 
-def _load_data(spec: str, channels: int):
+def _load_data(spec: str, channels: int, flag: str = "--data"):
     """``digits:train`` / ``digits:heldout``, a ``.pt`` / ``.npy`` tensor file, or every image of a folder."""
     import numpy as np
     import torch
@@ -82,17 +90,24 @@ def _load_data(spec: str, channels: int):
         from ..digits import load_digits_split
 
         return load_digits_split(spec.split(":", 1)[1])[0]
-    if not os.path.exists(spec):
-        raise ValueError(f"--data {spec!r}: no such file or folder; {DATA_FORMS}.")
-    if os.path.isdir(spec):
+    path = _existing_path(spec, flag, DATA_FORMS)
+    if os.path.isdir(path):
         from ..data import iter_batches
 
-        return torch.cat(list(iter_batches(spec, batch_size=1024, channels=channels)))
-    if spec.endswith(".pt"):
-        return torch.load(spec, map_location="cpu")
-    if spec.endswith(".npy"):
-        return torch.from_numpy(np.load(spec))
-    raise ValueError(f"--data {spec!r}: not a .pt/.npy file; {DATA_FORMS}.")
+        return torch.cat(list(iter_batches(path, batch_size=1024, channels=channels)))
+    if path.endswith(".pt"):
+        return torch.load(path, map_location="cpu")
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path))
+    raise ValueError(f"{flag} {spec!r}: not a .pt/.npy file; {DATA_FORMS}.")
+
+
+def _existing_path(spec: str, flag: str, forms: str) -> str:
+    """``spec`` with ``~`` expanded; a clear error naming ``flag`` and where it looked when nothing is there."""
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {spec!r}: no such file or folder (looked in {os.path.abspath(path)}); {forms}.")
+    return path
 
 
 def _check_data(data, unet, spec: str, flag: str = "--data", needed: int = 1, count_flag: str | None = None) -> None:
@@ -154,10 +169,12 @@ def cmd_precompute(args) -> None:
         if args.model in BUNDLED_MODELS or not os.path.isdir(source):
             raise ValueError(f"pass --out: {args.model} is not a local model folder to store the table beside.")
         args.out = os.path.join(source, TABLE_SUBFOLDER)
+    _refuse_finished_table(args.out, args.overwrite)
     provenance = {"model_id": args.model, "revision": args.revision, "data": args.data}
-    if latent:  # the data are checked before any output folder is made
+    if latent:  # the data and prompts are checked before the pipeline loads
+        data = _pipeline_data(args)
         model = load_pipeline(source, args.revision, torch_dtype=dtype)
-        data, schedule = _pipeline_images(args.data, args.num_samples), model.scheduler
+        schedule = model.scheduler
         options = dict(prompt=args.prompt, captions=args.captions, guidance_scale=args.guidance_scale,
                        negative_prompt=args.negative_prompt, latent=args.latent)
     else:
@@ -176,18 +193,53 @@ def cmd_precompute(args) -> None:
     if rank == 0:  # every rank holds the same table
         table.save(out)
         print(f"{table}\nsaved to {out}")
+    if not args.keep_checkpoint:
+        _remove_checkpoint(checkpoint, rank)
 
 
-def _pipeline_images(spec: str, needed: int) -> str:
-    """A latent pipeline's ``--data``: a folder of images, streamed (checked to hold ``needed`` images)."""
+def _refuse_finished_table(out: str, overwrite: bool) -> None:
+    """A finished table in ``out`` is replaced only with ``--overwrite``: decided on the files, before any work.
+    (Where a rerun with the same settings should instead be a no-op, that decision belongs here.)"""
+    refuse_overwrite(out, overwrite, (META_NAME, ARRAYS_NAME))
+
+
+def _remove_checkpoint(checkpoint: Path, rank: int) -> None:
+    """Delete this rank's checkpoint once the table is saved (every rank waits for rank 0's save first)."""
+    import torch.distributed as dist
+
+    from ..distributed import rank_path
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    path = Path(rank_path(str(checkpoint), rank))
+    if path.exists():
+        path.unlink()
+        if rank == 0:
+            print(f"removed the checkpoint {path} (pass --keep-checkpoint to keep it)")
+
+
+def _pipeline_data(args) -> str:
+    """A latent pipeline's ``--data``: a folder of images, streamed, checked to hold ``--num-samples`` images with
+    a prompt for each (``--prompt``, ``--captions`` or the folder's own metadata file)."""
     from ..data import folder_files
+    from ..latents import CAPTION_FILES, resolve_prompts
 
-    if not os.path.isdir(spec):
+    spec, needed = args.data, args.num_samples
+    if not os.path.isdir(os.path.expanduser(spec)):
+        _existing_path(spec, "--data", "a latent pipeline reads a folder of images (with captions beside them)")
         raise ValueError(f"--data {spec!r}: a latent pipeline reads a folder of images (with captions beside them).")
+    spec = os.path.expanduser(spec)
     count = len(folder_files(spec))
     if count < needed:
         raise ValueError(f"--data {spec!r} holds {count} images but --num-samples is {needed}; pass --num-samples "
                          f"{count} or more images.")
+    if args.prompt is None and args.captions is None and not any(
+        os.path.isfile(os.path.join(spec, name)) for name in CAPTION_FILES
+    ):
+        raise ValueError(f"--data {spec!r} has no captions ({' or '.join(CAPTION_FILES)}) and the pipeline is "
+                         "text-conditioned: pass --prompt '...' (one prompt for every image; --prompt '' for the "
+                         "unconditional model) or --captions FILE (.txt with one line per image, .jsonl or .csv).")
+    resolve_prompts(spec, needed, args.prompt, args.captions)
     return spec
 
 
@@ -197,7 +249,14 @@ def _table(args, model=None):
 
     if args.table:
         fix = "pass the --out folder of `analytic-sampler precompute` or a Hub repo id 'owner/name'."
-        return VarianceTable.load(local_or_repo_id(args.table, fix))
+        source = local_or_repo_id(args.table, fix)
+        try:
+            return VarianceTable.load(source)
+        except ValueError as err:
+            if os.path.exists(source):
+                raise
+            raise ValueError(f"--table {args.table!r} is no local folder (looked in {os.path.abspath(source)}; "
+                             f"write ./{args.table} to mean one) and did not load as a Hub repo id: {err}") from err
     table = (model or load_pretrained(args.model)).table
     if table is None:
         raise SystemExit(f"{args.model} ships no variance table: run `analytic-sampler precompute {args.model} --data ...` and pass --table.")
@@ -205,13 +264,13 @@ def _table(args, model=None):
 
 
 def cmd_trajectory(args) -> None:
-    import warnings
-
     import numpy as np
 
     from ..evaluation.likelihood import predicted_transitions_bpd
     from ..trajectory import TrajectoryDP, even_trajectory
 
+    if args.json:
+        _make_folder(Path(args.json).parent)
     table = _table(args)
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
     with warnings.catch_warnings():
@@ -293,12 +352,16 @@ def cmd_nll(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import run_bench
+    from .bench import output_names, run_bench
 
+    refuse_overwrite(args.out, args.overwrite, output_names())
+    if args.inception is not None and not os.path.isfile(args.inception):
+        raise ValueError(f"--inception {args.inception!r}: no such file (looked in {os.path.abspath(args.inception)}); "
+                         "pass a TorchScript Inception network, or leave it out to skip sample quality.")
     model = load_pretrained(args.model)
     train = _load_data(args.data, model.unet.config.in_channels)
     _check_data(train, model.unet, args.data, needed=2)
-    heldout = _load_data(args.eval_data, model.unet.config.in_channels)
+    heldout = _load_data(args.eval_data, model.unet.config.in_channels, "--eval-data")
     _check_data(heldout, model.unet, args.eval_data, "--eval-data", needed=2)
     table = _table(args, model) if args.table else None
     out = _make_folder(args.out)
@@ -317,6 +380,7 @@ def cmd_sample(args) -> None:
 
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out!r} is not an image file name; end it in .png (or .jpg, ...).")
+    refuse_overwrite(args.out, args.overwrite)
     model = load_pretrained(args.model)
     scheduler = AnalyticDPMScheduler.from_table(
         _table(args, model), model.scheduler.config, eta=args.eta, trajectory=args.trajectory
@@ -328,8 +392,9 @@ def cmd_sample(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import run_demo
+    from .demo import DEMO_OUTPUTS, run_demo
 
+    refuse_overwrite(args.out, args.overwrite, DEMO_OUTPUTS)
     _make_folder(args.out)
     run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device)
 
@@ -344,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
     p.add_argument("--num-images", type=_positive_int, default=1000, help="samples per method and K for FD-digits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_demo)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(func=cmd_demo, parser=p)
 
     p = sub.add_parser("precompute", help="Monte Carlo estimate of a model's ms_eps / x0_mse table")
     p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/, or a Stable Diffusion-type "
@@ -358,8 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default="all", help="all, even:K or a comma list")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default=None)
-    p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt)")
+    p.add_argument("--device", default=None,
+                   help=DEVICE_HELP + "; default cpu, under torchrun each rank's GPU where there is one")
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt), removed once the "
+                   "table is saved")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint after the table is saved")
+    p.add_argument("--overwrite", action="store_true", help="replace a table already in --out")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model weights and inputs (default: as saved); the sums stay float64")
     p.add_argument("--noise-device", choices=("cpu", "model"), default="cpu",
@@ -377,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="the unconditional prompt of the guided eps (default '')")
     p.add_argument("--latent", default="mean", choices=["mean", "sample"],
                    help="latent pipelines: the VAE posterior mean (default) or a sample of it, times its scaling factor")
-    p.set_defaults(func=cmd_precompute)
+    p.set_defaults(func=cmd_precompute, parser=p)
 
     p = sub.add_parser(
         "trajectory", help="optimal K-step trajectories of a table and the bound (bits/dim) it predicts against even"
@@ -386,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", default=None)
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
     p.add_argument("--json", default=None, help="also write the trajectories and predictions to this JSON file")
-    p.set_defaults(func=cmd_trajectory)
+    p.set_defaults(func=cmd_trajectory, parser=p)
 
     p = sub.add_parser("nll", help="the K-step NLL bound (bits/dim) of one configuration on some images")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -399,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_nll)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.set_defaults(func=cmd_nll, parser=p)
 
     p = sub.add_parser("bench", help="NLL and sample quality against K for any model: bench.json, bench.md, plots")
     p.add_argument("model", help="bundled model name, model folder (unet/ + scheduler/ [+ table/]) or Hub repo id")
@@ -415,8 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
-    p.set_defaults(func=cmd_bench)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(func=cmd_bench, parser=p)
 
     p = sub.add_parser("sample", help="sample a grid with AnalyticDPMScheduler")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
@@ -426,18 +501,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
     p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
     p.add_argument("--out", default="samples.png", help="PNG file (its folder is created if missing)")
-    p.set_defaults(func=cmd_sample)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_sample, parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "threads"):
+        configure_threads(args.threads)
+    if getattr(args, "device", None) not in (None, "cpu"):
+        try:
+            _device(args.device)
+        except argparse.ArgumentTypeError as err:
+            args.parser.error(f"argument --device: {err}")
+    shown, warnings.formatwarning = warnings.formatwarning, _warning_line
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from err
+    finally:
+        warnings.formatwarning = shown
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line: one line each, without the source line that raised them."""
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ import torch
 
 from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
-from .bench import run_bench
+from .bench import output_names, run_bench
 
 DEMO_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM")
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory
 # and give the residual DP its gain (benchmarks/results/cost.md, trajectory.md).
 DEMO_TABLE_SAMPLES = 20
 GRID_COLUMNS = 10
+RESULTS, GRID = "results", "grid.png"
+DEMO_OUTPUTS = (*output_names(RESULTS), GRID)
 
 
 def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 1000, seed: int = 0,
@@ -36,11 +38,11 @@ def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 10
         model, load_digits_split("train")[0], load_digits_split("heldout")[0], steps, out,
         table_samples=DEMO_TABLE_SAMPLES, fd_samples=num_images, batch_size=1000, seed=seed, device=device,
         methods=DEMO_METHODS,
-        on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])), name="results",
+        on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])), name=RESULTS,
     )
-    grid = save_grid(torch.cat([images for _, images in rows]), out / "grid.png", nrow=GRID_COLUMNS,
+    grid = save_grid(torch.cat([images for _, images in rows]), out / GRID, nrow=GRID_COLUMNS,
                      row_labels=[label for label, _ in rows])
-    print((out / "results.md").read_text())
-    print(f"wrote {grid} (one labelled row per method and K), {out / 'results.md'} and plots "
+    print((out / f"{RESULTS}.md").read_text())
+    print(f"wrote {grid} (one labelled row per method and K), {out / f'{RESULTS}.md'} and plots "
           f"in {result['seconds_total']:.0f} s")
     return result

@@ -61,12 +61,16 @@ def sample(
     return torch.cat(out)
 
 
+GRID_MIN_SIDE = 512  # pixels: small images (8x8 digits) are enlarged until the grid's longer side reaches this
+
+
 def save_grid(
-    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 4,
+    images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int | None = None,
     row_labels: Sequence[str] | None = None,
 ) -> str:
-    """Tile images in [-1, 1] (N, C, H, W) into one PNG, each pixel enlarged ``scale`` times; ``row_labels``
-    writes one label left of each row."""
+    """Tile images in [-1, 1] (N, C, H, W) into one PNG, each pixel enlarged ``scale`` times (nearest neighbour;
+    default: the smallest integer that makes the grid's longer side at least ``GRID_MIN_SIDE`` pixels, 1 for
+    grids that size already); ``row_labels`` writes one label left of each row."""
     from PIL import Image, ImageDraw
 
     n, c, h, w = images.shape
@@ -77,6 +81,7 @@ def save_grid(
     for i, img in enumerate(pixels):
         r, col = divmod(i, nrow)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = img
+    scale = scale or max(1, math.ceil(GRID_MIN_SIDE / max(grid.shape[:2])))
     grid = grid.repeat(scale, 0).repeat(scale, 1)
     image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     if row_labels:

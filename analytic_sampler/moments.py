@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -708,15 +709,31 @@ def estimate_moments(
 
     ```
     """
-    if num_samples < 1 or batch_size < 1 or checkpoint_every < 1 or encode_batch_size < 1:
-        raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
-    plan = prepare_estimate(
-        model, data, scheduler_or_alphas_cumprod, num_samples=num_samples, timesteps=timesteps,
-        batch_size=batch_size, seed=seed, device=device, dtype=dtype, noise_device=noise_device,
-        data_range=data_range, prediction_type=prediction_type, model_kwargs=model_kwargs,
-        pipeline_options=PipelineOptions(prompt, captions, guidance_scale, negative_prompt, latent, encode_batch_size),
-        model_id=model_id, data_id=data_id,
-    )
-    key = run_key(plan)
+    plan, key = prepare_run(locals())
     sums = accumulate(plan, key, checkpoint, checkpoint_every, compile, progress)
     return build_table(plan, key, sums, provenance)
+
+
+def estimate_arguments(model, data, scheduler_or_alphas_cumprod=None, **kwargs) -> dict[str, Any]:
+    """Every argument of :func:`estimate_moments` for this call, defaults filled in (a TypeError names an unknown
+    one)."""
+    bound = inspect.signature(estimate_moments).bind(model, data, scheduler_or_alphas_cumprod, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def prepare_run(arguments: Mapping[str, Any]) -> tuple[MonteCarloPlan, dict[str, Any]]:
+    """The plan (:func:`prepare_estimate`) and the run key (:func:`run_key`) of :func:`estimate_moments` called with
+    ``arguments`` (all of them, as :func:`estimate_arguments` gives them)."""
+    a = arguments
+    if min(a["num_samples"], a["batch_size"], a["checkpoint_every"], a["encode_batch_size"]) < 1:
+        raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
+    options = PipelineOptions(a["prompt"], a["captions"], a["guidance_scale"], a["negative_prompt"], a["latent"],
+                              a["encode_batch_size"])
+    plan = prepare_estimate(
+        a["model"], a["data"], a["scheduler_or_alphas_cumprod"], num_samples=a["num_samples"],
+        timesteps=a["timesteps"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"], dtype=a["dtype"],
+        noise_device=a["noise_device"], data_range=a["data_range"], prediction_type=a["prediction_type"],
+        model_kwargs=a["model_kwargs"], pipeline_options=options, model_id=a["model_id"], data_id=a["data_id"],
+    )
+    return plan, run_key(plan)

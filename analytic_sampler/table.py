@@ -403,7 +403,9 @@ class VarianceTable:
                 A table of the same model, schedule and settings.
         """
         self.check_schedule(other.alphas_cumprod)
-        differ = [f"data_range ({self.data_range} and {other.data_range})"] if self.data_range != other.data_range else []
+        differ = []
+        if self.data_range != other.data_range:
+            differ.append(f"data_range ({self.data_range} and {other.data_range})")
         if self.x0_clip != other.x0_clip and self.has_x0_mse and other.has_x0_mse:
             differ.append(f"x0_clip ({self.x0_clip} and {other.x0_clip})")
         for name in MERGE_FIELDS:
@@ -414,8 +416,8 @@ class VarianceTable:
                 differ.append(f"{name} ({mine!r} and {theirs!r})")
         if differ:
             raise ValueError(
-                f"cannot merge these tables: they differ in {', '.join(differ)}. Merge only estimates of one model with "
-                "the same settings (estimate_moments with other seeds or data shards); a table recorded without a "
+                f"cannot merge these tables: they differ in {', '.join(differ)}. Merge only estimates of one model "
+                "with the same settings (estimate_moments with other seeds or data shards); a table recorded without a "
                 "field (an older version) cannot be pooled with one that has it: re-estimate it."
             )
         common = {k: v for k, v in self.provenance.items() if k in other.provenance and other.provenance[k] == v}
@@ -458,8 +460,8 @@ class VarianceTable:
                             "of the same weights matches, another dtype does not)")
         if not problems:
             return self
-        message = f"the variance table ({self.provenance.get('model_id', 'unnamed model')}) does not belong to this model: "
-        message += "; ".join(problems)
+        name = self.provenance.get("model_id", "unnamed model")
+        message = f"the variance table ({name}) does not belong to this model: " + "; ".join(problems)
         if force:
             warnings.warn(f"{message}; used anyway (force).", stacklevel=2)
             return self

@@ -264,5 +264,6 @@ def test_per_channel_moments_of_a_gaussian_with_channel_variances(tmp_path):
     merged = table.merge(loaded)
     np.testing.assert_allclose(merged.channel_ms_eps[:, ts], table.channel_ms_eps[:, ts], rtol=1e-12)
     assert np.all(merged.counts[ts] == 800)
-    scalar_only = VarianceTable(table.ms_eps, table.stderr, table.counts, ABAR, data_range=None)
+    scalar_only = VarianceTable(table.ms_eps, table.stderr, table.counts, ABAR, data_range=None,
+                                provenance=table.provenance)  # the same model, without per-channel arrays
     assert table.merge(scalar_only).num_channels is None

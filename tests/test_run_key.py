@@ -78,8 +78,8 @@ def test_unconditional_kwargs_and_conditioning_are_refused(tmp_path):
     unet = class_unet()
 
     def guided(uncond: int, label: int = 1) -> EpsilonAdapter:
-        return EpsilonAdapter(unet, SCHEDULER, guidance_scale=2.0, uncond_kwargs={"class_labels": torch.tensor([uncond])},
-                              class_labels=torch.tensor([label]))
+        return EpsilonAdapter(unet, SCHEDULER, guidance_scale=2.0, class_labels=torch.tensor([label]),
+                              uncond_kwargs={"class_labels": torch.tensor([uncond])})
 
     message = refusal(lambda p: estimate(guided(0), p), lambda p: estimate(guided(2), p), tmp_path / "a")
     assert message.count(" in the checkpoint, ") == 1 and "(uncond_kwargs: '" in message
@@ -105,8 +105,8 @@ def test_old_checkpoint_is_refused_never_resumed(tmp_path):
     unet, path = tiny_unet(), tmp_path / "ck.pt"
     estimate(unet, path)
     state = torch.load(path, weights_only=True)
-    old_run = {k: v for k, v in state["run"].items()
-               if k not in ("model", "timestep_shift", "timestep_scale", "data_range", "uncond_kwargs", "guidance_scale")}
+    new_fields = ("model", "timestep_shift", "timestep_scale", "data_range", "uncond_kwargs", "guidance_scale")
+    old_run = {k: v for k, v in state["run"].items() if k not in new_fields}
     torch.save({**state, "format": CHECKPOINT_FORMAT - 1, "run": old_run}, path)
     with pytest.raises(ValueError, match=r"belongs to another run \(format: 3 in the checkpoint \(an older "
                                          r"analytic-sampler\), 4 now; model: not recorded in the checkpoint, '\w+' now;"

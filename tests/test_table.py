@@ -196,7 +196,8 @@ def test_provenance_is_covered_by_the_checksum(tmp_path, table):
     folder = table.save(tmp_path / "t")
     record = edit_json(folder)
     edit_json(folder, data_range=[0.0, 1.0])
-    with pytest.raises(ValueError, match=r"data_range is \[0.0, 1.0\] but was \[-1.0, 1.0\] when the table was written"):
+    with pytest.raises(ValueError, match=r"data_range is \[0.0, 1.0\] but was \[-1.0, 1.0\] when the table was "
+                                         r"written"):
         VarianceTable.load(folder)
     edit_json(folder, **{**record, "provenance": {**record["provenance"], "model_id": "other/model", "seed": 3}})
     with pytest.raises(ValueError, match=r"provenance.model_id is \"other/model\" but was \"user/model\" when the "
@@ -400,7 +401,8 @@ def test_check_model_refuses_another_model_unless_forced():
                         channel_x0_mse_stderr=ms, provenance={"model_id": "rgb-model"})
     with pytest.raises(ValueError, match=r"the variance table \(rgb-model\) does not belong to this model: it holds "
                                          r"moments of 3 channel\(s\), the model takes 1. Use the table estimated for "
-                                         r"this model .*or pass force_table=True \(on the command line: --force-table\)"):
+                                         r"this model .*or pass force_table=True \(on the command line: "
+                                         r"--force-table\)"):
         rgb.check_model(unet)
     with pytest.warns(UserWarning, match=r"takes 1; used anyway \(force\)"):
         assert rgb.check_model(unet, force=True) is rgb

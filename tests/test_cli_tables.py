@@ -3,6 +3,8 @@ a model it was not estimated for unless --force-table."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_unet
@@ -44,6 +46,8 @@ def test_the_checkpoint_of_a_model_folder_lives_beside_it(world):
     precompute(world, "--keep-checkpoint")
     checkpoint = world / "model.partial" / "table" / "checkpoint.pt"
     assert checkpoint.is_file()
+    text = (world / "model" / "table" / "variance_table.json").read_text()
+    json.loads(text, parse_constant=lambda constant: pytest.fail(f"bare {constant} in the table's JSON"))
     assert uploaded(world / "model") == [
         "scheduler/scheduler_config.json", "table/variance_table.json", "table/variance_table.safetensors",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]

@@ -22,6 +22,7 @@ _EXPORTS = {
     "EpsilonAdapter": "adapter",
     "VarianceTable": "table",
     "estimate_moments": "moments",
+    "precompute_table": "precompute",
     "TrajectoryDP": "trajectory",
     "even_trajectory": "trajectory",
     "optimal_trajectory": "trajectory",
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from .adapter import EpsilonAdapter  # noqa: F401
     from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd  # noqa: F401
     from .moments import estimate_moments  # noqa: F401
+    from .precompute import precompute_table  # noqa: F401
     from .scheduler import AnalyticDPMScheduler  # noqa: F401
     from .table import VarianceTable  # noqa: F401
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401

@@ -168,10 +168,14 @@ class EpsilonAdapter:
             return main
         return to_epsilon(main, sample, *self.coefficients(t, sample), self.prediction_type)
 
-    def _call_model(self, x_t: torch.Tensor, t: int | torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
-        return self.split_output(self.model(x_t, self.model_timestep(t), **kwargs), x_t)[0]
+    def _call_model(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, kwargs: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.split_output(self.model(x_t, self.model_timestep(t), **kwargs), x_t)
 
-    def _guided(self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+    def _guided(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, cond: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cond = {k: _to_batch(v, x_t.shape[0]) for k, v in cond.items()}
         uncond = {**cond, **{k: _to_batch(v, x_t.shape[0]) for k, v in self.uncond_kwargs.items()}}
         batchable = all(
@@ -181,19 +185,27 @@ class EpsilonAdapter:
         if batchable:
             both = {k: torch.cat([v, cond[k]]) for k, v in uncond.items()}
             t2 = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
-            out_u, out_c = self._call_model(torch.cat([x_t, x_t]), t2, both).chunk(2)
+            main, variance = self._call_model(torch.cat([x_t, x_t]), t2, both)
+            (out_u, out_c), variance = main.chunk(2), None if variance is None else variance.chunk(2)[1]
         else:
-            out_u, out_c = self._call_model(x_t, t, uncond), self._call_model(x_t, t, cond)
-        return out_u + self.guidance_scale * (out_c - out_u)
+            out_u, (out_c, variance) = self._call_model(x_t, t, uncond)[0], self._call_model(x_t, t, cond)
+        return out_u + self.guidance_scale * (out_c - out_u), variance
+
+    def predict(
+        self, x_t: torch.Tensor, t: int | torch.Tensor, **extra_kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(eps, variance_half)`` at training timestep(s) ``t``: the eps of :meth:`__call__` and, for a model with
+        2C output channels (learned variance), the variance half of its (conditional) output, else ``None``."""
+        kwargs = {**self.model_kwargs, **extra_kwargs}
+        if self.guidance_scale is None:
+            main, variance = self._call_model(x_t, t, kwargs)
+        else:
+            main, variance = self._guided(x_t, t, kwargs)
+        return self.to_epsilon(main, x_t, t), variance
 
     def __call__(self, x_t: torch.Tensor, t: int | torch.Tensor, **extra_kwargs) -> torch.Tensor:
         """Epsilon at training timestep(s) ``t`` (an int or a LongTensor of shape ``(B,)``)."""
-        kwargs = {**self.model_kwargs, **extra_kwargs}
-        if self.guidance_scale is None:
-            main = self._call_model(x_t, t, kwargs)
-        else:
-            main = self._guided(x_t, t, kwargs)
-        return self.to_epsilon(main, x_t, t)
+        return self.predict(x_t, t, **extra_kwargs)[0]
 
     def __repr__(self) -> str:
         guidance = "" if self.guidance_scale is None else f", guidance_scale={self.guidance_scale}"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .data import METADATA_FILES, check_range, folder_files, iter_batches
+from .fingerprint import files_fingerprint, tensor_fingerprint, weights_fingerprint
 from .noise import noise_generator
 
 LATENTS = ("mean", "sample")
@@ -150,16 +151,14 @@ def resolve_prompts(
     return prompts[:num_samples], source
 
 
-def _data_identity(data: Any, num_samples: int) -> str:
-    """What identifies the pixel data of a run without reading it all: a folder's file names and sizes, a tensor's
-    bytes, else its type."""
+def _data_identity(data: Any, num_samples: int) -> str | None:
+    """What identifies the pixel data of a run: the first ``num_samples`` image files of a folder (names, sizes and
+    contents), a tensor's values; ``None`` for a stream (a DataLoader, a Dataset), which is not read up front."""
     if isinstance(data, (str, os.PathLike)) and os.path.isdir(data):
-        names = folder_files(os.fspath(data))[:num_samples]
-        sizes = [os.path.getsize(os.path.join(data, n)) for n in names]
-        return json.dumps([names, sizes])
+        return files_fingerprint(data, folder_files(os.fspath(data))[:num_samples])
     if isinstance(data, torch.Tensor):
-        return hashlib.sha256(data[:num_samples].float().cpu().contiguous().numpy().tobytes()).hexdigest()
-    return type(data).__name__
+        return tensor_fingerprint(data[:num_samples])
+    return None
 
 
 @dataclass(frozen=True)
@@ -280,14 +279,23 @@ class PipelineSamples:
         """The shape of one latent (encodes the first chunk)."""
         return tuple(self.window(0, 0)[0].shape[1:])
 
-    def identity(self) -> str:
-        """What a checkpoint must match to be resumed: data, prompts and encoding settings."""
-        parts = [
-            _data_identity(self.data, self.num_samples), "\n".join(self.prompts), self.latent, str(self.chunk),
-            str(self.guidance_scale), str(self.negative_prompt),
-            str(self.pipe.vae.config.scaling_factor),
-        ]
-        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+    def identity(self) -> str | None:
+        """What identifies the pixel images (``None`` for a stream, :func:`_data_identity`)."""
+        return _data_identity(self.data, self.num_samples)
+
+    def key_fields(self) -> dict[str, Any]:
+        """The run key's fields of the prompts and of how images and prompts are encoded: the prompts' hash, the
+        latent settings and the weights' fingerprints of the VAE and the text encoder(s)."""
+        config = self.pipe.vae.config
+        names = ["vae", *sorted(n for n, c in self.pipe.components.items() if n.startswith("text_encoder") and c)]
+        return {
+            "prompts": hashlib.sha256("\x00".join(self.prompts).encode()).hexdigest()[:16],
+            "negative_prompt": self.negative_prompt,
+            "latent": self.latent,
+            "encode_batch_size": self.chunk,
+            "vae_scaling": [float(config.scaling_factor), getattr(config, "shift_factor", None)],
+            **{f"{name}_weights": weights_fingerprint(getattr(self.pipe, name)) for name in names},
+        }
 
     def provenance(self) -> dict[str, Any]:
         """What the table records of the latents and prompts."""

@@ -37,9 +37,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import os
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -51,13 +53,15 @@ from ._version import __version__
 from .adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
 from .data import check_range, take_samples
 from .distributed import agree_on_start, all_gather, rank_path, world_rank
+from .fingerprint import tensor_fingerprint, values_fingerprint, weights_fingerprint
 from .latents import PipelineOptions, PipelineSamples, is_latent_pipeline
 from .noise import noise_generator
 from .predictions import x0_from_eps
 from .schedule import as_alphas_cumprod, schedule_fingerprint
 from .table import VarianceTable
 
-CHECKPOINT_FORMAT = 3  # 2: four running sums (ms_eps and x0_mse); 3: and the same four per channel
+CHECKPOINT_FORMAT = 4  # 2: four running sums (ms_eps and x0_mse); 3: and the same four per channel; 4: the run key
+# also covers the weights, the adapter's timestep convention and unconditional kwargs, and data_range
 SUMS = ("ms_eps", "ms_eps^2", "x0_mse", "x0_mse^2")  # then, with C channels, these four rows for each channel
 NOISE_DEVICES = ("cpu", "model")
 
@@ -190,23 +194,87 @@ def _check_finite(sums: torch.Tensor, timesteps: np.ndarray) -> None:
         )
 
 
-def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
+# Run key fields that may be unknown (None), and how the user names what they stand for
+_UNIDENTIFIED = {
+    "model": ("model_id", "no nn.Module weights were found behind the model to fingerprint (a plain function?)"),
+    "data": ("data_id", "the data are streamed from a DataLoader / Dataset, not read up front"),
+}
+START_AFRESH = "delete it to start afresh (`analytic-sampler precompute`: pass --overwrite)"
+
+
+def _read_checkpoint(path: str) -> dict[str, Any] | None:
+    """The checkpoint's state, ``None`` where there is no file; an unreadable or foreign file is refused."""
     if not os.path.exists(path):
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, next_batch, sums = state["run"], state["next_batch"], state.get("sums")
+        state["run"], state["next_batch"]
     except Exception as err:  # any unreadable or foreign file
+        raise ValueError(f"checkpoint {path} is unreadable ({type(err).__name__}); {START_AFRESH}.") from err
+    return state
+
+
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    return "not recorded" if value is _MISSING else repr(value)
+
+
+def _differences(state: dict[str, Any], key: dict[str, Any]) -> list[str]:
+    """Each run key field in which the checkpoint's run differs from ``key``, described; fields that a checkpoint of
+    an older format did not record count as differing."""
+    saved = state["run"] if isinstance(state.get("run"), dict) else {}
+    diffs = [
+        f"{name}: {_shown(saved.get(name, _MISSING))} in the checkpoint, {_shown(key.get(name, _MISSING))} now"
+        for name in dict.fromkeys([*key, *saved]) if saved.get(name, _MISSING) != key.get(name, _MISSING)
+    ]
+    if state.get("format") != CHECKPOINT_FORMAT:
+        diffs.insert(0, f"format: {state.get('format')!r} in the checkpoint (an older analytic-sampler), "
+                        f"{CHECKPOINT_FORMAT} now")
+    return diffs
+
+
+def _unidentified(key: dict[str, Any]) -> list[str]:
+    """What of this run cannot be identified, so that no checkpoint can be trusted to belong to it."""
+    return [
+        f"{why}: pass {name_arg}='...' (the same on every run) to name it"
+        for field, (name_arg, why) in _UNIDENTIFIED.items() if key.get(field) is None and name_arg not in key
+    ]
+
+
+def _load_checkpoint(path: str, key: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
+    """``(next_batch, sums)`` of the checkpoint at ``path`` if it holds this run; ``None`` where there is none. A
+    checkpoint of another run, of an older format, or of a run that cannot be identified is refused, naming each
+    field that differs."""
+    state = _read_checkpoint(path)
+    if state is None:
+        return None
+    unknown = _unidentified(key)
+    if unknown:
+        raise ValueError(f"checkpoint {path} cannot be resumed: {'; '.join(unknown)}. Or {START_AFRESH}.")
+    diffs = _differences(state, key)
+    if diffs:
         raise ValueError(
-            f"checkpoint {path} is unreadable ({type(err).__name__}); delete it to start the estimate over."
-        ) from err
-    if state.get("format") != CHECKPOINT_FORMAT or saved != run:
-        diff = ", ".join(f"{k}: {saved.get(k)!r} != {v!r}" for k, v in run.items() if saved.get(k) != v)
-        raise ValueError(
-            f"checkpoint {path} belongs to a run with different settings ({diff or 'format'}); delete the file "
-            "to start over, or rerun with the same settings to resume."
+            f"checkpoint {path} belongs to another run ({'; '.join(diffs)}); {START_AFRESH}, or rerun with the "
+            "checkpoint's settings to resume."
         )
-    return next_batch, sums
+    return state["next_batch"], state.get("sums")
+
+
+def discard_other_checkpoint(path: str | os.PathLike, key: dict[str, Any]) -> bool:
+    """Delete the checkpoint at ``path`` if it is unreadable, of another run or of an unidentifiable one (what
+    ``overwrite`` replaces); keep one of this very run, which resumes to the same table. Returns whether it
+    deleted one."""
+    path = os.fspath(path)
+    try:
+        state = _read_checkpoint(path)
+    except ValueError:
+        state = {}
+    if state is None or (state and not _unidentified(key) and not _differences(state, key)):
+        return False
+    os.remove(path)
+    return True
 
 
 def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torch.Tensor):
@@ -226,7 +294,7 @@ class _TensorSamples:
     def __init__(self, data: Any, num_samples: int, data_range, device: torch.device, dtype: torch.dtype):
         x0 = take_samples(data, num_samples).float()
         check_range(x0, data_range)
-        self._identity = hashlib.sha256(str(x0.shape).encode() + x0.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        self._identity = tensor_fingerprint(x0)
         self.x0 = x0.to(device=device, dtype=dtype)
 
     def window(self, lo: int, hi: int) -> tuple[torch.Tensor, dict[str, Any], dict[str, Any]]:
@@ -240,21 +308,12 @@ class _TensorSamples:
         """What a checkpoint must match to be resumed: a hash of the images."""
         return self._identity
 
-    def provenance(self) -> dict[str, Any]:
+    def key_fields(self) -> dict[str, Any]:
+        """The run key's fields of the sample source beyond :meth:`identity`: none for images held as they are."""
         return {}
 
-
-def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
-    """A hash of the conditioning tensors (a checkpoint with other conditioning is not resumed)."""
-    digest = hashlib.sha256()
-    for key in sorted(kwargs):
-        value = kwargs[key]
-        digest.update(key.encode())
-        if isinstance(value, torch.Tensor):
-            digest.update(str(tuple(value.shape)).encode() + value.detach().float().cpu().contiguous().numpy().tobytes())
-        else:
-            digest.update(repr(value).encode())
-    return digest.hexdigest()[:16]
+    def provenance(self) -> dict[str, Any]:
+        return {}
 
 
 @dataclass
@@ -277,6 +336,8 @@ class MonteCarloPlan:
     data_range: tuple[float, float] | None
     model_kwargs: dict[str, Any]  # the user's conditioning as given (the run key hashes it)
     user_kwargs: tuple[dict[str, Any], dict[str, Any]]  # the same on the device: (per_sample, shared)
+    model_fingerprint: str | None = None  # of the eps model's weights (None: none found)
+    names: dict[str, str] = field(default_factory=dict)  # the user's model_id / data_id, where given
 
     @property
     def num_pairs(self) -> int:
@@ -325,6 +386,8 @@ def prepare_estimate(
     prediction_type: str | None,
     model_kwargs: Mapping[str, Any] | None,
     pipeline_options: PipelineOptions,
+    model_id: str | None = None,
+    data_id: str | None = None,
 ) -> MonteCarloPlan:
     """The first step of :func:`estimate_moments`: check the arguments, set up the sample source (images in memory,
     or a latent pipeline's images and prompts, encoded as the estimate reaches them), the model (an
@@ -359,26 +422,40 @@ def prepare_estimate(
     user_kwargs = _split_kwargs({k: _to_device(v, device, dtype) for k, v in model_kwargs.items()}, num_samples)
     if source is None:
         source = _TensorSamples(data, num_samples, data_range, device, work_dtype)
+    names = {k: str(v) for k, v in (("model_id", model_id), ("data_id", data_id)) if v is not None}
     return MonteCarloPlan(
         abar, ts, num_samples, batch_size, seed, adapter, device, dtype, work_dtype, noise_source, source,
-        source.sample_shape(), data_range, model_kwargs, user_kwargs,
+        source.sample_shape(), data_range, model_kwargs, user_kwargs, weights_fingerprint(adapter.model), names,
     )
 
 
 def run_key(plan: MonteCarloPlan) -> dict[str, Any]:
-    """What a checkpoint records of its run and must match to be resumed: the schedule, the work list, the seed,
-    the data, the conditioning, the prediction type and the input dtype (and the noise device when it is not the
-    host, so that checkpoints of host-drawn noise stay resumable)."""
+    """What a checkpoint records of its run and must match to be resumed, and what a finished table records to
+    tell a rerun of the same settings: everything that changes the numbers. The model's weights (their
+    fingerprint), prediction type, timestep convention and input dtype; the schedule, the work list and the seed;
+    the data (a hash of the images, or of a pipeline's image files, prompts and encoders), its declared range and
+    the conditioning, guidance included (and the noise device when it is not the host, so that checkpoints of
+    host-drawn noise stay resumable). ``None`` marks what cannot be identified (:data:`_UNIDENTIFIED`); the user's
+    ``model_id`` / ``data_id`` name it."""
+    adapter = plan.adapter
     key = {
+        "model": plan.model_fingerprint,
+        "prediction_type": adapter.prediction_type,
+        "timestep_shift": adapter.timestep_shift,
+        "timestep_scale": adapter.timestep_scale,
+        "dtype": str(plan.dtype),
         "schedule": schedule_fingerprint(plan.alphas_cumprod),
-        "timesteps": hashlib.sha256(plan.timesteps.tobytes()).hexdigest()[:16],
+        "timesteps": f"{plan.timesteps.size} timesteps, " + hashlib.sha256(plan.timesteps.tobytes()).hexdigest()[:16],
         "num_samples": plan.num_samples,
         "batch_size": plan.batch_size,
         "seed": plan.seed,
         "data": plan.source.identity(),
-        "conditioning": _tensor_identity({**plan.model_kwargs, "guidance_scale": plan.adapter.guidance_scale}),
-        "prediction_type": plan.adapter.prediction_type,
-        "dtype": str(plan.dtype),
+        "data_range": None if plan.data_range is None else list(plan.data_range),
+        "conditioning": values_fingerprint({**adapter.model_kwargs, **plan.model_kwargs}),
+        "guidance_scale": adapter.guidance_scale,
+        "uncond_kwargs": values_fingerprint(adapter.uncond_kwargs),
+        **plan.source.key_fields(),
+        **plan.names,
     }
     if plan.noise_source.type != "cpu":
         key["noise_device"] = plan.noise_source.type
@@ -400,10 +477,15 @@ def accumulate(
     rank, world = world_rank()
     path = None if checkpoint is None else rank_path(os.fspath(checkpoint), rank)
     resumed = None if path is None else _load_checkpoint(path, key)
+    if path is not None and resumed is None and _unidentified(key):
+        warnings.warn(f"checkpoint {path} will not resume this run if it is interrupted: "
+                      f"{'; '.join(_unidentified(key))}.", stacklevel=3)
     start, sums = (0, torch.zeros(plan.num_rows, plan.timesteps.size, dtype=torch.float64)) if resumed is None else resumed
     start, sums = agree_on_start(start, sums.to(plan.device), world)
-    fast = _compiled(plan.adapter, compile)
     num_batches = plan.num_batches
+    if start and progress and rank == 0:
+        print(f"resuming from {start}/{num_batches} batches ({checkpoint})", flush=True)
+    fast = _compiled(plan.adapter, compile)
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(plan.adapter.model), tqdm(
         total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
@@ -454,9 +536,12 @@ def _batch_sums(plan: MonteCarloPlan, b: int, fast: EpsilonAdapter) -> torch.Ten
     return _fold(rows, offset, num_t)
 
 
-def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[str, Any] | None) -> VarianceTable:
+def build_table(
+    plan: MonteCarloPlan, key: dict[str, Any], sums: torch.Tensor, provenance: Mapping[str, Any] | None
+) -> VarianceTable:
     """The last step of :func:`estimate_moments`: the :class:`VarianceTable` of the sums, with the run's provenance
-    (the defaults below, then the sample source's, then ``provenance``)."""
+    (the defaults below, then the sample source's, then ``provenance``); ``key`` (:func:`run_key`) is recorded as
+    ``run_key``, so that a rerun of the same settings can be told."""
     n, ts, channels = plan.alphas_cumprod.size, plan.timesteps, plan.channels
     full = np.zeros((plan.num_rows, n))
     full[:, ts] = sums.cpu().numpy()
@@ -466,6 +551,7 @@ def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[st
     adapter, module = plan.adapter, plan.adapter.model
     record = {
         "model_id": str(config_value(module, "_name_or_path") or type(module).__name__),
+        "model_fingerprint": plan.model_fingerprint,
         "data": f"{plan.num_samples} images, x0 of shape {plan.sample_shape}",
         "num_samples": plan.num_samples,
         "num_timesteps_estimated": int(ts.size),
@@ -478,7 +564,9 @@ def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[st
         "noise_device": plan.noise_source.type,
         "package_version": __version__,
         **plan.source.provenance(),
+        **plan.names,
         **(provenance or {}),
+        "run_key": key,
     }
     return VarianceTable.from_sums(
         full[0], full[1], counts, plan.alphas_cumprod, full[2], full[3], channel_sums=per_channel,
@@ -511,6 +599,8 @@ def estimate_moments(
     negative_prompt: str | None = None,
     latent: str = "mean",
     encode_batch_size: int = 16,
+    model_id: str | None = None,
+    data_id: str | None = None,
 ) -> VarianceTable:
     """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
     ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
@@ -555,8 +645,10 @@ def estimate_moments(
             The declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers clip it);
             ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
         checkpoint (`str` or `os.PathLike`, *optional*):
-            A file for the running sums, written every ``checkpoint_every`` batches and at the end; a run started
-            with an existing checkpoint of the same settings resumes from it, one of other settings is refused.
+            A file for the running sums, written every ``checkpoint_every`` batches and at the end. A run started
+            with an existing checkpoint of the same run (:func:`run_key`: the weights, data, settings) resumes from
+            it, bit-identical to an uninterrupted run; one of another run, or of an older version, is refused with
+            each field that differs named.
         checkpoint_every (`int`, defaults to 50):
             Batches between checkpoints (rounds of one batch per process under torch.distributed).
         progress (`bool`, defaults to `True`):
@@ -582,6 +674,14 @@ def estimate_moments(
             Pipelines only: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor.
         encode_batch_size (`int`, defaults to 16):
             Pipelines only: images and prompts encoded per VAE / text-encoder call, when the estimate reaches them.
+        model_id (`str`, *optional*):
+            Names the model: recorded as the table's ``model_id`` and in the run key. The run key fingerprints the
+            weights of the ``nn.Module`` behind the model; where there is none to find (a plain function), a
+            checkpoint resumes only with a ``model_id``, the same on every run.
+        data_id (`str`, *optional*):
+            Names the data, likewise. Tensors and folders are identified by their content; a DataLoader or
+            Dataset given to a pipeline is streamed, not read up front, so its checkpoint resumes only with a
+            ``data_id``.
 
     Returns:
         :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
@@ -609,13 +709,31 @@ def estimate_moments(
 
     ```
     """
-    if num_samples < 1 or batch_size < 1 or checkpoint_every < 1 or encode_batch_size < 1:
+    plan, key = prepare_run(locals())
+    sums = accumulate(plan, key, checkpoint, checkpoint_every, compile, progress)
+    return build_table(plan, key, sums, provenance)
+
+
+def estimate_arguments(model, data, scheduler_or_alphas_cumprod=None, **kwargs) -> dict[str, Any]:
+    """Every argument of :func:`estimate_moments` for this call, defaults filled in (a TypeError names an unknown
+    one)."""
+    bound = inspect.signature(estimate_moments).bind(model, data, scheduler_or_alphas_cumprod, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def prepare_run(arguments: Mapping[str, Any]) -> tuple[MonteCarloPlan, dict[str, Any]]:
+    """The plan (:func:`prepare_estimate`) and the run key (:func:`run_key`) of :func:`estimate_moments` called with
+    ``arguments`` (all of them, as :func:`estimate_arguments` gives them)."""
+    a = arguments
+    if min(a["num_samples"], a["batch_size"], a["checkpoint_every"], a["encode_batch_size"]) < 1:
         raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
+    options = PipelineOptions(a["prompt"], a["captions"], a["guidance_scale"], a["negative_prompt"], a["latent"],
+                              a["encode_batch_size"])
     plan = prepare_estimate(
-        model, data, scheduler_or_alphas_cumprod, num_samples=num_samples, timesteps=timesteps,
-        batch_size=batch_size, seed=seed, device=device, dtype=dtype, noise_device=noise_device,
-        data_range=data_range, prediction_type=prediction_type, model_kwargs=model_kwargs,
-        pipeline_options=PipelineOptions(prompt, captions, guidance_scale, negative_prompt, latent, encode_batch_size),
+        a["model"], a["data"], a["scheduler_or_alphas_cumprod"], num_samples=a["num_samples"],
+        timesteps=a["timesteps"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"], dtype=a["dtype"],
+        noise_device=a["noise_device"], data_range=a["data_range"], prediction_type=a["prediction_type"],
+        model_kwargs=a["model_kwargs"], pipeline_options=options, model_id=a["model_id"], data_id=a["data_id"],
     )
-    sums = accumulate(plan, run_key(plan), checkpoint, checkpoint_every, compile, progress)
-    return build_table(plan, sums, provenance)
+    return plan, run_key(plan)

@@ -332,7 +332,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_table(
-        cls, table, scheduler_config=None, guidance_scale: float | None = None, **kwargs
+        cls, table, scheduler_config=None, guidance_scale: float | None = None, model=None, force_table: bool = False,
+        **kwargs,
     ) -> "AnalyticDPMScheduler":
         """Build from a :class:`~analytic_sampler.VarianceTable` and the model's scheduler config.
 
@@ -349,10 +350,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             guidance_scale (`float`, *optional*):
                 The classifier-free guidance scale the pipeline will sample at; a warning when the table's eps was
                 estimated at another (``table.guidance_scale``; none counts as 1).
+            model (`UNet2DModel`, a pipeline or a callable, *optional*):
+                The model the scheduler will sample with: a table estimated for another model (other channels or
+                weights, :meth:`~analytic_sampler.VarianceTable.check_model`) is refused.
+            force_table (`bool`, defaults to `False`):
+                Use the table for ``model`` anyway, with a warning.
             **kwargs:
                 Any other argument of :class:`AnalyticDPMScheduler` (``eta``, ``trajectory``, ``variance``, …).
         """
         _check_guidance(table.guidance_scale, guidance_scale)
+        if model is not None:
+            table.check_model(model, force=force_table)
         if table.data_range is None:
             kwargs.setdefault("clip_sample", False)
         if scheduler_config is None:

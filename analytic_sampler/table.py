@@ -8,16 +8,19 @@
 
     mean = S1 / n,    stderr = sqrt(var / n),    var = (S2 - n mean^2) / (n - 1)
 
-Saved as ``variance_table.safetensors`` (arrays) + ``variance_table.json`` (metadata); loadable from a
-local folder or the Hugging Face Hub.
+Saved as ``variance_table.safetensors`` (arrays, and a copy of the metadata in its header) +
+``variance_table.json`` (the metadata, strict JSON, with the arrays file's SHA-256); loadable from a local folder
+or the Hugging Face Hub. The checksum covers the arrays and, through the header's copy, every metadata field: a
+hand-edited JSON is refused naming the fields that changed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +28,24 @@ from typing import Any
 import numpy as np
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
+from .fingerprint import file_sha256
 from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
-FORMAT_VERSION = 3  # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays
-READABLE_VERSIONS = (1, 2, 3)
+# 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays; 4 the metadata's copy in the
+# arrays file (the checksum covers it) and strict-JSON provenance with the model's fingerprint and the run key
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ARRAYS_NAME = "variance_table.safetensors"
 META_NAME = "variance_table.json"
+HEADER_KEY = "variance_table"  # the metadata's copy in the safetensors header
+CHECKSUM = "arrays_sha256"
+# provenance fields in which two tables must agree to be pooled by merge (besides the schedule and data range)
+MERGE_FIELDS = ("model_fingerprint", "prediction_type", "timestep_shift", "timestep_scale", "guidance_scale",
+                "negative_prompt", "latent", "vae_scaling_factor")
+FORCE_HINT = "pass force_table=True (on the command line: --force-table) to use it anyway"
 _ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64, "alphas_cumprod": np.float64}
 _X0_ARRAYS = ("x0_mse", "x0_mse_stderr")
 CHANNEL_ARRAYS = ("channel_ms_eps", "channel_stderr", "channel_x0_mse", "channel_x0_mse_stderr")
@@ -87,16 +99,24 @@ def validate_ms_eps(
     return ms
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def strict_json(value: Any) -> Any:
+    """``value`` as strict JSON: mappings with string keys, lists, strings, finite numbers, booleans and ``null``;
+    NaN and infinities become ``null``, numpy scalars and arrays Python values, anything else its ``str``."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    return str(value)
 
 
 def _ordinary_permissions(path: str) -> None:
-    """The permissions of any new file (``0o666`` less the umask: 0644 as a rule); safetensors writes 0600."""
+    """The permissions of any new file (``0o666`` less the umask: 0644 as a rule); temporary files get 0600."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -124,6 +144,46 @@ def _corrupt(name: str, problem: str) -> ValueError:
         f"{name}: {problem}. The variance table is corrupted or incomplete; download it again "
         "(or delete it from the Hub cache) or re-estimate it with estimate_moments."
     )
+
+
+def _edited(name: str, problem: str) -> ValueError:
+    return ValueError(
+        f"{name}: {problem}; the file was changed after the table was written. A table's metadata records how it "
+        "was estimated and is covered by its checksum: restore the file (download the table again, or delete it "
+        "from the Hub cache) or re-estimate the table with estimate_moments."
+    )
+
+
+def _check_unedited(meta: dict[str, Any], header: dict[str, str], meta_path: str, arrays_path: str) -> None:
+    """Refuse a JSON whose fields differ from the copy written into the arrays file's header, naming each one
+    (``provenance.<key>`` inside the provenance)."""
+    if HEADER_KEY not in header:
+        raise _corrupt(arrays_path, f"its header has no copy of the metadata, which format {FORMAT_VERSION} writes")
+    written = json.loads(header[HEADER_KEY])
+    changed = []
+    for key in sorted((set(meta) | set(written)) - {CHECKSUM}):
+        now, then = meta.get(key, _ABSENT), written.get(key, _ABSENT)
+        if now == then:
+            continue
+        if key == "provenance" and isinstance(now, dict) and isinstance(then, dict):
+            changed += [_change(f"provenance.{k}", now.get(k, _ABSENT), then.get(k, _ABSENT))
+                        for k in sorted(set(now) | set(then)) if now.get(k, _ABSENT) != then.get(k, _ABSENT)]
+        else:
+            changed.append(_change(key, now, then))
+    if changed:
+        raise _edited(meta_path, "; ".join(changed))
+
+
+_ABSENT = object()
+
+
+def _change(name: str, now: Any, then: Any) -> str:
+    """``name`` with its value in the file and when written, each shortened to 60 characters."""
+    def shown(value: Any) -> str:
+        text = "absent" if value is _ABSENT else json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return f"{name} is {shown(now)} but was {shown(then)} when the table was written"
 
 
 @dataclass
@@ -223,7 +283,7 @@ class VarianceTable:
                 "leave fingerprint empty to compute it."
             )
         self.fingerprint = expected
-        self.provenance = dict(self.provenance)
+        self.provenance = strict_json(dict(self.provenance))
 
     def _check_channel_arrays(self, n: int) -> None:
         """All four per-channel arrays or none, each float64 ``(C, N)`` with one shared ``C``."""
@@ -332,24 +392,36 @@ class VarianceTable:
         return self
 
     def merge(self, other: VarianceTable) -> VarianceTable:
-        """Pool two independent estimates (e.g. runs with different seeds or data shards) by adding their sums.
+        """Pool two independent estimates of one model (e.g. runs with different seeds or data shards) by adding
+        their sums. Tables of another schedule, data range or x0 clip, or that differ in a provenance field of
+        ``MERGE_FIELDS`` (the model's fingerprint, prediction type, timestep convention, guidance, latent
+        encoding) are refused, naming the field. The merged provenance keeps every field the two share (not the run
+        key: a pooled table is no single run's) and lists both under ``merged_from``.
 
         Args:
             other (`VarianceTable`):
-                A table of the same schedule and data range.
+                A table of the same model, schedule and settings.
         """
         self.check_schedule(other.alphas_cumprod)
+        differ = []
         if self.data_range != other.data_range:
-            raise ValueError(
-                f"cannot merge tables with data_range {self.data_range} and {other.data_range}; "
-                "estimate both with the same data_range."
-            )
+            differ.append(f"data_range ({self.data_range} and {other.data_range})")
         if self.x0_clip != other.x0_clip and self.has_x0_mse and other.has_x0_mse:
+            differ.append(f"x0_clip ({self.x0_clip} and {other.x0_clip})")
+        for name in MERGE_FIELDS:
+            mine, theirs = self.provenance.get(name), other.provenance.get(name)
+            if name == "guidance_scale":
+                mine, theirs = self.guidance_scale, other.guidance_scale
+            if mine != theirs:
+                differ.append(f"{name} ({mine!r} and {theirs!r})")
+        if differ:
             raise ValueError(
-                f"cannot merge tables whose x0_mse was clipped to {self.x0_clip} and {other.x0_clip}; "
-                "estimate both with the same data_range."
+                f"cannot merge these tables: they differ in {', '.join(differ)}. Merge only estimates of one model "
+                "with the same settings (estimate_moments with other seeds or data shards); a table recorded without a "
+                "field (an older version) cannot be pooled with one that has it: re-estimate it."
             )
         common = {k: v for k, v in self.provenance.items() if k in other.provenance and other.provenance[k] == v}
+        common.pop("run_key", None)
         provenance = {**common, "merged_from": [self.provenance, other.provenance]}
         total = [a + b for a, b in zip(self.sums(), other.sums())]  # x0_mse sums stay NaN if either lacks it
         channels = None
@@ -360,23 +432,47 @@ class VarianceTable:
             data_range=self.data_range, provenance=provenance, x0_clip=self.x0_clip,
         )
 
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write ``variance_table.safetensors`` (the arrays) and ``variance_table.json`` (metadata, with the arrays'
-        checksum) into ``directory``, creating it; return it.
+    def check_model(self, model: Any, force: bool = False) -> VarianceTable:
+        """Refuse a model this table was not estimated for: one whose config takes another number of channels than
+        the table's per-channel moments have, or whose weights' fingerprint
+        (:func:`~analytic_sampler.fingerprint.weights_fingerprint`) is not the one the table recorded. Tables
+        without these records (older versions, merged tables of several models) are not checked. Return ``self``.
 
         Args:
-            directory (`str` or `os.PathLike`):
-                The folder.
+            model (`UNet2DModel`, `EpsilonAdapter`, a pipeline or a callable):
+                The model the table is about to serve.
+            force (`bool`, defaults to `False`):
+                Use the table anyway, with a warning naming the mismatch.
         """
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        arrays_path = os.path.join(directory, ARRAYS_NAME)
-        dtypes = {**_ARRAY_DTYPES, **dict.fromkeys(_X0_ARRAYS, np.float64)}
-        if self.num_channels is not None:
-            dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
-        save_file({k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}, arrays_path)
-        _ordinary_permissions(arrays_path)
-        meta = {
+        from .fingerprint import model_modules, weights_fingerprint
+
+        model = getattr(model, "unet", model)  # a pipeline's eps model
+        modules = model_modules(model)
+        config = getattr(modules[0], "config", None) if modules else None
+        channels = getattr(config, "in_channels", None)
+        problems = []
+        if self.num_channels is not None and channels is not None and channels != self.num_channels:
+            problems.append(f"it holds moments of {self.num_channels} channel(s), the model takes {channels}")
+        recorded = self.provenance.get("model_fingerprint")
+        actual = weights_fingerprint(model) if recorded is not None and modules else None
+        if actual is not None and actual != recorded:
+            problems.append(f"it was estimated with weights {recorded}, this model's are {actual} (a float16 copy "
+                            "of the same weights matches, another dtype does not)")
+        if not problems:
+            return self
+        name = self.provenance.get("model_id", "unnamed model")
+        message = f"the variance table ({name}) does not belong to this model: " + "; ".join(problems)
+        if force:
+            warnings.warn(f"{message}; used anyway (force).", stacklevel=2)
+            return self
+        raise ValueError(
+            f"{message}. Use the table estimated for this model (`analytic-sampler precompute MODEL --data DATA` or "
+            f"estimate_moments), or {FORCE_HINT}."
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        """What ``variance_table.json`` holds besides the checksum (and the arrays file's header a copy of)."""
+        return {
             "format_version": FORMAT_VERSION,
             "num_train_timesteps": self.num_train_timesteps,
             "num_channels": self.num_channels,
@@ -384,10 +480,34 @@ class VarianceTable:
             "data_range": None if self.data_range is None else list(self.data_range),
             "x0_clip": None if self.x0_clip is None else list(self.x0_clip),
             "provenance": self.provenance,
-            "arrays_sha256": _sha256(arrays_path),
         }
-        with open(os.path.join(directory, META_NAME), "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``variance_table.safetensors`` (the arrays, with a copy of the metadata in its header) and
+        ``variance_table.json`` (the metadata in strict JSON, with the arrays file's SHA-256) into ``directory``,
+        creating it; return it. Each file is written beside its place and renamed into it, ordinary permissions
+        (0644 under the usual umask), the JSON last: a folder with a ``variance_table.json`` holds a whole table.
+
+        Args:
+            directory (`str` or `os.PathLike`):
+                The folder.
+        """
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        arrays_path, meta_path = os.path.join(directory, ARRAYS_NAME), os.path.join(directory, META_NAME)
+        dtypes = {**_ARRAY_DTYPES, **dict.fromkeys(_X0_ARRAYS, np.float64)}
+        if self.num_channels is not None:
+            dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
+        meta = self.metadata()
+        header = {HEADER_KEY: json.dumps(meta, sort_keys=True, allow_nan=False)}
+        arrays = {k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}
+        save_file(arrays, f"{arrays_path}.tmp", metadata=header)
+        with open(f"{meta_path}.tmp", "w") as f:
+            json.dump({**meta, CHECKSUM: file_sha256(f"{arrays_path}.tmp")}, f, indent=2, sort_keys=True,
+                      allow_nan=False)
+        for path in (arrays_path, meta_path):
+            _ordinary_permissions(f"{path}.tmp")
+            os.replace(f"{path}.tmp", path)
         return directory
 
     @classmethod
@@ -428,7 +548,7 @@ class VarianceTable:
     def _read(cls, meta_path: str, arrays_path: str) -> VarianceTable:
         try:
             with open(meta_path) as f:
-                meta = json.load(f)
+                meta = json.load(f)  # tables before format 4 may hold a bare NaN in their provenance
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise _corrupt(meta_path, f"not valid JSON ({err})") from err
         version = meta.get("format_version") if isinstance(meta, dict) else None
@@ -437,13 +557,22 @@ class VarianceTable:
                 f"{meta_path}: table format version {version!r}, this package reads versions {READABLE_VERSIONS}; "
                 "upgrade analytic-sampler or re-estimate the table."
             )
-        if meta.get("arrays_sha256") != _sha256(arrays_path):
+        if CHECKSUM not in meta:
+            raise _edited(meta_path, f"its checksum '{CHECKSUM}' (of {ARRAYS_NAME}) is missing")
+        if meta[CHECKSUM] != file_sha256(arrays_path):
             raise _corrupt(arrays_path, f"checksum does not match the one recorded in {os.path.basename(meta_path)}")
         try:
             arrays = load_file(arrays_path)
+            with safe_open(arrays_path, framework="numpy") as f:
+                header = f.metadata() or {}
         except (SafetensorError, OSError) as err:
             raise _corrupt(arrays_path, f"unreadable safetensors file ({err})") from err
+        if version >= 4:
+            _check_unedited(meta, header, meta_path, arrays_path)
         n = meta.get("num_train_timesteps")
+        held = arrays.get("ms_eps")
+        if held is not None and held.ndim == 1 and held.shape != (n,):
+            raise _edited(meta_path, f"it says num_train_timesteps={n!r} but {ARRAYS_NAME} holds {held.size} timesteps")
         dtypes = {**_ARRAY_DTYPES, **(dict.fromkeys(_X0_ARRAYS, np.float64) if version >= 2 else {})}
         for key, dtype in dtypes.items():
             value = arrays.get(key)

@@ -159,3 +159,29 @@ def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
     optimal = {r["variance"]: r for r in rows if r["trajectory"] == "optimal"}
     assert set(even) == set(optimal) and len(calls) == 40
     assert all(even[v]["bpd"] == optimal[v]["bpd"] and even[v]["timesteps"] == list(range(39, -1, -1)) for v in even)
+
+
+def test_bench_scores_an_adapter_in_its_nll_rows(tmp_path):
+    """run_bench(eps_model=adapter): the NLL rows are the adapter's (here a shifted timestep convention), exactly as
+    nll_bpd_many scores it; sample quality is skipped, said so; the estimated table's checkpoint is gone."""
+    from analytic_sampler.adapter import EpsilonAdapter
+    from analytic_sampler.commands.bench import run_bench
+    from analytic_sampler.evaluation.likelihood import nll_bpd_many
+    from analytic_sampler.pretrained import PretrainedModel
+    from analytic_sampler.table import VarianceTable
+
+    scheduler = DDPMScheduler(num_train_timesteps=40)
+    model = PretrainedModel(tiny_unet(channels=1), scheduler, None, str(tmp_path / "model"))
+    images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    shifted = EpsilonAdapter(model.unet, scheduler, timestep_shift=1)
+    result = run_bench(model, images, images[:8], [3], tmp_path / "out", table_samples=4, batch_size=64,
+                       progress=False, eps_model=shifted)
+    assert result["sample_quality"]["skipped"].startswith("sample quality skipped: the NLL rows score the eps_model")
+    row = next(r for r in result["nll"] if r["trajectory"] == "even" and r["variance"] == "analytic")
+    table = VarianceTable.load(tmp_path / "out" / "table")
+    expected = nll_bpd_many(shifted, images[:8], scheduler, row["timesteps"], ["analytic"], ms_eps=table.ms_eps,
+                            batch_size=64, progress=False)["analytic"]
+    bare = nll_bpd_many(model.unet, images[:8], scheduler, row["timesteps"], ["analytic"], ms_eps=table.ms_eps,
+                        batch_size=64, progress=False)["analytic"]
+    assert row["bpd"] == expected.mean != bare.mean
+    assert not (tmp_path / "out" / "table.partial").exists()

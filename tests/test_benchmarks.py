@@ -9,6 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
+import fingerprint  # noqa: E402
 import per_channel  # noqa: E402
 import steps  # noqa: E402
 import threads  # noqa: E402
@@ -68,3 +69,11 @@ def test_threads_quick(tmp_path):
     assert level["busy"] == 0 and [r["config"] for r in level["runs"]] == list(threads.CONFIGS)
     assert all(r["seconds"] > 0 for r in level["runs"]) and result["cores"] >= 1
     assert "| busy loops | load | torch defaults | command defaults |" in (tmp_path / "threads.md").read_text()
+
+
+def test_fingerprint_quick(tmp_path):
+    """Both sides measured in one run, on the same model; the fingerprint far under its 10% bound."""
+    result = fingerprint.main(["--quick", "--repeats", "1", "--out", str(tmp_path)])
+    assert result["fingerprint_best_s"] > 0 and result["estimate"]["seconds_per_batch"] > 0
+    assert result["share"] < result["bound"]
+    assert "of that precompute" in (tmp_path / "fingerprint_cpu.md").read_text()

@@ -31,17 +31,34 @@ def model_dir(tmp_path):
 
 def test_precompute_resume_trajectory_sample(model_dir, capsys):
     model, table_dir = str(model_dir / "model"), model_dir / "table"
+    checkpoint = model_dir / "table.partial" / "checkpoint.pt"  # beside the table folder, not in it
     args = ["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
             "--num-samples", "8", "--batch-size", "40"]
     main([*args, "--keep-checkpoint"])
     first = VarianceTable.load(table_dir)
-    assert first.counts.tolist() == [8] * 50 and (table_dir / "checkpoint.pt").exists()
-    with pytest.raises(SystemExit, match=r"already holds variance_table.json, variance_table.safetensors \(from an "
-                       r"earlier run\); pass --overwrite to replace them, or choose another --out"):
-        main(args)
-    main([*args, "--overwrite"])  # a finished checkpoint: resumes at the end, same table; then removed
+    assert first.counts.tolist() == [8] * 50 and checkpoint.exists()
+    assert sorted(p.name for p in table_dir.iterdir()) == ["variance_table.json", "variance_table.safetensors"]
+    written = (table_dir / "variance_table.safetensors").read_bytes()
+    capsys.readouterr()
+    main(args)  # the same settings: nothing to do, nothing written
+    assert "already holds the table of these settings (the same weights, data and options); nothing to do" in \
+        capsys.readouterr().out
+    assert (table_dir / "variance_table.safetensors").read_bytes() == written
+    for name in ("variance_table.json", "variance_table.safetensors"):
+        (table_dir / name).unlink()  # as if the run had died after its last checkpoint, before the write
+    main(args)  # the finished checkpoint resumes at the end: the same table, then the checkpoint goes
+    assert "resuming from 10/10 batches" in capsys.readouterr().out
     assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
-    assert not (table_dir / "checkpoint.pt").exists()
+    assert not checkpoint.exists() and not checkpoint.parent.exists()
+    with pytest.raises(SystemExit, match=r"error: .*table already holds a variance table of another run \(seed: 0 in "
+                                         r"the table, 1 now\); pass overwrite=True \(on the command line: "
+                                         r"--overwrite\) to replace it, or choose another folder \(--out\)"):
+        main([*args, "--seed", "1"])
+    assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
+    main([*args, "--seed", "1", "--overwrite"])
+    assert VarianceTable.load(table_dir).provenance["seed"] == 1
+    main([*args, "--overwrite"])  # back to seed 0: bit-identical to the first run
+    assert (VarianceTable.load(table_dir).ms_eps == first.ms_eps).all()
 
     capsys.readouterr()
     main(["trajectory", "--table", str(table_dir), "--steps", "5", "10", "--json", str(model_dir / "traj.json")])

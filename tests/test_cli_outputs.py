@@ -43,7 +43,7 @@ def keep(path, text: str = "earlier results") -> str:
     (["demo", "--out", "{d}"], "table/variance_table.safetensors",
      "--out {d} already holds table/variance_table.safetensors (from an earlier run); pass --overwrite"),
     (["precompute", "digits-ddpm-linear", "--data", "digits:train", "--out", "{d}"], "variance_table.json",
-     "--out {d} already holds variance_table.json (from an earlier run); pass --overwrite to replace them"),
+     "{d} already holds a variance table that does not load: {d}/variance_table.safetensors: file not found."),
 ])
 def test_earlier_results_are_never_replaced_without_overwrite(tmp_path, argv, existing, listed):
     folder = tmp_path / "out"
@@ -58,7 +58,7 @@ def test_sample_overwrites_when_asked_and_writes_a_visible_grid(model, tmp_path)
     table = tmp_path / "table"
     main(["precompute", model, "--data", "digits:train", "--num-samples", "2", "--timesteps", "all", "--out",
           str(table)])
-    assert not (table / "checkpoint.pt").exists()  # removed once the table is saved
+    assert not (tmp_path / "table.partial").exists()  # the checkpoint is removed once the table is saved
     out = tmp_path / "grid.png"
     keep(out)
     main(["sample", model, "--table", str(table), "--steps", "3", "--num-images", "64", "--out", str(out),

@@ -4,8 +4,10 @@ killed on one rank resumes to the uninterrupted table."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,4 +70,54 @@ def test_cli_precompute_under_torchrun(tmp_path):
     launched = run([*args, str(tmp_path / "two")], nproc=2)
     assert launched.stdout.count("saved to") == 1  # rank 0 alone writes and reports
     assert_same_table(tmp_path / "one", tmp_path / "two")
-    assert not list((tmp_path / "two").glob("checkpoint*"))  # every rank removed its checkpoint after the save
+    assert not (tmp_path / "two.partial").exists()  # every rank removed its checkpoint after the save
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc), children first."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the launcher's workers through /proc")
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_precompute_killed_with_sigkill_resumes_bit_identical(tmp_path, nproc):
+    """kill -9 of a running `analytic-sampler precompute` (every process of a torchrun launch at once), then the
+    same command again: it resumes from the checkpoint and writes the table of an uninterrupted run, bit for bit."""
+    tiny_unet(channels=1).save_pretrained(tmp_path / "model" / "unet")
+    DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "model" / "scheduler")
+    torch.save(torch.rand(400, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, tmp_path / "images.pt")
+    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"),
+            "--num-samples", "400", "--batch-size", "8", "--checkpoint-every", "5", "--device", "cpu", "--out"]
+    run([*args, str(tmp_path / "whole")])  # 1000 batches, uninterrupted
+
+    out, checkpoint = tmp_path / "killed", tmp_path / "killed.partial" / "checkpoint.pt"
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    job = subprocess.Popen([sys.executable, *launcher, *args, str(out)], env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not checkpoint.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    for pid in [job.pid, *descendants(job.pid)]:  # the launcher and its workers (in sessions of their own), mid-run
+        os.kill(pid, signal.SIGKILL)
+    job.wait()
+    time.sleep(0.5)  # the workers' ends are reaped by init
+    assert not (out / "variance_table.json").exists()
+    saved = torch.load(checkpoint, weights_only=True)["next_batch"]
+    assert 0 < saved < 1000  # killed part-way, after a checkpoint
+    resumed = run([*launcher, *args, str(out)])
+    assert f"resuming from {saved}/1000 batches" in resumed.stdout or nproc  # ranks resume from the least advanced
+    assert "resuming from " in resumed.stdout and "nothing to do" not in resumed.stdout
+    assert_same_table(tmp_path / "whole", out)
+    assert not checkpoint.parent.exists()

@@ -124,9 +124,34 @@ def test_interrupted_pipeline_estimate_resumes_bit_identical(pipe, images, tmp_p
     assert path.exists()
     assert_same(full, estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4,
                                        checkpoint=path, **SETTINGS))
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(prompts: '\w+' in the checkpoint, '\w+' now\)"):
         estimate_moments(pipe, images, prompt="another prompt", num_samples=8, encode_batch_size=4, checkpoint=path,
                          **SETTINGS)
+
+
+def test_a_streamed_data_set_resumes_only_when_named(pipe, images, tmp_path):
+    """A DataLoader is streamed to the pipeline, not read up front: its checkpoint resumes only under a data_id;
+    a folder is identified by its files (names, sizes, contents)."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
+    path, options = tmp_path / "ckpt.pt", {"prompt": "a cat", "num_samples": 8, "encode_batch_size": 4, **SETTINGS}
+    with pytest.warns(UserWarning, match="will not resume this run if it is interrupted: the data are streamed from "
+                                         "a DataLoader / Dataset, not read up front: pass data_id="):
+        full = estimate_moments(pipe, loader, checkpoint=path, **options)
+    with pytest.raises(ValueError, match=r"cannot be resumed: the data are streamed .*: pass data_id='...' \(the same "
+                                         r"on every run\) to name it. Or delete it to start afresh"):
+        estimate_moments(pipe, loader, checkpoint=path, **options)
+    path.unlink()
+    named = estimate_moments(pipe, loader, checkpoint=path, data_id="cats-v1", **options)
+    assert named.provenance["data_id"] == "cats-v1" and named.provenance["run_key"]["data"] is None
+    assert_same(named, full)
+    assert_same(estimate_moments(pipe, loader, checkpoint=path, data_id="cats-v1", **options), full)
+
+    folder = write_folder(tmp_path / "images", images)
+    estimate_moments(pipe, folder, checkpoint=tmp_path / "folder.pt", **options)
+    first = sorted(folder.iterdir())[0]
+    Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)  # same name, same kind of file
+    with pytest.raises(ValueError, match=r"belongs to another run \(data: '\w+' in the checkpoint, '\w+' now\)"):
+        estimate_moments(pipe, folder, checkpoint=tmp_path / "folder.pt", **options)
 
 
 def write_folder(folder, images):

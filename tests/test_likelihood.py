@@ -127,3 +127,70 @@ def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(mod
     err = np.sqrt(np.array(r.per_step_stderr) ** 2 + table_err**2)
     assert np.all(np.abs(np.array(r.per_step) - predicted) < 3.5 * err), (r.per_step, predicted.tolist(), err.tolist())
     assert abs(np.sum(r.per_step) - np.sum(predicted)) < 3 * np.sqrt(np.sum(err**2))
+
+
+def class_unet(out_channels: int = 1):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=out_channels, block_out_channels=(8, 16),
+                       layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), num_class_embeds=3).eval()
+
+
+def digits(n: int = 8) -> torch.Tensor:
+    return (torch.randint(0, 17, (n, 1, 8, 8), generator=torch.Generator().manual_seed(1)) / 8.0 - 1).float()
+
+
+def test_adapter_conditioning_and_guidance_are_scored():
+    """nll_bpd scores the eps the sampler uses: a class-conditional adapter's labels and a guided adapter's
+    eps_u + w (eps_c - eps_u), each equal to the same eps written as a plain callable; learned variances too."""
+    from analytic_sampler.adapter import EpsilonAdapter
+
+    abar = alphas_cumprod_from_config({"num_train_timesteps": 50})
+    unet, ts, data = class_unet(out_channels=2), even_trajectory(50, 5), digits()
+    kwargs = {"ms_eps": np.full(50, 0.9), "progress": False, "batch_size": 4}
+
+    def labelled(label):
+        return lambda x, t: unet(x, t, class_labels=torch.full((x.shape[0],), label)).sample
+
+    def scores(model):
+        return nll_bpd_many(model, data, abar, ts, ("analytic", "learned"), **kwargs)
+
+    conditional = scores(EpsilonAdapter(unet, abar, class_labels=torch.tensor([2])))
+    by_hand = scores(labelled(2))
+    for variance in ("analytic", "learned"):
+        assert conditional[variance].mean == by_hand[variance].mean
+    assert conditional["analytic"].mean != scores(labelled(1))["analytic"].mean  # the label matters
+
+    guided = scores(EpsilonAdapter(unet, abar, guidance_scale=3.0, uncond_kwargs={"class_labels": torch.tensor([0])},
+                                   class_labels=torch.tensor([2])))
+
+    def guided_by_hand(x, t):
+        out_u, out_c = labelled(0)(x, t), labelled(2)(x, t)
+        eps_u, eps_c = out_u[:, :1], out_c[:, :1]
+        return torch.cat([eps_u + 3.0 * (eps_c - eps_u), out_c[:, 1:]], 1)  # the conditional pass's variance half
+
+    expected = scores(guided_by_hand)
+    for variance in ("analytic", "learned"):
+        assert guided[variance].mean == pytest.approx(expected[variance].mean, rel=1e-6)
+    assert abs(guided["analytic"].mean - conditional["analytic"].mean) > 1e-3  # guidance changes the score
+
+
+def test_a_table_of_another_model_is_refused_unless_forced():
+    from analytic_sampler.fingerprint import weights_fingerprint
+    from analytic_sampler.table import VarianceTable
+
+    abar = alphas_cumprod_from_config({"num_train_timesteps": 50})
+    unet, other, ts = tiny_unet(channels=1), tiny_unet(channels=1, seed=1), even_trajectory(50, 5)
+    table = VarianceTable(np.full(50, 0.9), np.full(50, 0.01), np.full(50, 4), abar, x0_mse=np.full(50, 0.05),
+                          provenance={"model_id": "mine", "model_fingerprint": weights_fingerprint(unet)})
+    own = nll_bpd(unet, digits(), abar, ts, "residual", table=table, progress=False)
+    assert own.mean == nll_bpd(unet, digits(), abar, ts, "residual", x0_mse=table.x0_mse, progress=False).mean
+    with pytest.raises(ValueError, match=r"the variance table \(mine\) does not belong to this model: it was estimated "
+                                         r"with weights \w+, this model's are \w+ .*pass force_table=True"):
+        nll_bpd(other, digits(), abar, ts, "residual", table=table, progress=False)
+    with pytest.warns(UserWarning, match="used anyway"):
+        nll_bpd(other, digits(), abar, ts, "residual", table=table, force_table=True, progress=False)
+    with pytest.raises(ValueError, match="pass either table or ms_eps / x0_mse"):
+        nll_bpd(unet, digits(), abar, ts, "residual", table=table, x0_mse=table.x0_mse, progress=False)

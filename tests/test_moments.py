@@ -121,10 +121,11 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
     finished_model = Flaky()
     assert_same(run(finished_model, checkpoint=path), full)  # a finished checkpoint needs no model calls
     assert finished_model.calls == 0
-    with pytest.raises(ValueError, match=r"different settings \(seed: 0 != 1\); delete the file"):
+    with pytest.raises(ValueError, match=r"belongs to another run \(seed: 0 in the checkpoint, 1 now\); delete it "
+                       r"to start afresh \(`analytic-sampler precompute`: pass --overwrite\), or rerun with"):
         run(checkpoint=path, seed=1)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="unreadable .*delete it to start the estimate over"):
+    with pytest.raises(ValueError, match=r"unreadable \(\w+\); delete it to start afresh"):
         run(checkpoint=path)
 
 
@@ -263,5 +264,6 @@ def test_per_channel_moments_of_a_gaussian_with_channel_variances(tmp_path):
     merged = table.merge(loaded)
     np.testing.assert_allclose(merged.channel_ms_eps[:, ts], table.channel_ms_eps[:, ts], rtol=1e-12)
     assert np.all(merged.counts[ts] == 800)
-    scalar_only = VarianceTable(table.ms_eps, table.stderr, table.counts, ABAR, data_range=None)
+    scalar_only = VarianceTable(table.ms_eps, table.stderr, table.counts, ABAR, data_range=None,
+                                provenance=table.provenance)  # the same model, without per-channel arrays
     assert table.merge(scalar_only).num_channels is None

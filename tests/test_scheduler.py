@@ -414,6 +414,25 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
         AnalyticDPMScheduler.from_table(table, cosine.config)
 
 
+def test_from_table_refuses_the_table_of_another_model_unless_forced():
+    from conftest import tiny_unet
+
+    from analytic_sampler.fingerprint import weights_fingerprint
+
+    config = DDPMScheduler(num_train_timesteps=20).config
+    abar = alphas_cumprod_from_config(config)
+    unet = tiny_unet(channels=1)
+    table = VarianceTable(np.full(20, 0.9), np.full(20, 0.01), np.full(20, 4), abar,
+                          provenance={"model_id": "mine", "model_fingerprint": weights_fingerprint(unet)})
+    assert AnalyticDPMScheduler.from_table(table, config, model=unet).config.table_fingerprint == table.fingerprint
+    with pytest.raises(ValueError, match=r"the variance table \(mine\) does not belong to this model: it was "
+                                         r"estimated with weights .*pass force_table=True \(on the command line: "
+                                         r"--force-table\)"):
+        AnalyticDPMScheduler.from_table(table, config, model=tiny_unet(channels=1, seed=1))
+    with pytest.warns(UserWarning, match="used anyway"):
+        AnalyticDPMScheduler.from_table(table, config, model=tiny_unet(channels=1, seed=1), force_table=True)
+
+
 def test_step_coefficients_before_set_timesteps_names_the_fix():
     scheduler = AnalyticDPMScheduler(num_train_timesteps=N, ms_eps=np.linspace(0.2, 0.999, N).tolist())
     with pytest.raises(ValueError, match=r"call set_timesteps\(num_inference_steps\) before step_coefficients"):

@@ -7,6 +7,8 @@ import pytest
 from diffusers import DDPMScheduler
 
 import analytic_sampler.table as table_module
+from analytic_sampler.fingerprint import file_sha256
+from analytic_sampler.pretrained import BUNDLED_DIR
 from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
 from analytic_sampler.table import VarianceTable
 
@@ -135,7 +137,7 @@ def test_corrupted_and_missing_files(tmp_path, table):
     with open(arrays, "wb") as f:
         f.write(b"garbage")
     record = json.load(open(meta))
-    record["arrays_sha256"] = table_module._sha256(arrays)
+    record["arrays_sha256"] = file_sha256(arrays)
     json.dump(record, open(meta, "w"))
     with pytest.raises(ValueError, match=r"variance_table.safetensors: unreadable safetensors file.*re-estimate"):
         VarianceTable.load(folder)
@@ -148,19 +150,119 @@ def test_corrupted_and_missing_files(tmp_path, table):
         VarianceTable.load(folder)
 
 
+def edit_json(folder, drop=(), **changes):
+    """Rewrite the table's JSON with ``changes`` and without the fields in ``drop``, as a hand edit would; return
+    the record as it was."""
+    path = os.path.join(folder, "variance_table.json")
+    with open(path) as f:
+        record = json.load(f)
+    with open(path, "w") as f:
+        json.dump({k: v for k, v in {**record, **changes}.items() if k not in drop}, f)
+    return record
+
+
+def rewrite_arrays(folder, arrays):
+    """Replace the arrays file by ``arrays`` with the header it had, and record its new checksum."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = os.path.join(folder, table_module.ARRAYS_NAME)
+    with safe_open(path, framework="numpy") as f:
+        header = f.metadata()
+    save_file(arrays, path, metadata=header)
+    edit_json(folder, arrays_sha256=file_sha256(path))
+
+
 def test_mismatched_metadata(tmp_path, table):
     folder = table.save(tmp_path / "t")
-    meta = os.path.join(folder, "variance_table.json")
-    record = json.load(open(meta))
-    json.dump({**record, "fingerprint": "N50-0000"}, open(meta, "w"))
-    with pytest.raises(ValueError, match=r"variance_table.safetensors: fingerprint 'N50-0000' does not match"):
+    record = edit_json(folder)
+    edit_json(folder, fingerprint="N50-0000")
+    with pytest.raises(ValueError, match=r"variance_table.json: fingerprint is \"N50-0000\" but was \"N50-\w+\" when "
+                                         r"the table was written; the file was changed after the table was written"):
         VarianceTable.load(folder)
-    json.dump({**record, "num_train_timesteps": 60}, open(meta, "w"))
-    with pytest.raises(ValueError, match=r"array 'ms_eps' missing or not float64\[60\]"):
+    edit_json(folder, num_train_timesteps=60, fingerprint=record["fingerprint"])
+    with pytest.raises(ValueError, match=r"variance_table.json: num_train_timesteps is 60 but was 50 when the table "
+                                         r"was written; the file was changed .* restore the file"):
         VarianceTable.load(folder)
-    json.dump({**record, "format_version": 99}, open(meta, "w"))
-    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3\); upgrade"):
+    edit_json(folder, **{**record, "format_version": 99})
+    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3, 4\); "
+                                         r"upgrade"):
         VarianceTable.load(folder)
+
+
+def test_provenance_is_covered_by_the_checksum(tmp_path, table):
+    """A hand edit of any metadata field (data range, channels, provenance) is refused, naming the field; a deleted
+    checksum is reported as missing."""
+    folder = table.save(tmp_path / "t")
+    record = edit_json(folder)
+    edit_json(folder, data_range=[0.0, 1.0])
+    with pytest.raises(ValueError, match=r"data_range is \[0.0, 1.0\] but was \[-1.0, 1.0\] when the table was "
+                                         r"written"):
+        VarianceTable.load(folder)
+    edit_json(folder, **{**record, "provenance": {**record["provenance"], "model_id": "other/model", "seed": 3}})
+    with pytest.raises(ValueError, match=r"provenance.model_id is \"other/model\" but was \"user/model\" when the "
+                                         r"table was written; provenance.seed is 3 but was 0 when"):
+        VarianceTable.load(folder)
+    edit_json(folder, drop=("arrays_sha256",), **{**record, "provenance": record["provenance"]})
+    with pytest.raises(ValueError, match=r"variance_table.json: its checksum 'arrays_sha256' \(of "
+                                         r"variance_table.safetensors\) is missing; the file was changed"):
+        VarianceTable.load(folder)
+    edit_json(folder, **record)
+    assert_same(VarianceTable.load(folder), table)
+
+
+def test_format_3_table_loads_and_its_edits_are_named(tmp_path, table):
+    """A table written before the metadata was covered (format 3, no copy in the header) still loads; an edited
+    num_train_timesteps is named as a metadata problem, not as a missing array."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "v3"
+    table.save(folder)
+    save_file(load_file(folder / table_module.ARRAYS_NAME), folder / table_module.ARRAYS_NAME)  # no header copy
+    edit_json(folder, format_version=3, arrays_sha256=file_sha256(folder / table_module.ARRAYS_NAME))
+    assert_same(VarianceTable.load(folder), table)
+    record = edit_json(folder)
+    edit_json(folder, num_train_timesteps=60)
+    with pytest.raises(ValueError, match=r"variance_table.json: it says num_train_timesteps=60 but "
+                                         r"variance_table.safetensors holds 50 timesteps; the file was changed"):
+        VarianceTable.load(folder)
+    edit_json(folder, **{**record, "format_version": 4})
+    with pytest.raises(ValueError, match=r"variance_table.safetensors: its header has no copy of the metadata"):
+        VarianceTable.load(folder)
+
+
+def reject(constant):
+    raise ValueError(f"bare {constant} in JSON")
+
+
+def test_saved_tables_are_strict_json(tmp_path, table):
+    """No bare NaN / Infinity in any table file this package writes or ships; non-finite provenance values are
+    written as null, numpy values as plain numbers."""
+    odd_values = {"guidance": float("nan"), "ratio": np.float64(np.inf), "counts": np.arange(2), "scale": np.float32(2)}
+    odd = VarianceTable(table.ms_eps, table.stderr, table.counts, ABAR, provenance=odd_values)
+    merged = odd.merge(table)
+    bundled = sorted(BUNDLED_DIR.glob("*/table/variance_table.json"))
+    assert len(bundled) == 2
+    for i, saved in enumerate([odd, merged, table_from(*draws())]):
+        folder = saved.save(tmp_path / str(i))
+        with open(os.path.join(folder, "variance_table.json")) as f:
+            record = json.loads(f.read(), parse_constant=reject)
+        assert record["format_version"] == 4
+    assert record and VarianceTable.load(tmp_path / "0").provenance["guidance"] is None
+    assert VarianceTable.load(tmp_path / "0").provenance["counts"] == [0, 1]
+    assert VarianceTable.load(tmp_path / "0").provenance["scale"] == 2.0
+    for path in bundled:
+        with open(path) as f:
+            json.loads(f.read(), parse_constant=reject)
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path, table):
+    folder = table.save(tmp_path / "t")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("variance_table.json", "variance_table.safetensors"):
+        assert os.stat(os.path.join(folder, name)).st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(os.listdir(folder)) == ["variance_table.json", "variance_table.safetensors"]  # no temporary left
 
 
 def test_check_schedule(table):
@@ -203,7 +305,8 @@ def test_merge_equals_pooled_estimate():
     assert not a.merge(old).has_x0_mse and np.allclose(a.merge(old).ms_eps, merged.ms_eps, rtol=1e-12, equal_nan=True)
     assert merged.provenance["model_id"] == "x" and "seed" not in merged.provenance
     assert [p["seed"] for p in merged.provenance["merged_from"]] == [0, 1]
-    with pytest.raises(ValueError, match=r"cannot merge tables with data_range \(-1.0, 1.0\) and None"):
+    with pytest.raises(ValueError, match=r"cannot merge these tables: they differ in data_range \(\(-1.0, 1.0\) and "
+                                         r"None\)\. Merge only estimates of one model with the same settings"):
         a.merge(VarianceTable(a.ms_eps, a.stderr, a.counts, ABAR, data_range=None))
     with pytest.raises(ValueError, match="estimated for schedule"):
         a.merge(VarianceTable(a.ms_eps[:10], a.stderr[:10], a.counts[:10], ABAR[:10]))
@@ -219,7 +322,7 @@ def test_format_1_table_loads_without_x0_mse(tmp_path, table):
     save_file({k: arrays[k] for k in ("ms_eps", "stderr", "counts", "alphas_cumprod")}, folder / table_module.ARRAYS_NAME)
     meta = json.load(open(folder / table_module.META_NAME))
     del meta["x0_clip"]
-    meta.update(format_version=1, arrays_sha256=table_module._sha256(str(folder / table_module.ARRAYS_NAME)))
+    meta.update(format_version=1, arrays_sha256=file_sha256(str(folder / table_module.ARRAYS_NAME)))
     json.dump(meta, open(folder / table_module.META_NAME, "w"))
     old = VarianceTable.load(folder)
     np.testing.assert_array_equal(old.ms_eps, table.ms_eps)
@@ -249,9 +352,65 @@ def test_channel_arrays_are_checked_on_build_and_load(tmp_path, table):
     assert VarianceTable.load(folder).num_channels == 2
     arrays = load_file(folder / table_module.ARRAYS_NAME)
     arrays["channel_x0_mse"] = arrays["channel_x0_mse"][:1]
-    save_file(arrays, folder / table_module.ARRAYS_NAME)
-    meta = json.load(open(folder / table_module.META_NAME))
-    meta["arrays_sha256"] = table_module._sha256(str(folder / table_module.ARRAYS_NAME))
-    json.dump(meta, open(folder / table_module.META_NAME, "w"))
+    rewrite_arrays(folder, arrays)
     with pytest.raises(ValueError, match=r"array 'channel_x0_mse' missing or not float64\[2, 50\]"):
         VarianceTable.load(folder)
+
+
+@pytest.mark.parametrize("field, a, b", [
+    ("model_fingerprint", "0123456789abcdef", "fedcba9876543210"),
+    ("prediction_type", "epsilon", "v_prediction"),
+    ("guidance_scale", None, 7.5),
+    ("latent", None, "mean"),
+    ("timestep_shift", 0, 1),
+])
+def test_merge_refuses_tables_of_other_models_or_settings(field, a, b):
+    m, taken = draws()
+    first = table_from(m, taken, provenance={"model_id": "x", "seed": 0, field: a})
+    second = table_from(m, taken, provenance={"model_id": "x", "seed": 1, field: b})
+    with pytest.raises(ValueError, match=rf"cannot merge these tables: they differ in {field} \({a!r} and {b!r}\)"):
+        first.merge(second)
+
+
+def test_merge_keeps_every_shared_provenance_field():
+    m, taken = draws()
+    shared = {"model_id": "x", "model_fingerprint": "0123456789abcdef", "prediction_type": "v_prediction",
+              "guidance_scale": 7.5, "latent": "mean", "negative_prompt": ""}
+    a = table_from(m, taken, provenance={**shared, "seed": 0, "run_key": {"seed": 0}})
+    b = table_from(m, taken, provenance={**shared, "seed": 1, "run_key": {"seed": 1}})
+    merged = a.merge(b)
+    assert {k: merged.provenance[k] for k in shared} == shared and merged.guidance_scale == 7.5
+    assert "seed" not in merged.provenance and "run_key" not in merged.provenance  # no single run's
+    assert merged.merge(a).provenance["model_fingerprint"] == shared["model_fingerprint"]
+    with pytest.raises(ValueError, match=r"they differ in data_range \(\(-1.0, 1.0\) and None\), latent \('mean' and "
+                                         r"None\)\. Merge only"):
+        a.merge(table_from(m, taken, data_range=None, provenance={**shared, "latent": None}))
+
+
+def test_check_model_refuses_another_model_unless_forced():
+    import torch
+    from conftest import tiny_unet
+
+    from analytic_sampler.adapter import EpsilonAdapter
+    from analytic_sampler.fingerprint import weights_fingerprint
+
+    m, taken = draws()
+    unet = tiny_unet(channels=1)
+    ms = np.tile(table_from(m, taken).ms_eps, (3, 1))
+    rgb = VarianceTable(ms[0], ms[0], taken.sum(1), ABAR, channel_ms_eps=ms, channel_stderr=ms, channel_x0_mse=ms,
+                        channel_x0_mse_stderr=ms, provenance={"model_id": "rgb-model"})
+    with pytest.raises(ValueError, match=r"the variance table \(rgb-model\) does not belong to this model: it holds "
+                                         r"moments of 3 channel\(s\), the model takes 1. Use the table estimated for "
+                                         r"this model .*or pass force_table=True \(on the command line: "
+                                         r"--force-table\)"):
+        rgb.check_model(unet)
+    with pytest.warns(UserWarning, match=r"takes 1; used anyway \(force\)"):
+        assert rgb.check_model(unet, force=True) is rgb
+    own = table_from(m, taken, provenance={"model_id": "mine", "model_fingerprint": weights_fingerprint(unet)})
+    assert own.check_model(unet) is own and own.check_model(EpsilonAdapter(unet, ABAR)) is own
+    assert own.check_model(tiny_unet(channels=1).half()) is own  # a float16 copy of the same weights
+    with pytest.raises(ValueError, match=rf"it was estimated with weights {weights_fingerprint(unet)}, this model's "
+                                         rf"are {weights_fingerprint(tiny_unet(seed=1))}"):
+        own.check_model(tiny_unet(channels=1, seed=1))
+    assert table_from(m, taken).check_model(tiny_unet(channels=1, seed=1))  # nothing recorded: nothing to check
+    assert own.check_model(lambda x, t: torch.zeros_like(x)) is own  # no weights to compare

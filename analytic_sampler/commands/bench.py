@@ -80,21 +80,25 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
 
 
 def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
-                seed: int = 0, device=None):
-    """The table to use: ``table``, else the model's own if it has x0_mse, else a new one (checkpointed)."""
-    if table is not None:
-        return table, "given"
-    if model.table is not None and model.table.has_x0_mse:
-        return model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
-    from ..moments import estimate_moments
+                seed: int = 0, device=None, overwrite: bool = False, force_table: bool = False):
+    """The table to use: ``table``, else the model's own if it has x0_mse (either checked against the model's
+    schedule, channels and weights, unless ``force_table``), else one estimated into ``out/table``
+    (:func:`~analytic_sampler.precompute.precompute_table`: checkpointed beside it, reused when it holds this very
+    run, another run's replaced only with ``overwrite``)."""
+    source = "given"
+    if table is None and model.table is not None and model.table.has_x0_mse:
+        table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
+    if table is not None:  # a table left in the model folder by an earlier model is refused too
+        return table.check_schedule(model.scheduler).check_model(model.unet, force=force_table), source
+    from ..precompute import precompute_table
 
     folder = out / TABLE_SUBFOLDER
     num_samples = min(num_samples, len(train))
-    table = estimate_moments(model.unet, train, model.scheduler, num_samples=num_samples, batch_size=batch_size,
-                             seed=seed, device=device, checkpoint=folder / "checkpoint.pt",
-                             provenance={"model_id": str(model.source)})
-    table.save(folder)
-    return table, f"estimated here ({num_samples} images per timestep, saved to {folder})"
+    done = precompute_table(model.unet, train, model.scheduler, out=folder, overwrite=overwrite,
+                            num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
+                            provenance={"model_id": model.name})
+    how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
+    return done.table, f"{how} ({num_samples} images per timestep, saved to {folder})"
 
 
 def _own_table_label(model) -> str:
@@ -104,11 +108,13 @@ def _own_table_label(model) -> str:
 
 
 def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_size: int = 256, seed: int = 0,
-             device="cpu", on_cell: Callable[[], object] | None = None) -> list[dict]:
+             device="cpu", on_cell: Callable[[], object] | None = None, eps_model=None) -> list[dict]:
     """NLL rows ``K, trajectory, variance, bpd, stderr, num_images, seconds, timesteps`` for every K: the variances
     of ``NLL_VARIANCES`` (and ``learned`` where the model has it) on the even trajectory and on the optimal one
     (the residual DP of ``table``), from one pass of model calls per trajectory; a trajectory that equals the
-    even one (K = N) is not evaluated twice. ``on_cell()`` is called after each K and trajectory."""
+    even one (K = N) is not evaluated twice. ``on_cell()`` is called after each K and trajectory. ``eps_model``
+    (an :class:`~analytic_sampler.EpsilonAdapter` or eps callable: conditioning, guidance, a timestep convention)
+    is scored instead of the bare UNet."""
     n = model.scheduler.config.num_train_timesteps
     dp = TrajectoryDP(table.alphas_cumprod, None, max(steps), x0_mse=table.require_x0_mse("the optimal trajectory"))
     variances = list(NLL_VARIANCES) + (["learned"] if model.scheduler.config.get("variance_type") in LEARNED else [])
@@ -118,7 +124,8 @@ def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_si
         for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
             if tuple(ts) not in done:
                 t0 = time.time()
-                results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
+                results = nll_bpd_many(eps_model or model.unet, heldout, model.scheduler, ts, variances,
+                                       ms_eps=table.ms_eps,
                                        x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
                                        progress=False)
                 done[tuple(ts)] = results, time.time() - t0
@@ -147,6 +154,9 @@ def run_bench(
     methods: Sequence[str] | None = None,
     on_samples: Callable[[str, int, torch.Tensor], None] | None = None,
     name: str = "bench",
+    overwrite: bool = False,
+    force_table: bool = False,
+    eps_model=None,
 ) -> dict:
     """Run the whole report (see the module docstring), write ``<name>.json`` / ``.md`` / plots, and return the
     JSON's content.
@@ -156,6 +166,9 @@ def run_bench(
     FD is biased upwards by about ``dim / n``, so every cell is measured at the same n; the real-data floor (the
     evaluation images against the same reference) is measured at their own count. ``methods``
     restricts the samplers (names of :func:`sampling_methods`); ``on_samples(method, K, images)`` sees each set.
+    ``overwrite`` and ``force_table`` go to :func:`bench_table`. ``eps_model`` (an ``EpsilonAdapter`` or eps
+    callable) is what the NLL rows score instead of the bare UNet; sample quality is then skipped, as the sampling
+    loop runs the UNet itself.
     """
     start = time.time()
     out = Path(out)
@@ -167,8 +180,12 @@ def run_bench(
     n = config.num_train_timesteps
     if not all(2 <= int(k) <= n for k in steps):
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
-    table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device)
+    table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device, overwrite,
+                                      force_table)
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
+    if eps_model is not None:
+        features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
+                                        "sampling loop would run the bare UNet.")
     fd_samples = fd_samples or min(len(train), 5000)
     methods_per_k = {} if features is None else {
         k: {m: v for m, v in sampling_methods(config, table, k).items() if methods is None or m in methods}
@@ -177,7 +194,7 @@ def run_bench(
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
-    nll = nll_rows(model, table, heldout, steps, batch_size, seed, device, on_cell=bar.update)
+    nll = nll_rows(model, table, heldout, steps, batch_size, seed, device, on_cell=bar.update, eps_model=eps_model)
 
     fd, floor = [], None
     if features is not None:

@@ -15,7 +15,7 @@ from ..pretrained import (
     load_pretrained,
     local_or_repo_id,
 )
-from ..table import ARRAYS_NAME, META_NAME, REESTIMATE_HINT
+from ..table import REESTIMATE_HINT
 from .outputs import refuse_overwrite
 from .runtime import configure_threads
 
@@ -23,6 +23,8 @@ DEVICE_HELP = "cpu, cuda, cuda:N or mps (checked before any work)"
 THREADS_HELP = ("CPU threads of torch (default: OMP_NUM_THREADS if set, else one per core this process may use; "
                 "waiting threads sleep instead of spinning, so a busy machine does not stall the run)")
 OVERWRITE_HELP = "replace the results of an earlier run in --out (refused otherwise)"
+FORCE_TABLE_HELP = ("use the table even where it was estimated for another model (other channels or weights; "
+                    "refused otherwise)")
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
 
 
@@ -155,7 +157,7 @@ def cmd_precompute(args) -> None:
     import torch
 
     from ..distributed import start_distributed
-    from ..moments import estimate_moments
+    from ..precompute import precompute_table
     from ..pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
@@ -169,7 +171,6 @@ def cmd_precompute(args) -> None:
         if args.model in BUNDLED_MODELS or not os.path.isdir(source):
             raise ValueError(f"pass --out: {args.model} is not a local model folder to store the table beside.")
         args.out = os.path.join(source, TABLE_SUBFOLDER)
-    _refuse_finished_table(args.out, args.overwrite)
     provenance = {"model_id": args.model, "revision": args.revision, "data": args.data}
     if latent:  # the data and prompts are checked before the pipeline loads
         data = _pipeline_data(args)
@@ -182,40 +183,21 @@ def cmd_precompute(args) -> None:
         data, schedule, options = _load_data(args.data, model.unet.config.in_channels), model.scheduler, {}
         _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
     timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
-    out = _make_folder(args.out)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
-    _make_folder(checkpoint.parent)
-    table = estimate_moments(
-        model if latent else model.unet, data, schedule, num_samples=args.num_samples, timesteps=timesteps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
+    _make_folder(args.out)
+    done = precompute_table(
+        model if latent else model.unet, data, schedule, out=args.out, overwrite=args.overwrite,
+        keep_checkpoint=args.keep_checkpoint, num_samples=args.num_samples, timesteps=timesteps,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
         noise_device=args.noise_device, compile=args.compile, provenance=provenance, **options,
     )
     if rank == 0:  # every rank holds the same table
-        table.save(out)
-        print(f"{table}\nsaved to {out}")
-    if not args.keep_checkpoint:
-        _remove_checkpoint(checkpoint, rank)
-
-
-def _refuse_finished_table(out: str, overwrite: bool) -> None:
-    """A finished table in ``out`` is replaced only with ``--overwrite``: decided on the files, before any work.
-    (Where a rerun with the same settings should instead be a no-op, that decision belongs here.)"""
-    refuse_overwrite(out, overwrite, (META_NAME, ARRAYS_NAME))
-
-
-def _remove_checkpoint(checkpoint: Path, rank: int) -> None:
-    """Delete this rank's checkpoint once the table is saved (every rank waits for rank 0's save first)."""
-    import torch.distributed as dist
-
-    from ..distributed import rank_path
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    path = Path(rank_path(str(checkpoint), rank))
-    if path.exists():
-        path.unlink()
-        if rank == 0:
-            print(f"removed the checkpoint {path} (pass --keep-checkpoint to keep it)")
+        if done.status == "unchanged":
+            print(f"{done.table}\n{args.out} already holds the table of these settings (the same weights, data and "
+                  "options); nothing to do (--overwrite estimates it again only if it differs)")
+        else:
+            kept = " (checkpoint kept)" if args.keep_checkpoint else ""
+            print(f"{done.table}\nsaved to {args.out}{kept}")
 
 
 def _pipeline_data(args) -> str:
@@ -244,7 +226,15 @@ def _pipeline_data(args) -> str:
 
 
 def _table(args, model=None):
-    """``--table`` if given (a missing local folder is never sent to the Hub), else the table the model ships."""
+    """``--table`` if given (a missing local folder is never sent to the Hub), else the table the model ships;
+    with ``model``, checked to belong to it (channels, weights) unless ``--force-table``."""
+    table = _load_table(args, model)
+    if model is not None:
+        table.check_model(model.unet, force=args.force_table)
+    return table
+
+
+def _load_table(args, model=None):
     from ..table import VarianceTable
 
     if args.table:
@@ -363,11 +353,11 @@ def cmd_bench(args) -> None:
     _check_data(train, model.unet, args.data, needed=2)
     heldout = _load_data(args.eval_data, model.unet.config.in_channels, "--eval-data")
     _check_data(heldout, model.unet, args.eval_data, "--eval-data", needed=2)
-    table = _table(args, model) if args.table else None
+    table = _load_table(args) if args.table else None  # run_bench checks it against the model
     out = _make_folder(args.out)
     result = run_bench(model, train, heldout, args.steps, out, table=table, table_samples=args.table_samples,
                        fd_samples=args.fd_samples, inception=args.inception, batch_size=args.batch_size,
-                       seed=args.seed, device=args.device)
+                       seed=args.seed, device=args.device, overwrite=args.overwrite, force_table=args.force_table)
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {result['seconds_total']:.0f} s")
 
@@ -396,7 +386,8 @@ def cmd_demo(args) -> None:
 
     refuse_overwrite(args.out, args.overwrite, DEMO_OUTPUTS)
     _make_folder(args.out)
-    run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device)
+    run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device,
+             overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -428,10 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help=DEVICE_HELP + "; default cpu, under torchrun each rank's GPU where there is one")
     p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
-    p.add_argument("--checkpoint", default=None, help="resume file (default OUT/checkpoint.pt), removed once the "
-                   "table is saved")
+    p.add_argument("--checkpoint", default=None, help="resume file (default OUT.partial/checkpoint.pt, or for a "
+                   "model's table/ folder MODEL.partial/table/checkpoint.pt: outside the folders you upload), removed "
+                   "once the table is saved")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=50,
+                   help="batches between checkpoints (rounds of one batch per process under torchrun)")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint after the table is saved")
-    p.add_argument("--overwrite", action="store_true", help="replace a table already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a table of other settings in --out, and a "
+                   "checkpoint of other settings (a rerun with the same settings is a no-op without it)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="model weights and inputs (default: as saved); the sums stay float64")
     p.add_argument("--noise-device", choices=("cpu", "model"), default="cpu",
@@ -464,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--data", default="digits:heldout", help=f"evaluation images; {DATA_FORMS}")
     p.add_argument("--table", default=None, help="table folder or Hub repo id (default: the model's own)")
+    p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--steps", type=_steps, default=10)
     p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
     p.add_argument("--timesteps", default=None, help="explicit descending timesteps, e.g. 999,500,0 (overrides --steps)")
@@ -482,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25, 50, 100])
     p.add_argument("--out", default="outputs/bench")
     p.add_argument("--table", default=None, help="reuse this table (default: the model's own, else estimate one)")
+    p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--table-samples", type=_positive_int, default=100, help="samples per timestep for a new table")
     p.add_argument("--fd-samples", type=_positive_int, default=None,
                    help="samples per FD cell (default: the number of training images, at most 5000)")
@@ -496,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample a grid with AnalyticDPMScheduler")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--table", default=None, help="table folder or Hub repo id (default: the model's own)")
+    p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eta", type=float, default=1.0)
     p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])

@@ -27,8 +27,9 @@ DEMO_OUTPUTS = (*output_names(RESULTS), GRID)
 
 
 def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 1000, seed: int = 0,
-             device: str = "cpu") -> dict:
-    """Run the demo into ``out_dir`` and return the results (``num_images`` samples per method and K)."""
+             device: str = "cpu", overwrite: bool = False) -> dict:
+    """Run the demo into ``out_dir`` and return the results (``num_images`` samples per method and K);
+    ``overwrite`` replaces a table of other settings that an earlier demo estimated there."""
     from ..digits import load_digits_split
 
     out = Path(out_dir)
@@ -37,7 +38,7 @@ def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 10
     result = run_bench(
         model, load_digits_split("train")[0], load_digits_split("heldout")[0], steps, out,
         table_samples=DEMO_TABLE_SAMPLES, fd_samples=num_images, batch_size=1000, seed=seed, device=device,
-        methods=DEMO_METHODS,
+        methods=DEMO_METHODS, overwrite=overwrite,
         on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])), name=RESULTS,
     )
     grid = save_grid(torch.cat([images for _, images in rows]), out / GRID, nrow=GRID_COLUMNS,

@@ -120,6 +120,8 @@ def nll_bpd(
     progress: bool = True,
     prediction_type: str | None = None,
     clip_denoised: bool = True,
+    table=None,
+    force_table: bool = False,
 ) -> NLLResult:
     """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first ``num_samples``
     images): ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
@@ -127,7 +129,9 @@ def nll_bpd(
 
     Args:
         model (`UNet2DModel`, `EpsilonAdapter` or a callable):
-            The model; ``variance="learned"`` needs a raw model with 2C output channels.
+            The model, scored as the sampler calls it: an :class:`~analytic_sampler.EpsilonAdapter`'s conditioning,
+            guidance and timestep convention included. ``variance="learned"`` needs a model with 2C output channels
+            (under guidance, the conditional pass's variance half).
         data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
             The evaluation images, ``(N, C, H, W)`` in ``data_range``.
         scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`):
@@ -166,6 +170,11 @@ def nll_bpd(
             What the model predicts; default: the scheduler config's, else ``"epsilon"``.
         clip_denoised (`bool`, defaults to `True`):
             Clip ``x0_hat`` to the data range and recompute ``eps_hat`` from it, as samplers do.
+        table (`VarianceTable`, *optional*):
+            The model's table, in place of ``ms_eps`` / ``x0_mse`` (its scalar columns): checked against the schedule
+            and against the model (:meth:`~analytic_sampler.VarianceTable.check_model`: channels, weights).
+        force_table (`bool`, defaults to `False`):
+            Use ``table`` even where it was estimated for another model.
 
     Returns:
         :class:`NLLResult`: ``mean`` ± ``stderr`` in bits/dim over the images, with the prior, transition and decoder
@@ -192,7 +201,7 @@ def nll_bpd(
         model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
         batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
         decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
-        prediction_type=prediction_type, clip_denoised=clip_denoised,
+        prediction_type=prediction_type, clip_denoised=clip_denoised, table=table, force_table=force_table,
     )[variance]
 
 
@@ -215,6 +224,8 @@ def nll_bpd_many(
     progress: bool = True,
     prediction_type: str | None = None,
     clip_denoised: bool = True,
+    table=None,
+    force_table: bool = False,
 ) -> dict[str, NLLResult]:
     """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
     differences between the results are paired).
@@ -223,7 +234,8 @@ def nll_bpd_many(
         variances (`list[str]`, defaults to `("analytic", "beta", "btilde")`):
             The variances to score, each one of :func:`nll_bpd`'s ``variance``.
         model, data, scheduler_or_alphas_cumprod, timesteps, ms_eps, x0_mse, decoder, batch_size, seed, data_range,
-        bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised:
+        bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised, table,
+        force_table:
             As in :func:`nll_bpd`.
 
     Returns:
@@ -231,6 +243,8 @@ def nll_bpd_many(
     """
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     traj = validate_timesteps(timesteps, abar.size)
+    if table is not None:
+        ms_eps, x0_mse = _table_columns(table, model, abar, ms_eps, x0_mse, force_table)
     ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, data_range, decoder_variance)
     adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type)
     device = torch.device(model_device(adapter) if device is None else device)
@@ -246,6 +260,15 @@ def nll_bpd_many(
             totals.add(*terms, dims=x0[0].numel())
             bar.update(x0.shape[0])
     return totals.results(traj)
+
+
+def _table_columns(table, model, abar, ms_eps, x0_mse, force_table: bool):
+    """``(ms_eps, x0_mse)`` of a table that belongs to this schedule and model (x0_mse ``None`` where the table has
+    none), refusing them given twice."""
+    if ms_eps is not None or x0_mse is not None:
+        raise ValueError("pass either table or ms_eps / x0_mse (a table's own columns), not both.")
+    table.check_schedule(abar).check_model(model, force=force_table)
+    return table.ms_eps, table.x0_mse if table.has_x0_mse else None
 
 
 def _check_options(n: int, traj: list[int], variances, ms_eps, x0_mse, decoder: str, data_range, decoder_variance):
@@ -323,9 +346,7 @@ class _TrajectoryBound:
             sqrt_a_t, sqrt_bb_t = math.sqrt(a_t), math.sqrt(1 - a_t)
             noise = torch.randn(x0.shape, generator=generator).to(device)
             x_t = sqrt_a_t * x0 + sqrt_bb_t * noise
-            t_batch = torch.full((x0.shape[0],), int(self.t[k]), device=device)
-            main, v = adapter.split_output(adapter.model(x_t, adapter.model_timestep(t_batch)), x_t)
-            eps = adapter.to_epsilon(main, x_t, int(self.t[k]))
+            eps, v = adapter.predict(x_t, torch.full((x0.shape[0],), int(self.t[k]), device=device))
             x0_hat = x0_from_eps(eps, x_t, sqrt_a_t, sqrt_bb_t)
             x0_hat, eps = clip_x0(x0_hat, eps, x_t, sqrt_a_t, sqrt_bb_t, self.clip_range)
             if k == k_steps:

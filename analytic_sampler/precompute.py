@@ -1,0 +1,168 @@
+"""A table estimated into a folder, as ``analytic-sampler precompute`` does it: never overwritten or mixed.
+
+- The folder already holds the table of this very run (the same :func:`~analytic_sampler.moments.run_key`: weights,
+  data, settings): nothing is estimated, the table is returned as it is.
+- It holds a table of another run (or one without a record of its run: an older version, a merged table): refused,
+  naming each field that differs, unless ``overwrite``.
+- Otherwise the table is estimated with a checkpoint, then written; the checkpoint is removed after the write
+  unless ``keep_checkpoint``.
+
+Where the checkpoint waits (:func:`checkpoint_path`): beside the table folder, ``<OUT>.partial/checkpoint.pt``; and
+for the ``table/`` folder of a model folder (the default of the command), beside the model folder,
+``<MODEL>.partial/table/checkpoint.pt``. A model folder is what users upload (``HfApi.upload_folder``,
+``hf upload``, which skip only ``.git/`` and ``.cache/huggingface/``), and the table folder is what
+``VarianceTable.push_to_hub`` and ``load_pretrained`` read: a checkpoint inside either would travel with them or
+be taken for part of the model, so it lives outside both, and its name says what it belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .distributed import rank_path, world_rank
+from .moments import accumulate, build_table, discard_other_checkpoint, estimate_arguments, prepare_run
+from .table import META_NAME, VarianceTable
+
+PARTIAL_SUFFIX = ".partial"
+CHECKPOINT_NAME = "checkpoint.pt"
+STATUSES = ("estimated", "unchanged")
+
+
+@dataclass
+class Precomputed:
+    """What :func:`precompute_table` did: ``table`` (the one in the folder), ``status`` (``"estimated"``, or
+    ``"unchanged"``: the folder held this run's table already) and the ``folder``."""
+
+    table: VarianceTable
+    status: str
+    folder: Path
+
+
+def _is_model_folder(path: Path) -> bool:
+    return (path / "unet").is_dir() or (path / "model_index.json").is_file()
+
+
+def checkpoint_path(out: str | os.PathLike) -> Path:
+    """The default checkpoint of the table bound for ``out`` (module docstring): ``<OUT>.partial/checkpoint.pt``,
+    or ``<MODEL>.partial/table/checkpoint.pt`` when ``out`` is the ``table/`` folder of a model folder (one with
+    ``unet/`` or ``model_index.json``)."""
+    out = Path(os.path.abspath(out))
+    if _is_model_folder(out.parent):
+        model = out.parent
+        return model.with_name(model.name + PARTIAL_SUFFIX) / out.name / CHECKPOINT_NAME
+    return out.with_name(out.name + PARTIAL_SUFFIX) / CHECKPOINT_NAME
+
+
+def _run_differences(recorded: Any, key: dict[str, Any]) -> list[str]:
+    """The run key fields in which a finished table's recorded run differs from ``key``, described."""
+    if not isinstance(recorded, dict):
+        return ["the table records no run key (written by an older version of analytic-sampler, or merged)"]
+    return [f"{name}: {recorded.get(name, 'not recorded')!r} in the table, {key.get(name, 'not recorded')!r} now"
+            for name in dict.fromkeys([*key, *recorded]) if recorded.get(name) != key.get(name)]
+
+
+def _decide(out: Path, key: dict[str, Any], overwrite: bool) -> tuple[str, Any]:
+    """``("unchanged", table)``, ``("estimate", None)``, or ``("refuse", message)`` for the folder ``out``."""
+    if not (out / META_NAME).exists():
+        return "estimate", None
+    try:
+        table = VarianceTable.load(out)
+    except ValueError as err:
+        table, found = None, f"a variance table that does not load: {err}"
+    else:
+        diffs = _run_differences(table.provenance.get("run_key"), key)
+        if not diffs:
+            return "unchanged", table
+        found = f"a variance table of another run ({'; '.join(diffs)})"
+    if overwrite:
+        return "estimate", None
+    return "refuse", (f"{out} already holds {found}; pass overwrite=True (on the command line: --overwrite) to "
+                      "replace it, or choose another folder (--out).")
+
+
+def _agree(decision: tuple[str, Any], rank: int, world: int) -> tuple[str, Any]:
+    """Rank 0's decision on every rank (ranks need not share a disk)."""
+    if world == 1:
+        return decision
+    import torch.distributed as dist
+
+    shared = [decision if rank == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def precompute_table(
+    model,
+    data,
+    scheduler_or_alphas_cumprod=None,
+    *,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    keep_checkpoint: bool = False,
+    **kwargs,
+) -> Precomputed:
+    """Estimate a model's table into the folder ``out``, resumably, never overwriting or mixing a finished table
+    (module docstring).
+
+    Args:
+        model, data, scheduler_or_alphas_cumprod:
+            As in :func:`~analytic_sampler.estimate_moments`.
+        out (`str` or `os.PathLike`):
+            The table's folder (created if missing).
+        overwrite (`bool`, defaults to `False`):
+            Replace a table of another run in ``out``, and delete a checkpoint of another run (or an unreadable
+            one) instead of refusing it. A checkpoint of this very run still resumes: the table is the same.
+        keep_checkpoint (`bool`, defaults to `False`):
+            Keep the checkpoint after the table is written (it is removed otherwise).
+        **kwargs:
+            Any other argument of :func:`~analytic_sampler.estimate_moments`; ``checkpoint`` defaults to
+            :func:`checkpoint_path` of ``out``.
+
+    Returns:
+        :class:`Precomputed`: the table, and whether it was estimated or found.
+
+    Under torch.distributed every rank calls it; rank 0 decides and writes the table, and every rank removes its own
+    checkpoint.
+    """
+    arguments = estimate_arguments(model, data, scheduler_or_alphas_cumprod, **kwargs)
+    folder = Path(out)
+    checkpoint = Path(arguments["checkpoint"] or checkpoint_path(folder))
+    plan, key = prepare_run(arguments)
+    rank, world = world_rank()
+    status, detail = _agree(_decide(folder, key, overwrite) if rank == 0 else None, rank, world)
+    if status == "refuse":
+        raise ValueError(detail)
+    if status == "unchanged":
+        return Precomputed(detail, "unchanged", folder)
+    mine = Path(rank_path(str(checkpoint), rank))
+    if overwrite and discard_other_checkpoint(mine, key):
+        warnings.warn(f"deleted the checkpoint {mine} of another run (overwrite)", stacklevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    sums = accumulate(plan, key, checkpoint, arguments["checkpoint_every"], arguments["compile"],
+                      arguments["progress"])
+    table = build_table(plan, key, sums, arguments["provenance"])
+    if rank == 0:
+        table.save(folder)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the table is written before any checkpoint goes
+    if not keep_checkpoint:
+        _remove(mine)
+    return Precomputed(table, "estimated", folder)
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint, and its ``.partial`` folders once empty."""
+    checkpoint.unlink(missing_ok=True)
+    for folder in (checkpoint.parent, checkpoint.parent.parent):
+        if folder.name.endswith(PARTIAL_SUFFIX) or folder.parent.name.endswith(PARTIAL_SUFFIX):
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (another rank's file, the user's files) or gone
+                pass

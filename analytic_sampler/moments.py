@@ -241,7 +241,10 @@ class _TensorSamples:
         return self._identity
 
     def provenance(self) -> dict[str, Any]:
-        return {}
+        """The data's mean square per channel, ``E||x0_c||^2 / d_c`` (channel data only)."""
+        if self.x0.ndim < 3:
+            return {}
+        return {"channel_ms_x0": _mean_square(self.x0, 2).mean(0).tolist()}
 
 
 def _tensor_identity(kwargs: Mapping[str, Any]) -> str:
@@ -467,6 +470,7 @@ def build_table(plan: MonteCarloPlan, sums: torch.Tensor, provenance: Mapping[st
     record = {
         "model_id": str(config_value(module, "_name_or_path") or type(module).__name__),
         "data": f"{plan.num_samples} images, x0 of shape {plan.sample_shape}",
+        "sample_shape": list(plan.sample_shape),
         "num_samples": plan.num_samples,
         "num_timesteps_estimated": int(ts.size),
         "seed": plan.seed,
@@ -511,6 +515,7 @@ def estimate_moments(
     negative_prompt: str | None = None,
     latent: str = "mean",
     encode_batch_size: int = 16,
+    resize: bool = True,
 ) -> VarianceTable:
     """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
     ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
@@ -582,6 +587,10 @@ def estimate_moments(
             Pipelines only: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor.
         encode_batch_size (`int`, defaults to 16):
             Pipelines only: images and prompts encoded per VAE / text-encoder call, when the estimate reaches them.
+        resize (`bool`, defaults to `True`):
+            Pipelines only: resize and center-crop the images to the size the pipeline samples at (its UNet's
+            ``sample_size`` times the VAE's scale factor) before encoding, so that the latents have the shape the
+            sampler sees; ``False`` encodes them at their own size.
 
     Returns:
         :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
@@ -615,7 +624,8 @@ def estimate_moments(
         model, data, scheduler_or_alphas_cumprod, num_samples=num_samples, timesteps=timesteps,
         batch_size=batch_size, seed=seed, device=device, dtype=dtype, noise_device=noise_device,
         data_range=data_range, prediction_type=prediction_type, model_kwargs=model_kwargs,
-        pipeline_options=PipelineOptions(prompt, captions, guidance_scale, negative_prompt, latent, encode_batch_size),
+        pipeline_options=PipelineOptions(prompt, captions, guidance_scale, negative_prompt, latent, encode_batch_size,
+                                         resize),
     )
     sums = accumulate(plan, run_key(plan), checkpoint, checkpoint_every, compile, progress)
     return build_table(plan, sums, provenance)

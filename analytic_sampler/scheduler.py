@@ -19,6 +19,7 @@ The table's arrays are not in the config: ``save_pretrained`` writes them to ``a
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import warnings
@@ -518,6 +519,14 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             )
             table.register()
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as strict JSON: options kept from the config it was built from whose value is not a finite
+        number (DPMSolver's ``lambda_min_clipped = -inf``) are left out, so that a scheduler built from the saved
+        config takes its own default for them."""
+        config = json.loads(super().to_json_string())
+        kept = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return json.dumps(kept, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
     def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """``ConfigMixin.save_config`` (which ``save_pretrained`` calls), with the table file written first, so that

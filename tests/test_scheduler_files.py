@@ -8,6 +8,7 @@ import gc
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_unet
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +87,18 @@ def test_config_is_small_strict_json_and_the_table_lives_beside_it(tmp_path):
     for s in (scheduler, loaded):
         s.set_timesteps(10)
     np.testing.assert_array_equal(scheduler.step_coefficients(1.0).sigma, loaded.step_coefficients(1.0).sigma)
+
+
+def test_a_config_with_infinite_options_is_saved_as_strict_json(tmp_path):
+    """DPM-Solver's config has lambda_min_clipped = -inf, which json writes as a bare -Infinity: left out."""
+    DPMSolverMultistepScheduler(num_train_timesteps=N).save_pretrained(tmp_path / "dpm")
+    config = DPMSolverMultistepScheduler.load_config(tmp_path / "dpm")  # as a Hub repo's config is read
+    scheduler = AnalyticDPMScheduler.from_config(config, ms_eps=np.linspace(0.2, 0.999, N))
+    assert scheduler.config.lambda_min_clipped == -math.inf
+    scheduler.save_pretrained(tmp_path)
+    assert "lambda_min_clipped" not in strict(tmp_path / "scheduler_config.json")
+    back = DPMSolverMultistepScheduler.from_config(AnalyticDPMScheduler.from_pretrained(tmp_path).config)
+    assert back.config.lambda_min_clipped == -math.inf
 
 
 def test_going_back_to_ddim_logs_little_and_carries_no_arrays():

@@ -5,6 +5,11 @@ The Monte Carlo data of such a model are latents and prompt embeddings::
     x0   = (z - shift_factor) * scaling_factor,   z = mean (default) or a sample of the VAE posterior q(z | image)
     cond = pipe.encode_prompt(prompt)              (the pipeline's own text encoder, no guidance)
 
+Images are first resized (shorter side) and center-cropped to the size the pipeline samples at by default (its
+UNet's ``sample_size`` times the VAE's scale factor), so that the latents have the shape the sampler will see;
+``resize=False`` encodes them at their own size. The table records the latent shape and the latents' mean square per
+channel (``sample_shape``, ``channel_ms_x0`` in its provenance).
+
 :class:`PipelineSamples` encodes them ``chunk`` images at a time, as the estimate reaches them, and keeps only the
 chunks the current batch needs, so memory stays bounded by the chunk and batch sizes whatever the number of images.
 Chunks are fixed (images ``[k chunk, (k+1) chunk)``), so the latents do not depend on the batch size or on the
@@ -45,6 +50,31 @@ def _latent_chunk(pipe, images: torch.Tensor, latent: str, generator: torch.Gene
     z = posterior.mean if latent == "mean" else posterior.sample(generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((z - shift) * vae.config.scaling_factor).float()
+
+
+def pipeline_image_size(pipe) -> tuple[int, int] | None:
+    """``(height, width)`` the pipeline samples at by default: its UNet's ``sample_size`` times the VAE's scale
+    factor (512 x 512 for Stable Diffusion v1.5); ``None`` when the pipeline does not say."""
+    size = getattr(pipe.unet.config, "sample_size", None)
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if size is None or factor is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else size
+    return int(height * factor), int(width * factor)
+
+
+def fit_to_size(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, C, H, W)`` images in ``[-1, 1]`` resized so that they cover ``size`` (bicubic, antialiased, the aspect
+    ratio kept) and center-cropped to it; unchanged when they have that size."""
+    height, width = images.shape[-2:]
+    if (height, width) == tuple(size):
+        return images
+    scale = max(size[0] / height, size[1] / width)
+    resized = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+    out = torch.nn.functional.interpolate(images.float(), size=resized, mode="bicubic", antialias=True,
+                                          align_corners=False).clamp(-1.0, 1.0)
+    top, left = (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
+    return out[..., top : top + size[0], left : left + size[1]].to(images.dtype)
 
 
 def _check_latent(latent: str) -> None:
@@ -175,6 +205,8 @@ class PipelineOptions:
         negative_prompt (`str`, *optional*): the prompt of ``eps_u`` under guidance (default ``""``).
         latent (`str`, defaults to `"mean"`): ``"mean"`` or ``"sample"`` of the VAE posterior.
         encode_batch_size (`int`, defaults to 16): images (and prompts) encoded per VAE / text-encoder call.
+        resize (`bool`, defaults to `True`): resize and center-crop the images to the pipeline's sample size
+            (:func:`pipeline_image_size`) before encoding; ``False`` encodes them at their own size.
     """
 
     prompt: str | Sequence[str] | None = None
@@ -183,6 +215,7 @@ class PipelineOptions:
     negative_prompt: str | None = None
     latent: str = "mean"
     encode_batch_size: int = 16
+    resize: bool = True
 
     def check_bare_model(self) -> None:
         """Refuse prompts or guidance for a model that is not a latent pipeline, naming what to pass instead."""
@@ -226,6 +259,7 @@ class PipelineSamples:
         self.guided = guidance_scale is not None and guidance_scale > 1
         self.guidance_scale = float(guidance_scale) if self.guided else None  # None: the conditional eps
         self.negative_prompt = (options.negative_prompt or "") if self.guided else None
+        self.image_size = pipeline_image_size(pipe) if options.resize else None
         self.single_prompt = len(set(prompts)) == 1
         self._shared = encode_prompts(pipe, prompts[:1]) if self.single_prompt else None
         self.uncond_kwargs = (
@@ -234,6 +268,7 @@ class PipelineSamples:
         self._images: Iterator[torch.Tensor] | None = None
         self._next_chunk = 0
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._square_sums: dict[int, torch.Tensor] = {}  # per chunk: sum over its latents of ||x0_c||^2 / d_c
 
     def _encode_chunk(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._images is None or k < self._next_chunk:  # (re)start the stream of pixel chunks
@@ -250,7 +285,10 @@ class PipelineSamples:
             raise ValueError(f"data holds fewer than {self.num_samples} images; lower num_samples or add images.")
         pixels = pixels[:wanted]
         check_range(pixels, (-1.0, 1.0))
+        if self.image_size is not None:
+            pixels = fit_to_size(pixels, self.image_size)
         latents = _latent_chunk(self.pipe, pixels, self.latent, noise_generator(self.seed, k, stream="latent"))
+        self._square_sums[k] = latents.double().flatten(2).square().mean(-1).sum(0).cpu()
         embeds = None if self.single_prompt else encode_prompts(self.pipe, self.prompts[lo : lo + pixels.shape[0]])
         return latents, embeds
 
@@ -279,6 +317,14 @@ class PipelineSamples:
         """The shape of one latent (encodes the first chunk)."""
         return tuple(self.window(0, 0)[0].shape[1:])
 
+    def channel_ms_x0(self) -> list[float]:
+        """``E||x0_c||^2 / d_c`` per latent channel over the ``num_samples`` latents (encoding the chunks this run
+        has not encoded, after a resume)."""
+        for k in range(-(-self.num_samples // self.chunk)):
+            if k not in self._square_sums:
+                self._encode_chunk(k)
+        return (sum(self._square_sums.values()) / self.num_samples).tolist()
+
     def identity(self) -> str | None:
         """What identifies the pixel images (``None`` for a stream, :func:`_data_identity`)."""
         return _data_identity(self.data, self.num_samples)
@@ -294,6 +340,7 @@ class PipelineSamples:
             "latent": self.latent,
             "encode_batch_size": self.chunk,
             "vae_scaling": [float(config.scaling_factor), getattr(config, "shift_factor", None)],
+            "image_size": self.image_size,
             **{f"{name}_weights": weights_fingerprint(getattr(self.pipe, name)) for name in names},
         }
 
@@ -309,5 +356,7 @@ class PipelineSamples:
             "guidance_scale": self.guidance_scale,
             "negative_prompt": self.negative_prompt,
             "prompt_source": self.prompt_source,
+            "image_size": None if self.image_size is None else list(self.image_size),
+            "channel_ms_x0": self.channel_ms_x0(),
         }
 

@@ -313,7 +313,10 @@ class _TensorSamples:
         return {}
 
     def provenance(self) -> dict[str, Any]:
-        return {}
+        """The data's mean square per channel, ``E||x0_c||^2 / d_c`` (channel data only)."""
+        if self.x0.ndim < 3:
+            return {}
+        return {"channel_ms_x0": _mean_square(self.x0, 2).mean(0).tolist()}
 
 
 @dataclass
@@ -553,6 +556,7 @@ def build_table(
         "model_id": str(config_value(module, "_name_or_path") or type(module).__name__),
         "model_fingerprint": plan.model_fingerprint,
         "data": f"{plan.num_samples} images, x0 of shape {plan.sample_shape}",
+        "sample_shape": list(plan.sample_shape),
         "num_samples": plan.num_samples,
         "num_timesteps_estimated": int(ts.size),
         "seed": plan.seed,
@@ -601,6 +605,7 @@ def estimate_moments(
     encode_batch_size: int = 16,
     model_id: str | None = None,
     data_id: str | None = None,
+    resize: bool = True,
 ) -> VarianceTable:
     """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
     ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
@@ -682,6 +687,10 @@ def estimate_moments(
             Names the data, likewise. Tensors and folders are identified by their content; a DataLoader or
             Dataset given to a pipeline is streamed, not read up front, so its checkpoint resumes only with a
             ``data_id``.
+        resize (`bool`, defaults to `True`):
+            Pipelines only: resize and center-crop the images to the size the pipeline samples at (its UNet's
+            ``sample_size`` times the VAE's scale factor) before encoding, so that the latents have the shape the
+            sampler sees; ``False`` encodes them at their own size.
 
     Returns:
         :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
@@ -729,7 +738,7 @@ def prepare_run(arguments: Mapping[str, Any]) -> tuple[MonteCarloPlan, dict[str,
     if min(a["num_samples"], a["batch_size"], a["checkpoint_every"], a["encode_batch_size"]) < 1:
         raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
     options = PipelineOptions(a["prompt"], a["captions"], a["guidance_scale"], a["negative_prompt"], a["latent"],
-                              a["encode_batch_size"])
+                              a["encode_batch_size"], a["resize"])
     plan = prepare_estimate(
         a["model"], a["data"], a["scheduler_or_alphas_cumprod"], num_samples=a["num_samples"],
         timesteps=a["timesteps"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"], dtype=a["dtype"],

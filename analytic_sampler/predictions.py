@@ -9,6 +9,8 @@ With ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` and ``v = sqrt(abar) eps - sqr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 Coefficient = torch.Tensor | float  # a schedule root: a tensor that broadcasts over the sample, or a Python float
@@ -68,20 +70,32 @@ def eps_from_x0(x0: torch.Tensor, sample: torch.Tensor, sqrt_abar: Coefficient, 
     return (sample - sqrt_abar * x0) / sqrt_one_minus_abar
 
 
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Imagen, Saharia et al. 2022), per sample ``b``::
+
+        s_b = clamp(quantile(|x0_b|, ratio), 1, max_value),    x0_b <- clamp(x0_b, -s_b, s_b) / s_b
+
+    the quantile over all of the sample's entries, computed in float32 at least."""
+    work = x0 if x0.dtype in (torch.float32, torch.float64) else x0.float()
+    s = torch.quantile(work.flatten(1).abs(), ratio, dim=1).clamp(1.0, max_value)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return (torch.maximum(torch.minimum(work, s), -s) / s).to(x0.dtype)
+
+
 def clip_x0(
     x0: torch.Tensor,
     eps: torch.Tensor,
     sample: torch.Tensor,
     sqrt_abar: Coefficient,
     sqrt_one_minus_abar: Coefficient,
-    clip_range: tuple[float, float] | None,
+    clip_range: tuple[float, float] | Callable[[torch.Tensor], torch.Tensor] | None,
     recompute_eps: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x0_hat, eps_hat)`` with ``x0_hat`` clamped to ``clip_range`` and, with ``recompute_eps``, ``eps_hat``
-    recomputed from the clamped ``x0_hat`` (:func:`eps_from_x0`), so that the mean
-    ``sqrt(abar_s) x0_hat + sqrt(1 - abar_s - lambda^2) eps_hat`` is that of the clipped prediction.
-    ``clip_range=None`` returns both unchanged."""
+    """``(x0_hat, eps_hat)`` with ``x0_hat`` clamped to ``clip_range`` (or mapped by it, e.g. by
+    :func:`dynamic_threshold`) and, with ``recompute_eps``, ``eps_hat`` recomputed from the new ``x0_hat``
+    (:func:`eps_from_x0`), so that the mean ``sqrt(abar_s) x0_hat + sqrt(1 - abar_s - lambda^2) eps_hat`` is that of
+    the clipped prediction. ``clip_range=None`` returns both unchanged."""
     if clip_range is None:
         return x0, eps
-    x0 = x0.clamp(*clip_range)
+    x0 = clip_range(x0) if callable(clip_range) else x0.clamp(*clip_range)
     return x0, eps_from_x0(x0, sample, sqrt_abar, sqrt_one_minus_abar) if recompute_eps else eps

@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 
 # Zero-terminal-SNR schedules end in abar = 0, where x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar)
-# is undefined; their last value is raised to this floor, as Diffusers' Euler-type schedulers do.
+# is undefined; their last value is raised to this floor, as Diffusers' Euler-type schedulers do (or to the geometric
+# continuation of the two values before it, where that is lower, so that abar keeps decreasing). At or below it
+# (SNR < 6e-8) x_t carries no usable information about x0.
 ZERO_SNR_FLOOR = 2.0**-24
 
 
@@ -81,7 +83,7 @@ def alphas_cumprod_from_config(config: Mapping[str, Any] | Any) -> np.ndarray:
         config = config.config
     abar = np.cumprod(1.0 - betas_from_config(config))
     if abar[-1] <= 0.0:  # a zero-terminal-SNR schedule; every other schedule keeps its own last value
-        abar[-1] = ZERO_SNR_FLOOR
+        abar[-1] = min(ZERO_SNR_FLOOR, abar[-2] ** 2 / abar[-3])
     return abar
 
 
@@ -128,11 +130,11 @@ def abar_with_clean(alphas_cumprod: np.ndarray, index: np.ndarray | int) -> np.n
     return np.where(idx < 0, 1.0, np.asarray(alphas_cumprod, dtype=np.float64)[np.maximum(idx, 0)])
 
 
-def check_num_steps(num_train_timesteps: int, num_steps: int) -> int:
-    """``num_steps`` (K) as an int, refused outside ``[2, N]``."""
-    if not 2 <= int(num_steps) <= num_train_timesteps:
+def check_num_steps(num_train_timesteps: int, num_steps: int, minimum: int = 2) -> int:
+    """``num_steps`` (K) as an int, refused outside ``[minimum, N]`` (a sampler takes K = 1: one step to x0)."""
+    if not minimum <= int(num_steps) <= num_train_timesteps:
         raise ValueError(
-            f"num_steps={num_steps} must be between 2 and num_train_timesteps={num_train_timesteps}; "
+            f"num_steps={num_steps} must be between {minimum} and num_train_timesteps={num_train_timesteps}; "
             "the first step is t=N-1 and the last t=0."
         )
     return int(num_steps)
@@ -149,9 +151,10 @@ def spaced_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, ste
         trailing: round(arange(N, 0, -N/K)) - 1
 
     Only ``leading`` uses ``steps_offset``. Diffusers' float ``arange`` gives ``trailing`` a spurious last ``t = -1``
-    for some K (61 of 1000, …); the first K points are kept.
+    for some K (61 of 1000, …); the first K points are kept. K = 1 gives Diffusers' one point (``steps_offset``,
+    0 and N-1 respectively).
     """
-    n, k = num_train_timesteps, check_num_steps(num_train_timesteps, num_steps)
+    n, k = num_train_timesteps, check_num_steps(num_train_timesteps, num_steps, minimum=1)
     if spacing == "leading":
         t = np.arange(k)[::-1] * (n // k) + int(steps_offset)
     elif spacing == "linspace":

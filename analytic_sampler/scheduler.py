@@ -2,7 +2,7 @@
 
 One step from ``t`` to the previous point ``s`` of the trajectory (``s = -1`` after the last one)::
 
-    x0_hat = x0 predicted by the model (clipped to the data range when clip_sample is on)
+    x0_hat = x0 predicted by the model (clipped to the data range when clip_sample is on, or dynamically thresholded)
     eps    = (x_t - sqrt(abar[t]) x0_hat) / sqrt(1 - abar[t])
     x_s    = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps + sigma(s, t) z
 
@@ -10,12 +10,18 @@ with ``lambda^2 = eta^2 btilde(s, t)`` and ``sigma^2`` either the clipped analyt
 :func:`analytic_sampler.analytic_variance` (``variance="analytic"``) or the residual one,
 ``lambda^2 + coef^2 x0_mse[t]`` (``variance="residual"``, :func:`analytic_sampler.residual_variance`).
 With ``per_channel=True`` sigma is diagonal: ``sigma_c^2`` from channel c's row of the table, ``z`` scaled per channel.
-The last step returns ``x0_hat`` with no noise.
+The last step returns ``x0_hat`` with no noise. ``step`` computes in float32 (at least) and returns the input's dtype.
+
+The table's arrays are not in the config: ``save_pretrained`` writes them to ``analytic_table.json`` beside
+``scheduler_config.json`` and ``from_pretrained`` reads them back (:mod:`analytic_sampler.scheduler_table`).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,25 +29,39 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .predictions import check_prediction_type, clip_x0, split_learned_variance, to_x0_and_eps
+from .diffusers_config import explicit_keys, ignored_options, with_source_spacing
+from .predictions import check_prediction_type, clip_x0, dynamic_threshold, split_learned_variance, to_x0_and_eps
 from .schedule import (
     SPACINGS,
+    ZERO_SNR_FLOOR,
     alphas_cumprod_from_config,
     betas_from_alphas_cumprod,
+    betas_from_config,
+    check_num_steps,
     schedule_fingerprint,
     spaced_timesteps,
+)
+from .scheduler_table import (
+    HUB_OPTIONS,
+    TABLE_ARGUMENTS,
+    TABLE_FILE,
+    SchedulerTable,
+    loaded_table,
+    read_scheduler_table,
 )
 from .table import REESTIMATE_HINT, validate_ms_eps
 from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, validate_timesteps
 from .variance import analytic_variance, channel_view, check_eta, pair_coefficients, residual_variance
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
+DEFAULT_TRAJECTORY = "even"  # when neither trajectory nor timestep_spacing says otherwise
 SAMPLING_VARIANCES = ("analytic", "residual")  # the reverse variances the scheduler samples with, from its table
+_UNSET = object()
 
 
 @dataclass
@@ -89,67 +109,42 @@ def _check_guidance(estimated: float | None, sampling: float | None) -> None:
         )
 
 
-def _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps: int) -> dict[str, np.ndarray]:
-    """The per-channel moments that were given, each checked to be ``(C, N)``, with one ``C`` for both."""
-    channels = {
-        name: validate_ms_eps(value, num_train_timesteps, [], name, per_channel=True)
-        for name, value in (("channel_ms_eps", channel_ms_eps), ("channel_x0_mse", channel_x0_mse))
-        if value is not None
-    }
-    if len({value.shape for value in channels.values()}) > 1:
-        raise ValueError(
-            f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
-            f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
-        )
-    return channels
-
-
-def _scalar_tables(ms_eps, x0_mse, channels: dict[str, np.ndarray]) -> tuple[Any, Any]:
-    """``(ms_eps, x0_mse)``: as given, else the mean over channels of the per-channel ones (as in a table);
-    ``ms_eps`` is required."""
-    if ms_eps is None and "channel_ms_eps" in channels:
-        ms_eps = channels["channel_ms_eps"].mean(0)
-    if x0_mse is None and "channel_x0_mse" in channels:
-        x0_mse = channels["channel_x0_mse"].mean(0)
-    if ms_eps is None:
-        raise ValueError(
-            "AnalyticDPMScheduler needs the model's variance table: run "
-            "`table = estimate_moments(unet, images, scheduler)` once, then pass `ms_eps=table.ms_eps` "
-            "or use `AnalyticDPMScheduler.from_table(table, scheduler.config)`."
-        )
-    return ms_eps, x0_mse
-
-
 def _check_options(
+    table: SchedulerTable,
     variance: str,
-    has_x0_mse: bool,
     per_channel: bool,
-    channels: dict[str, np.ndarray],
-    trajectory: str,
+    trajectory: str | None,
     timestep_spacing: str | None,
     prediction_type: str,
     eta: float,
+    dynamic_thresholding_ratio: float,
+    sample_max_value: float,
 ) -> None:
     """Refuse an unknown option, or a variance the table cannot serve, naming the fix."""
     if variance not in SAMPLING_VARIANCES:
         raise ValueError(f"variance={variance!r}; use one of {SAMPLING_VARIANCES}.")
-    if variance == "residual" and not has_x0_mse:
+    if variance == "residual" and table.x0_mse is None:
         raise ValueError(
             "variance='residual' needs the table's x0_mse: use AnalyticDPMScheduler.from_table(table, ...) with a "
             f"table that has it, or pass x0_mse=table.x0_mse; {REESTIMATE_HINT}."
         )
     needed = "channel_ms_eps" if variance == "analytic" else "channel_x0_mse"
-    if per_channel and needed not in channels:
+    if per_channel and getattr(table, needed) is None:
         raise ValueError(
             f"per_channel=True with variance={variance!r} needs {needed}: use "
             "AnalyticDPMScheduler.from_table(table, config, per_channel=True) with a table that has per-channel "
-            f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}.tolist(), "
+            f"moments (table.num_channels is not None; {REESTIMATE_HINT}), pass {needed}=table.{needed}, "
             "or set per_channel=False."
         )
-    if trajectory not in TRAJECTORIES:
+    if trajectory is not None and trajectory not in TRAJECTORIES:
         raise ValueError(f"trajectory={trajectory!r}; use one of {TRAJECTORIES} or set_timesteps(timesteps=[...]).")
     if timestep_spacing is not None and timestep_spacing not in SPACINGS:
         raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {SPACINGS}, or None for `trajectory`.")
+    if not 0.0 < dynamic_thresholding_ratio <= 1.0 or not sample_max_value >= 1.0:
+        raise ValueError(
+            f"dynamic_thresholding_ratio={dynamic_thresholding_ratio} must lie in (0, 1] and sample_max_value="
+            f"{sample_max_value} be at least 1 (the threshold s is clamped to [1, sample_max_value])."
+        )
     check_prediction_type(prediction_type)
     check_eta(eta)
 
@@ -163,6 +158,67 @@ def _check_fingerprint(table_fingerprint: str | None, alphas_cumprod: np.ndarray
         )
 
 
+def _check_eta_argument(eta: Any) -> None:
+    """``step``'s fourth positional argument is ``eta``, as in ``DDIMScheduler.step``; refuse anything else there."""
+    if eta is None or isinstance(eta, (int, float, np.number)) or (isinstance(eta, torch.Tensor) and eta.numel() == 1):
+        return
+    raise TypeError(
+        f"step() got eta={type(eta).__name__}: its arguments are (model_output, timestep, sample, eta, "
+        "use_clipped_model_output, generator, variance_noise, return_dict), as in DDIMScheduler.step; pass "
+        "generator=... by keyword."
+    )
+
+
+def _adopt_table_settings(table, config: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
+    """Take the table's prediction type, data range and x0 clipping into ``kwargs``, refusing a config (or keyword
+    argument) that says otherwise."""
+    explicit = explicit_keys(config)
+
+    def stated(key: str) -> Any:
+        return kwargs[key] if key in kwargs else config[key] if key in explicit else _UNSET
+
+    recorded = table.provenance.get("prediction_type")
+    said = stated("prediction_type")
+    if recorded is not None and said is not _UNSET and said != recorded:
+        raise ValueError(
+            f"the variance table was estimated reading the model's output as prediction_type={recorded!r}, but the "
+            f"scheduler config (or prediction_type=) says {said!r}: use the model's own scheduler config, or "
+            "re-estimate the table with estimate_moments(..., prediction_type=...) for the other reading."
+        )
+    if recorded is not None:
+        kwargs["prediction_type"] = recorded
+    wanted = kwargs.get("data_range", table.data_range)
+    if (None if wanted is None else tuple(float(v) for v in wanted)) != table.data_range:
+        raise ValueError(
+            f"data_range={wanted} contradicts the variance table's data_range={table.data_range} (its x0_mse and "
+            "the variance bound were estimated for that range): leave data_range out, or re-estimate the table "
+            "with estimate_moments(..., data_range=...)."
+        )
+    kwargs["data_range"] = table.data_range
+    clip = stated("clip_sample")
+    if table.data_range is None:
+        if clip is True:
+            raise ValueError(
+                "the variance table has no data range (latents), but the scheduler config clips x0_hat "
+                "(clip_sample=True): pass clip_sample=False, or re-estimate the table with a data_range."
+            )
+        kwargs["clip_sample"] = False
+    elif table.has_x0_mse and table.x0_clip is not None:
+        lo, hi = table.x0_clip
+        bound = stated("clip_sample_range")
+        if clip is False or (lo == -hi and bound is not _UNSET and float(bound) != hi):
+            shown = "clip_sample=False" if clip is False else f"clip_sample_range={bound}"
+            raise ValueError(
+                f"the variance table's x0_mse was estimated with x0_hat clipped to {table.x0_clip}, but the scheduler "
+                f"config sets {shown}: leave the clip to the table (clip_sample=True"
+                f"{f', clip_sample_range={hi:g}' if lo == -hi else ''}), or re-estimate the table with "
+                "estimate_moments(..., data_range=None) for unclipped sampling."
+            )
+        kwargs["clip_sample"] = True
+        if lo == -hi:
+            kwargs["clip_sample_range"] = hi
+
+
 class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     """Analytic-DDPM (``eta=1``) and Analytic-DDIM (``eta=0``) sampling with a model's variance table.
 
@@ -170,7 +226,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     ``x_s = sqrt(abar[s]) x0_hat + sqrt(1 - abar[s] - lambda^2) eps_hat + sigma(s, t) z`` with
     ``lambda^2 = eta^2 btilde(s, t)`` and sigma^2 the analytic or residual variance of the table; the last step returns
     ``x0_hat``. Build it with :meth:`from_table` (or :meth:`from_config` and ``ms_eps=...``) and assign it to a
-    pipeline: ``pipe.scheduler = AnalyticDPMScheduler.from_table(table, pipe.scheduler.config)``.
+    pipeline: ``pipe.scheduler = AnalyticDPMScheduler.from_table(table, pipe.scheduler.config)``. The table's arrays
+    are kept out of the config: ``save_pretrained`` writes them to ``analytic_table.json`` beside
+    ``scheduler_config.json``, ``from_pretrained`` reads both.
 
     Args:
         num_train_timesteps (`int`, defaults to 1000):
@@ -190,17 +248,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             Clip ``x0_hat`` to ``[-clip_sample_range, clip_sample_range]`` (and recompute ``eps_hat`` from it).
         clip_sample_range (`float`, defaults to 1.0):
             The bound of that clip.
-        ms_eps (`list[float]`, *optional*):
+        ms_eps (`np.ndarray` or `list[float]`, *optional*):
             The table ``E||eps_theta(x_t, t)||^2 / d``, ``num_train_timesteps`` floats from
             :func:`~analytic_sampler.estimate_moments` (``VarianceTable.ms_eps``); NaN where not estimated. Required,
-            unless ``channel_ms_eps`` is given.
-        x0_mse (`list[float]`, *optional*):
+            unless ``channel_ms_eps`` is given or the config names a table this process holds (``table_sha256``).
+        x0_mse (`np.ndarray` or `list[float]`, *optional*):
             The same table's ``E||x0 - x0_hat||^2 / d``. With it ``trajectory="optimal"`` minimises the bound the
             network really achieves (the residual DP); without it, Analytic-DPM's cost (with a warning).
-        channel_ms_eps (`list[list[float]]`, *optional*):
-            ``ms_eps`` per data channel, ``C`` rows of ``num_train_timesteps`` floats (``VarianceTable.channel_ms_eps``);
-            when ``ms_eps`` is not given it is their mean over channels, as in the table.
-        channel_x0_mse (`list[list[float]]`, *optional*):
+        channel_ms_eps (`np.ndarray`, *optional*):
+            ``ms_eps`` per data channel, ``(C, num_train_timesteps)`` (``VarianceTable.channel_ms_eps``); when
+            ``ms_eps`` is not given it is their mean over channels, as in the table (given both, they must agree).
+        channel_x0_mse (`np.ndarray`, *optional*):
             ``x0_mse`` per data channel, likewise.
         per_channel (`bool`, defaults to `False`):
             ``True``: one sigma per channel from ``channel_ms_eps`` (``"analytic"``) or ``channel_x0_mse``
@@ -212,10 +270,11 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             (needs ``x0_mse``).
         eta (`float`, defaults to 1.0):
             1 for DDPM-type, 0 for DDIM-type, anything in ``[0, 1]``; a pipeline's ``eta`` overrides it per call.
-        trajectory (`str`, defaults to `"even"`):
-            ``"even"``, ``"quadratic"`` or ``"optimal"``: the DP trajectory, which minimises the likelihood bound
-            (bits/dim) but, with its large jumps at high noise, not a sample-quality measure. Explicit timesteps go
-            to ``set_timesteps(timesteps=...)``.
+        trajectory (`str`, *optional*):
+            This package's trajectories: ``"even"``, ``"quadratic"`` or ``"optimal"`` (the DP trajectory, which
+            minimises the likelihood bound but, with its large jumps at high noise, not a sample-quality measure).
+            When set it wins over ``timestep_spacing``; when neither is set, ``"even"``. Explicit timesteps go to
+            ``set_timesteps(timesteps=...)``.
         data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
             ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for unbounded data (latents).
         variance_cap_y (`float`, *optional*):
@@ -225,14 +284,40 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             The schedule fingerprint the table was estimated for (``VarianceTable.fingerprint``); a mismatch with
             this config's schedule is refused.
         rescale_betas_zero_snr (`bool`, defaults to `False`):
-            Rescale the betas to zero terminal SNR, as in ``DDPMScheduler``.
+            Rescale the betas to zero terminal SNR, as in ``DDPMScheduler``; ``betas`` and ``alphas_cumprod`` are
+            Diffusers' (ending in 1 and 0), the step's float64 schedule raises the last ``abar`` to a floor
+            (:func:`~analytic_sampler.schedule.alphas_cumprod_from_config`), and the analytic variance of a step from
+            there takes the data's variance bound (no information about x0 is left).
         timestep_spacing (`str`, *optional*):
             Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps, exactly those DDIMScheduler /
-            DDPMScheduler give for the same K. When set it wins over ``trajectory``; :meth:`from_config` keeps the
-            one a pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0
-            (``"leading"`` with ``steps_offset=1``: …, 1) still takes its last step to clean data.
+            DDPMScheduler give for the same K, used when ``trajectory`` is not set. :meth:`from_config` takes it from
+            the config (or, where the config has none, from the default of the scheduler it came from: ``"leading"``
+            for DDPM, DDIM and PNDM) and keeps it for Diffusers' schedulers built from this config. A spacing that
+            ends at t > 0 (``"leading"`` with ``steps_offset=1``: …, 1) still takes its last step to clean data.
         steps_offset (`int`, defaults to 0):
             Added to ``"leading"`` timesteps.
+        thresholding (`bool`, defaults to `False`):
+            Dynamic thresholding of ``x0_hat`` (Imagen; ``DDPMScheduler``'s ``thresholding``) in place of
+            ``clip_sample``: per sample, ``s = clamp(quantile(|x0_hat|, dynamic_thresholding_ratio), 1,
+            sample_max_value)`` and ``x0_hat = clamp(x0_hat, -s, s) / s``; eps is recomputed from it.
+        dynamic_thresholding_ratio (`float`, defaults to 0.995):
+            The quantile of that threshold.
+        sample_max_value (`float`, defaults to 1.0):
+            The largest threshold.
+        ms_x0 (`float`, *optional*):
+            The data's second moment ``E||x0||^2 / d`` (``VarianceTable``'s provenance ``channel_ms_x0``, averaged),
+            an upper bound on the posterior variance of x0 that keeps Monte Carlo noise at high noise levels from
+            inflating the analytic variance; it is the variance of a step from a zero-SNR endpoint.
+        channel_ms_x0 (`list[float]`, *optional*):
+            The same per data channel (``C`` values), for ``per_channel=True``; ``ms_x0`` is their mean.
+        table_file (`str`, *optional*):
+            The table file beside ``scheduler_config.json`` (``"analytic_table.json"``); set by the scheduler.
+        table_sha256 (`str`, *optional*):
+            The SHA-256 of the table's arrays; set by the scheduler. A config that carries it finds the table in this
+            process (``from_config`` of a copied config) or in that file (``from_pretrained``).
+        table_sample_shape (`list[int]`, *optional*):
+            The shape of one sample the table was estimated on (``VarianceTable``'s provenance ``sample_shape``);
+            ``step`` warns once when it samples another (a latent table estimated at another resolution).
 
     Example:
 
@@ -268,29 +353,45 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
-        ms_eps: list[float] | None = None,
-        x0_mse: list[float] | None = None,
-        channel_ms_eps: list[list[float]] | None = None,
-        channel_x0_mse: list[list[float]] | None = None,
+        ms_eps: np.ndarray | list[float] | None = None,
+        x0_mse: np.ndarray | list[float] | None = None,
+        channel_ms_eps: np.ndarray | list[list[float]] | None = None,
+        channel_x0_mse: np.ndarray | list[list[float]] | None = None,
         per_channel: bool = False,
         variance: str = "analytic",
         eta: float = 1.0,
-        trajectory: str = "even",
+        trajectory: str | None = None,
         data_range: tuple[float, float] | None = (-1.0, 1.0),
         variance_cap_y: float | None = None,
         table_fingerprint: str | None = None,
         rescale_betas_zero_snr: bool = False,
         timestep_spacing: str | None = None,
         steps_offset: int = 0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        ms_x0: float | None = None,
+        channel_ms_x0: list[float] | None = None,
+        table_file: str | None = None,
+        table_sha256: str | None = None,
+        table_sample_shape: list[int] | None = None,
     ):
-        channels = _channel_tables(channel_ms_eps, channel_x0_mse, num_train_timesteps)
-        ms_eps, x0_mse = _scalar_tables(ms_eps, x0_mse, channels)
-        _check_options(
-            variance, x0_mse is not None, per_channel, channels, trajectory, timestep_spacing, prediction_type, eta
+        self._table = self._find_table(
+            dict(ms_eps=ms_eps, x0_mse=x0_mse, channel_ms_eps=channel_ms_eps, channel_x0_mse=channel_x0_mse,
+                 ms_x0=ms_x0, channel_ms_x0=channel_ms_x0),
+            num_train_timesteps, table_sha256,
         )
+        self._keep_table_out_of_config()
+        if trajectory is None and timestep_spacing is None:
+            self._register_set(trajectory=DEFAULT_TRAJECTORY)
+        _check_options(self._table, variance, per_channel, self.config.trajectory, timestep_spacing, prediction_type,
+                       eta, dynamic_thresholding_ratio, sample_max_value)
         abar = alphas_cumprod_from_config(self.config)
         _check_fingerprint(table_fingerprint, abar)
-        self._register_tables(ms_eps, x0_mse, channels, data_range)
+        if data_range is not None:
+            self.register_to_config(data_range=tuple(float(v) for v in data_range))
+        if table_sample_shape is not None:
+            self.register_to_config(table_sample_shape=[int(v) for v in table_sample_shape])
         self._set_schedule_tensors(abar)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
@@ -300,35 +401,140 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._coefficients: dict[tuple, StepCoefficients] = {}
         self._step_index: int | None = None
         self._begin_index: int | None = None
+        self._warned_shapes: set[tuple[int, ...]] = set()
 
-    def _register_tables(self, ms_eps, x0_mse, channels: dict[str, np.ndarray], data_range) -> None:
-        """Check the scalar moments and store every table array in the config as plain floats (NaN for timesteps
-        that were not estimated), so that it serialises to JSON."""
-        n = self.config.num_train_timesteps
-        self.register_to_config(ms_eps=[float(v) for v in validate_ms_eps(ms_eps, n, needed=[])])
-        if x0_mse is not None:
-            self.register_to_config(x0_mse=[float(v) for v in validate_ms_eps(x0_mse, n, [], "x0_mse")])
-        self.register_to_config(**{name: value.tolist() for name, value in channels.items()})
-        if data_range is not None:
-            self.register_to_config(data_range=tuple(float(v) for v in data_range))
+    @staticmethod
+    def _find_table(arguments: dict[str, Any], num_train_timesteps: int, sha256: str | None) -> SchedulerTable:
+        """The table from the arguments, else the one this process holds under the config's checksum."""
+        given = {name: value for name, value in arguments.items() if value is not None}
+        if not given and sha256 is not None:
+            table = loaded_table(sha256)
+            if table is None:
+                raise ValueError(
+                    f"this scheduler config refers to the variance table {TABLE_FILE} (sha256 {sha256[:12]}…), which "
+                    "this process does not hold: load the scheduler with AnalyticDPMScheduler.from_pretrained("
+                    "folder_or_repo, subfolder=...), which reads the file beside scheduler_config.json, or rebuild it "
+                    "with AnalyticDPMScheduler.from_table(table, config)."
+                )
+            validate_ms_eps(table.ms_eps, num_train_timesteps, needed=[])
+            return table
+        return SchedulerTable.from_arguments(num_train_timesteps, **given)
+
+    def _keep_table_out_of_config(self) -> None:
+        """Replace the table's arrays in the config (``register_to_config`` records every argument) by the table
+        file's name and the arrays' checksum, and make the table findable by that checksum in this process."""
+        self._table = self._table.register()
+        self._register_set(table_file=TABLE_FILE, table_sha256=self._table.sha256)
+
+    def _register_set(self, **values) -> None:
+        """``register_to_config`` of values this scheduler sets itself, which then no longer count as left at their
+        defaults (``from_config`` drops those); the table's arguments leave the config altogether. The names left at
+        their defaults are kept sorted (Diffusers lists them in a set's order), so equal configs compare equal."""
+        self.register_to_config(**values)
+        config = {k: v for k, v in self._internal_dict.items() if k not in TABLE_ARGUMENTS}
+        dropped = set(values) | set(TABLE_ARGUMENTS)
+        defaults = sorted(k for k in config.pop("_use_default_values", ()) if k not in dropped)
+        self._internal_dict = FrozenDict({**config, **({"_use_default_values": defaults} if defaults else {})})
 
     def _set_schedule_tensors(self, abar: np.ndarray) -> None:
-        """The float64 schedule and its float32 views, as DDPMScheduler has them: alphas = 1 - betas,
-        abar = cumprod(alphas)."""
+        """The float64 schedule of the steps (a zero-SNR schedule's last value raised to a floor), and the float32
+        ``betas``, ``alphas = 1 - betas`` and ``alphas_cumprod = cumprod(alphas)`` as DDPMScheduler has them."""
         self.alphas_cumprod_64 = abar
-        betas = betas_from_alphas_cumprod(abar)
-        self.betas = torch.from_numpy(betas).float()
-        self.alphas = torch.from_numpy(1.0 - betas).float()
-        self.alphas_cumprod = torch.from_numpy(abar).float()
+        betas = torch.from_numpy(betas_from_config(self.config)).float()
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None = None, return_unused_kwargs: bool = False, **kwargs):
-        """``ConfigMixin.from_config``; an explicit ``trajectory`` drops the config's ``timestep_spacing`` (every
-        saved DDPM / DDIM config has one) unless ``timestep_spacing`` is passed as well."""
-        if "trajectory" in kwargs:
-            kwargs.setdefault("timestep_spacing", None)
+        """``ConfigMixin.from_config`` for any DDPM / DDIM / PNDM (or other Diffusers) scheduler config.
+
+        - Timesteps: the config's ``timestep_spacing`` and ``steps_offset``, or where it has none the defaults of
+          the scheduler it came from (``_class_name``): a Stable Diffusion v1.5 (PNDM) config gives 901, 801, …, 1
+          at K = 10, as ``DDIMScheduler.from_config`` does. ``trajectory=`` chooses this package's trajectory
+          instead (the config's spacing stays in the config for Diffusers' schedulers built from it);
+          ``timestep_spacing=`` chooses a spacing over a ``trajectory`` the config sets; both together are refused.
+        - Options of the config that this scheduler does not use (``set_alpha_to_one=False``, a learned
+          ``variance_type``, Karras or other sigma schedules, …) are named in one warning.
+        - The table: ``ms_eps=...`` (and the other table arguments), or the one this process holds under the
+          config's ``table_sha256``.
+        """
+        trajectory, spacing = kwargs.get("trajectory"), kwargs.get("timestep_spacing")
+        if trajectory is not None and spacing is not None:
+            raise ValueError(
+                f"trajectory={trajectory!r} and timestep_spacing={spacing!r} were both passed; pass one. trajectory= "
+                "chooses this package's trajectory and wins over the config's timestep_spacing (which stays in the "
+                "config for Diffusers' schedulers built from it); timestep_spacing= chooses Diffusers' spacing over "
+                "a trajectory the config sets."
+            )
+        if spacing is not None:
+            kwargs.setdefault("trajectory", None)
+        if isinstance(config, Mapping):
+            own = config.get("_class_name") == cls.__name__ or {"variance", "per_channel"} <= set(config)
+            unused = [] if own else ignored_options(config)
+            if unused:
+                warnings.warn(
+                    f"AnalyticDPMScheduler does not use {', '.join(unused)} of the scheduler config it is built from; "
+                    "see 'How Diffusers' options map onto this scheduler' in docs/scheduler.md.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            config = with_source_spacing(config)
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | None = None,
+        subfolder: str | None = None,
+        return_unused_kwargs: bool = False,
+        **kwargs,
+    ):
+        """``SchedulerMixin.from_pretrained``, reading the table file beside ``scheduler_config.json`` too: a local
+        folder, or a Hub repo (``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and
+        ``HF_HUB_OFFLINE`` honoured; the file from the config's commit). A config saved by earlier versions, with the
+        arrays inside, loads as well.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder holding ``scheduler_config.json`` (and ``analytic_table.json``), or a Hub repo id.
+            subfolder (`str`, *optional*):
+                The scheduler's folder inside it (``"scheduler"`` of a pipeline).
+            return_unused_kwargs (`bool`, defaults to `False`):
+                Also return the keyword arguments the scheduler did not take.
+            **kwargs:
+                Hub options, and any argument of :class:`AnalyticDPMScheduler` to override the saved one.
+        """
+        hub = {name: kwargs[name] for name in HUB_OPTIONS if name in kwargs}
+        config, kwargs, commit_hash = cls.load_config(
+            pretrained_model_name_or_path=pretrained_model_name_or_path, subfolder=subfolder,
+            return_unused_kwargs=True, return_commit_hash=True, **kwargs,
+        )
+        table = None  # held here until the scheduler holds it: the registry keeps no table alive by itself
+        if config.get("table_sha256") and not any(kwargs.get(name) is not None for name in TABLE_ARGUMENTS):
+            table = read_scheduler_table(
+                pretrained_model_name_or_path, subfolder, config.get("table_file") or TABLE_FILE,
+                config["table_sha256"], cls.config_name, commit_hash, **hub,
+            )
+            table.register()
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as strict JSON: options kept from the config it was built from whose value is not a finite
+        number (DPMSolver's ``lambda_min_clipped = -inf``) are left out, so that a scheduler built from the saved
+        config takes its own default for them."""
+        config = json.loads(super().to_json_string())
+        kept = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return json.dumps(kept, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """``ConfigMixin.save_config`` (which ``save_pretrained`` calls), with the table file written first, so that
+        ``push_to_hub`` uploads both."""
+        if not os.path.isfile(save_directory):
+            os.makedirs(save_directory, exist_ok=True)
+            self._table.save(save_directory, self.config.table_file)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
     def from_table(
@@ -337,16 +543,19 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
     ) -> "AnalyticDPMScheduler":
         """Build from a :class:`~analytic_sampler.VarianceTable` and the model's scheduler config.
 
-        The table's schedule must be the config's (else ValueError); its ``ms_eps``, ``x0_mse``, data range and
-        per-channel moments (kept in the config, used only with ``per_channel=True``) go into the scheduler. A table
-        without a data range (latents) also sets ``clip_sample=False`` unless it is passed.
+        The table's schedule must be the config's (else ValueError); its ``ms_eps``, ``x0_mse``, per-channel
+        moments, the data's second moment and the sample shape it was estimated on go into the scheduler. So do its
+        prediction type, data range and x0 clip: a latent table (no data range) sets ``clip_sample=False``, a
+        table whose ``x0_mse`` was clipped to ``(-r, r)`` sets ``clip_sample=True`` with that range, and a config
+        or keyword argument that contradicts the table is refused, naming the fix. Timesteps as in
+        :meth:`from_config`.
 
         Args:
             table (`VarianceTable`):
                 The model's table, from :func:`~analytic_sampler.estimate_moments` or ``VarianceTable.load``.
             scheduler_config (`dict` or a scheduler, *optional*):
-                The model's scheduler config (``pipe.scheduler.config``); default: the table's schedule as
-                ``trained_betas``.
+                The model's scheduler config (``pipe.scheduler.config``) or the scheduler itself; default: the
+                table's schedule as ``trained_betas``.
             guidance_scale (`float`, *optional*):
                 The classifier-free guidance scale the pipeline will sample at; a warning when the table's eps was
                 estimated at another (``table.guidance_scale``; none counts as 1).
@@ -361,46 +570,61 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         _check_guidance(table.guidance_scale, guidance_scale)
         if model is not None:
             table.check_model(model, force=force_table)
-        if table.data_range is None:
-            kwargs.setdefault("clip_sample", False)
         if scheduler_config is None:
             betas = betas_from_alphas_cumprod(table.alphas_cumprod)
             scheduler_config = {"num_train_timesteps": betas.size, "trained_betas": betas.tolist()}
-        elif hasattr(scheduler_config, "config"):
-            scheduler_config = scheduler_config.config
+        elif hasattr(scheduler_config, "config") and not isinstance(scheduler_config, Mapping):
+            source = scheduler_config
+            scheduler_config = {"_class_name": type(source).__name__, **source.config}
         table.check_schedule(alphas_cumprod_from_config(scheduler_config))
-        kwargs.setdefault("data_range", table.data_range)
-        if table.has_x0_mse:
-            kwargs.setdefault("x0_mse", table.x0_mse.tolist())
-        elif kwargs.get("variance") == "residual":
+        _adopt_table_settings(table, scheduler_config, kwargs)
+        if kwargs.get("variance") == "residual" and not table.has_x0_mse:
             table.require_x0_mse()
-        for name in ("channel_ms_eps", "channel_x0_mse"):
-            if getattr(table, name) is not None:  # tables before format 3 have none
-                kwargs.setdefault(name, np.asarray(getattr(table, name)).tolist())
-        return cls.from_config(scheduler_config, ms_eps=table.ms_eps.tolist(), table_fingerprint=table.fingerprint, **kwargs)
+        ms_x0 = table.provenance.get("channel_ms_x0")  # the data's mean square per channel (tables of this version)
+        per_channel = ms_x0 is not None and table.num_channels == len(ms_x0)
+        taken = {"ms_eps": table.ms_eps, "x0_mse": table.x0_mse if table.has_x0_mse else None,
+                 "channel_ms_eps": table.channel_ms_eps, "channel_x0_mse": table.channel_x0_mse,
+                 "channel_ms_x0": ms_x0 if per_channel else None,
+                 "ms_x0": float(np.mean(ms_x0)) if ms_x0 is not None and not per_channel else None}
+        for name, value in taken.items():
+            if value is not None:
+                kwargs.setdefault(name, value)
+        kwargs.setdefault("table_sample_shape", table.provenance.get("sample_shape"))
+        return cls.from_config(scheduler_config, table_fingerprint=table.fingerprint, **kwargs)
 
+    # ------------------------------------------------------------------ the table
     @property
     def ms_eps(self) -> np.ndarray:
-        return np.asarray(self.config.ms_eps, dtype=np.float64)
+        return self._table.ms_eps
 
     @property
     def x0_mse(self) -> np.ndarray | None:
-        return None if self.config.x0_mse is None else np.asarray(self.config.x0_mse, dtype=np.float64)
+        return self._table.x0_mse
 
     @property
     def channel_ms_eps(self) -> np.ndarray | None:
-        return None if self.config.channel_ms_eps is None else np.asarray(self.config.channel_ms_eps, dtype=np.float64)
+        return self._table.channel_ms_eps
 
     @property
     def channel_x0_mse(self) -> np.ndarray | None:
-        return None if self.config.channel_x0_mse is None else np.asarray(self.config.channel_x0_mse, dtype=np.float64)
+        return self._table.channel_x0_mse
 
-    def _variance_moments(self) -> tuple[str, np.ndarray]:
-        """``(name, table)`` the step's variance reads: ``ms_eps`` (analytic) or ``x0_mse`` (residual), shape ``(N,)``,
-        or with ``per_channel`` their ``channel_`` rows, shape ``(C, N)``."""
+    @property
+    def ms_x0(self) -> float | None:
+        """The data's second moment ``E||x0||^2 / d``, when the table records it."""
+        return self._table.ms_x0
+
+    @property
+    def channel_ms_x0(self) -> np.ndarray | None:
+        return self._table.channel_ms_x0
+
+    def _variance_moments(self) -> tuple[str, np.ndarray, Any]:
+        """``(name, table, ms_x0)`` the step's variance reads: ``ms_eps`` (analytic) or ``x0_mse`` (residual), shape
+        ``(N,)``, with the data's second moment, or with ``per_channel`` their ``channel_`` rows, shape ``(C, N)``."""
         name = "x0_mse" if self.config.variance == "residual" else "ms_eps"
-        name = "channel_" + name if self.config.per_channel else name
-        return name, getattr(self, name)
+        if self.config.per_channel:
+            return "channel_" + name, getattr(self, "channel_" + name), self.channel_ms_x0
+        return name, getattr(self, name), self.ms_x0
 
     @property
     def step_index(self) -> int | None:
@@ -426,12 +650,13 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: list[int] | None = None,
     ) -> None:
-        """Choose the trajectory: ``num_inference_steps`` points, spaced by ``timestep_spacing`` when the config
-        sets one, else by ``trajectory``; or explicit ``timesteps``. Precomputes every step's coefficients.
+        """Choose the trajectory: ``num_inference_steps`` points of ``trajectory`` when the config sets one, else
+        spaced by ``timestep_spacing``; or explicit ``timesteps``. Precomputes every step's coefficients.
 
         Args:
             num_inference_steps (`int`, *optional*):
-                The number of steps K (2 to ``num_train_timesteps``).
+                The number of steps K (1 to ``num_train_timesteps``; K = 1 is one step from t = N-1, or Diffusers'
+                one spaced point, to x0).
             device (`str` or `torch.device`, *optional*):
                 Where ``timesteps`` and the step coefficients live.
             timesteps (`list[int]`, *optional*):
@@ -441,20 +666,16 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("pass either num_inference_steps or timesteps, not both.")
-            trajectory = validate_timesteps(timesteps, n)
+            trajectory = validate_timesteps(timesteps, n, min_steps=1)
         elif num_inference_steps is None:
             raise ValueError("set_timesteps needs num_inference_steps (K) or an explicit list of timesteps.")
-        elif self.config.timestep_spacing is not None:
+        elif self.config.trajectory is not None:
+            trajectory = self._trajectory(check_num_steps(n, num_inference_steps, minimum=1))
+        else:
             spacing, offset = self.config.timestep_spacing, self.config.steps_offset
             trajectory = spaced_timesteps(n, num_inference_steps, spacing, offset)
-        elif self.config.trajectory == "optimal":
-            trajectory = self._optimal(int(num_inference_steps))
-        elif self.config.trajectory == "quadratic":
-            trajectory = quadratic_trajectory(n, num_inference_steps)
-        else:
-            trajectory = even_trajectory(n, num_inference_steps)
         validate_ms_eps(self.ms_eps, n, needed=trajectory[:-1])  # the DP's and the scalar variance's table
-        name, moments = self._variance_moments()
+        name, moments, _ = self._variance_moments()
         validate_ms_eps(moments, n, needed=trajectory[:-1], name=name, per_channel=self.config.per_channel)
 
         self.trajectory = trajectory
@@ -464,6 +685,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
         self._coefficients_for(check_eta(self.config.eta), torch.device(device or "cpu"), torch.float32)
+
+    def _trajectory(self, num_steps: int) -> list[int]:
+        """``num_steps`` points of the config's ``trajectory``; one step starts at N-1."""
+        n = self.config.num_train_timesteps
+        if num_steps == 1:
+            return [n - 1]
+        if self.config.trajectory == "optimal":
+            return self._optimal(num_steps)
+        if self.config.trajectory == "quadratic":
+            return quadratic_trajectory(n, num_steps)
+        return even_trajectory(n, num_steps)
 
     def _optimal(self, num_steps: int) -> list[int]:
         """The DP's path (residual cost with ``x0_mse``, else the paper's); one solve serves every K up to the
@@ -486,7 +718,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         s = np.append(t[1:], -1)
         pair = pair_coefficients(self.alphas_cumprod_64, s, t, eta)
         var = self._pair_variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
-        if self.config.variance_cap_y is not None:  # the step into t_1
+        if self.config.variance_cap_y is not None and var.shape[1]:  # the step into t_1
             lo, hi = self.config.data_range or (-1.0, 1.0)
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
             var[:, -1] = np.minimum(var[:, -1], cap)
@@ -500,16 +732,51 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
 
     def _pair_variances(self, prev_t: np.ndarray, t: np.ndarray, eta: float) -> np.ndarray:
         """sigma^2 of the pairs ``(prev_t, t)``, shape ``(C', pairs)``: the config's variance from its table."""
-        moments = np.atleast_2d(self._variance_moments()[1])  # (C', N)
+        _, moments, ms_x0 = self._variance_moments()
+        moments = np.atleast_2d(moments)  # (C', N)
         if self.config.variance == "residual":
             return residual_variance(self.alphas_cumprod_64, moments, prev_t, t, eta)
-        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, self.config.data_range)
+        data_range = self.config.data_range
+        blind = t[self.alphas_cumprod_64[t] <= ZERO_SNR_FLOOR]
+        if blind.size and data_range is None and ms_x0 is None:
+            abar = self.alphas_cumprod_64[blind[0]]
+            raise ValueError(
+                f"the step from t={int(blind[0])} (abar = {abar:.2g}: x_t says nothing about x0) needs a bound on the "
+                "data's variance, and this latent table has none: re-estimate the table "
+                "with this version (it records the data's second moment, channel_ms_x0), pass ms_x0= (and "
+                "channel_ms_x0= with per_channel), or use variance='residual' or a trajectory that starts lower."
+            )
+        ms_x0 = None if ms_x0 is None else np.asarray(ms_x0, dtype=np.float64)
+        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, data_range, ms_x0=ms_x0)
 
     def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
         key = (eta, device, dtype)
         if key not in self._coefficients:
             self._coefficients[key] = self.step_coefficients(eta).to(device, dtype)
         return self._coefficients[key]
+
+    def _x0_limit(self):
+        """What ``step`` does to ``x0_hat``: dynamic thresholding, a clip range, or nothing (``None``)."""
+        if self.config.thresholding:
+            return functools.partial(dynamic_threshold, ratio=self.config.dynamic_thresholding_ratio,
+                                     max_value=self.config.sample_max_value)
+        if self.config.clip_sample:
+            return (-self.config.clip_sample_range, self.config.clip_sample_range)
+        return None
+
+    def _check_sample_shape(self, sample: torch.Tensor) -> None:
+        """Warn once per shape when the sample is not the shape the table was estimated on."""
+        expected, shape = self.config.table_sample_shape, tuple(sample.shape[1:])
+        if expected is None or shape == tuple(expected) or shape in self._warned_shapes:
+            return
+        self._warned_shapes.add(shape)
+        warnings.warn(
+            f"the variance table was estimated on samples of shape {tuple(expected)}, but this pipeline samples "
+            f"{shape}: the moments of another resolution are not this one's. Estimate a table at this size "
+            "(estimate_moments resizes a pipeline's images to its sample size by default).",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def index_for_timestep(self, timestep: int | torch.Tensor) -> int:
         t = int(timestep)
@@ -522,14 +789,15 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: int | torch.Tensor,
         sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-        return_dict: bool = True,
         eta: float | None = None,
         use_clipped_model_output: bool | None = None,
+        generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
-        **unused,
+        return_dict: bool = True,
     ) -> AnalyticDPMSchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
-        """One reverse step ``x_t -> x_s`` to the previous point of the trajectory.
+        """One reverse step ``x_t -> x_s`` to the previous point of the trajectory. The arguments come in
+        ``DDIMScheduler.step``'s order; the step computes in float32 (float64 for float64 input) and returns the
+        input's dtype.
 
         Steps follow ``timesteps`` from ``begin_index`` or, without one, from where the first ``timestep`` is on the
         trajectory (a lookup that syncs an accelerator tensor once per loop, as in Diffusers' multistep schedulers).
@@ -545,17 +813,18 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             sample (`torch.Tensor`):
                 ``x_t``, ``(B, C, …)``. With ``per_channel`` the noise std broadcasts as ``(C, 1, …)``; a sample with
                 another channel count is refused.
-            generator (`torch.Generator`, *optional*):
-                Draws the noise ``z``.
-            return_dict (`bool`, defaults to `True`):
-                Return an :class:`AnalyticDPMSchedulerOutput`, else the tuple ``(prev_sample, pred_original_sample)``.
             eta (`float`, *optional*):
-                Overrides the config's ``eta`` (DDIMPipeline passes its own).
+                Overrides the config's ``eta`` (DDIMPipeline and StableDiffusionPipeline pass their own).
             use_clipped_model_output (`bool`, *optional*):
                 ``False`` keeps the model's own eps next to a clipped ``x0_hat``; by default eps is recomputed from it.
+            generator (`torch.Generator`, *optional*):
+                Draws the noise ``z``.
             variance_noise (`torch.Tensor`, *optional*):
                 The noise ``z`` itself, in place of drawing it.
+            return_dict (`bool`, defaults to `True`):
+                Return an :class:`AnalyticDPMSchedulerOutput`, else the tuple ``(prev_sample, pred_original_sample)``.
         """
+        _check_eta_argument(eta)
         if not self.trajectory:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
         i = self._step_index
@@ -568,7 +837,9 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
                 "step through scheduler.timesteps in order, or call set_timesteps() / set_begin_index() to restart."
             )
         eta = self.config.eta if eta is None else check_eta(eta)
-        coefficients = self._coefficients_for(float(eta), sample.device, sample.dtype)
+        self._check_sample_shape(sample)
+        work = sample.dtype if sample.dtype == torch.float64 else torch.float32
+        coefficients = self._coefficients_for(float(eta), sample.device, work)
         sqrt_abar_t, sqrt_bb_t = coefficients.sqrt_abar_t[i], coefficients.sqrt_one_minus_abar_t[i]
         std = coefficients.sigma[i]
         if self.config.per_channel and sample.shape[1] != std.shape[0]:
@@ -579,17 +850,18 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             )
         std = channel_view(std, sample.ndim)  # (C', 1, …): one sigma per channel, or one for all
 
+        x_t = sample.to(work)
         prediction, _ = split_learned_variance(model_output, sample)
-        x0, eps = to_x0_and_eps(prediction, sample, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)
-        r = self.config.clip_sample_range
-        x0, eps = clip_x0(x0, eps, sample, sqrt_abar_t, sqrt_bb_t, (-r, r) if self.config.clip_sample else None,
+        x0, eps = to_x0_and_eps(prediction.to(work), x_t, sqrt_abar_t, sqrt_bb_t, self.config.prediction_type)
+        x0, eps = clip_x0(x0, eps, x_t, sqrt_abar_t, sqrt_bb_t, self._x0_limit(),
                           recompute_eps=use_clipped_model_output is not False)
         prev_sample = coefficients.sqrt_abar_s[i] * x0 + coefficients.eps_coef[i] * eps
         if i < len(self.trajectory) - 1:
             if variance_noise is None:
-                variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-            prev_sample = prev_sample + std * variance_noise
+                variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=work)
+            prev_sample = prev_sample + std * variance_noise.to(work)
         self._step_index = i + 1 if i + 1 < len(self.trajectory) else None
+        prev_sample, x0 = prev_sample.to(sample.dtype), x0.to(sample.dtype)
 
         if not return_dict:
             return prev_sample, x0
@@ -601,9 +873,10 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1)))
         return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
 
-    def previous_timestep(self, timestep: int | torch.Tensor) -> int:
+    def previous_timestep(self, timestep: int | torch.Tensor) -> torch.Tensor:
+        """The trajectory point after ``timestep``, a tensor as in ``DDPMScheduler`` (``tensor(-1)`` after the last)."""
         i = self.index_for_timestep(timestep)
-        return self.trajectory[i + 1] if i + 1 < len(self.trajectory) else -1
+        return self.timesteps[i + 1] if i + 1 < len(self.trajectory) else torch.tensor(-1)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

@@ -44,7 +44,7 @@ def even_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
         num_train_timesteps (`int`): N.
         num_steps (`int`): K, from 2 to N.
     """
-    return spaced_timesteps(num_train_timesteps, num_steps, "linspace")
+    return spaced_timesteps(num_train_timesteps, check_num_steps(num_train_timesteps, num_steps), "linspace")
 
 
 def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
@@ -60,11 +60,11 @@ def quadratic_trajectory(num_train_timesteps: int, num_steps: int) -> list[int]:
     return t[::-1].tolist()
 
 
-def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
-    """Check a user trajectory: integers, strictly descending, inside [0, N-1], at least two."""
+def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int, min_steps: int = 2) -> list[int]:
+    """Check a user trajectory: integers, strictly descending, inside [0, N-1], at least ``min_steps``."""
     ts = [int(t) for t in timesteps]
-    if len(ts) < 2:
-        raise ValueError("custom timesteps need at least two entries (K >= 2).")
+    if len(ts) < min_steps:
+        raise ValueError(f"custom timesteps need at least {min_steps} entries (K >= {min_steps}).")
     if any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError(f"custom timesteps must be strictly descending (e.g. [999, 500, 0]); got {ts[:6]}…")
     if ts[0] > num_train_timesteps - 1 or ts[-1] < 0:
@@ -230,6 +230,12 @@ class TrajectoryDP:
             raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
         self.moment = monotone_moment(self.abar, raw, stderr) if monotone else raw
         self.visited = np.flatnonzero(np.isfinite(self.moment))
+        if self.visited.size == 0:
+            raise ValueError(
+                f"{'x0_mse' if x0_mse is not None else 'ms_eps'} is NaN at every timestep (for x0_mse: a table from "
+                "before x0_mse existed); pass x0_mse=None to use ms_eps (Analytic-DPM's cost), or re-estimate the "
+                "table with `analytic-sampler precompute` or estimate_moments."
+            )
         snr, m = signal_to_noise(self.abar)[self.visited], self.moment[self.visited]
         steps = min(self.max_steps, self.visited.size)
         on_cpu = device is None or torch.device(device).type == "cpu"

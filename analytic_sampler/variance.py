@@ -4,12 +4,18 @@ For a pair ``s < t`` (``s = -1`` is clean data) with ``a_ts = abar[t] / abar[s]`
 ``bb = 1 - abar`` and ``lambda^2 = eta^2 * bb[s] * b_ts / bb[t]``::
 
     coef       = sqrt(abar[s]) - sqrt((bb[s] - lambda^2) * abar[t] / bb[t])
-    c[t]       = clip((bb[t] / abar[t]) * (1 - ms_eps[t]), 0, min(bb[t] / abar[t], ((b - a) / 2)^2))
+    c[t]       = clip((bb[t] / abar[t]) * (1 - ms_eps[t]), 0, c_max[t])
+    c_max[t]   = min(bb[t] / abar[t], ((b - a) / 2)^2, ms_x0)      # the terms that are known
     sigma^2    = lambda^2 + coef^2 * c[t]                  # analytic: the network's mean assumed optimal
     sigma^2    = lambda^2 + coef^2 * x0_mse[t]             # residual: the network's own x0 error
 
 The sampler's mean error is ``coef * (x0_hat - x0)``, so the residual variance minimises the expected KL of
 each transition for the network's actual mean, where it equals ``(d/2) log(sigma^2 / lambda^2)`` (docs/math.md).
+
+``c[t]`` is the posterior variance of x0, so it is at most the data's variance, hence at most its second moment
+``ms_x0 = E||x0||^2 / d`` (when the table records it). Where ``abar[t] <= 2^-24`` (a zero-terminal-SNR endpoint, or
+the cosine schedule's last step) x_t carries no usable information about x0 and ``(bb / abar)(1 - ms_eps)`` is
+Monte Carlo noise amplified more than 1.7e7 times, so ``c[t] = c_max[t]``, the prior's bound.
 
 Per channel (diagonal variance): a table of shape ``(C, N)``, one row per data channel, gives one sigma^2 per channel
 and pair by the same formulas, ``sigma_c^2 = lambda^2 + coef^2 c_c[t]``; the result gets a leading axis of length C.
@@ -21,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .schedule import abar_with_clean
+from .schedule import ZERO_SNR_FLOOR, abar_with_clean
 
 DataRange = tuple[float, float] | None
 
@@ -76,26 +82,37 @@ def pair_coefficients(alphas_cumprod, prev_t, t, eta: float = 1.0) -> PairCoeffi
     return PairCoefficients(t, a_t, a_s, beta, btilde, lam2, np.sqrt(eps_var), coef)
 
 
-def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0)) -> np.ndarray:
-    """Upper bound on ``c[t]``: ``bb[t]/abar[t]``, and ``((b-a)/2)^2`` for data in ``[a, b]``."""
+def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0), ms_x0=None) -> np.ndarray:
+    """Upper bound on ``c[t]``: ``bb[t]/abar[t]``, ``((b-a)/2)^2`` for data in ``[a, b]``, and the data's second
+    moment ``ms_x0`` when given (a float, or one per channel, which adds a leading channel axis)."""
     abar = np.asarray(alphas_cumprod, dtype=np.float64)[np.asarray(t, dtype=np.int64)]
     upper = (1.0 - abar) / abar
     if data_range is not None:
         lo, hi = data_range
         upper = np.minimum(upper, ((hi - lo) / 2.0) ** 2)
+    if ms_x0 is not None:
+        ms_x0 = np.asarray(ms_x0, dtype=np.float64)
+        upper = np.minimum(upper, ms_x0.reshape(ms_x0.shape + (1,) * abar.ndim))
     return upper
 
 
-def analytic_covariance(alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0, 1.0), floor: float = 0.0):
+def analytic_covariance(
+    alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0, 1.0), floor: float = 0.0, ms_x0=None
+) -> np.ndarray:
     """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])`` clipped to ``[floor, covariance_upper_bound]``: the posterior
-    variance of x0 a perfect network implies; a leading channel axis for ``ms_eps`` of shape ``(C, N)``."""
+    variance of x0 a perfect network implies; the bound itself where ``abar[t] <= 2^-24`` (no information about x0);
+    a leading channel axis for ``ms_eps`` of shape ``(C, N)``."""
     t = np.asarray(t, dtype=np.int64)
     a_t = np.asarray(alphas_cumprod, dtype=np.float64)[t]
     ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
-    return np.clip((1.0 - a_t) / a_t * (1.0 - ms), floor, covariance_upper_bound(alphas_cumprod, t, data_range))
+    upper = covariance_upper_bound(alphas_cumprod, t, data_range, ms_x0)
+    c = np.clip((1.0 - a_t) / a_t * (1.0 - ms), floor, upper)
+    return np.where(a_t <= ZERO_SNR_FLOOR, np.broadcast_to(upper, c.shape), c)
 
 
-def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
+def analytic_variance(
+    alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0), ms_x0=None
+):
     """sigma^2(prev_t, t) of Analytic-DPM, clipped to Theorem 2's bounds:
     ``lambda^2 + coef^2 c[t]``, ``c[t] = clip((bb[t] / abar[t]) (1 - ms_eps[t]), 0, c_max)``.
 
@@ -112,12 +129,14 @@ def analytic_variance(alphas_cumprod, ms_eps, prev_t, t, eta: float = 1.0, data_
             1: DDPM-type (``lambda^2 = btilde``), 0: DDIM-type, anything in ``[0, 1]``.
         data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
             Bounds ``c`` by ``((b - a) / 2)^2``; ``None``: no data bound.
+        ms_x0 (`float` or `np.ndarray`, *optional*):
+            The data's second moment ``E||x0||^2 / d`` (one per channel for a ``(C, N)`` table), which bounds ``c``.
 
     Returns:
         `np.ndarray`: float64 sigma^2 of the pairs' shape, with a leading channel axis for a ``(C, N)`` table.
     """
     pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return pair.lambda2 + pair.coef**2 * analytic_covariance(alphas_cumprod, ms_eps, pair.t, data_range)
+    return pair.lambda2 + pair.coef**2 * analytic_covariance(alphas_cumprod, ms_eps, pair.t, data_range, ms_x0=ms_x0)
 
 
 def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
@@ -141,19 +160,20 @@ def residual_variance(alphas_cumprod, x0_mse, prev_t, t, eta: float = 1.0):
     return pair.lambda2 + pair.coef**2 * np.maximum(np.asarray(x0_mse, dtype=np.float64)[..., pair.t], 0.0)
 
 
-def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0)):
+def variance_bounds(alphas_cumprod, prev_t, t, eta: float = 1.0, data_range: DataRange = (-1.0, 1.0), ms_x0=None):
     """Theorem 2: ``(lambda^2, lambda^2 + coef^2 c_max)``, the range of any optimal sigma^2 on the pairs, with
-    ``c_max = min(bb[t] / abar[t], ((b - a) / 2)^2)``.
+    ``c_max = min(bb[t] / abar[t], ((b - a) / 2)^2, ms_x0)``.
 
     Args:
-        alphas_cumprod, prev_t, t, eta, data_range:
+        alphas_cumprod, prev_t, t, eta, data_range, ms_x0:
             As in :func:`analytic_variance`.
 
     Returns:
         `tuple[np.ndarray, np.ndarray]`: the lower and upper bounds.
     """
     pair = pair_coefficients(alphas_cumprod, prev_t, t, eta)
-    return pair.lambda2, pair.lambda2 + pair.coef**2 * covariance_upper_bound(alphas_cumprod, pair.t, data_range)
+    upper = covariance_upper_bound(alphas_cumprod, pair.t, data_range, ms_x0)
+    return pair.lambda2, pair.lambda2 + pair.coef**2 * upper
 
 
 def ddpm_variance(alphas_cumprod, prev_t, t, kind: str = "btilde"):

@@ -187,7 +187,7 @@ def test_channel_entries_round_trip_through_save_pretrained(tmp_path):
     sched.save_pretrained(tmp_path)
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
     assert loaded.config.per_channel is True and loaded.config.variance == "residual"
-    assert isinstance(loaded.config.channel_ms_eps[0][0], float)
+    assert "channel_ms_eps" not in loaded.config  # the arrays live in the table file beside the config
     np.testing.assert_array_equal(loaded.channel_ms_eps, ms)
     np.testing.assert_array_equal(loaded.channel_x0_mse, x0)
     assert torch.equal(run_loop(sched), run_loop(loaded))

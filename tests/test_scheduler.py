@@ -233,20 +233,26 @@ def test_trailing_spacing_drops_diffusers_spurious_last_timestep():
     assert ours.trajectory == ddim.timesteps.tolist()[:61] and ddim.timesteps[-1] == -1
 
 
-def test_spacing_wins_over_trajectory_unless_trajectory_is_passed(tmp_path, gaussian_model):
+def test_trajectory_wins_over_the_configs_spacing_and_the_spacing_stays_for_diffusers(tmp_path, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
     ddpm = DDPMScheduler(num_train_timesteps=N, timestep_spacing="trailing", steps_offset=1)
     ddpm.save_pretrained(tmp_path / "ddpm")
     saved = DDPMScheduler.load_config(tmp_path / "ddpm")  # a pipeline's config, spacing as saved
     kept = AnalyticDPMScheduler.from_config(saved, ms_eps=ms)
     chosen = AnalyticDPMScheduler.from_config(saved, ms_eps=ms, trajectory="optimal")
-    both = AnalyticDPMScheduler(ms_eps=ms, trajectory="optimal", timestep_spacing="leading")
-    for s in (kept, chosen, both):
+    both = AnalyticDPMScheduler(ms_eps=ms, trajectory="optimal", timestep_spacing="leading")  # a saved config's state
+    respaced = AnalyticDPMScheduler.from_config(chosen.config, timestep_spacing="linspace")
+    for s in (kept, chosen, both, respaced):
         s.set_timesteps(10)
-    assert kept.config.timestep_spacing == "trailing" and kept.trajectory == list(range(999, -1, -100))
-    assert chosen.config.timestep_spacing is None
-    assert chosen.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
-    assert both.trajectory == list(range(900, -1, -100))
+    assert kept.config.timestep_spacing == "trailing" and kept.config.trajectory is None
+    assert kept.trajectory == list(range(999, -1, -100))
+    assert (chosen.config.timestep_spacing, chosen.config.trajectory) == ("trailing", "optimal")
+    assert chosen.trajectory == both.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
+    assert respaced.config.trajectory is None and respaced.trajectory == even_trajectory(N, 10)
+    # The way back to a Diffusers scheduler keeps the source's spacing.
+    back = DDPMScheduler.from_config(chosen.config)
+    back.set_timesteps(10)
+    assert back.timesteps.tolist() == kept.trajectory
     kept.save_pretrained(tmp_path / "ours")
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "ours")
     assert (loaded.config.timestep_spacing, loaded.config.steps_offset) == ("trailing", 1)
@@ -264,7 +270,7 @@ def test_config_without_timestep_spacing_keeps_the_even_trajectory():
 
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms)
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
     sched.set_timesteps(timesteps=[999, 600, 100, 0])
     assert sched.timesteps.tolist() == [999, 600, 100, 0]
     sched.set_timesteps(10)
@@ -353,8 +359,9 @@ def test_mismatched_fingerprint_is_refused(linear_scheduler):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(num_inference_steps=1), "num_steps=1 must be between 2 and num_train_timesteps=1000"),
-    (dict(num_inference_steps=1001), "num_steps=1001 must be between 2"),
+    (dict(num_inference_steps=0), "num_steps=0 must be between 1 and num_train_timesteps=1000"),
+    (dict(num_inference_steps=1001), "num_steps=1001 must be between 1"),
+    (dict(timesteps=[]), "custom timesteps need at least 1 entries"),
     (dict(timesteps=[0, 500, 999]), "strictly descending"),
     (dict(timesteps=[1200, 0]), "must lie in \\[0, 999\\]"),
     (dict(), "needs num_inference_steps"),
@@ -396,10 +403,11 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     np.testing.assert_allclose(own.alphas_cumprod_64, abar, rtol=1e-12)
     for s in (sched, own):
         s.set_timesteps(10)
-    assert sched.trajectory == own.trajectory
+    assert sched.trajectory == list(range(900, -1, -100))  # DDPMScheduler's own spacing ("leading")
+    assert own.trajectory == even_trajectory(N, 10)  # a config that names no scheduler: this package's default
     sched.save_pretrained(tmp_path)
     assert AnalyticDPMScheduler.from_pretrained(tmp_path).config.table_fingerprint == table.fingerprint
-    assert sched.config.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name
+    assert sched.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name
     with pytest.raises(ValueError, match="needs x0_mse, which this table does not have.*analytic-sampler precompute"):
         AnalyticDPMScheduler.from_table(table, linear_scheduler.config, variance="residual")
     full = VarianceTable.from_sums(ms * 100, ms**2 * 100 + 1e-4, np.full(N, 100), abar,

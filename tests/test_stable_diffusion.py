@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -173,8 +174,10 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, table, tmp_path):
     loaded.set_progress_bar_config(disable=True)
     before, after = pipe.scheduler.config, loaded.scheduler.config
     assert type(loaded.scheduler) is AnalyticDPMScheduler
-    np.testing.assert_array_equal(after.ms_eps, table.ms_eps)  # NaN where not estimated, too
-    np.testing.assert_array_equal(after.x0_mse, table.x0_mse)
+    np.testing.assert_array_equal(loaded.scheduler.ms_eps, table.ms_eps)  # NaN where not estimated, too
+    np.testing.assert_array_equal(loaded.scheduler.x0_mse, table.x0_mse)
+    np.testing.assert_array_equal(loaded.scheduler.channel_ms_eps, table.channel_ms_eps)
+    assert sorted(os.listdir(tmp_path / "scheduler")) == ["analytic_table.json", "scheduler_config.json"]
     for key in ("eta", "variance", "timestep_spacing", "steps_offset", "data_range", "clip_sample", "beta_schedule"):
         assert after[key] == before[key], key
     assert torch.equal(sample(pipe, 3, output_type="pt"), sample(loaded, 3, output_type="pt"))
@@ -188,10 +191,34 @@ def test_latent_model_settings_from_sds_config(sd_base, table):
     assert scheduler.config.clip_sample is False and scheduler.config.prediction_type == "epsilon"
     scheduler.set_timesteps(K)
     assert scheduler.trajectory == sd_timesteps(K)
-    # No data bound on the variance: sigma^2 is the unbounded one, which the [-1, 1] bound would cut here.
+    # No data range: the variance is bounded by the latents' own second moment, which the table records (with the
+    # latent shape), not by [-1, 1]; without it (a table of an earlier version) sigma^2 would be larger here.
+    assert table.provenance["sample_shape"] == [4, 8, 8] and len(table.provenance["channel_ms_x0"]) == 4
+    assert scheduler.ms_x0 == pytest.approx(np.mean(table.provenance["channel_ms_x0"]), rel=1e-12)
     t = np.asarray(scheduler.trajectory[:-1])
     s = np.asarray(scheduler.trajectory[1:])
     abar, ms_eps = scheduler.alphas_cumprod_64, scheduler.ms_eps
-    unbounded = analytic_variance(abar, ms_eps, s, t, eta=1.0, data_range=None)
-    np.testing.assert_allclose(scheduler.step_coefficients(1.0).sigma[:-1, 0] ** 2, unbounded, rtol=1e-12)
-    assert (analytic_variance(abar, ms_eps, s, t, eta=1.0) < unbounded).any()
+    bounded = analytic_variance(abar, ms_eps, s, t, eta=1.0, data_range=None, ms_x0=scheduler.ms_x0)
+    np.testing.assert_allclose(scheduler.step_coefficients(1.0).sigma[:-1, 0] ** 2, bounded, rtol=1e-12)
+    assert (bounded < analytic_variance(abar, ms_eps, s, t, eta=1.0, data_range=None)).any()
+
+
+def test_images_are_encoded_at_the_pipelines_size_and_the_table_says_so(sd_base):
+    """32 x 24 images: resized and center-cropped to the 16 x 16 the pipeline samples at (8 x 8 latents) by default;
+    with resize=False encoded at their own size, and a scheduler from that table warns when sampling at 8 x 8."""
+    images = torch.rand(4, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    kwargs = dict(prompt="a photo", num_samples=4, timesteps=sd_timesteps(K), progress=False)
+    fitted = estimate_moments(sd_base, images, **kwargs)
+    own = estimate_moments(sd_base, images, resize=False, **kwargs)
+    assert fitted.provenance["sample_shape"] == [4, 8, 8] and fitted.provenance["image_size"] == [16, 16]
+    assert own.provenance["sample_shape"] == [4, 16, 12] and own.provenance["image_size"] is None
+    pipe = StableDiffusionPipeline(**sd_base.components, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = AnalyticDPMScheduler.from_table(fitted, sd_base.scheduler.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sample(pipe, 0)
+    pipe.scheduler = AnalyticDPMScheduler.from_table(own, sd_base.scheduler.config)
+    with pytest.warns(UserWarning, match=r"estimated on samples of shape \(4, 16, 12\), but this pipeline samples "
+                                         r"\(4, 8, 8\)"):
+        sample(pipe, 0)

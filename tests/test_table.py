@@ -335,7 +335,7 @@ def test_format_1_table_loads_without_x0_mse(tmp_path, table):
 def test_channel_arrays_are_checked_on_build_and_load(tmp_path, table):
     """Per-channel arrays come all together with one shape (C, N); a saved table whose channel array is damaged
     is refused as corrupted."""
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     m, taken = draws()
     ms, counts = m.mean(1), taken.sum(1)

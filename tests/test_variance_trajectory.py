@@ -217,7 +217,13 @@ def test_schedule_configs():
     trained = alphas_cumprod_from_config({"num_train_timesteps": 1000, "trained_betas": betas.tolist()})
     zsnr = alphas_cumprod_from_config({"num_train_timesteps": 1000, "rescale_betas_zero_snr": True})
     assert lin.dtype == np.float64 and np.array_equal(lin, trained)
-    assert sd[-1] == pytest.approx(0.0047, rel=0.01) and zsnr[-1] == 2.0**-24
+    assert sd[-1] == pytest.approx(0.0047, rel=0.01)
+    # The linear schedule's rescaled abar[998] (4.2e-9) is below 2^-24: the floor follows the last ratio instead.
+    assert zsnr[-2] < 2.0**-24 and zsnr[-1] == pytest.approx(zsnr[-2] ** 2 / zsnr[-3], rel=1e-12)
+    zsnr_sd = alphas_cumprod_from_config({"num_train_timesteps": 1000, "rescale_betas_zero_snr": True,
+                                          "beta_schedule": "squaredcos_cap_v2"})
+    assert zsnr_sd[-1] == 2.0**-24
+    assert np.all(np.diff(zsnr) < 0) and np.all(np.diff(zsnr_sd) < 0)
     assert schedule_fingerprint(lin) == schedule_fingerprint(trained)
     assert schedule_fingerprint(lin) != schedule_fingerprint(sd)
     with pytest.raises(ValueError, match="beta_schedule='sigmoid' is not supported"):

@@ -13,6 +13,9 @@ imported on first use, so that ``import analytic_sampler`` (and the command line
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from ._version import __version__
@@ -37,6 +40,38 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
+
+
+
+
+class _ImportedOnFirstUse(types.ModuleType):
+    """Stands in ``sys.modules`` for one module of the package until a name of it is asked for (not a dunder, which
+    tools scanning ``sys.modules`` ask), then imports the real module and takes its names."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        real = importlib.import_module(self.__name__)
+        self.__dict__.update(real.__dict__)
+        return getattr(real, name)
+
+
+def _register_on_first_use(module_name: str) -> None:
+    """Put ``analytic_sampler.<module_name>`` into ``sys.modules`` without importing it yet. Diffusers resolves the
+    ``["analytic_sampler.scheduler", "AnalyticDPMScheduler"]`` entry of a saved pipeline's ``model_index.json`` from
+    ``sys.modules`` only: so after a plain ``import analytic_sampler`` such a pipeline loads, while torch and
+    diffusers are still imported only when used."""
+    name = f"{__name__}.{module_name}"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        stand_in = _ImportedOnFirstUse(name)
+        stand_in.__spec__, stand_in.__file__, stand_in.__package__ = spec, spec.origin, __name__
+        sys.modules[name] = stand_in
+
+
+_register_on_first_use("scheduler")
 
 
 def __getattr__(name: str):

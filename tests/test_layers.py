@@ -4,6 +4,9 @@ digits or commands; digits nothing from commands. Read from the source (every im
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +58,20 @@ def test_floor_reading_sees_relative_imports():
     likelihood = PACKAGE / "evaluation" / "likelihood.py"
     assert "analytic_sampler.variance" in package_imports(likelihood)
     assert floor_of("analytic_sampler.evaluation.likelihood") == 1 and floor_of("analytic_sampler.variance") == 0
+
+
+def test_import_is_light_and_keeps_saved_pipelines_loadable():
+    """``import analytic_sampler`` imports neither torch nor diffusers, yet puts ``analytic_sampler.scheduler`` (the
+    module a saved pipeline's model_index.json names) in sys.modules; its names import it on first use."""
+    code = (
+        "import sys, analytic_sampler\n"
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))\n"
+        "stand_in = sys.modules['analytic_sampler.scheduler']\n"
+        "cls = stand_in.AnalyticDPMScheduler\n"
+        "import analytic_sampler.scheduler as real\n"
+        "print(cls is real.AnalyticDPMScheduler is analytic_sampler.AnalyticDPMScheduler, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=PACKAGE.parent, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[:2] == ["[]", "True True"]

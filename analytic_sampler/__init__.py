@@ -26,6 +26,11 @@ _EXPORTS = {
     "even_trajectory": "trajectory",
     "optimal_trajectory": "trajectory",
     "quadratic_trajectory": "trajectory",
+    "SampleCost": "sample_trajectory",
+    "SampleTrajectoryDP": "sample_trajectory",
+    "apply_timesteps": "sample_trajectory",
+    "estimate_sample_cost": "sample_trajectory",
+    "sample_trajectory": "sample_trajectory",
     "analytic_variance": "variance",
     "residual_variance": "variance",
     "variance_bounds": "variance",
@@ -54,6 +59,13 @@ if TYPE_CHECKING:
     from .adapter import EpsilonAdapter
     from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd
     from .moments import estimate_moments
+    from .sample_trajectory import (
+        SampleCost,
+        SampleTrajectoryDP,
+        apply_timesteps,
+        estimate_sample_cost,
+        sample_trajectory,
+    )
     from .scheduler import AnalyticDPMScheduler
     from .table import VarianceTable
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory

@@ -75,7 +75,7 @@ class SampleCost:
         if table.path_timesteps is None:
             raise ValueError(
                 "this variance table has no sample cost (the sample-quality trajectory needs one); add it with "
-                "`analytic-sampler precompute MODEL --data DATA --out DIR` (it runs the path pass after the moments) or "
+                "`analytic-sampler precompute MODEL --data DATA --out DIR` (the path pass runs after the moments) or "
                 "table = table.with_sample_cost(estimate_sample_cost(model, images, scheduler))."
             )
         return cls(table.path_timesteps, table.path_x0_msd, table.path_samples)

@@ -192,7 +192,7 @@ def test_custom_timesteps_on_analytic_dpm_and_refusals():
     scheduler = AnalyticDPMScheduler(ms_eps=ms_eps.tolist())
     apply_timesteps(scheduler, [999, 500, 120])
     assert scheduler.trajectory == [999, 500, 120]
-    with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no custom timesteps .*even.*solver_order=1"):
+    with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no custom .*even.*solver_order=1"):
         apply_timesteps(DDIMScheduler(), [999, 500, 120])
     with pytest.raises(ValueError, match="EulerAncestralDiscreteScheduler.set_timesteps takes no custom timesteps"):
         apply_timesteps(EulerAncestralDiscreteScheduler(), [999, 500, 120])

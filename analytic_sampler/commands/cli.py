@@ -304,7 +304,7 @@ def cmd_bench(args) -> None:
     out = _make_folder(args.out)
     result = run_bench(model, train, heldout, args.steps, out, table=table, table_samples=args.table_samples,
                        fd_samples=args.fd_samples, inception=args.inception, batch_size=args.batch_size,
-                       seed=args.seed, device=args.device)
+                       seed=args.seed, device=args.device, schedulers=args.scheduler or ())
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {result['seconds_total']:.0f} s")
 
@@ -413,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-samples", type=_positive_int, default=None,
                    help="samples per FD cell (default: the number of training images, at most 5000)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
+    p.add_argument("--scheduler", action="append", metavar="CLASS",
+                   help="add a Diffusers scheduler by class name to the sampler rows, built from the model's own "
+                        "scheduler config (repeatable), e.g. --scheduler HeunDiscreteScheduler")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default="cpu")

@@ -163,19 +163,50 @@ def cmd_precompute(args) -> None:
     else:
         model = load_pretrained(source, revision=args.revision, with_table=False, torch_dtype=dtype)
         data, schedule, options = _load_data(args.data, model.unet.config.in_channels), model.scheduler, {}
-        _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
+        _check_data(data, model.unet, args.data, needed=1 if args.sample_cost_only else args.num_samples,
+                    count_flag="--num-samples")
     timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
     out = _make_folder(args.out)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
-    _make_folder(checkpoint.parent)
-    table = estimate_moments(
-        model if latent else model.unet, data, schedule, num_samples=args.num_samples, timesteps=timesteps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
-        noise_device=args.noise_device, compile=args.compile, provenance=provenance, **options,
-    )
+    if args.sample_cost_only:
+        from ..table import META_NAME, VarianceTable
+
+        if not (out / META_NAME).is_file():
+            raise ValueError(f"--sample-cost-only: no variance table in {str(out)!r} to add the sample cost to; run "
+                             "precompute without --sample-cost-only first (or pass the table's folder as --out).")
+        table = VarianceTable.load(out)
+    else:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint.pt"
+        _make_folder(checkpoint.parent)
+        table = estimate_moments(
+            model if latent else model.unet, data, schedule, num_samples=args.num_samples, timesteps=timesteps,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=str(checkpoint),
+            noise_device=args.noise_device, compile=args.compile, provenance=provenance, **options,
+        )
     if rank == 0:  # every rank holds the same table
+        if args.paths and latent:
+            print("the sample cost (sample-quality trajectory) is not estimated for latent pipelines here: encode "
+                  "latents and call estimate_sample_cost(unet, latents, scheduler, data_range=None) in Python.")
+        elif args.paths:
+            table = _with_sample_cost(args, model.unet, data, schedule, table, out)
         table.save(out)
         print(f"{table}\nsaved to {out}")
+
+
+def _with_sample_cost(args, unet, data, schedule, table, out: Path):
+    """The second pass of precompute: the sample cost from ``--paths`` forward paths (its model calls stated)."""
+    from ..sample_trajectory import candidate_timesteps, estimate_sample_cost
+
+    grid = candidate_timesteps(schedule.config.num_train_timesteps, args.candidates).size
+    paths = min(args.paths, len(data))  # one path per image
+    print(f"sample cost (for `trajectory --for samples`): {paths} paths x {grid} candidate timesteps = "
+          f"{paths * grid} model calls")
+    cost = estimate_sample_cost(unet, data, schedule, num_paths=paths, candidates=args.candidates,
+                                batch_size=args.batch_size, seed=args.seed, device=args.device,
+                                data_range=table.data_range, checkpoint=out / "paths_checkpoint.pt")
+    table = table.with_sample_cost(cost)
+    table.provenance["sample_cost"] = {"num_paths": paths, "candidates": grid, "seed": args.seed,
+                                       "data": args.data, "model_calls": paths * grid}
+    return table
 
 
 def _pipeline_images(spec: str, needed: int) -> str:
@@ -213,6 +244,8 @@ def cmd_trajectory(args) -> None:
     from ..trajectory import TrajectoryDP, even_trajectory
 
     table = _table(args)
+    if args.goal == "samples":
+        return _sample_trajectories(args, table)
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the paper's DP is shown on purpose, beside the residual one
@@ -232,7 +265,8 @@ def cmd_trajectory(args) -> None:
                                          table.data_range)
 
     print("predicted bits/dim of the K-1 transitions (prior and decoder terms, the same for every trajectory here, "
-          "left out), residual variance | analytic variance, ± the table's standard error:")
+          "left out), residual variance | analytic variance, ± the table's standard error. Every trajectory here ends "
+          "at t_1 = 0; bits/dim compare only between trajectories that end at the same t_1:")
     print(f"{'K':>5}  " + "  ".join(f"{name:>29}" for name in paths))
     report, untrusted = {}, []
     for k in args.steps:
@@ -252,6 +286,29 @@ def cmd_trajectory(args) -> None:
         print(f"warning: at K={', '.join(map(str, untrusted))} the residual DP's predicted gain over the even "
               f"trajectory is under 3 standard errors of this table ({samples} samples per timestep); the DP may "
               "be fitting noise there: estimate a larger table (precompute --num-samples) before relying on it.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+
+
+def _sample_trajectories(args, table) -> None:
+    """``trajectory --for samples``: the sample-quality trajectory for each K and its bound."""
+    from ..sample_trajectory import DEFAULT_SIGMA_MIN, SampleCost, SampleTrajectoryDP
+
+    cost = SampleCost.from_table(table)
+    sigma_min = DEFAULT_SIGMA_MIN if args.sigma_min is None else (args.sigma_min or None)
+    dp = SampleTrajectoryDP(table.alphas_cumprod, cost, max(args.steps), sigma_min=sigma_min)
+    print(f"sample-quality trajectory: Align Your Steps' bound (nats per dimension) on the KL from holding x0_hat fixed "
+          f"over each interval, counted down to noise level sigma_min={sigma_min}; estimated from {cost.num_paths} "
+          f"forward paths on {cost.timesteps.size} candidate timesteps. Pass the timesteps to any scheduler that takes "
+          "them (scheduler.set_timesteps(timesteps=...), analytic_sampler.apply_timesteps). These trajectories end at "
+          "t_1 > 0 (the sampler returns x0_hat there): their bits/dim do not compare with trajectories that end at "
+          "t_1 = 0 (trajectory --for likelihood).")
+    report = {}
+    for k in args.steps:
+        path = dp.path(k)
+        report[k] = {"timesteps": path, "bound_nats_per_dim": dp.cost(k), "t_1": path[-1]}
+        print(f"K={k}: bound {dp.cost(k):.4f}, t_1 = {path[-1]}: {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
@@ -289,7 +346,10 @@ def cmd_nll(args) -> None:
                 batch_size=args.batch_size, seed=args.seed, device=args.device)
     print(f"{r.mean:.4f} ± {r.stderr:.4f} bits/dim ({args.variance} variance, K={len(timesteps)}, "
           f"{r.num_samples} images, seed {args.seed}; prior {r.prior:.4f} + transitions {r.transitions:.4f} + "
-          f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}")
+          f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}\nthis trajectory ends at t_1 = {timesteps[-1]}: bits/dim "
+          f"compare only with trajectories that end at the same t_1"
+          + ("" if timesteps[-1] == 0 else " (the decoder here reads x_{t_1} at a higher noise level than at t_1 = 0; "
+             "on quantised data that can score below the full chain)") + ".")
 
 
 def cmd_bench(args) -> None:
@@ -366,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the same noise on every device; model: drawn on the GPU (faster; same table only on "
                         "the same kind of GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
+    p.add_argument("--paths", type=int, default=64, metavar="N",
+                   help="second pass: N forward paths (one per image, at most as many as --data holds) for the sample "
+                        "cost of `trajectory --for samples`, N x candidates model calls (default 64; 0 skips it)")
+    p.add_argument("--candidates", type=_positive_int, default=250,
+                   help="timesteps the sample-quality trajectory may use (an even grid; default 250)")
+    p.add_argument("--sample-cost-only", action="store_true",
+                   help="add the sample cost to the table already in --out, without estimating the moments again")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
     conditioning = p.add_mutually_exclusive_group()
     conditioning.add_argument("--prompt", default=None, help="latent pipelines: one prompt for every image")
@@ -385,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--table", default=None)
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
+    p.add_argument("--for", dest="goal", choices=("likelihood", "samples"), default="likelihood",
+                   help="likelihood: the DP on the bits/dim bound (default); samples: the sample-quality trajectory "
+                        "from the table's sample cost (precompute --paths)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="samples: the noise level (data units) down to which the bound counts (default: the "
+                        "library's, analytic_sampler.sample_trajectory.DEFAULT_SIGMA_MIN; 0: all the way down)")
     p.add_argument("--json", default=None, help="also write the trajectories and predictions to this JSON file")
     p.set_defaults(func=cmd_trajectory)
 

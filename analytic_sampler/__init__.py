@@ -30,7 +30,7 @@ _EXPORTS = {
     "SampleTrajectoryDP": "sample_trajectory",
     "apply_timesteps": "sample_trajectory",
     "estimate_sample_cost": "sample_trajectory",
-    "sample_trajectory": "sample_trajectory",
+    "sample_quality_trajectory": "sample_trajectory",
     "analytic_variance": "variance",
     "residual_variance": "variance",
     "variance_bounds": "variance",
@@ -57,16 +57,26 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .adapter import EpsilonAdapter
-    from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd
+    from .evaluation.likelihood import (
+        NLLResult,
+        nll_bpd,
+        nll_bpd_many,
+        predicted_transitions_bpd,
+    )
     from .moments import estimate_moments
     from .sample_trajectory import (
         SampleCost,
         SampleTrajectoryDP,
         apply_timesteps,
         estimate_sample_cost,
-        sample_trajectory,
+        sample_quality_trajectory,
     )
     from .scheduler import AnalyticDPMScheduler
     from .table import VarianceTable
-    from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory
+    from .trajectory import (
+        TrajectoryDP,
+        even_trajectory,
+        optimal_trajectory,
+        quadratic_trajectory,
+    )
     from .variance import analytic_variance, residual_variance, variance_bounds

@@ -40,7 +40,7 @@ from .trajectory import snr, solve_dense, validate_timesteps
 
 DEFAULT_CANDIDATES = 250  # grid points: a (250, 250) float64 matrix (0.5 MB) beside the table
 DEFAULT_PATHS = 64
-DEFAULT_SIGMA_MIN = 0.2
+DEFAULT_SIGMA_MIN = 0.3
 CHECKPOINT_FORMAT = 1
 
 
@@ -148,7 +148,7 @@ class SampleTrajectoryDP:
         return float(sum(self.intervals[s, t] for t, s in zip(points, points[1:])))
 
 
-def sample_trajectory(table, num_steps: int, sigma_min: float | None = DEFAULT_SIGMA_MIN) -> list[int]:
+def sample_quality_trajectory(table, num_steps: int, sigma_min: float | None = DEFAULT_SIGMA_MIN) -> list[int]:
     """The K-step sample-quality trajectory of a :class:`~analytic_sampler.VarianceTable` that carries a sample cost;
     pass it as ``scheduler.set_timesteps(timesteps=...)`` or :func:`apply_timesteps`."""
     return SampleTrajectoryDP(table.alphas_cumprod, SampleCost.from_table(table), num_steps, sigma_min).path(num_steps)

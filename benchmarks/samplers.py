@@ -24,8 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: no spinning on a shared machine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from analytic_sampler import VarianceTable, estimate_moments
 from analytic_sampler.commands.bench import REFERENCE_IMAGES
@@ -175,12 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="one model, K = 5, 32 samples per cell (smoke run)")
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="K values (default 5 10 25)")
     p.add_argument("--no-checks", action="store_true", help="skip the second-table and second-seed checks")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--cache", default="outputs/samplers_cache", help="cached cells (features) and the second tables")
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    steps = QUICK_STEPS if args.quick else FULL_STEPS
+    steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)
     models = args.models or (BUNDLED_MODELS[:1] if args.quick else BUNDLED_MODELS)
     n = 32 if args.quick else args.num_samples
     cache = Path(args.cache)

@@ -163,7 +163,7 @@ def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
     DP's trajectory, which runs on DPM-Solver++ as custom timesteps; a table without it names the command."""
     from diffusers import DPMSolverMultistepScheduler
 
-    from analytic_sampler.sample_trajectory import sample_trajectory
+    from analytic_sampler.sample_trajectory import sample_quality_trajectory
 
     model, table_dir = str(model_dir / "model"), model_dir / "table"
     main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--num-samples", "4",
@@ -182,7 +182,7 @@ def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
           str(model_dir / "s.json")])
     printed = capsys.readouterr().out
     report = json.loads((model_dir / "s.json").read_text())
-    assert report["4"]["timesteps"] == sample_trajectory(table, 4) and "do not compare with trajectories" in printed
+    assert report["4"]["timesteps"] == sample_quality_trajectory(table, 4) and "do not compare with trajectories" in printed
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=50)
     scheduler.set_timesteps(timesteps=report["6"]["timesteps"])
     assert scheduler.timesteps.tolist() == report["6"]["timesteps"]

@@ -26,7 +26,7 @@ from analytic_sampler.sample_trajectory import (
     apply_timesteps,
     candidate_timesteps,
     estimate_sample_cost,
-    sample_trajectory,
+    sample_quality_trajectory,
 )
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.scheduler import AnalyticDPMScheduler
@@ -126,7 +126,7 @@ def test_sample_cost_is_stored_with_the_table(tmp_path):
 
     table = estimate_moments(model, images, scheduler, num_samples=2, progress=False)
     with pytest.raises(ValueError, match="no sample cost.*analytic-sampler precompute MODEL --data DATA --out DIR"):
-        sample_trajectory(table, 4)
+        sample_quality_trajectory(table, 4)
     cost = estimate_sample_cost(model, images, scheduler, num_paths=3, candidates=30, batch_size=32,
                                 checkpoint=tmp_path / "paths.pt", progress=False)
     with_cost = table.with_sample_cost(cost)
@@ -134,7 +134,7 @@ def test_sample_cost_is_stored_with_the_table(tmp_path):
     loaded = VarianceTable.load(tmp_path / "t")
     np.testing.assert_array_equal(loaded.path_x0_msd, cost.x0_msd)
     assert loaded.path_samples == 3 and "sample_cost=3 paths x 30 timesteps" in repr(loaded)
-    path = sample_trajectory(loaded, 4)
+    path = sample_quality_trajectory(loaded, 4)
     assert len(path) == 4 and path[0] == 99 and all(t in cost.timesteps for t in path)
     # the checkpoint holds every path: a rerun resumes from it without a model call
     calls = []

@@ -1,10 +1,15 @@
-"""The main job: what fewer steps cost on a bundled digits model, in likelihood and in samples, at a glance.
+"""The main job: Analytic-DPM next to the samplers a user would otherwise pick, in likelihood and in samples.
 
-A short :func:`run_bench` on the training / held-out digits: bits/dim at each K for DDPM's variances and
-Analytic-DPM's (even and optimal trajectories), FD-digits of DDPM, Analytic-DDPM, DDIM and Analytic-DDIM samples
-(all from the same initial noise) against the training digits with bootstrap standard errors and the real-data
-floor, and ``grid.png``: 10 samples per method and K, each row labelled. Writes ``results.{json,md}``,
-``results_nll.png`` and ``results_fd.png`` too.
+A short :func:`run_bench` on the bundled digits model: bits/dim at each K for DDPM's variances and Analytic-DPM's
+(even and optimal trajectories), and FD-digits of DDIM (with the model's eps, and with eps from the clipped x0 as
+Analytic-DDIM computes it), DPM-Solver++(2M), UniPC and Analytic-DPM (the scheduler's defaults and the paper's
+Analytic-DDPM), each built on the model's own scheduler config and all from the same initial noise, ranked with
+paired standard errors against the training digits, with the real-data floor; and ``grid.png``: 10 samples per
+method and K, each row labelled. Writes ``results.{json,md}``, ``results_nll.png`` and ``results_fd.png`` too.
+
+The default size, K = 10 with 1000 samples per method, is the one whose paired standard errors still rank these
+methods (``benchmarks/results/demo.md``); ``full=True`` runs K = 10 and 25 with 2000 samples per method, the size
+of ``benchmarks/samplers.py``.
 """
 
 from __future__ import annotations
@@ -17,18 +22,24 @@ from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
 from .bench import run_bench
 
-DEMO_METHODS = ("DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM")
+DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "DPM-Solver++(2M)", "UniPC", "Analytic-DPM (defaults)",
+                "Analytic-DDPM")
+DEMO_STEPS, DEMO_IMAGES = (10,), 1000
+FULL_STEPS, FULL_IMAGES = (10, 25), 2000
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory
 # and give the residual DP its gain (benchmarks/results/cost.md, trajectory.md).
 DEMO_TABLE_SAMPLES = 20
 GRID_COLUMNS = 10
 
 
-def run_demo(model_name: str, out_dir: str, steps=(10, 25), num_images: int = 1000, seed: int = 0,
-             device: str = "cpu") -> dict:
-    """Run the demo into ``out_dir`` and return the results (``num_images`` samples per method and K)."""
+def run_demo(model_name: str, out_dir: str, steps=None, num_images: int | None = None, seed: int = 0,
+             device: str = "cpu", full: bool = False) -> dict:
+    """Run the demo into ``out_dir`` and return the results: ``num_images`` samples per method at each K of
+    ``steps`` (defaults: K = 10 and 1000 samples; ``full``: K = 10 and 25 and 2000 samples)."""
     from ..digits import load_digits_split
 
+    steps = tuple(steps or (FULL_STEPS if full else DEMO_STEPS))
+    num_images = num_images or (FULL_IMAGES if full else DEMO_IMAGES)
     out = Path(out_dir)
     model = load_pretrained(model_name)
     rows: list[tuple[str, torch.Tensor]] = []

@@ -7,7 +7,10 @@ caller records the timesteps each one used. DDIM appears twice: ``DDIMScheduler`
 clipped x0 (its default), and "DDIM (eps from clipped x0)" recomputes eps from the clipped x0 as Analytic-DDIM does,
 so that pair differs only by Analytic-DDIM's noise. On an explicit trajectory, which DDIMScheduler cannot run, that
 second DDIM is its exact equivalent ``DPMSolverMultistepScheduler(solver_order=1)`` with x0 clipped to the data range.
-Any other Diffusers scheduler joins by its class name (:func:`diffusers_sampler`).
+DPM-Solver++ and UniPC ignore ``clip_sample``; where the config asks for it (range 1) they clip x0 too, through their
+thresholding with ``sample_max_value=1`` (which is then exactly a clip to [-1, 1]): without it, on the cosine
+schedule, a trajectory that starts at t = N-1 divides the model's error by ``sqrt(abar[N-1]) = 5e-5`` and its
+samples are noise. Any other Diffusers scheduler joins by its class name (:func:`diffusers_sampler`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ANALYTIC: dict[str, dict[str, Any]] = {
     "Analytic-DDPM": {"eta": 1.0, "variance": "analytic", "variance_cap_y": None},
     "Analytic-DDIM": {"eta": 0.0, "variance": "analytic", "variance_cap_y": None},
     "Analytic-DDPM (cap y=2)": {"eta": 1.0, "variance": "analytic", "variance_cap_y": 2.0},
+    "Analytic-DDIM (cap y=2)": {"eta": 0.0, "variance": "analytic", "variance_cap_y": 2.0},
     "Analytic-DDPM (residual)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None},
     "Analytic-DDPM (optimal trajectory)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None,
                                            "trajectory": "optimal"},
@@ -79,6 +83,13 @@ def _spacing_options(cls: type, spacing: str | None) -> dict[str, Any]:
             raise ValueError(f"{cls.__name__} has no Karras sigmas (use_karras_sigmas); use another spacing.")
         return {"use_karras_sigmas": True}
     return {"timestep_spacing": spacing}
+
+
+def _clip_as_thresholding(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's ``clip_sample`` (range 1) in the terms of DPM-Solver / UniPC: thresholding capped at 1."""
+    if config.get("clip_sample", False) and float(config.get("clip_sample_range", 1.0)) == 1.0:
+        return {"thresholding": True, "sample_max_value": 1.0, "dynamic_thresholding_ratio": 1.0}
+    return {}
 
 
 def _variance_half(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,10 +125,9 @@ def diffusers_sampler(name: str, config: Mapping[str, Any], spacing: str | None 
         cls, options, step = getattr(diffusers, check_names([name])[0]), {}, {}
     if timesteps is not None and name == "DDIM (eps from clipped x0)":
         cls, step = DPMSolverMultistepScheduler, {}
-        clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample", True) else None
-        options = {"solver_order": 1, "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero",
-                   **({"thresholding": True, "sample_max_value": clip, "dynamic_thresholding_ratio": 1.0}
-                      if clip is not None else {})}
+        options = {"solver_order": 1, "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero"}
+    if cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
+        options = {**_clip_as_thresholding(config), **options}
     if cls is DDPMScheduler and options.get("variance_type") == "learned_range" and config.get("variance_type") not in LEARNED:
         raise ValueError(f"{name} needs a model trained with learned variances (variance_type learned_range).")
     scheduler = cls.from_config(dict(config), **_variance_half(cls, config), **options, **_spacing_options(cls, spacing))

@@ -216,3 +216,18 @@ def test_first_order_dpm_solver_is_ddim_with_eps_from_the_clipped_x0():
         x = ddim.step(out, t, x, use_clipped_model_output=True).prev_sample
         y = dpm.step(0.8 * y, t, y).prev_sample
     torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_in_batches_restarts_multistep_schedulers():
+    """A multistep scheduler keeps its step index and past outputs: each batch starts it afresh, so the second
+    batch runs (and the first batch is what a one-batch run gives)."""
+    from analytic_sampler.evaluation.sampling import sample
+
+    unet = tiny_unet()
+    for scheduler in (DPMSolverMultistepScheduler(num_train_timesteps=100),
+                      UniPCMultistepScheduler(num_train_timesteps=100)):
+        both = sample(unet, scheduler, 6, 5, batch_size=3, progress=False)
+        first = sample(unet, scheduler, 3, 5, batch_size=3, progress=False)
+        assert both.shape == (6, 1, 8, 8) and torch.equal(both[:3], first)
+        custom = sample(unet, scheduler, 6, timesteps=[99, 70, 40, 10], batch_size=3, progress=False)
+        assert custom.shape == (6, 1, 8, 8) and scheduler.timesteps.tolist() == [99, 70, 40, 10]

@@ -55,14 +55,20 @@ def sample(
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch_size = batch_size or num_samples
-    if timesteps is not None:
-        apply_timesteps(scheduler, timesteps, device=device)
-    else:
-        scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def restart() -> None:  # every batch: multistep schedulers keep a step index and past outputs
+        if timesteps is not None:
+            apply_timesteps(scheduler, timesteps, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+
+    restart()
     out = []
     bar = tqdm(total=num_samples * len(scheduler.timesteps), desc="sampling", unit="step", disable=not progress, leave=False)
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
+        if start:
+            restart()
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
         noise = {"generator": _step_generator(seed, start // batch_size)} if takes_generator else {}
         for t in scheduler.timesteps:

@@ -9,9 +9,9 @@ best cell's with a paired bootstrap standard error (the same resampled indices f
 each scheduler's ``linspace`` spacing, "leading" / "trailing" Diffusers' spacings (the bundled configs say
 "leading"), "karras" Karras sigmas (DPM-Solver++ and UniPC only), "samples" the sample-quality trajectory of the
 table's sample cost. DDIM appears with the model's eps (DDIMScheduler's default) and with eps from the clipped x0
-(Analytic-DDIM's mean). The checks rerun the Analytic-DPM and sample-trajectory cells with a second table (10
-samples per timestep, seed 1) and a second sample cost (seed 1, other training images), and the scheduler's
-defaults against DDIMScheduler with a second sampling seed. Writes ``samplers.json`` and ``samplers.md``.
+(Analytic-DDIM's mean). The checks rerun the Analytic-DPM and sample-trajectory cells at K = 10 with a second
+table (10 samples per timestep, seed 1) and a second sample cost (seed 1, other training images), and the
+scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed. Writes ``samplers.json`` and ``samplers.md``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ CELLS = {
 }
 ANALYTIC_ROWS = ("Analytic-DDIM", "Analytic-DDPM", "Analytic-DDPM (cap y=2)", "Analytic-DDIM (cap y=2)")
 DEFAULTS = ("Analytic-DPM (defaults)", "DDIM")  # on the model's own config (its "leading" spacing)
+CHECK_STEPS = 10  # the K of the second-table check
 FULL_STEPS, QUICK_STEPS = (5, 10, 25), (5,)
 
 
@@ -81,14 +82,16 @@ def run_cell(model, name: str, sampler, k: int, seed: int, n: int, features, cac
     return {"features": feats, "timesteps": timesteps.tolist(), "seconds": seconds}
 
 
-def second_table(model, name: str, train: torch.Tensor, cache: Path) -> VarianceTable:
-    """10 samples per timestep, seed 1, with a sample cost from seed 1 on the next 64 training images."""
-    folder = cache / f"{name}-table-m10-s1"
+def second_table(model, name: str, train: torch.Tensor, cache: Path, quick: bool = False) -> VarianceTable:
+    """10 samples per timestep, seed 1, with a sample cost from seed 1 on the next 64 training images (quick: 2
+    samples per timestep, 8 paths on 50 candidates)."""
+    samples, paths, candidates = (2, 8, 50) if quick else (10, 64, 250)
+    folder = cache / (f"{name}-table-m{samples}-s1" + ("-quick" if quick else ""))
     if not (folder / "variance_table.json").is_file():
-        table = estimate_moments(model.unet, train, model.scheduler, num_samples=10, batch_size=1000, seed=1,
+        table = estimate_moments(model.unet, train, model.scheduler, num_samples=samples, batch_size=1000, seed=1,
                                  progress=False)
-        cost = estimate_sample_cost(model.unet, train[64:], model.scheduler, num_paths=64, batch_size=1000, seed=1,
-                                    progress=False)
+        cost = estimate_sample_cost(model.unet, train[64:], model.scheduler, num_paths=paths, candidates=candidates,
+                                    batch_size=1000, seed=1, progress=False)
         table.with_sample_cost(cost).save(folder)
     return VarianceTable.load(folder)
 
@@ -96,8 +99,10 @@ def second_table(model, name: str, train: torch.Tensor, cache: Path) -> Variance
 def cells_for(model, table, steps, methods: dict, tag: str) -> list[dict]:
     """The cells of one table: (method, trajectory, K) with the sampler each runs."""
     config = model.scheduler.config
-    dp = SampleTrajectoryDP(table.alphas_cumprod, SampleCost.from_table(table), max(steps))
     out = []
+    if not steps:
+        return out
+    dp = SampleTrajectoryDP(table.alphas_cumprod, SampleCost.from_table(table), max(steps))
     for k in steps:
         for method, kinds in methods.items():
             for kind in kinds:
@@ -202,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
         dp = SampleTrajectoryDP(model.table.alphas_cumprod, SampleCost.from_table(model.table), max(steps))
         result["sigma_min"] = dp.sigma_min
         if not args.no_checks:
-            second = second_table(model, name, train, cache)
+            second = second_table(model, name, train, cache, args.quick)
             checked = {m: [k for k in CELLS[m] if m in ANALYTIC_ROWS or k == "samples"] for m in CELLS}
-            cells += [{**c, "seed": 0} for c in cells_for(model, second, steps, checked, "second")]
+            check_steps = [k for k in steps if k == CHECK_STEPS or args.quick]
+            cells += [{**c, "seed": 0} for c in cells_for(model, second, check_steps, checked, "second")]
             config = model.scheduler.config
             cells += [{"table": "defaults", "method": method, "trajectory": "config", "K": k, "seed": seed,
                        "sampler": build_sampler(method, config, model.table)}

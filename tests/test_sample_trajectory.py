@@ -231,3 +231,8 @@ def test_sampling_in_batches_restarts_multistep_schedulers():
         assert both.shape == (6, 1, 8, 8) and torch.equal(both[:3], first)
         custom = sample(unet, scheduler, 6, timesteps=[99, 70, 40, 10], batch_size=3, progress=False)
         assert custom.shape == (6, 1, 8, 8) and scheduler.timesteps.tolist() == [99, 70, 40, 10]
+    # Karras sigmas on a cosine schedule round to a repeated first timestep: sampling still starts at step 0
+    karras = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    karras.set_timesteps(10)
+    assert karras.timesteps[0] == karras.timesteps[1]
+    assert sample(unet, karras, 2, 10, progress=False).shape == (2, 1, 8, 8)

@@ -61,6 +61,8 @@ def sample(
             apply_timesteps(scheduler, timesteps, device=device)
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):  # start at step 0 even where the first timestep repeats (Karras
+            scheduler.set_begin_index(0)  # sigmas on a cosine schedule round to duplicate integer timesteps)
 
     restart()
     out = []

@@ -94,8 +94,13 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             pipeline's config sets, unless ``trajectory`` is passed too. A spacing that ends at t > 0 (``"leading"``
             with ``steps_offset=1``: …, 1) still takes its last step to clean data.
         data_range: ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for latents.
-        variance_cap_y: optional cap on the variance of the step into ``t_1``,
-            ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
+        variance_cap_y (`float` or `None`, defaults to 2.0): cap on the variance of the step into ``t_1``,
+            ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with ``bin = (b - a) / 255`` of ``data_range`` (the paper's
+            sample-quality setting, y = 1 or 2). On by default because it samples better: without it the step into
+            ``t_1 = 0`` adds noise that the last step cannot remove (on the bundled digits at the config's spacing,
+            FD-digits 41.0 -> 22.8 at K = 10 and 10.2 -> 7.6 at K = 25 on the linear model; see the README). It
+            does not enter bits/dim (``nll_bpd`` has its own variances); ``None`` turns it off. Data without a range
+            (latents) have no bins and no cap.
         table_fingerprint: the schedule fingerprint the table was estimated for; a mismatch is refused.
     """
 
@@ -122,7 +127,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         eta: float = 1.0,
         trajectory: str = "even",
         data_range: tuple[float, float] | None = (-1.0, 1.0),
-        variance_cap_y: float | None = None,
+        variance_cap_y: float | None = 2.0,
         table_fingerprint: str | None = None,
         rescale_betas_zero_snr: bool = False,
         timestep_spacing: str | None = None,
@@ -344,8 +349,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             var[:, :-1] = residual_variance(abar, moments, s[:-1], t[:-1], eta)
         else:
             var[:, :-1] = analytic_variance(abar, moments, s[:-1], t[:-1], eta, self.config.data_range)
-        if self.config.variance_cap_y is not None and t.size >= 2:
-            lo, hi = self.config.data_range or (-1.0, 1.0)
+        if self.config.variance_cap_y is not None and self.config.data_range is not None and t.size >= 2:
+            lo, hi = self.config.data_range
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
             var[:, -2] = np.minimum(var[:, -2], cap)
         mean = [np.sqrt(a_t), np.sqrt(1 - a_t), np.sqrt(a_s), np.sqrt(np.maximum(1 - a_s - lam2, 0))]

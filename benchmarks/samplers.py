@@ -54,6 +54,7 @@ CELLS = {
 ANALYTIC_ROWS = ("Analytic-DDIM", "Analytic-DDPM", "Analytic-DDPM (cap y=2)", "Analytic-DDIM (cap y=2)")
 DEFAULTS = ("Analytic-DPM (defaults)", "DDIM")  # on the model's own config (its "leading" spacing)
 CHECK_STEPS = 10  # the K of the second-table check
+SETTINGS = ("eta", "variance", "variance_cap_y", "timestep_spacing", "trajectory")  # the defaults' settings, recorded
 FULL_STEPS, QUICK_STEPS = (5, 10, 25), (5,)
 
 
@@ -157,8 +158,10 @@ def markdown(result: dict) -> str:
                     f"{c['vs_shipped']:+.1f} ± {c['vs_shipped_stderr']:.1f} |" for c in second]
         defaults = [c for c in m["cells"] if c["table"] == "defaults"]
         if defaults:
-            out += ["", "The scheduler's defaults (`AnalyticDPMScheduler.from_table(table, config)`) against "
-                    "DDIMScheduler on the same config, two sampling seeds:", "",
+            settings = next(c["settings"] for c in defaults if "settings" in c)
+            out += ["", "The scheduler's defaults (`AnalyticDPMScheduler.from_table(table, config)`: "
+                    + ", ".join(f"{k}={v}" for k, v in settings.items()) + ") against DDIMScheduler on the same "
+                    "config, two sampling seeds:", "",
                     "| K | seed | Analytic-DPM (defaults) | DDIM | defaults − DDIM (paired) |", "|---:|---:|---:|---:|---:|"]
             for k, seed in dict.fromkeys((c["K"], c["seed"]) for c in defaults):
                 a, d = (next(c for c in defaults if (c["K"], c["seed"], c["method"]) == (k, seed, name))
@@ -167,8 +170,10 @@ def markdown(result: dict) -> str:
                            f"{a['vs_ddim']:+.1f} ± {a['vs_ddim_stderr']:.1f} |")
         out += ["", "Timesteps of the sample-quality trajectory (shipped table): " + "; ".join(
             f"K={k}: {t}" for k, t in m["sample_trajectories"].items()), ""]
-    out += [f"Run time {result['seconds']:.0f} s; load average {result['load_start']} at the start, "
-            f"{result['load_end']} at the end. " + footer(result)]
+    sampling = sum(c["seconds"] for m in result["models"] for c in m["cells"])
+    out += [f"Sampling time of the cells, summed: {sampling / 3600:.1f} h (cached cells keep the time of the run that "
+            f"sampled them; 2000 samples x K model calls each, batches of 1000); this run {result['seconds']:.0f} s, "
+            f"load average {result['load_start']} at its start, {result['load_end']} at its end. " + footer(result)]
     return "\n".join(out) + "\n"
 
 
@@ -216,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
                        "sampler": build_sampler(method, config, model.table)}
                       for k in steps if k >= 10 or args.quick for seed in (0, 1) for method in DEFAULTS]
         for i, c in enumerate(cells):
-            c.update(run_cell(model, name, c.pop("sampler"), c["K"], c["seed"], n, features, cache))
+            sampler = c.pop("sampler")
+            if c["method"] == DEFAULTS[0]:
+                c["settings"] = {key: sampler.scheduler.config[key] for key in SETTINGS}
+            c.update(run_cell(model, name, sampler, c["K"], c["seed"], n, features, cache))
             print(f"{name} [{i + 1}/{len(cells)}] K={c['K']} {c['method']}, {c['trajectory']} ({c['table']}, seed "
                   f"{c['seed']}): {c['seconds']:.0f} s", flush=True)
         rank([c for c in cells if c["table"] != "defaults"], reference, 0)

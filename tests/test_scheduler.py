@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_residual_variance_round_trip_and_step(tmp_path, linear_scheduler):
 
     x0_mse = np.linspace(1e-4, 0.4, N)
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, x0_mse=x0_mse.tolist(),
-                                             variance="residual", trajectory="even", eta=0.3)
+                                             variance="residual", trajectory="even", eta=0.3, variance_cap_y=None)
     sched.save_pretrained(tmp_path)
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
     assert loaded.config.variance == "residual"
@@ -415,3 +417,23 @@ def test_step_coefficients_before_set_timesteps_names_the_fix():
     scheduler = AnalyticDPMScheduler(num_train_timesteps=N, ms_eps=np.linspace(0.2, 0.999, N).tolist())
     with pytest.raises(ValueError, match=r"call set_timesteps\(num_inference_steps\) before step_coefficients"):
         scheduler.step_coefficients(1.0)
+
+
+def test_the_default_caps_the_step_into_t1_on_bounded_data_only(linear_scheduler):
+    """By default the variance of the step into t_1 is capped at (2 * bin * sqrt(pi/2))^2 with 8-bit bins of the data
+    range; every other step keeps the analytic variance; variance_cap_y=None and data_range=None leave it uncapped."""
+    ms = np.full(N, 0.3).tolist()
+    capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
+    free = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", variance_cap_y=None)
+    latent = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None)
+    for sched in (capped, free, latent):
+        sched.set_timesteps(10)
+    assert capped.config.variance_cap_y == 2.0
+    cap = (2 * 2 / 255 * math.sqrt(math.pi / 2)) ** 2
+    a, b = capped.step_coefficients(1.0)[:, 4] ** 2, free.step_coefficients(1.0)[:, 4] ** 2
+    assert b[-2] > cap and a[-2] == pytest.approx(cap, rel=1e-12)
+    np.testing.assert_array_equal(a[:-2], b[:-2])
+    unbounded = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None,
+                                                 variance_cap_y=None)
+    unbounded.set_timesteps(10)
+    np.testing.assert_array_equal(latent.step_coefficients(1.0), unbounded.step_coefficients(1.0))

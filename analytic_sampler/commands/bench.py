@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.baselines import BENCH_METHODS, LEARNED, check_names, sampling_methods
+from ..evaluation.baselines import BENCH_METHODS, LEARNED, applies, check_names, sampling_methods
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import nll_bpd_many
 from ..evaluation.provenance import environment, footer, write_results
@@ -73,20 +73,27 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
 
 def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
                 seed: int = 0, device=None):
-    """The table to use: ``table``, else the model's own if it has x0_mse, else a new one (checkpointed)."""
+    """The table to use: ``table``, else the model's own if it has x0_mse, else a new one (checkpointed), with a sample
+    cost from ``min(64, num_samples)`` forward paths (one per image)."""
     if table is not None:
         return table, "given"
     if model.table is not None and model.table.has_x0_mse:
         return model.table, "shipped with the model"
     from ..moments import estimate_moments
+    from ..sample_trajectory import DEFAULT_PATHS, estimate_sample_cost
 
     folder = out / "table"
     num_samples = min(num_samples, len(train))
     table = estimate_moments(model.unet, train, model.scheduler, num_samples=num_samples, batch_size=batch_size,
                              seed=seed, device=device, checkpoint=folder / "checkpoint.pt",
                              provenance={"model_id": str(model.source)})
+    paths = min(DEFAULT_PATHS, num_samples)
+    table = table.with_sample_cost(estimate_sample_cost(model.unet, train, model.scheduler, num_paths=paths,
+                                                        batch_size=batch_size, seed=seed, device=device,
+                                                        checkpoint=folder / "paths_checkpoint.pt", progress=False))
     table.save(folder)
-    return table, f"estimated here ({num_samples} images per timestep, saved to {folder})"
+    return table, (f"estimated here ({num_samples} images per timestep, {paths} paths for the sample cost, saved to "
+                   f"{folder})")
 
 
 def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_size: int = 256, seed: int = 0,
@@ -162,7 +169,8 @@ def run_bench(
     table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device)
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
     fd_samples = fd_samples or min(len(train), 5000)
-    methods_per_k = {} if features is None else {k: sampling_methods(config, table, names) for k in steps}
+    methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names) for k in steps}
+    not_run = [name for name in names if not applies(name, config, table)]
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
@@ -192,6 +200,7 @@ def run_bench(
                            "reference_images": min(len(train), REFERENCE_IMAGES),
                            "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                                       "num_images": len(heldout)},
+                           "not_applicable": not_run,
                            "rows": fd},
         "seconds_total": time.time() - start, **environment(device),
     }
@@ -235,6 +244,10 @@ def markdown(r: dict) -> str:
         out += [f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per cell, "
                 f"± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation "
                 f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", *fd_markdown(q["rows"])]
+        if q.get("not_applicable"):
+            out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
+                       "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
+                       "`analytic-sampler precompute ... --sample-cost-only`).")
     out += ["", f"Run time {r['seconds_total']:.0f} s. " + footer(r)]
     return "\n".join(out) + "\n"
 

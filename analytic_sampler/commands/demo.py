@@ -2,10 +2,10 @@
 
 A short :func:`run_bench` on the bundled digits model: bits/dim at each K for DDPM's variances and Analytic-DPM's
 (even and optimal trajectories), and FD-digits of DDIM (with the model's eps, and with eps from the clipped x0 as
-Analytic-DDIM computes it), DPM-Solver++(2M), UniPC and Analytic-DPM (the scheduler's defaults and the paper's
-Analytic-DDPM), each built on the model's own scheduler config and all from the same initial noise, ranked with
-paired standard errors against the training digits, with the real-data floor; and ``grid.png``: 10 samples per
-method and K, each row labelled. Writes ``results.{json,md}``, ``results_nll.png`` and ``results_fd.png`` too.
+Analytic-DDIM computes it), Analytic-DDIM, DPM-Solver++(2M), UniPC, Analytic-DPM with the scheduler's defaults and
+Analytic-DDPM on the table's sample-quality trajectory, each built on the model's own scheduler config and all from
+the same initial noise, ranked with paired standard errors against the training digits, with the real-data floor;
+and ``grid.png``: 10 samples per method and K, each row labelled. Writes ``results.{json,md}``, ``results_nll.png`` and ``results_fd.png`` too.
 
 The default size, K = 10 with 1000 samples per method, is the one whose paired standard errors still rank these
 methods (``benchmarks/results/demo.md``); ``full=True`` runs K = 10 and 25 with 2000 samples per method, the size
@@ -22,8 +22,8 @@ from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
 from .bench import run_bench
 
-DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "DPM-Solver++(2M)", "UniPC", "Analytic-DPM (defaults)",
-                "Analytic-DDPM")
+DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
+                "Analytic-DPM (defaults)", "Analytic-DDPM (sample trajectory)")
 DEMO_STEPS, DEMO_IMAGES = (10,), 1000
 FULL_STEPS, FULL_IMAGES = (10, 25), 2000
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory

@@ -30,6 +30,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from ..sample_trajectory import sample_quality_trajectory
 from ..scheduler import AnalyticDPMScheduler
 
 LEARNED = ("learned", "learned_range")
@@ -45,7 +46,9 @@ PEERS: dict[str, tuple[type, dict[str, Any], dict[str, Any]]] = {
     "UniPC": (UniPCMultistepScheduler, {"solver_type": "bh2"}, {}),
     "Euler ancestral": (EulerAncestralDiscreteScheduler, {}, {}),
 }
-#: Analytic-DPM's variants by row name: ``AnalyticDPMScheduler.from_table`` options (None: the scheduler's defaults).
+#: Analytic-DPM's variants by row name: ``AnalyticDPMScheduler.from_table`` options ({}: the scheduler's defaults);
+#: ``SAMPLE_TRAJECTORY`` marks a row that runs the table's sample-quality trajectory (tables with a sample cost).
+SAMPLE_TRAJECTORY = "sample_quality_trajectory"
 ANALYTIC: dict[str, dict[str, Any]] = {
     "Analytic-DPM (defaults)": {},
     "Analytic-DDPM": {"eta": 1.0, "variance": "analytic", "variance_cap_y": None},
@@ -55,12 +58,14 @@ ANALYTIC: dict[str, dict[str, Any]] = {
     "Analytic-DDPM (residual)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None},
     "Analytic-DDPM (optimal trajectory)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None,
                                            "trajectory": "optimal"},
+    "Analytic-DDPM (sample trajectory)": {"eta": 1.0, "variance": "analytic", "variance_cap_y": None,
+                                          SAMPLE_TRAJECTORY: True},
 }
 #: What ``bench`` samples by default: the peers a user would pick and the variants that tell the analytic variance
 #: apart (the same mean with and without its noise).
 BENCH_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "DPM-Solver++(2M)", "UniPC", "Euler ancestral",
                  "DDPM (btilde)", "Analytic-DPM (defaults)", "Analytic-DDPM", "Analytic-DDIM",
-                 "Analytic-DDPM (cap y=2)", "Analytic-DDPM (optimal trajectory)")
+                 "Analytic-DDPM (optimal trajectory)", "Analytic-DDPM (sample trajectory)")
 
 
 @dataclass
@@ -128,16 +133,23 @@ def diffusers_sampler(name: str, config: Mapping[str, Any], spacing: str | None 
         options = {"solver_order": 1, "algorithm_type": "dpmsolver++", "final_sigmas_type": "zero"}
     if cls in (DPMSolverMultistepScheduler, UniPCMultistepScheduler):
         options = {**_clip_as_thresholding(config), **options}
-    if cls is DDPMScheduler and options.get("variance_type") == "learned_range" and config.get("variance_type") not in LEARNED:
+    learned = options.get("variance_type") == "learned_range"
+    if cls is DDPMScheduler and learned and config.get("variance_type") not in LEARNED:
         raise ValueError(f"{name} needs a model trained with learned variances (variance_type learned_range).")
-    scheduler = cls.from_config(dict(config), **_variance_half(cls, config), **options, **_spacing_options(cls, spacing))
+    options = {**_variance_half(cls, config), **options, **_spacing_options(cls, spacing)}
+    scheduler = cls.from_config(dict(config), **options)
     return Sampler(scheduler, None if timesteps is None else list(timesteps), dict(step))
 
 
 def analytic_sampler(name: str, config: Mapping[str, Any], table, spacing: str | None = None,
-                     timesteps: Sequence[int] | None = None) -> Sampler:
-    """A row of :data:`ANALYTIC` from ``table`` and the model's ``config``."""
+                     timesteps: Sequence[int] | None = None, num_steps: int | None = None) -> Sampler:
+    """A row of :data:`ANALYTIC` from ``table`` and the model's ``config`` (``num_steps``: the K of a row that runs
+    the sample-quality trajectory)."""
     options = dict(ANALYTIC[name])
+    if options.pop(SAMPLE_TRAJECTORY, False) and timesteps is None:
+        if num_steps is None:
+            raise ValueError(f"{name} needs the number of steps to choose its trajectory; pass num_steps.")
+        timesteps = sample_quality_trajectory(table, num_steps)
     if spacing is not None and "trajectory" not in options:
         options.update(_spacing_options(AnalyticDPMScheduler, spacing))
     return Sampler(AnalyticDPMScheduler.from_table(table, dict(config), **options),
@@ -145,10 +157,10 @@ def analytic_sampler(name: str, config: Mapping[str, Any], table, spacing: str |
 
 
 def build_sampler(name: str, config: Mapping[str, Any], table, spacing: str | None = None,
-                  timesteps: Sequence[int] | None = None) -> Sampler:
+                  timesteps: Sequence[int] | None = None, num_steps: int | None = None) -> Sampler:
     """Any row by name: Analytic-DPM's (:data:`ANALYTIC`), a peer (:data:`PEERS`) or a Diffusers class name."""
     if name in ANALYTIC:
-        return analytic_sampler(name, config, table, spacing, timesteps)
+        return analytic_sampler(name, config, table, spacing, timesteps, num_steps)
     return diffusers_sampler(name, config, spacing, timesteps)
 
 
@@ -157,11 +169,15 @@ def applies(name: str, config: Mapping[str, Any], table) -> bool:
     table with x0_mse."""
     if name == "Improved DDPM (learned)":
         return config.get("variance_type") in LEARNED
+    if ANALYTIC.get(name, {}).get(SAMPLE_TRAJECTORY):
+        return table.path_timesteps is not None
     return ANALYTIC.get(name, {}).get("variance") != "residual" or table.has_x0_mse
 
 
-def sampling_methods(config, table, names: Sequence[str] = BENCH_METHODS, spacing: str | None = None
+def sampling_methods(config, table, num_steps: int, names: Sequence[str] = BENCH_METHODS, spacing: str | None = None
                      ) -> dict[str, Sampler]:
-    """``name -> Sampler`` for the ``names`` that apply to the model, on the config's spacing or ``spacing``."""
+    """``name -> Sampler`` at K = ``num_steps`` for the ``names`` that apply to the model, on the config's spacing or
+    ``spacing``."""
     config = dict(config)
-    return {name: build_sampler(name, config, table, spacing) for name in names if applies(name, config, table)}
+    return {name: build_sampler(name, config, table, spacing, num_steps=num_steps) for name in names
+            if applies(name, config, table)}

@@ -155,7 +155,7 @@ def run_bench(
     ``on_samples(method, K, images)`` sees each set. Each row carries its FD minus the best row's at that K with the
     paired bootstrap standard error, and the timesteps it ran.
     """
-    start = time.time()
+    start, load_at_start = time.time(), environment(device)["load_average"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model_name_or_path
@@ -202,7 +202,7 @@ def run_bench(
                                                                       "num_images": len(heldout)},
                            "not_applicable": not_run,
                            "rows": fd},
-        "seconds_total": time.time() - start, **environment(device),
+        "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(device),
     }
     write_results(out, name, result, markdown(result))
     plot(result, out, name)
@@ -248,7 +248,9 @@ def markdown(r: dict) -> str:
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
                        "`analytic-sampler precompute ... --sample-cost-only`).")
-    out += ["", f"Run time {r['seconds_total']:.0f} s. " + footer(r)]
+    start_load = r.get("load_average_at_start")
+    out += ["", f"Run time {r['seconds_total']:.0f} s"
+            + ("" if start_load is None else f" (load average {start_load[0]} when it started)") + ". " + footer(r)]
     return "\n".join(out) + "\n"
 
 

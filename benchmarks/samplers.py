@@ -11,7 +11,8 @@ each scheduler's ``linspace`` spacing, "leading" / "trailing" Diffusers' spacing
 table's sample cost. DDIM appears with the model's eps (DDIMScheduler's default) and with eps from the clipped x0
 (Analytic-DDIM's mean). The checks rerun the Analytic-DPM and sample-trajectory cells at K = 10 with a second
 table (10 samples per timestep, seed 1) and a second sample cost (seed 1, other training images), and the
-scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed. Writes ``samplers.json`` and ``samplers.md``.
+scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed.
+Writes ``samplers.json`` and ``samplers.md``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def run_cell(model, name: str, sampler, k: int, seed: int, n: int, features, cac
     path = cache / f"{cell_key(name, sampler, k, seed, n)}.npz"
     if path.is_file():
         saved = np.load(path)
-        return {"features": saved["features"], "timesteps": saved["timesteps"].tolist(), "seconds": float(saved["seconds"])}
+        return {"features": saved["features"], "timesteps": saved["timesteps"].tolist(),
+                "seconds": float(saved["seconds"])}
     start = time.time()
     images = sample(model.unet, sampler.scheduler, n, None if sampler.timesteps else k, sampler.timesteps, seed=seed,
                     batch_size=1000, progress=False, **sampler.step_kwargs)
@@ -127,11 +129,20 @@ def rank(cells: list[dict], reference: FrechetReference, seed: int) -> None:
                      best=f"{group[best]['method']}, {group[best]['trajectory']} ({group[best]['table']})")
 
 
+def _cell_text(cell: dict | None) -> str:
+    if cell is None:
+        return "—"
+    diff = "(best)" if cell["diff_to_best"] == 0 else f"(+{cell['diff_to_best']:.1f} ± {cell['diff_stderr']:.1f})"
+    return f"{cell['fd']:.1f} ± {cell['stderr']:.1f} {diff}"
+
+
 def markdown(result: dict) -> str:
-    out = [f"# Few-step sample quality: FD-digits by sampler and trajectory{' (quick mode)' if result['quick'] else ''}",
+    quick = " (quick mode)" if result["quick"] else ""
+    out = [f"# Few-step sample quality: FD-digits by sampler and trajectory{quick}",
            "", f"{result['num_samples']} samples per cell against the {result['reference_images']} training digits "
            "(± bootstrap standard error; lower is better). In each (model, K), every cell starts from the same initial "
-           "noise; \"+x ± y\" is the cell's FD minus the best cell's, ± the paired standard error. Trajectories: even = "
+           "noise; \"+x ± y\" is the cell's FD minus the best cell's, ± the paired standard error. Trajectories: "
+           "even = "
            "each scheduler's linspace spacing, leading / trailing = Diffusers' spacings (the bundled configs say "
            "leading), karras = Karras sigmas, samples = the sample-quality trajectory (sigma_min "
            f"{result['sigma_min']}). Real-data floor: the {result['real_floor']['num_images']} held-out digits score "
@@ -145,10 +156,7 @@ def markdown(result: dict) -> str:
                     "| method | " + " | ".join(KINDS) + " |", "|---|" + "---:|" * len(KINDS)]
             for method in dict.fromkeys(c["method"] for c in rows):
                 cell = {c["trajectory"]: c for c in rows if c["method"] == method}
-                out.append(f"| {method} | " + " | ".join(
-                    "—" if kind not in cell else f"{cell[kind]['fd']:.1f} ± {cell[kind]['stderr']:.1f} "
-                    + ("(best)" if cell[kind]["diff_to_best"] == 0 else
-                       f"(+{cell[kind]['diff_to_best']:.1f} ± {cell[kind]['diff_stderr']:.1f})") for kind in KINDS) + " |")
+                out.append(f"| {method} | " + " | ".join(_cell_text(cell.get(kind)) for kind in KINDS) + " |")
         second = [c for c in m["cells"] if c["table"] == "second"]
         if second:
             out += ["", "Check with a second table (10 samples per timestep, seed 1; second sample cost: seed 1, other "
@@ -162,7 +170,8 @@ def markdown(result: dict) -> str:
             out += ["", "The scheduler's defaults (`AnalyticDPMScheduler.from_table(table, config)`: "
                     + ", ".join(f"{k}={v}" for k, v in settings.items()) + ") against DDIMScheduler on the same "
                     "config, two sampling seeds:", "",
-                    "| K | seed | Analytic-DPM (defaults) | DDIM | defaults − DDIM (paired) |", "|---:|---:|---:|---:|---:|"]
+                    "| K | seed | Analytic-DPM (defaults) | DDIM | defaults − DDIM (paired) |",
+                    "|---:|---:|---:|---:|---:|"]
             for k, seed in dict.fromkeys((c["K"], c["seed"]) for c in defaults):
                 a, d = (next(c for c in defaults if (c["K"], c["seed"], c["method"]) == (k, seed, name))
                         for name in DEFAULTS)

@@ -73,3 +73,12 @@ def test_samplers_quick(tmp_path):
     assert any(c["table"] == "second" and "vs_shipped" in c for c in cells)
     assert any(c["table"] == "defaults" and "vs_ddim" in c for c in cells)
     assert "sample-quality trajectory" in (tmp_path / "samplers.md").read_text()
+
+
+def test_threads_quick(tmp_path):
+    import threads
+
+    result = threads.main(["--quick", "--out", str(tmp_path)])
+    assert {(r["threads"], r["policy"]) for r in result["rows"]} == {(1, "default"), (1, "PASSIVE"), (2, "default"),
+                                                                     (2, "PASSIVE")}
+    assert all(r["ms_per_image"] > 0 for r in result["rows"]) and (tmp_path / "threads.md").is_file()

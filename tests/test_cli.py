@@ -196,3 +196,19 @@ def test_nll_states_the_end_of_its_trajectory(model_dir, capsys):
     main(["nll", model, "--data", str(model_dir / "images.pt"), "--variance", "beta", "--timesteps", "49,20,5"])
     assert "this trajectory ends at t_1 = 5: bits/dim compare only with trajectories that end at the same t_1 (" in \
         capsys.readouterr().out
+
+
+def test_openmp_threads_sleep_on_a_busy_machine(monkeypatch):
+    """The command sets OMP_WAIT_POLICY=PASSIVE when the load average says other work holds a core, leaves OpenMP's
+    default on an idle machine, and never overrides the user's setting."""
+    import os
+
+    from analytic_sampler.commands import cli
+
+    for load, before, after in ((2.5, None, "PASSIVE"), (0.3, None, None), (2.5, "ACTIVE", "ACTIVE")):
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        if before:
+            monkeypatch.setenv("OMP_WAIT_POLICY", before)
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        cli._sleeping_threads_on_a_busy_machine()
+        assert os.environ.get("OMP_WAIT_POLICY") == after

@@ -511,11 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sleeping_threads_on_a_busy_machine() -> None:
+    """torch's OpenMP threads spin a while before they sleep. Where other work already holds a core (1-minute load
+    average of 1 or more) that costs more than it saves: 2 threads on 2 cores with one busy process took 1.36 ms per
+    image against 0.88 with OMP_WAIT_POLICY=PASSIVE; on an idle machine spinning is faster, 0.48 against 0.56
+    (benchmarks/results/threads.md). Runs before torch is imported; an OMP_WAIT_POLICY already set wins."""
+    if "OMP_WAIT_POLICY" not in os.environ and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 1.0:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
-    # torch's OpenMP threads spin while they wait; on a machine whose cores are busy with other work that made every
-    # model call several times slower (measured: 6.6 ms against 1.9 ms per image, 2 threads at load 7). Set before
-    # torch is imported; OMP_WAIT_POLICY=ACTIVE in the environment restores spinning.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _sleeping_threads_on_a_busy_machine()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

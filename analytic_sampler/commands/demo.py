@@ -24,7 +24,7 @@ from .bench import run_bench
 
 DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
                 "Analytic-DPM (defaults)", "Analytic-DDPM (sample trajectory)")
-DEMO_STEPS, DEMO_IMAGES = (10,), 1000
+DEMO_STEPS, DEMO_IMAGES = (10,), 2000
 FULL_STEPS, FULL_IMAGES = (10, 25), 2000
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory
 # and give the residual DP its gain (benchmarks/results/cost.md, trajectory.md).

@@ -98,3 +98,13 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     saved = VarianceTable.load(tmp_path / "out" / "table")
     assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000
     assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS)
+
+
+def test_demo_command_records_its_whole_time(tmp_path, capsys):
+    from analytic_sampler.commands.cli import main
+
+    main(["demo", "--steps", "4", "--num-images", "10", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seconds_command"] >= saved["seconds_total"] > 0
+    assert "The whole command took" in (tmp_path / "results.md").read_text()
+    assert "The whole command took" in capsys.readouterr().out

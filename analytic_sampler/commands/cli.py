@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from ..pretrained import (
@@ -390,9 +391,16 @@ def cmd_sample(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
-    _make_folder(args.out)
+    out = _make_folder(args.out)
     run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device,
              full=args.full)
+    seconds = time.perf_counter() - args.started
+    result = json.loads((out / "results.json").read_text())
+    result["seconds_command"] = seconds
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    line = f"The whole command took {seconds:.0f} s, from start to exit (with importing torch and loading the model)."
+    (out / "results.md").write_text((out / "results.md").read_text() + "\n" + line + "\n")
+    print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -521,8 +529,10 @@ def _sleeping_threads_on_a_busy_machine() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
     _sleeping_threads_on_a_busy_machine()
     args = build_parser().parse_args(argv)
+    args.started = started
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -11,7 +11,8 @@ each scheduler's ``linspace`` spacing, "leading" / "trailing" Diffusers' spacing
 table's sample cost. DDIM appears with the model's eps (DDIMScheduler's default) and with eps from the clipped x0
 (Analytic-DDIM's mean). The checks rerun the Analytic-DPM and sample-trajectory cells at K = 10 with a second
 table (10 samples per timestep, seed 1) and a second sample cost (seed 1, other training images), and the
-scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed.
+scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed; and DDIM (eps from clipped
+x0) and DPM-Solver++(2M) on sample-quality trajectories with sigma_min None (the untruncated bound) and 0.1 to 0.4.
 Writes ``samplers.json`` and ``samplers.md``.
 """
 
@@ -55,6 +56,8 @@ CELLS = {
 ANALYTIC_ROWS = ("Analytic-DDIM", "Analytic-DDPM", "Analytic-DDPM (cap y=2)", "Analytic-DDIM (cap y=2)")
 DEFAULTS = ("Analytic-DPM (defaults)", "DDIM")  # on the model's own config (its "leading" spacing)
 CHECK_STEPS = 10  # the K of the second-table check
+SIGMA_SCAN = (None, 0.1, 0.2, 0.3, 0.4)  # sigma_min of the sample-quality trajectory, compared at K = CHECK_STEPS
+SIGMA_METHODS = ("DDIM (eps from clipped x0)", "DPM-Solver++(2M)")
 SETTINGS = ("eta", "variance", "variance_cap_y", "timestep_spacing", "trajectory")  # the defaults' settings, recorded
 FULL_STEPS, QUICK_STEPS = (5, 10, 25), (5,)
 
@@ -177,6 +180,18 @@ def markdown(result: dict) -> str:
                         for name in DEFAULTS)
                 out.append(f"| {k} | {seed} | {a['fd']:.1f} ± {a['stderr']:.1f} | {d['fd']:.1f} ± {d['stderr']:.1f} | "
                            f"{a['vs_ddim']:+.1f} ± {a['vs_ddim_stderr']:.1f} |")
+        scan = [c for c in m["cells"] if c["table"] == "sigma_min"]
+        if scan:
+            out += ["", f"sigma_min of the sample-quality trajectory at K = {scan[0]['K']}: each sampler on it, minus "
+                    "the same sampler on trailing timesteps (paired; None: the bound down to t = 0, as derived):", "",
+                    "| sigma_min | " + " | ".join(f"{name} | − trailing" for name in SIGMA_METHODS) + " | t_1 |",
+                    "|---:|" + "---:|---:|" * len(SIGMA_METHODS) + "---:|"]
+            for sigma in dict.fromkeys(c["sigma_min"] for c in scan):
+                row = {c["method"]: c for c in scan if c["sigma_min"] == sigma}
+                out.append(f"| {sigma} | " + " | ".join(
+                    f"{row[name]['fd']:.1f} ± {row[name]['stderr']:.1f} | {row[name]['vs_trailing']:+.1f} ± "
+                    f"{row[name]['vs_trailing_stderr']:.1f}" for name in SIGMA_METHODS)
+                    + f" | {row[SIGMA_METHODS[0]]['timesteps'][-1]:g} |")
         out += ["", "Timesteps of the sample-quality trajectory (shipped table): " + "; ".join(
             f"K={k}: {t}" for k, t in m["sample_trajectories"].items()), ""]
     sampling = sum(c["seconds"] for m in result["models"] for c in m["cells"])
@@ -229,6 +244,13 @@ def main(argv: list[str] | None = None) -> dict:
             cells += [{"table": "defaults", "method": method, "trajectory": "config", "K": k, "seed": seed,
                        "sampler": build_sampler(method, config, model.table)}
                       for k in steps if k >= 10 or args.quick for seed in (0, 1) for method in DEFAULTS]
+            k_scan = CHECK_STEPS if CHECK_STEPS in steps else steps[0]
+            for sigma in SIGMA_SCAN:
+                path = SampleTrajectoryDP(model.table.alphas_cumprod, SampleCost.from_table(model.table), k_scan,
+                                          sigma_min=sigma).path(k_scan)
+                cells += [{"table": "sigma_min", "method": method, "trajectory": "samples", "K": k_scan, "seed": 0,
+                           "sigma_min": sigma, "sampler": build_sampler(method, config, model.table, None, path)}
+                          for method in SIGMA_METHODS]
         for i, c in enumerate(cells):
             sampler = c.pop("sampler")
             if c["method"] == DEFAULTS[0]:
@@ -236,10 +258,13 @@ def main(argv: list[str] | None = None) -> dict:
             c.update(run_cell(model, name, sampler, c["K"], c["seed"], n, features, cache))
             print(f"{name} [{i + 1}/{len(cells)}] K={c['K']} {c['method']}, {c['trajectory']} ({c['table']}, seed "
                   f"{c['seed']}): {c['seconds']:.0f} s", flush=True)
-        rank([c for c in cells if c["table"] != "defaults"], reference, 0)
-        rank([c for c in cells if c["table"] == "defaults"], reference, 0)
+        for tag in ("shipped", "second", "defaults", "sigma_min"):
+            rank([c for c in cells if c["table"] == tag], reference, 0)
         shipped = {(c["method"], c["trajectory"], c["K"]): c for c in cells if c["table"] == "shipped"}
         for c in cells:
+            if c["table"] == "sigma_min":
+                c["vs_trailing"], c["vs_trailing_stderr"] = paired_difference(
+                    c, shipped[(c["method"], "trailing", c["K"])], reference, 0)
             if c["table"] == "second":
                 c["vs_shipped"], c["vs_shipped_stderr"] = paired_difference(
                     c, shipped[(c["method"], c["trajectory"], c["K"])], reference, 0)

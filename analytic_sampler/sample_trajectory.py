@@ -222,10 +222,12 @@ def estimate_sample_cost(
         options["prediction_type"] = prediction_type or (
             config.get("prediction_type") if isinstance(config, Mapping) else None) or "epsilon"
     adapter = EpsilonAdapter.wrap(model, abar, **options)
-    module = adapter.model
+    module, input_dtype = adapter.model, torch.float32
     if isinstance(module, torch.nn.Module):
-        if device is None:
-            device = next(module.parameters(), torch.empty(0)).device
+        weight = next(module.parameters(), torch.empty(0))
+        device = weight.device if device is None else device
+        if weight.dtype in (torch.float16, torch.bfloat16):  # half weights take inputs of their dtype
+            input_dtype = weight.dtype
         module.to(device).eval()
     device = torch.device(device or "cpu")
     x0 = take_samples(data, num_paths).double()
@@ -252,7 +254,7 @@ def estimate_sample_cost(
             index = torch.from_numpy(np.tile(np.arange(g), paths.shape[0])[lo : lo + batch_size]).to(device)
             shape = (-1,) + (1,) * (x_t.ndim - 1)
             a, b = roots[0, index].view(shape).float(), roots[1, index].view(shape).float()
-            pred, _ = to_x0_and_eps(adapter(x_t, t), x_t, a, b, "epsilon")
+            pred, _ = to_x0_and_eps(adapter(x_t.to(input_dtype), t).float(), x_t, a, b, "epsilon")
             x0_hat.append((pred if data_range is None else pred.clamp(*data_range)).double().cpu())
         flat = torch.cat(x0_hat).view(paths.shape[0], g, dim)
         if not torch.isfinite(flat).all():

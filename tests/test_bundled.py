@@ -78,7 +78,7 @@ def test_demo_writes_grid_and_table(tmp_path):
 
 
 def test_demo_size_options():
-    """The default demo is K = 10 with 1000 samples per method; --full is K = 10 and 25 with 2000."""
+    """The default demo is K = 10 with 2000 samples per method; --full adds K = 25."""
     from analytic_sampler.commands.cli import build_parser
 
     args = build_parser().parse_args(["demo"])
@@ -86,7 +86,7 @@ def test_demo_size_options():
     assert build_parser().parse_args(["demo", "--full"]).full
     from analytic_sampler.commands import demo
 
-    assert demo.DEMO_STEPS == (10,) and demo.DEMO_IMAGES == 1000 and demo.FULL_STEPS == (10, 25)
+    assert demo.DEMO_STEPS == (10,) and demo.DEMO_IMAGES == 2000 and demo.FULL_STEPS == (10, 25)
 
 
 def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):

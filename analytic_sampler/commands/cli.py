@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--steps", type=_steps, nargs="+", default=None, help="K values (default 10; --full: 10 25)")
     p.add_argument("--num-images", type=_positive_int, default=None,
-                   help="samples per method and K for FD-digits (default 1000; --full: 2000)")
+                   help="samples per method and K for FD-digits (default 2000)")
     p.add_argument("--full", action="store_true", help="the full-size run: K = 10 and 25, 2000 samples per method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=_device, default="cpu")

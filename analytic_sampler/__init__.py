@@ -57,12 +57,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .adapter import EpsilonAdapter
-    from .evaluation.likelihood import (
-        NLLResult,
-        nll_bpd,
-        nll_bpd_many,
-        predicted_transitions_bpd,
-    )
+    from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd
     from .moments import estimate_moments
     from .sample_trajectory import (
         SampleCost,
@@ -73,10 +68,5 @@ if TYPE_CHECKING:
     )
     from .scheduler import AnalyticDPMScheduler
     from .table import VarianceTable
-    from .trajectory import (
-        TrajectoryDP,
-        even_trajectory,
-        optimal_trajectory,
-        quadratic_trajectory,
-    )
+    from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory
     from .variance import analytic_variance, residual_variance, variance_bounds

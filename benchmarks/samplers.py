@@ -143,7 +143,8 @@ def markdown(result: dict) -> str:
     quick = " (quick mode)" if result["quick"] else ""
     out = [f"# Few-step sample quality: FD-digits by sampler and trajectory{quick}",
            "", f"{result['num_samples']} samples per cell against the {result['reference_images']} training digits "
-           "(± bootstrap standard error; lower is better). In each (model, K), every cell starts from the same initial "
+           "(± bootstrap standard error; lower is better). In each (model, K), every cell starts from the same "
+           "initial "
            "noise; \"+x ± y\" is the cell's FD minus the best cell's, ± the paired standard error. Trajectories: "
            "even = "
            "each scheduler's linspace spacing, leading / trailing = Diffusers' spacings (the bundled configs say "
@@ -178,7 +179,8 @@ def markdown(result: dict) -> str:
             for k, seed in dict.fromkeys((c["K"], c["seed"]) for c in defaults):
                 a, d = (next(c for c in defaults if (c["K"], c["seed"], c["method"]) == (k, seed, name))
                         for name in DEFAULTS)
-                out.append(f"| {k} | {seed} | {a['fd']:.1f} ± {a['stderr']:.1f} | {d['fd']:.1f} ± {d['stderr']:.1f} | "
+                out.append(f"| {k} | {seed} | {a['fd']:.1f} ± {a['stderr']:.1f} | "
+                           f"{d['fd']:.1f} ± {d['stderr']:.1f} | "
                            f"{a['vs_ddim']:+.1f} ± {a['vs_ddim_stderr']:.1f} |")
         scan = [c for c in m["cells"] if c["table"] == "sigma_min"]
         if scan:

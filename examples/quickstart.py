@@ -32,8 +32,8 @@ def main() -> None:
     # 1. Analytic-DPM in a Diffusers pipeline: the table and the model's own scheduler config, nothing else.
     pipe = DDPMPipeline(unet=model.unet, scheduler=model.scheduler)
     pipe.scheduler = AnalyticDPMScheduler.from_table(model.table, pipe.scheduler.config)
-    images = pipe(batch_size=args.num_images, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0),
-                  output_type="pt").images
+    images = pipe(batch_size=args.num_images, num_inference_steps=args.steps,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
     save_grid(images * 2 - 1, out / "analytic_dpm.png", nrow=8)  # "pt" output: (B, C, H, W) in [0, 1]
     print(f"Analytic-DPM, {args.steps} steps on {pipe.scheduler.trajectory}: wrote {out / 'analytic_dpm.png'}")
 
@@ -43,7 +43,8 @@ def main() -> None:
     apply_timesteps(dpm, timesteps)
     images = sample(model.unet, dpm, args.num_images, timesteps=timesteps, progress=False)
     save_grid(images, out / "dpm_solver_sample_trajectory.png", nrow=8)
-    print(f"DPM-Solver++ on the sample-quality trajectory {timesteps}: wrote {out / 'dpm_solver_sample_trajectory.png'}")
+    print(f"DPM-Solver++ on the sample-quality trajectory {timesteps}: wrote "
+          f"{out / 'dpm_solver_sample_trajectory.png'}")
 
 
 if __name__ == "__main__":

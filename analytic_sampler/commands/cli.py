@@ -300,7 +300,8 @@ def _sample_trajectories(args, table) -> None:
     sigma_min = DEFAULT_SIGMA_MIN if args.sigma_min is None else (args.sigma_min or None)
     dp = SampleTrajectoryDP(table.alphas_cumprod, cost, max(args.steps), sigma_min=sigma_min)
     print(f"sample-quality trajectory: Align Your Steps' bound (nats per dimension) on the KL from holding x0_hat "
-          f"fixed over each interval, counted down to noise level sigma_min={sigma_min}; estimated from {cost.num_paths} "
+          f"fixed over each interval, counted down to noise level sigma_min={sigma_min}; estimated from "
+          f"{cost.num_paths} "
           f"forward paths on {cost.timesteps.size} candidate timesteps. Pass the timesteps to any scheduler that takes "
           "them (scheduler.set_timesteps(timesteps=...), analytic_sampler.apply_timesteps). These trajectories end at "
           "t_1 > 0 (the sampler returns x0_hat there): their bits/dim do not compare with trajectories that end at "

@@ -5,7 +5,8 @@ A short :func:`run_bench` on the bundled digits model: bits/dim at each K for DD
 Analytic-DDIM computes it), Analytic-DDIM, DPM-Solver++(2M), UniPC, Analytic-DPM with the scheduler's defaults and
 Analytic-DDPM on the table's sample-quality trajectory, each built on the model's own scheduler config and all from
 the same initial noise, ranked with paired standard errors against the training digits, with the real-data floor;
-and ``grid.png``: 10 samples per method and K, each row labelled. Writes ``results.{json,md}``, ``results_nll.png`` and ``results_fd.png`` too.
+and ``grid.png``: 10 samples per method and K, each row labelled. Writes ``results.{json,md}``, ``results_nll.png``
+and ``results_fd.png`` too.
 
 The default size, K = 10 with 2000 samples per method (the size of ``benchmarks/samplers.py``, whose cells its rows
 reproduce), runs in under two minutes on 2 CPU cores (``benchmarks/results/demo.md``) and its paired standard errors

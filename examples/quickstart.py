@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline
 
-from analytic_sampler import AnalyticDPMScheduler, apply_timesteps, sample_quality_trajectory
+from analytic_sampler import AnalyticDPMScheduler, sample_quality_trajectory
 from analytic_sampler.evaluation.sampling import sample, save_grid
 from analytic_sampler.pretrained import DEFAULT_MODEL, load_pretrained
 
@@ -39,10 +39,10 @@ def main() -> None:
     print(f"Analytic-DPM, {args.steps} steps on {pipe.scheduler.trajectory}: wrote {out / 'analytic_dpm.png'}")
 
     # 2. The sample-quality trajectory the table carries (any scheduler that takes custom timesteps can run it):
-    #    here Analytic-DDPM, without the cap, since the trajectory already ends above t = 0.
+    #    here Analytic-DDPM, without the cap, since the trajectory already ends above t = 0. sample() sets it with
+    #    apply_timesteps(scheduler, timesteps), which also serves UniPC, and then steps through it.
     timesteps = sample_quality_trajectory(model.table, args.steps)
     scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, variance_cap_y=None)
-    apply_timesteps(scheduler, timesteps)
     images = sample(model.unet, scheduler, args.num_images, timesteps=timesteps, progress=False)
     save_grid(images, out / "sample_trajectory.png", nrow=8)
     print(f"Analytic-DDPM on the sample-quality trajectory {timesteps}: wrote {out / 'sample_trajectory.png'}")

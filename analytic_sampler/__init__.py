@@ -30,6 +30,11 @@ _EXPORTS = {
     "even_trajectory": "trajectory",
     "optimal_trajectory": "trajectory",
     "quadratic_trajectory": "trajectory",
+    "SampleCost": "sample_trajectory",
+    "SampleTrajectoryDP": "sample_trajectory",
+    "apply_timesteps": "sample_trajectory",
+    "estimate_sample_cost": "sample_trajectory",
+    "sample_quality_trajectory": "sample_trajectory",
     "analytic_variance": "variance",
     "residual_variance": "variance",
     "variance_bounds": "variance",
@@ -91,6 +96,13 @@ if TYPE_CHECKING:
     from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd  # noqa: F401
     from .moments import estimate_moments  # noqa: F401
     from .precompute import precompute_table  # noqa: F401
+    from .sample_trajectory import (  # noqa: F401
+        SampleCost,
+        SampleTrajectoryDP,
+        apply_timesteps,
+        estimate_sample_cost,
+        sample_quality_trajectory,
+    )
     from .scheduler import AnalyticDPMScheduler  # noqa: F401
     from .table import VarianceTable  # noqa: F401
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401

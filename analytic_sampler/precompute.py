@@ -13,10 +13,15 @@ for the ``table/`` folder of a model folder (the default of the command), beside
 ``hf upload``, which skip only ``.git/`` and ``.cache/huggingface/``), and the table folder is what
 ``VarianceTable.push_to_hub`` and ``load_pretrained`` read: a checkpoint inside either would travel with them or
 be taken for part of the model, so it lives outside both, and its name says what it belongs to.
+
+:func:`precompute_sample_cost` adds the sample cost of the sample-quality trajectory to a finished table in a
+second pass, with the same rules: the same settings again do nothing, other settings are refused unless
+``overwrite``, and its checkpoint (``sample_cost.pt``) waits beside the table's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from .table import META_NAME, VarianceTable
 
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_NAME = "checkpoint.pt"
+SAMPLE_COST_CHECKPOINT = "sample_cost.pt"
 STATUSES = ("estimated", "unchanged")
 
 
@@ -166,3 +172,75 @@ def _remove(checkpoint: Path) -> None:
                 folder.rmdir()
             except OSError:  # not empty (another rank's file, the user's files) or gone
                 pass
+
+
+def precompute_sample_cost(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    *,
+    out: str | os.PathLike,
+    num_paths: int | None = None,
+    candidates: int | None = None,
+    overwrite: bool = False,
+    keep_checkpoint: bool = False,
+    force_table: bool = False,
+    **kwargs,
+) -> Precomputed:
+    """Add the sample cost (:func:`~analytic_sampler.sample_trajectory.estimate_sample_cost`: ``num_paths x G``
+    model calls, one forward path per image of ``data``) to the table in the folder ``out``, and rewrite it.
+
+    Args:
+        model, data, scheduler_or_alphas_cumprod:
+            As in :func:`~analytic_sampler.sample_trajectory.estimate_sample_cost`; the model must be the table's
+            (:meth:`~analytic_sampler.VarianceTable.check_model`, unless ``force_table``).
+        out (`str` or `os.PathLike`):
+            The folder of a finished table.
+        num_paths (`int`, *optional*):
+            Forward paths, at most one per image of ``data`` (default 64, or as many images as ``data`` holds).
+        candidates (`int`, *optional*):
+            Grid points the trajectory may use (default 250).
+        overwrite (`bool`, defaults to `False`):
+            Replace a sample cost of other settings (refused otherwise).
+        keep_checkpoint (`bool`, defaults to `False`):
+            Keep the checkpoint after the table is written.
+        **kwargs:
+            ``batch_size``, ``seed``, ``device``, ``prediction_type``, ``progress`` of ``estimate_sample_cost``.
+
+    Returns:
+        :class:`Precomputed`: the table with its sample cost, ``"estimated"`` or ``"unchanged"``.
+    """
+    from .data import take_samples
+    from .sample_trajectory import DEFAULT_CANDIDATES, DEFAULT_PATHS, candidate_timesteps, estimate_sample_cost
+
+    folder = Path(out)
+    if not (folder / META_NAME).is_file():
+        raise ValueError(f"no variance table in {str(folder)!r} to add the sample cost to: estimate the table first "
+                         "(precompute_table, or `analytic-sampler precompute` without --sample-cost-only).")
+    table = VarianceTable.load(folder).check_schedule(scheduler_or_alphas_cumprod).check_model(model, force_table)
+    wanted = num_paths or DEFAULT_PATHS
+    count = len(data) if hasattr(data, "__len__") else wanted
+    x0 = take_samples(data, min(wanted, count))
+    grid = candidate_timesteps(table.num_train_timesteps, candidates or DEFAULT_CANDIDATES)
+    settings = {"num_paths": int(x0.shape[0]), "candidates": int(grid.size), "seed": int(kwargs.get("seed", 0)),
+                "batch_size": int(kwargs.get("batch_size", 256)),
+                "data_sha256": hashlib.sha256(x0.double().numpy().tobytes()).hexdigest()[:16],
+                "model_calls": int(x0.shape[0] * grid.size)}
+    recorded = table.provenance.get("sample_cost")
+    if table.has_sample_cost and recorded == settings:
+        return Precomputed(table, "unchanged", folder)
+    if table.has_sample_cost and not overwrite:
+        diffs = _run_differences(recorded, settings)
+        raise ValueError(f"{folder} already holds a sample cost of other settings ({'; '.join(diffs)}); pass "
+                         "overwrite=True (on the command line: --overwrite) to replace it.")
+    checkpoint = checkpoint_path(folder).with_name(SAMPLE_COST_CHECKPOINT)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    cost = estimate_sample_cost(model, x0, scheduler_or_alphas_cumprod, num_paths=settings["num_paths"],
+                                candidates=candidates or DEFAULT_CANDIDATES, data_range=table.data_range,
+                                checkpoint=checkpoint, **kwargs)
+    table = table.with_sample_cost(cost)
+    table.provenance["sample_cost"] = settings
+    table.save(folder)
+    if not keep_checkpoint:
+        _remove(checkpoint)
+    return Precomputed(table, "estimated", folder)

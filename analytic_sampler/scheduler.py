@@ -59,7 +59,7 @@ from .trajectory import TrajectoryDP, even_trajectory, quadratic_trajectory, val
 from .variance import analytic_variance, channel_view, check_eta, pair_coefficients, residual_variance
 
 TRAJECTORIES = ("optimal", "even", "quadratic")
-DEFAULT_TRAJECTORY = "even"  # when neither trajectory nor timestep_spacing says otherwise
+DEFAULT_SPACING = "trailing"  # when neither trajectory nor timestep_spacing says otherwise: it measured best
 SAMPLING_VARIANCES = ("analytic", "residual")  # the reverse variances the scheduler samples with, from its table
 _UNSET = object()
 
@@ -273,13 +273,17 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         trajectory (`str`, *optional*):
             This package's trajectories: ``"even"``, ``"quadratic"`` or ``"optimal"`` (the DP trajectory, which
             minimises the likelihood bound but, with its large jumps at high noise, not a sample-quality measure).
-            When set it wins over ``timestep_spacing``; when neither is set, ``"even"``. Explicit timesteps go to
+            When set it wins over ``timestep_spacing``. Explicit timesteps (e.g. the sample-quality trajectory,
+            :func:`~analytic_sampler.sample_trajectory.sample_quality_trajectory`) go to
             ``set_timesteps(timesteps=...)``.
         data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
             ``(a, b)`` bounds the data for the variance clip (Theorem 2); ``None`` for unbounded data (latents).
-        variance_cap_y (`float`, *optional*):
+        variance_cap_y (`float`, *optional*, defaults to 2.0):
             Caps the variance of the step into ``t_1``: ``sigma^2 <= (y * bin * sqrt(pi / 2))^2`` with
-            ``bin = (b - a) / 255``; the paper uses y = 1 or 2.
+            ``bin = (b - a) / 255`` of ``data_range`` (the paper's sample-quality setting, y = 1 or 2). On by default
+            because it samples better: without it the step into ``t_1 = 0`` adds noise that the last step cannot
+            remove (the measurements are in docs/results.md). It does not enter bits/dim (``nll_bpd`` has its own
+            variances); ``None`` turns it off. Data without a range (latents) have no bins and no cap.
         table_fingerprint (`str`, *optional*):
             The schedule fingerprint the table was estimated for (``VarianceTable.fingerprint``); a mismatch with
             this config's schedule is refused.
@@ -290,7 +294,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
             there takes the data's variance bound (no information about x0 is left).
         timestep_spacing (`str`, *optional*):
             Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` timesteps, exactly those DDIMScheduler /
-            DDPMScheduler give for the same K, used when ``trajectory`` is not set. :meth:`from_config` takes it from
+            DDPMScheduler give for the same K, used when ``trajectory`` is not set; when neither is set,
+            ``"trailing"`` (it sampled best on the bundled models). :meth:`from_config` takes it from
             the config (or, where the config has none, from the default of the scheduler it came from: ``"leading"``
             for DDPM, DDIM and PNDM) and keeps it for Diffusers' schedulers built from this config. A spacing that
             ends at t > 0 (``"leading"`` with ``steps_offset=1``: …, 1) still takes its last step to clean data.
@@ -362,7 +367,7 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         eta: float = 1.0,
         trajectory: str | None = None,
         data_range: tuple[float, float] | None = (-1.0, 1.0),
-        variance_cap_y: float | None = None,
+        variance_cap_y: float | None = 2.0,
         table_fingerprint: str | None = None,
         rescale_betas_zero_snr: bool = False,
         timestep_spacing: str | None = None,
@@ -383,8 +388,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         )
         self._keep_table_out_of_config()
         if trajectory is None and timestep_spacing is None:
-            self._register_set(trajectory=DEFAULT_TRAJECTORY)
-        _check_options(self._table, variance, per_channel, self.config.trajectory, timestep_spacing, prediction_type,
+            self._register_set(timestep_spacing=DEFAULT_SPACING)
+        _check_options(self._table, variance, per_channel, trajectory, self.config.timestep_spacing, prediction_type,
                        eta, dynamic_thresholding_ratio, sample_max_value)
         abar = alphas_cumprod_from_config(self.config)
         _check_fingerprint(table_fingerprint, abar)
@@ -718,8 +723,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         s = np.append(t[1:], -1)
         pair = pair_coefficients(self.alphas_cumprod_64, s, t, eta)
         var = self._pair_variances(s[:-1], t[:-1], eta)  # (C', K-1); the last step, into clean data, has none
-        if self.config.variance_cap_y is not None and var.shape[1]:  # the step into t_1
-            lo, hi = self.config.data_range or (-1.0, 1.0)
+        if self.config.variance_cap_y is not None and self.config.data_range is not None and var.shape[1]:
+            lo, hi = self.config.data_range  # the step into t_1
             cap = (self.config.variance_cap_y * (hi - lo) / 255.0 * math.sqrt(math.pi / 2)) ** 2
             var[:, -1] = np.minimum(var[:, -1], cap)
         return StepCoefficients(

@@ -16,6 +16,7 @@ hand-edited JSON is refused naming the fields that changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,9 +36,10 @@ from .fingerprint import file_sha256
 from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
 # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays; 4 the metadata's copy in the
-# arrays file (the checksum covers it) and strict-JSON provenance with the model's fingerprint and the run key
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)
+# arrays file (the checksum covers it) and strict-JSON provenance with the model's fingerprint and the run key; 5 the
+# optional sample cost (path_timesteps, path_x0_msd) of the sample-quality trajectory
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 ARRAYS_NAME = "variance_table.safetensors"
 META_NAME = "variance_table.json"
 HEADER_KEY = "variance_table"  # the metadata's copy in the safetensors header
@@ -49,6 +51,7 @@ FORCE_HINT = "pass force_table=True (on the command line: --force-table) to use 
 _ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64, "alphas_cumprod": np.float64}
 _X0_ARRAYS = ("x0_mse", "x0_mse_stderr")
 CHANNEL_ARRAYS = ("channel_ms_eps", "channel_stderr", "channel_x0_mse", "channel_x0_mse_stderr")
+PATH_ARRAYS = ("path_timesteps", "path_x0_msd")
 REESTIMATE_HINT = (
     "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
     "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
@@ -218,6 +221,10 @@ class VarianceTable:
         channel_ms_eps, channel_stderr, channel_x0_mse, channel_x0_mse_stderr (`np.ndarray`, *optional*):
             The same moments per data channel, shape ``(C, N)``, all four or none (tables from before format 3, or
             merged with one, have none).
+        path_timesteps, path_x0_msd (`np.ndarray`, *optional*), path_samples (`int`, defaults to 0):
+            The sample cost of the sample-quality trajectory
+            (:class:`~analytic_sampler.sample_trajectory.SampleCost`: grid ``(G,)``, matrix ``(G, G)``, from
+            ``path_samples`` forward paths); none in tables from before format 5 or where it was not estimated.
 
     Example:
 
@@ -251,6 +258,9 @@ class VarianceTable:
     channel_stderr: np.ndarray | None = None
     channel_x0_mse: np.ndarray | None = None
     channel_x0_mse_stderr: np.ndarray | None = None
+    path_timesteps: np.ndarray | None = None
+    path_x0_msd: np.ndarray | None = None
+    path_samples: int = 0
 
     def __post_init__(self):
         self.alphas_cumprod = as_alphas_cumprod(self.alphas_cumprod)
@@ -269,6 +279,7 @@ class VarianceTable:
         if np.any(self.x0_mse < 0):
             raise ValueError("x0_mse has negative entries; it is a mean squared error. Re-estimate the table.")
         self._check_channel_arrays(n)
+        self._check_sample_cost(n)
         if self.x0_clip is not None:
             self.x0_clip = tuple(float(v) for v in self.x0_clip)
         if self.data_range is not None:
@@ -298,6 +309,32 @@ class VarianceTable:
             if value.ndim != 2 or value.shape != (first.shape[0], n):
                 raise ValueError(f"{name} has shape {value.shape}; it must be (channels, {n}), like channel_ms_eps.")
             setattr(self, name, value)
+
+    def _check_sample_cost(self, n: int) -> None:
+        """Both path arrays or neither: ascending timesteps from 0 to N-1 and a matching square matrix."""
+        if (self.path_timesteps is None) != (self.path_x0_msd is None):
+            raise ValueError(f"the sample cost comes as a pair: pass both of {PATH_ARRAYS} or neither.")
+        if self.path_timesteps is None:
+            self.path_samples = 0
+            return
+        ts = np.asarray(self.path_timesteps, dtype=np.int64)
+        msd = np.asarray(self.path_x0_msd, dtype=np.float64)
+        if ts.ndim != 1 or np.any(np.diff(ts) <= 0) or ts[0] != 0 or ts[-1] != n - 1 or msd.shape != (ts.size,) * 2:
+            raise ValueError(f"path_timesteps must ascend from 0 to {n - 1} and path_x0_msd be square over them; "
+                             "re-estimate the sample cost.")
+        if int(self.path_samples) < 1:
+            raise ValueError(f"path_samples={self.path_samples}: a sample cost comes from at least one path.")
+        self.path_timesteps, self.path_x0_msd, self.path_samples = ts, msd, int(self.path_samples)
+
+    @property
+    def has_sample_cost(self) -> bool:
+        """Whether the table carries the sample cost of the sample-quality trajectory."""
+        return self.path_timesteps is not None
+
+    def with_sample_cost(self, cost) -> VarianceTable:
+        """A copy of this table carrying ``cost`` (a :class:`~analytic_sampler.sample_trajectory.SampleCost`)."""
+        return dataclasses.replace(self, path_timesteps=cost.timesteps, path_x0_msd=cost.x0_msd,
+                                   path_samples=cost.num_paths, provenance=dict(self.provenance))
 
     @classmethod
     def from_sums(
@@ -427,9 +464,14 @@ class VarianceTable:
         channels = None
         if self.num_channels is not None and self.num_channels == other.num_channels:
             channels = self.channel_sums() + other.channel_sums()
+        paths = {}  # the sample costs pool (weighted by paths) when both were estimated on the same grid
+        if self.has_sample_cost and other.has_sample_cost and np.array_equal(self.path_timesteps, other.path_timesteps):
+            count = self.path_samples + other.path_samples
+            msd = (self.path_samples * self.path_x0_msd + other.path_samples * other.path_x0_msd) / count
+            paths = {"path_timesteps": self.path_timesteps, "path_x0_msd": msd, "path_samples": count}
         return VarianceTable.from_sums(
             *total[:2], self.counts + other.counts, self.alphas_cumprod, *total[2:], channel_sums=channels,
-            data_range=self.data_range, provenance=provenance, x0_clip=self.x0_clip,
+            data_range=self.data_range, provenance=provenance, x0_clip=self.x0_clip, **paths,
         )
 
     def check_model(self, model: Any, force: bool = False) -> VarianceTable:
@@ -476,6 +518,7 @@ class VarianceTable:
             "format_version": FORMAT_VERSION,
             "num_train_timesteps": self.num_train_timesteps,
             "num_channels": self.num_channels,
+            "path_samples": self.path_samples,
             "fingerprint": self.fingerprint,
             "data_range": None if self.data_range is None else list(self.data_range),
             "x0_clip": None if self.x0_clip is None else list(self.x0_clip),
@@ -498,6 +541,8 @@ class VarianceTable:
         dtypes = {**_ARRAY_DTYPES, **dict.fromkeys(_X0_ARRAYS, np.float64)}
         if self.num_channels is not None:
             dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
+        if self.has_sample_cost:
+            dtypes.update(path_timesteps=np.int64, path_x0_msd=np.float64)
         meta = self.metadata()
         header = {HEADER_KEY: json.dumps(meta, sort_keys=True, allow_nan=False)}
         arrays = {k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}
@@ -583,6 +628,12 @@ class VarianceTable:
             value = arrays.get(key)
             if value is None or value.dtype != np.float64 or value.shape != (channels, n):
                 raise _corrupt(arrays_path, f"array {key!r} missing or not float64[{channels}, {n}]")
+        paths = {}
+        if version >= 5 and meta.get("path_samples"):
+            paths = {key: arrays.get(key) for key in PATH_ARRAYS}
+            if any(value is None for value in paths.values()):
+                raise _corrupt(arrays_path, f"arrays {PATH_ARRAYS} missing (the JSON records a sample cost)")
+            paths["path_samples"] = meta["path_samples"]
         data_range, x0_clip = meta.get("data_range"), meta.get("x0_clip")
         try:
             return cls(
@@ -592,7 +643,7 @@ class VarianceTable:
                 provenance=meta.get("provenance", {}),
                 x0_mse=arrays.get("x0_mse"), x0_mse_stderr=arrays.get("x0_mse_stderr"),
                 x0_clip=None if x0_clip is None else tuple(x0_clip),
-                **{key: arrays[key] for key in CHANNEL_ARRAYS if channels is not None},
+                **{key: arrays[key] for key in CHANNEL_ARRAYS if channels is not None}, **paths,
             )
         except ValueError as err:
             raise _corrupt(arrays_path, str(err)) from err
@@ -634,6 +685,8 @@ class VarianceTable:
         model = self.provenance.get("model_id")
         channels = "" if self.num_channels is None else f", channels={self.num_channels}"
         guided = "" if self.guidance_scale is None else f", guidance_scale={self.guidance_scale:g}"
+        if self.has_sample_cost:
+            guided += f", sample_cost={self.path_samples} paths x {self.path_timesteps.size} timesteps"
         return (
             f"VarianceTable(N={self.num_train_timesteps}, estimated={int(est.sum())}, draws/timestep={draws}, "
             f"ms_eps in {span}{channels}{guided}, data_range={self.data_range}, fingerprint={self.fingerprint!r}"

@@ -111,13 +111,19 @@ def trajectory_cost(alphas_cumprod, moment, timesteps: Sequence[int]) -> float:
 
 
 def _solve_dense(snr: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact DP for any moment: ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` over the full cost matrix,
-    O(K N^2) time, in row blocks that stay in cache. Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
-    n = snr.numel()
-    jt = torch.log1p((snr[None, :] - snr[:, None]) * m[:, None])  # jt[t, s] = J(s, t)
-    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=snr.device).triu_(), float("inf"))
-    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=snr.device)
-    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=snr.device)
+    """Exact DP for any moment over the full matrix of ``J(s, t)`` (:func:`solve_dense`)."""
+    return solve_dense(torch.log1p((snr[None, :] - snr[:, None]) * m[:, None]), max_steps)
+
+
+def solve_dense(jt: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact DP on any additive cost, ``jt[t, s] = J(s, t)`` for ``s < t`` on ``n`` points (float64; entries with
+    ``s >= t`` are ignored): ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` with ``C_1 = 0`` at point 0 only,
+    so ``C_k[t]`` is the cheapest path of k points from 0 to t. O(K n^2) time, in row blocks that stay in cache.
+    Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
+    n = jt.shape[0]
+    jt = jt.masked_fill(torch.ones(n, n, dtype=torch.bool, device=jt.device).triu_(), float("inf"))
+    cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=jt.device)
+    arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=jt.device)
     cost[1, 0] = 0.0
     for k in range(2, max_steps + 1):
         lo = k - 2

@@ -19,10 +19,11 @@ import torch
 
 from analytic_sampler.commands.bench import nll_rows as bench_nll_rows
 from analytic_sampler.digits import fd_digits, load_digits_split
-from analytic_sampler.evaluation.baselines import sampling_methods
+from analytic_sampler.evaluation.baselines import applies, build_sampler
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.evaluation.sampling import sample
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
+from analytic_sampler.trajectory import even_trajectory
 
 FULL_STEPS = (10, 25, 50, 100, 200, 1000)
 QUICK_STEPS = (10, 25)
@@ -39,16 +40,26 @@ def nll_rows(model, table, heldout, steps, num_images, seed, device):
     return rows
 
 
+#: The rows of the FD section and their trajectories: DDPM-type rows on the even trajectory, DDIM-type rows on
+#: DDIMScheduler's "trailing" timesteps (each pair isolates the variance), DPM-Solver++ and the DP rows on their own.
+FD_METHODS = {"DDPM (btilde)": "even", "DDPM (beta)": "even", "Analytic-DDPM": "even", "DDIM": "trailing",
+              "Analytic-DDIM": "trailing", "Analytic-DDPM (residual)": "even",
+              "Analytic-DDPM (optimal trajectory)": None, "Improved DDPM (learned)": "even", "DPM-Solver++(2M)": None}
+
+
 def fd_rows(model, table, heldout, steps, num_images, seed, device):
     """One row per (K, method): FD-digits of ``num_images`` samples to the held-out digits."""
+    config = model.scheduler.config
     rows = []
     for k in steps:
-        for name, (scheduler, timesteps) in sampling_methods(model.scheduler.config, table, k).items():
-            if k == model.scheduler.config.num_train_timesteps and name not in FULL_CHAIN_METHODS:
+        for name, spacing in FD_METHODS.items():
+            if not applies(name, config, table) or (k == config.num_train_timesteps and name not in FULL_CHAIN_METHODS):
                 continue
+            even = even_trajectory(config.num_train_timesteps, k) if spacing == "even" else None
+            sampler = build_sampler(name, config, table, spacing if spacing == "trailing" else None, even)
             t0 = time.time()
-            images = sample(model.unet, scheduler, num_images, None if timesteps else k, timesteps, seed=seed,
-                            device=device, progress=False)
+            images = sample(model.unet, sampler.scheduler, num_images, None if even else k, even, seed=seed,
+                            device=device, progress=False, **sampler.step_kwargs)
             rows.append({"K": k, "method": name, "fd_digits": fd_digits(images, heldout), "num_images": num_images,
                          "seconds": time.time() - t0})
             print(f"  FD  K={k:4d} {name:24s} {rows[-1]['fd_digits']:8.3f}", flush=True)

@@ -1,37 +1,51 @@
-"""Quick start on the bundled digits model, offline: its table, the scheduler in a Diffusers pipeline, the demo.
+"""Quick start on the bundled digits model, offline: its table, the scheduler in a Diffusers pipeline, and the
+sample-quality trajectory. It shows the API and stops; the comparison with other samplers is `analytic-sampler demo`.
 
-    python examples/quickstart.py [--out outputs/quickstart]
+    python examples/quickstart.py [--out outputs/quickstart] [--steps 10] [--num-images 16]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from diffusers import DDPMPipeline
 
-from analytic_sampler import AnalyticDPMScheduler
-from analytic_sampler.commands.demo import run_demo
-from analytic_sampler.evaluation.sampling import save_grid
+from analytic_sampler import AnalyticDPMScheduler, sample_quality_trajectory
+from analytic_sampler.evaluation.sampling import sample, save_grid
 from analytic_sampler.pretrained import DEFAULT_MODEL, load_pretrained
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/quickstart")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--num-images", type=int, default=16)
     args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
 
     model = load_pretrained(DEFAULT_MODEL)  # unet/ + scheduler/ + table/, the layout of a Hub repo
     print(model.table)
-    pipe = DDPMPipeline(unet=model.unet, scheduler=model.scheduler)
-    pipe.scheduler = AnalyticDPMScheduler.from_table(model.table, pipe.scheduler.config, trajectory="even")
-    images = pipe(batch_size=16, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="pt").images
-    print(f"10-step trajectory: {pipe.scheduler.trajectory}")
 
-    # The main job: bits/dim and FD-digits of Analytic-DPM against DDPM / DDIM at K = 10 and 25, a labelled grid.
-    run_demo(DEFAULT_MODEL, args.out)
-    save_grid(images * 2 - 1, f"{args.out}/pipeline_k10.png", nrow=8)  # "pt" output: (B, C, H, W) in [0, 1]
-    print(f"wrote {args.out}/pipeline_k10.png")
+    # 1. Analytic-DPM in a Diffusers pipeline: the table, the model's own scheduler config and trailing timesteps,
+    #    which sample better than the config's "leading" ones (benchmarks/results/samplers.md).
+    pipe = DDPMPipeline(unet=model.unet, scheduler=model.scheduler)
+    pipe.scheduler = AnalyticDPMScheduler.from_table(model.table, pipe.scheduler.config, timestep_spacing="trailing")
+    images = pipe(batch_size=args.num_images, num_inference_steps=args.steps,
+                  generator=torch.Generator().manual_seed(0), output_type="pt").images
+    save_grid(images * 2 - 1, out / "analytic_dpm.png", nrow=8)  # "pt" output: (B, C, H, W) in [0, 1]
+    print(f"Analytic-DPM, {args.steps} steps on {pipe.scheduler.trajectory}: wrote {out / 'analytic_dpm.png'}")
+
+    # 2. The sample-quality trajectory the table carries (any scheduler that takes custom timesteps can run it):
+    #    here Analytic-DDPM, without the cap, since the trajectory already ends above t = 0. sample() sets it with
+    #    apply_timesteps(scheduler, timesteps), which also serves UniPC, and then steps through it.
+    timesteps = sample_quality_trajectory(model.table, args.steps)
+    scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, variance_cap_y=None)
+    images = sample(model.unet, scheduler, args.num_images, timesteps=timesteps, progress=False)
+    save_grid(images, out / "sample_trajectory.png", nrow=8)
+    print(f"Analytic-DDPM on the sample-quality trajectory {timesteps}: wrote {out / 'sample_trajectory.png'}")
 
 
 if __name__ == "__main__":

@@ -185,3 +185,50 @@ def test_bench_scores_an_adapter_in_its_nll_rows(tmp_path):
                         batch_size=64, progress=False)["analytic"]
     assert row["bpd"] == expected.mean != bare.mean
     assert not (tmp_path / "out" / "table.partial").exists()
+def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
+    """Diffusers' peers on the model's own config and Analytic-DPM's variants (plus a scheduler added by name) each
+    give a row with its difference to the best row, its paired standard error and the timesteps it ran; every
+    sampler starts from the same initial noise."""
+    from analytic_sampler.commands.bench import run_bench
+    from analytic_sampler.evaluation.baselines import BENCH_METHODS
+    from analytic_sampler.pretrained import load_pretrained
+
+    model = load_pretrained(model_folder(tmp_path, 1))
+    train = torch.rand(24, 1, 8, 8) * 2 - 1
+    first_inputs, forward = [], model.unet.forward
+
+    def recording(sample, timestep, *args, **kwargs):
+        if sample.shape[0] == 16:  # the FD cells' batch (the table's and the NLL's batches are larger)
+            first_inputs.append(sample.clone())
+        return forward(sample, timestep, *args, **kwargs)
+
+    model.unet.forward = recording
+    result = run_bench(model, train, train[:12], [3], tmp_path / "out", table_samples=4, fd_samples=16,
+                       batch_size=64, progress=False, schedulers=["EulerDiscreteScheduler"])
+    rows = result["sample_quality"]["rows"]
+    assert [r["method"] for r in rows] == [*BENCH_METHODS, "EulerDiscreteScheduler"]
+    best = min(rows, key=lambda r: r["fd"])
+    for r in rows:
+        assert r["best"] == best["method"] and r["diff_to_best"] == pytest.approx(r["fd"] - best["fd"])
+        assert (r["diff_stderr"] == 0) == (r is best) and r["diff_stderr"] >= 0 and r["stderr"] > 0
+    ran = {r["method"]: r["timesteps"] for r in rows}
+    assert ran["DDIM"] == [26, 13, 0] and ran["DPM-Solver++(2M)"] == [30, 20, 10]  # each on the config's "leading"
+    assert ran["Analytic-DDPM"] == [26, 13, 0] and ran["Analytic-DDPM (optimal trajectory)"][0] == 39
+    # one recorded model input per model call: split them into runs by the timesteps each row ran
+    starts = np.cumsum([0] + [len(r["timesteps"]) for r in rows])[:-1]
+    initial = [first_inputs[i] for i in starts]
+    assert len(first_inputs) == sum(len(r["timesteps"]) for r in rows)
+    unit = [x / x.norm() for x in initial]  # Euler-type schedulers scale x_T: compare directions
+    assert all(torch.allclose(u, unit[0], atol=1e-6) for u in unit)
+    text = (tmp_path / "out" / "bench.md").read_text()
+    assert "difference to the best row ± paired standard error" in text and "| best |" in text
+    assert "every row here ends at t_1 = 0" in text
+
+
+def test_bench_refuses_an_unknown_scheduler_name(tmp_path):
+    model = model_folder(tmp_path, 1)
+    grey = png_folder(tmp_path / "grey", 4, 1, 0)
+    with pytest.raises(SystemExit, match="'HeunScheduler' is neither a compared sampler .* did you mean"):
+        main(["bench", model, "--data", grey, "--eval-data", grey, "--steps", "3", "--out", str(tmp_path / "x"),
+              "--table-samples", "2", "--scheduler", "HeunScheduler"])
+    assert not (tmp_path / "x" / "table").exists()  # refused before the table is estimated

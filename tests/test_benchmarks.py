@@ -77,3 +77,18 @@ def test_fingerprint_quick(tmp_path):
     assert result["fingerprint_best_s"] > 0 and result["estimate"]["seconds_per_batch"] > 0
     assert result["share"] < result["bound"]
     assert "of that precompute" in (tmp_path / "fingerprint_cpu.md").read_text()
+
+
+def test_samplers_quick(tmp_path):
+    """Every cell of one (model, K) from the same noise: each has its paired difference to the best cell; the checks
+    with a second table and the defaults against DDIM are there."""
+    import samplers
+
+    result = samplers.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    cells = result["models"][0]["cells"]
+    shipped = [c for c in cells if c["table"] == "shipped"]
+    assert {c["trajectory"] for c in shipped} == set(samplers.KINDS)
+    assert min(c["diff_to_best"] for c in shipped) == 0 and all(c["diff_stderr"] >= 0 for c in shipped)
+    assert any(c["table"] == "second" and "vs_shipped" in c for c in cells)
+    assert any(c["table"] == "defaults" and "vs_ddim" in c for c in cells)
+    assert "sample-quality trajectory" in (tmp_path / "samplers.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -69,9 +70,25 @@ def test_demo_writes_grid_and_table(tmp_path):
     assert {(r["K"], r["trajectory"], r["variance"]) for r in saved["nll"]} >= {(5, "optimal", "residual"),
                                                                                  (8, "even", "analytic")}
     grid = Image.open(tmp_path / "grid.png")
-    unlabelled = 10 * (8 + 1) * 6 + 6  # enlarged 6x: the 91 px wide grid becomes 546, at least 512
-    assert grid.height == 8 * (8 + 1) * 6 + 6 and grid.width > unlabelled + 60  # 8 rows, a label margin
+    rows = 2 * len(DEMO_METHODS)  # one per method and K
+    scale = math.ceil(512 / max(10 * (8 + 1) + 1, rows * (8 + 1) + 1))  # enlarged until the longer side is 512 px
+    unlabelled = (10 * (8 + 1) + 1) * scale
+    assert grid.height == (rows * (8 + 1) + 1) * scale and grid.width > unlabelled + 60  # a label margin
     assert result["table"] == "shipped with the model"
+    ranked = {r["method"]: r for r in quality["rows"] if r["K"] == 5}
+    assert min(r["diff_to_best"] for r in ranked.values()) == 0 and all(r["diff_stderr"] >= 0 for r in ranked.values())
+
+
+def test_demo_size_options():
+    """The default demo is K = 10 with 2000 samples per method; --full adds K = 25."""
+    from analytic_sampler.commands.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.steps is None and args.num_images is None and not args.full
+    assert build_parser().parse_args(["demo", "--full"]).full
+    from analytic_sampler.commands import demo
+
+    assert demo.DEMO_STEPS == (10,) and demo.DEMO_IMAGES == 2000 and demo.FULL_STEPS == (10, 25)
 
 
 def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
@@ -81,4 +98,15 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     result = run_demo(str(model_dir), str(tmp_path / "out"), steps=(5,), num_images=10)
     assert load_pretrained(str(model_dir)).table is None  # the table goes to the output folder, not the model's
     saved = VarianceTable.load(tmp_path / "out" / "table")
-    assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000 and len(result["sample_quality"]["rows"]) == 4
+    assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000
+    assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS)
+
+
+def test_demo_command_records_its_whole_time(tmp_path, capsys):
+    from analytic_sampler.commands.cli import main
+
+    main(["demo", "--steps", "4", "--num-images", "10", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["seconds_command"] >= saved["seconds_total"] > 0
+    assert "The whole command took" in (tmp_path / "results.md").read_text()
+    assert "The whole command took" in capsys.readouterr().out

@@ -195,3 +195,45 @@ def test_help_and_argument_errors_import_neither_torch_nor_diffusers(argv):
     done = subprocess.run([sys.executable, "-c", probe, *argv], check=False, capture_output=True, text=True, env=env,
                           timeout=120)
     assert done.stdout.strip().splitlines()[-1] == f"[] {0 if argv[-1] == '--help' else 2}", done.stderr
+
+
+def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
+    """precompute's second pass stores the sample cost (its model calls stated); trajectory --for samples prints the
+    DP's trajectory, which runs on DPM-Solver++ as custom timesteps; a table without it names the command."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from analytic_sampler.sample_trajectory import sample_quality_trajectory
+
+    model, table_dir = str(model_dir / "model"), model_dir / "table"
+    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--num-samples", "4",
+          "--paths", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="no sample cost.*analytic-sampler precompute MODEL --data DATA --out DIR"):
+        main(["trajectory", "--table", str(table_dir), "--for", "samples", "--steps", "4"])
+    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--sample-cost-only",
+          "--candidates", "20"])
+    assert "sample cost (for `trajectory --for samples`): 8 paths x 20 candidate timesteps = 160 model calls" in \
+        capsys.readouterr().out
+    table = VarianceTable.load(table_dir)
+    assert table.path_samples == 8 and table.provenance["sample_cost"]["model_calls"] == 160
+    assert table.counts.tolist() == [4] * 50  # the moments are kept
+    main(["trajectory", "--table", str(table_dir), "--for", "samples", "--steps", "4", "6", "--json",
+          str(model_dir / "s.json")])
+    printed = capsys.readouterr().out
+    report = json.loads((model_dir / "s.json").read_text())
+    assert report["4"]["timesteps"] == sample_quality_trajectory(table, 4)
+    assert "do not compare with trajectories" in printed
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=50)
+    scheduler.set_timesteps(timesteps=report["6"]["timesteps"])
+    assert scheduler.timesteps.tolist() == report["6"]["timesteps"]
+    with pytest.raises(SystemExit, match="no variance table in .* to add the sample cost to"):
+        main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(model_dir / "empty"),
+              "--sample-cost-only"])
+
+
+def test_nll_states_the_end_of_its_trajectory(model_dir, capsys):
+    model = str(model_dir / "model")
+    main(["nll", model, "--data", str(model_dir / "images.pt"), "--variance", "beta", "--timesteps", "49,20,5"])
+    assert "this trajectory ends at t_1 = 5: bits/dim compare only with trajectories that end at the same t_1 (" in \
+        capsys.readouterr().out
+

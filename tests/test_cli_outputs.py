@@ -83,7 +83,8 @@ def test_tables_and_results_get_ordinary_permissions(tmp_path):
 
 
 def nll_result(model_name: str) -> dict:
-    rows = [{"K": k, "trajectory": trajectory, "variance": variance, "bpd": bpd * (20 / k), "stderr": 0.01}
+    rows = [{"K": k, "trajectory": trajectory, "variance": variance, "bpd": bpd * (20 / k), "stderr": 0.01,
+             "t_1": 0}
             for k in (10, 25) for trajectory in ("even", "optimal")
             for variance, bpd in (("btilde", 205.0), ("beta", 6.5), ("analytic", 5.3), ("residual", 5.1))]
     return {"model": model_name, "nll": rows, "sample_quality": {"rows": []}}

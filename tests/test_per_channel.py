@@ -89,11 +89,11 @@ def ChannelGaussianEps(v: np.ndarray = V) -> ExactGaussianEps:  # noqa: N802 (re
 def channel_scheduler(per_channel: bool, **kwargs) -> AnalyticDPMScheduler:
     """Stable Diffusion's schedule, no data range, the exact per-channel tables and their channel means as scalars."""
     ms, x0 = exact_ms_eps(), exact_x0_mse()
-    return AnalyticDPMScheduler(
-        **SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), x0_mse=x0.mean(0).tolist(), channel_ms_eps=ms.tolist(),
-        channel_x0_mse=x0.tolist(), per_channel=per_channel, clip_sample=False, data_range=None,
-        trajectory="even", **kwargs,
-    )
+    return AnalyticDPMScheduler(**{
+        **SD_SCHEDULE, "ms_eps": ms.mean(0).tolist(), "x0_mse": x0.mean(0).tolist(), "channel_ms_eps": ms.tolist(),
+        "channel_x0_mse": x0.tolist(), "per_channel": per_channel, "clip_sample": False, "data_range": None,
+        "trajectory": "even", **kwargs,
+    })
 
 
 def channel_variance_errors(scheduler: AnalyticDPMScheduler, num_steps: int, n: int = 20000) -> np.ndarray:
@@ -161,9 +161,11 @@ def test_equal_channel_rows_give_the_scalar_sampler_bit_for_bit(variance):
 
 def test_step_noise_is_one_sigma_per_channel_and_the_cap_applies_per_channel():
     t = np.array(even_trajectory(N, 5))
-    free = analytic_variance(ABAR, exact_ms_eps(), t[1:], t[:-1], 1.0, None)  # (C, K-1)
+    bounded = (-4.0, 4.0)  # the cap is counted in the data's 8-bit bins, so it needs a data range
+    free = analytic_variance(ABAR, exact_ms_eps(), t[1:], t[:-1], 1.0, bounded)  # (C, K-1)
     cap = math.sqrt(free[0, -1] * free[-1, -1])  # binds for the wide channels only
-    sched = channel_scheduler(True, variance_cap_y=math.sqrt(cap) / (2 / 255 * math.sqrt(math.pi / 2)))
+    sched = channel_scheduler(True, data_range=bounded,
+                              variance_cap_y=math.sqrt(cap) / (8 / 255 * math.sqrt(math.pi / 2)))
     sched.set_timesteps(5)
     assert free[0, -1] < cap < free[-1, -1]
     free[:, -1] = np.minimum(free[:, -1], cap)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_residual_variance_round_trip_and_step(tmp_path, linear_scheduler):
 
     x0_mse = np.linspace(1e-4, 0.4, N)
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, x0_mse=x0_mse.tolist(),
-                                             variance="residual", trajectory="even", eta=0.3)
+                                             variance="residual", trajectory="even", eta=0.3, variance_cap_y=None)
     sched.save_pretrained(tmp_path)
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
     assert loaded.config.variance == "residual"
@@ -260,12 +262,16 @@ def test_trajectory_wins_over_the_configs_spacing_and_the_spacing_stays_for_diff
     assert loaded.trajectory == kept.trajectory
 
 
-def test_config_without_timestep_spacing_keeps_the_even_trajectory():
+def test_config_of_no_scheduler_gets_trailing_timesteps():
+    """No spacing, no trajectory and no source scheduler to take them from: the package's default, trailing, which
+    starts at N-1 and ends at N/K - 1."""
     config = {"num_train_timesteps": N, "beta_schedule": "linear"}
     sched = AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * N)
-    assert sched.config.timestep_spacing is None and sched.config.steps_offset == 0
+    assert sched.config.timestep_spacing == "trailing" and sched.config.trajectory is None
     sched.set_timesteps(10)
-    assert sched.trajectory == even_trajectory(N, 10) and sched.trajectory[0] == N - 1
+    assert sched.trajectory == list(range(999, 0, -100))
+    again = AnalyticDPMScheduler.from_config(sched.config, ms_eps=[0.5] * N)  # the default is in the saved config
+    assert again.config.timestep_spacing == "trailing"
 
 
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
@@ -404,7 +410,7 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     for s in (sched, own):
         s.set_timesteps(10)
     assert sched.trajectory == list(range(900, -1, -100))  # DDPMScheduler's own spacing ("leading")
-    assert own.trajectory == even_trajectory(N, 10)  # a config that names no scheduler: this package's default
+    assert own.trajectory == list(range(999, 0, -100))  # no config: this package's default, trailing
     sched.save_pretrained(tmp_path)
     assert AnalyticDPMScheduler.from_pretrained(tmp_path).config.table_fingerprint == table.fingerprint
     assert sched.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name
@@ -445,3 +451,23 @@ def test_step_coefficients_before_set_timesteps_names_the_fix():
     scheduler = AnalyticDPMScheduler(num_train_timesteps=N, ms_eps=np.linspace(0.2, 0.999, N).tolist())
     with pytest.raises(ValueError, match=r"call set_timesteps\(num_inference_steps\) before step_coefficients"):
         scheduler.step_coefficients(1.0)
+
+
+def test_the_default_caps_the_step_into_t1_on_bounded_data_only(linear_scheduler):
+    """By default the variance of the step into t_1 is capped at (2 * bin * sqrt(pi/2))^2 with 8-bit bins of the data
+    range; every other step keeps the analytic variance; variance_cap_y=None and data_range=None leave it uncapped."""
+    ms = np.full(N, 0.3).tolist()
+    capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
+    free = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", variance_cap_y=None)
+    latent = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None)
+    for sched in (capped, free, latent):
+        sched.set_timesteps(10)
+    assert capped.config.variance_cap_y == 2.0
+    cap = (2 * 2 / 255 * math.sqrt(math.pi / 2)) ** 2
+    a, b = capped.step_coefficients(1.0).sigma[:, 0] ** 2, free.step_coefficients(1.0).sigma[:, 0] ** 2
+    assert b[-2] > cap and a[-2] == pytest.approx(cap, rel=1e-12)
+    np.testing.assert_array_equal(a[:-2], b[:-2])
+    unbounded = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None,
+                                                 variance_cap_y=None)
+    unbounded.set_timesteps(10)
+    np.testing.assert_array_equal(latent.step_coefficients(1.0).sigma, unbounded.step_coefficients(1.0).sigma)

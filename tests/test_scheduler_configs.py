@@ -86,10 +86,13 @@ def test_sd_v1_5_known_timesteps():
     assert scheduler.trajectory == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
 
 
-def test_a_config_that_names_no_scheduler_gets_the_default_trajectory():
+def test_a_config_that_names_no_scheduler_gets_the_default_spacing():
     scheduler = AnalyticDPMScheduler.from_config({"num_train_timesteps": N, "beta_schedule": "linear"}, ms_eps=MS)
     scheduler.set_timesteps(10)
-    assert scheduler.config.timestep_spacing is None and scheduler.trajectory == even_trajectory(N, 10)
+    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.trajectory is None
+    ddim = DDIMScheduler(num_train_timesteps=N, timestep_spacing="trailing")
+    ddim.set_timesteps(10)
+    assert scheduler.trajectory == ddim.timesteps.tolist()
 
 
 def test_a_live_schedulers_default_spacing_is_its_own():

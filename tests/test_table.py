@@ -185,7 +185,7 @@ def test_mismatched_metadata(tmp_path, table):
                                          r"was written; the file was changed .* restore the file"):
         VarianceTable.load(folder)
     edit_json(folder, **{**record, "format_version": 99})
-    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3, 4\); "
+    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3, 4, 5\); "
                                          r"upgrade"):
         VarianceTable.load(folder)
 
@@ -247,7 +247,7 @@ def test_saved_tables_are_strict_json(tmp_path, table):
         folder = saved.save(tmp_path / str(i))
         with open(os.path.join(folder, "variance_table.json")) as f:
             record = json.loads(f.read(), parse_constant=reject)
-        assert record["format_version"] == 4
+        assert record["format_version"] == table_module.FORMAT_VERSION
     assert record and VarianceTable.load(tmp_path / "0").provenance["guidance"] is None
     assert VarianceTable.load(tmp_path / "0").provenance["counts"] == [0, 1]
     assert VarianceTable.load(tmp_path / "0").provenance["scale"] == 2.0

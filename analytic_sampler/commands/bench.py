@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.baselines import LEARNED, sampling_methods
+from ..evaluation.baselines import BENCH_METHODS, LEARNED, applies, check_names, sampling_methods
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import nll_bpd_many
 from ..evaluation.provenance import environment, footer, write_results
-from ..evaluation.sampling import sample
+from ..evaluation.sampling import ranked_fd_rows
 from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
 from ..table import ARRAYS_NAME, META_NAME
 from ..trajectory import TrajectoryDP, even_trajectory
@@ -84,13 +84,15 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
     """The table to use: ``table``, else the model's own if it has x0_mse (either checked against the model's
     schedule, channels and weights, unless ``force_table``), else one estimated into ``out/table``
     (:func:`~analytic_sampler.precompute.precompute_table`: checkpointed beside it, reused when it holds this very
-    run, another run's replaced only with ``overwrite``)."""
+    run, another run's replaced only with ``overwrite``) with a sample cost from ``min(64, num_samples)`` forward
+    paths (one per image; :func:`~analytic_sampler.precompute.precompute_sample_cost`)."""
     source = "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
         table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
     if table is not None:  # a table left in the model folder by an earlier model is refused too
         return table.check_schedule(model.scheduler).check_model(model.unet, force=force_table), source
-    from ..precompute import precompute_table
+    from ..precompute import precompute_sample_cost, precompute_table
+    from ..sample_trajectory import DEFAULT_PATHS
 
     folder = out / TABLE_SUBFOLDER
     num_samples = min(num_samples, len(train))
@@ -98,7 +100,11 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
                             num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
                             provenance={"model_id": model.name})
     how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
-    return done.table, f"{how} ({num_samples} images per timestep, saved to {folder})"
+    paths = min(DEFAULT_PATHS, num_samples)
+    done = precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths, overwrite=overwrite,
+                                  batch_size=batch_size, seed=seed, device=device, progress=False)
+    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, saved to "
+                        f"{folder})")
 
 
 def _own_table_label(model) -> str:
@@ -131,7 +137,8 @@ def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_si
                 done[tuple(ts)] = results, time.time() - t0
             results, seconds = done[tuple(ts)]
             rows += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
-                      "num_images": r.num_samples, "seconds": seconds, "timesteps": ts} for v, r in results.items()]
+                      "num_images": r.num_samples, "seconds": seconds, "timesteps": ts, "t_1": ts[-1]}
+                     for v, r in results.items()]
             if on_cell is not None:
                 on_cell()
     return rows
@@ -152,6 +159,7 @@ def run_bench(
     device: str = "cpu",
     progress: bool = True,
     methods: Sequence[str] | None = None,
+    schedulers: Sequence[str] = (),
     on_samples: Callable[[str, int, torch.Tensor], None] | None = None,
     name: str = "bench",
     overwrite: bool = False,
@@ -164,13 +172,15 @@ def run_bench(
     ``fd_samples`` (default: as many as there are training images, at most 5000) samples per method and K, all
     from the same initial noise, against the statistics of the training images (at most ``REFERENCE_IMAGES``).
     FD is biased upwards by about ``dim / n``, so every cell is measured at the same n; the real-data floor (the
-    evaluation images against the same reference) is measured at their own count. ``methods``
-    restricts the samplers (names of :func:`sampling_methods`); ``on_samples(method, K, images)`` sees each set.
-    ``overwrite`` and ``force_table`` go to :func:`bench_table`. ``eps_model`` (an ``EpsilonAdapter`` or eps
-    callable) is what the NLL rows score instead of the bare UNet; sample quality is then skipped, as the sampling
-    loop runs the UNet itself.
+    evaluation images against the same reference) is measured at their own count. ``methods``: the sampler rows
+    (default :data:`BENCH_METHODS`, names of :func:`build_sampler`), each built on the model's own scheduler config;
+    ``schedulers``: more rows, Diffusers scheduler classes by name (``"HeunDiscreteScheduler"``).
+    ``on_samples(method, K, images)`` sees each set. Each row carries its FD minus the best row's at that K with the
+    paired bootstrap standard error, and the timesteps it ran. ``overwrite`` and ``force_table`` go to
+    :func:`bench_table`. ``eps_model`` (an ``EpsilonAdapter`` or eps callable) is what the NLL rows score instead of
+    the bare UNet; sample quality is then skipped, as the sampling loop runs the UNet itself.
     """
-    start = time.time()
+    start, load_at_start = time.time(), environment(device)["load_average"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model_name_or_path
@@ -180,6 +190,7 @@ def run_bench(
     n = config.num_train_timesteps
     if not all(2 <= int(k) <= n for k in steps):
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
+    names = check_names([*(BENCH_METHODS if methods is None else methods), *schedulers])
     table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device, overwrite,
                                       force_table)
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
@@ -187,10 +198,8 @@ def run_bench(
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
                                         "sampling loop would run the bare UNet.")
     fd_samples = fd_samples or min(len(train), 5000)
-    methods_per_k = {} if features is None else {
-        k: {m: v for m, v in sampling_methods(config, table, k).items() if methods is None or m in methods}
-        for k in steps
-    }
+    methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names) for k in steps}
+    not_run = [name for name in names if not applies(name, config, table)]
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
@@ -201,17 +210,13 @@ def run_bench(
         reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
         floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
         for k, samplers in methods_per_k.items():
-            for method, (scheduler, timesteps) in samplers.items():
-                t0 = time.time()
-                images = sample(model.unet, scheduler, fd_samples, None if timesteps else k, timesteps, seed=seed,
-                                batch_size=batch_size, device=device, progress=False)
-                seconds = time.time() - t0
+            def seen(method, images, k=k):
+                bar.update()
                 if on_samples is not None:
                     on_samples(method, k, images)
-                value, stderr = frechet_with_stderr(features(images).numpy(), reference, seed)
-                fd.append({"K": k, "method": method, "fd": value, "stderr": stderr, "num_samples": fd_samples,
-                           "seconds": seconds})
-                bar.update()
+
+            fd += ranked_fd_rows(model.unet, samplers, k, features, reference, fd_samples, seed, batch_size, device,
+                                 on_samples=seen)
     bar.close()
 
     result = {
@@ -224,12 +229,22 @@ def run_bench(
                            "reference_images": min(len(train), REFERENCE_IMAGES),
                            "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                                       "num_images": len(heldout)},
+                           "not_applicable": not_run,
                            "rows": fd},
-        "seconds_total": time.time() - start, **environment(device),
+        "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(device),
     }
     write_results(out, name, result, markdown(result))
     plot(result, out, name)
     return result
+
+
+def _common_t1(rows: Sequence[dict]) -> int:
+    """The last timestep shared by every NLL row; a ValueError where they differ (their bits/dim do not compare)."""
+    ends = sorted({x["t_1"] for x in rows})
+    if len(ends) != 1:
+        raise ValueError(f"NLL rows end at t_1 = {ends}: bits/dim compare only between trajectories that end at the "
+                         "same t_1; report them in separate tables.")
+    return ends[0]
 
 
 def markdown(r: dict) -> str:
@@ -238,7 +253,8 @@ def markdown(r: dict) -> str:
     out = [f"# bench: {r['model']}", "",
            f"Table: {r['table']}, {r['table_samples_per_timestep']} samples per timestep. Seed {r['seed']}.", "",
            f"NLL bound (bits/dim ± standard error over {r['eval_images']} evaluation images; lower is better; "
-           "optimal = the residual DP's trajectory):", "",
+           "optimal = the residual DP's trajectory). Bits/dim compare only between trajectories that end at the same "
+           f"t_1; every row here ends at t_1 = {_common_t1(r['nll'])}:", "",
            f"| variance | trajectory | {head} |", "|---|---|" + "---:|" * len(steps)]
     cell = {(x["variance"], x["trajectory"], x["K"]): x for x in r["nll"]}
     for variance in dict.fromkeys(x["variance"] for x in r["nll"]):
@@ -251,20 +267,40 @@ def markdown(r: dict) -> str:
     if q["skipped"]:
         out.append(q["skipped"][0].upper() + q["skipped"][1:])
     else:
-        fd = {(x["method"], x["K"]): x for x in q["rows"]}
         floor = q["real_floor"]
         relation = ("fewer images than a cell, so this floor sits above the one at the cells' n"
                     if floor["num_images"] < q["num_samples"] else "at least as many images as a cell")
         out += [f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per cell, "
                 f"± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation "
-                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", f"| method | {head} |",
-                "|---|" + "---:|" * len(steps)]
-        for method in dict.fromkeys(x["method"] for x in q["rows"]):
-            out.append(f"| {method} | " + " | ".join(
-                f"{fd[(method, k)]['fd']:.3f} ± {fd[(method, k)]['stderr']:.3f}" if (method, k) in fd else "—"
-                for k in steps) + " |")
-    out += ["", f"Run time {r['seconds_total']:.0f} s. " + footer(r)]
+                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", *fd_markdown(q["rows"])]
+        if q.get("not_applicable"):
+            out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
+                       "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
+                       "`analytic-sampler precompute ... --sample-cost-only`).")
+    start_load = r.get("load_average_at_start")
+    out += ["", f"Run time {r['seconds_total']:.0f} s"
+            + ("" if start_load is None else f" (load average {start_load[0]} when it started)") + ". " + footer(r)]
     return "\n".join(out) + "\n"
+
+
+def _timesteps_text(timesteps: Sequence[float]) -> str:
+    shown = [f"{t:g}" for t in timesteps]
+    return ", ".join(shown) if len(shown) <= 6 else ", ".join(shown[:3] + ["…"] + shown[-2:])
+
+
+def fd_markdown(rows: Sequence[dict]) -> list[str]:
+    """One ranked table per K: FD ± bootstrap standard error, the difference to the best row at that K ± its paired
+    standard error (the same resamples of the same initial noise), and the timesteps each sampler ran."""
+    out = []
+    for k in dict.fromkeys(x["K"] for x in rows):
+        at_k = sorted((x for x in rows if x["K"] == k), key=lambda x: x["fd"])
+        out += [f"K = {k} (all rows from the same initial noise; difference to the best row ± paired standard error):",
+                "", "| method | FD | − best | timesteps |", "|---|---:|---:|---|"]
+        out += [f"| {x['method']} | {x['fd']:.2f} ± {x['stderr']:.2f} | "
+                + ("best" if x["method"] == x["best"] else f"+{x['diff_to_best']:.2f} ± {x['diff_stderr']:.2f}")
+                + f" | {_timesteps_text(x['timesteps'])} |" for x in at_k]
+        out.append("")
+    return out
 
 
 def plot(r: dict, out: Path, name: str = "bench") -> None:

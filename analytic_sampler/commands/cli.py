@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..pretrained import (
     load_pretrained,
     local_or_repo_id,
 )
+from ..schedule import SPACINGS
 from ..table import REESTIMATE_HINT
 from .outputs import refuse_overwrite
 from .runtime import configure_threads
@@ -157,7 +159,6 @@ def cmd_precompute(args) -> None:
     import torch
 
     from ..distributed import start_distributed
-    from ..precompute import precompute_table
     from ..pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
@@ -181,11 +182,27 @@ def cmd_precompute(args) -> None:
     else:
         model = load_pretrained(source, revision=args.revision, with_table=False, torch_dtype=dtype)
         data, schedule, options = _load_data(args.data, model.unet.config.in_channels), model.scheduler, {}
-        _check_data(data, model.unet, args.data, needed=args.num_samples, count_flag="--num-samples")
+        _check_data(data, model.unet, args.data, needed=1 if args.sample_cost_only else args.num_samples,
+                    count_flag="--num-samples")
     timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
     _make_folder(args.out)
+    if not args.sample_cost_only:
+        _moments_pass(args, rank, model if latent else model.unet, data, schedule, timesteps, provenance, options)
+    if rank != 0:  # the sample cost is one process's pass
+        return
+    if latent and (args.paths or args.sample_cost_only):
+        print("the sample cost (sample-quality trajectory) is not estimated for latent pipelines by this command: "
+              "encode latents and call precompute_sample_cost(unet, latents, scheduler, out=...) in Python.")
+    elif args.paths or args.sample_cost_only:
+        _sample_cost_pass(args, model.unet, data, schedule)
+
+
+def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, options: dict) -> None:
+    """The first pass of precompute: the table's moments (resumable, never mixed with another run's)."""
+    from ..precompute import precompute_table
+
     done = precompute_table(
-        model if latent else model.unet, data, schedule, out=args.out, overwrite=args.overwrite,
+        model, data, schedule, out=args.out, overwrite=args.overwrite,
         keep_checkpoint=args.keep_checkpoint, num_samples=args.num_samples, timesteps=timesteps,
         batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
         checkpoint_every=args.checkpoint_every,
@@ -198,6 +215,25 @@ def cmd_precompute(args) -> None:
         else:
             kept = " (checkpoint kept)" if args.keep_checkpoint else ""
             print(f"{done.table}\nsaved to {args.out}{kept}")
+
+
+def _sample_cost_pass(args, unet, data, schedule) -> None:
+    """The second pass of precompute: the sample cost of `trajectory --for samples`, its model calls stated."""
+    from ..precompute import precompute_sample_cost
+    from ..sample_trajectory import DEFAULT_PATHS, candidate_timesteps
+
+    grid = candidate_timesteps(schedule.config.num_train_timesteps, args.candidates).size
+    paths = min(args.paths or DEFAULT_PATHS, len(data))  # one path per image
+    print(f"sample cost (for `trajectory --for samples`): {paths} paths x {grid} candidate timesteps = "
+          f"{paths * grid} model calls")
+    done = precompute_sample_cost(unet, data, schedule, out=args.out, num_paths=paths, candidates=args.candidates,
+                                  overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint,
+                                  force_table=args.force_table, batch_size=args.batch_size, seed=args.seed,
+                                  device=args.device)
+    if done.status == "unchanged":
+        print(f"{args.out} already holds the sample cost of these settings; nothing to do")
+    else:
+        print(f"{done.table}\nsaved to {args.out}")
 
 
 def _pipeline_data(args) -> str:
@@ -262,6 +298,8 @@ def cmd_trajectory(args) -> None:
     if args.json:
         _make_folder(Path(args.json).parent)
     table = _table(args)
+    if args.goal == "samples":
+        return _sample_trajectories(args, table)
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the paper's DP is shown on purpose, beside the residual one
@@ -281,7 +319,8 @@ def cmd_trajectory(args) -> None:
                                          table.data_range)
 
     print("predicted bits/dim of the K-1 transitions (prior and decoder terms, the same for every trajectory here, "
-          "left out), residual variance | analytic variance, ± the table's standard error:")
+          "left out), residual variance | analytic variance, ± the table's standard error. Every trajectory here ends "
+          "at t_1 = 0; bits/dim compare only between trajectories that end at the same t_1:")
     print(f"{'K':>5}  " + "  ".join(f"{name:>29}" for name in paths))
     report, untrusted = {}, []
     for k in args.steps:
@@ -301,6 +340,30 @@ def cmd_trajectory(args) -> None:
         print(f"warning: at K={', '.join(map(str, untrusted))} the residual DP's predicted gain over the even "
               f"trajectory is under 3 standard errors of this table ({samples} samples per timestep); the DP may "
               "be fitting noise there: estimate a larger table (precompute --num-samples) before relying on it.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+
+
+def _sample_trajectories(args, table) -> None:
+    """``trajectory --for samples``: the sample-quality trajectory for each K and its bound."""
+    from ..sample_trajectory import DEFAULT_SIGMA_MIN, SampleCost, SampleTrajectoryDP
+
+    cost = SampleCost.from_table(table)
+    sigma_min = DEFAULT_SIGMA_MIN if args.sigma_min is None else (args.sigma_min or None)
+    dp = SampleTrajectoryDP(table.alphas_cumprod, cost, max(args.steps), sigma_min=sigma_min)
+    print(f"sample-quality trajectory: Align Your Steps' bound (nats per dimension) on the KL from holding x0_hat "
+          f"fixed over each interval, counted down to noise level sigma_min={sigma_min}; estimated from "
+          f"{cost.num_paths} "
+          f"forward paths on {cost.timesteps.size} candidate timesteps. Pass the timesteps to any scheduler that takes "
+          "them (scheduler.set_timesteps(timesteps=...), analytic_sampler.apply_timesteps). These trajectories end at "
+          "t_1 > 0 (the sampler returns x0_hat there): their bits/dim do not compare with trajectories that end at "
+          "t_1 = 0 (trajectory --for likelihood).")
+    report = {}
+    for k in args.steps:
+        path = dp.path(k)
+        report[k] = {"timesteps": path, "bound_nats_per_dim": dp.cost(k), "t_1": path[-1]}
+        print(f"K={k}: bound {dp.cost(k):.4f}, t_1 = {path[-1]}: {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
@@ -338,7 +401,10 @@ def cmd_nll(args) -> None:
                 batch_size=args.batch_size, seed=args.seed, device=args.device)
     print(f"{r.mean:.4f} ± {r.stderr:.4f} bits/dim ({args.variance} variance, K={len(timesteps)}, "
           f"{r.num_samples} images, seed {args.seed}; prior {r.prior:.4f} + transitions {r.transitions:.4f} + "
-          f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}")
+          f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}\nthis trajectory ends at t_1 = {timesteps[-1]}: bits/dim "
+          f"compare only with trajectories that end at the same t_1"
+          + ("" if timesteps[-1] == 0 else " (the decoder here reads x_{t_1} at a higher noise level than at t_1 = 0; "
+             "on quantised data that can score below the full chain)") + ".")
 
 
 def cmd_bench(args) -> None:
@@ -357,7 +423,8 @@ def cmd_bench(args) -> None:
     out = _make_folder(args.out)
     result = run_bench(model, train, heldout, args.steps, out, table=table, table_samples=args.table_samples,
                        fd_samples=args.fd_samples, inception=args.inception, batch_size=args.batch_size,
-                       seed=args.seed, device=args.device, overwrite=args.overwrite, force_table=args.force_table)
+                       seed=args.seed, device=args.device, overwrite=args.overwrite, force_table=args.force_table,
+                       schedulers=args.scheduler or ())
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {result['seconds_total']:.0f} s")
 
@@ -372,11 +439,18 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--out {args.out!r} is not an image file name; end it in .png (or .jpg, ...).")
     refuse_overwrite(args.out, args.overwrite)
     model = load_pretrained(args.model)
-    scheduler = AnalyticDPMScheduler.from_table(
-        _table(args, model), model.scheduler.config, eta=args.eta, trajectory=args.trajectory
-    )
+    table = _table(args, model)
+    timesteps, choice = None, {"trajectory": args.trajectory}
+    if args.trajectory in SPACINGS:
+        choice = {"timestep_spacing": args.trajectory}
+    elif args.trajectory == "samples":
+        from ..sample_trajectory import sample_quality_trajectory
+
+        timesteps, choice = sample_quality_trajectory(table, args.steps), {}
+    scheduler = AnalyticDPMScheduler.from_table(table, model.scheduler.config, eta=args.eta, **choice)
     _make_folder(Path(args.out).parent)
-    images = sample(model.unet, scheduler, args.num_images, args.steps, seed=args.seed, device=args.device)
+    images = sample(model.unet, scheduler, args.num_images, None if timesteps else args.steps, timesteps,
+                    seed=args.seed, device=args.device)
     print(f"trajectory: {scheduler.trajectory}")
     print(f"wrote {save_grid(images, args.out)}")
 
@@ -385,9 +459,16 @@ def cmd_demo(args) -> None:
     from .demo import DEMO_OUTPUTS, run_demo
 
     refuse_overwrite(args.out, args.overwrite, DEMO_OUTPUTS)
-    _make_folder(args.out)
+    out = _make_folder(args.out)
     run_demo(args.model, args.out, steps=args.steps, num_images=args.num_images, seed=args.seed, device=args.device,
-             overwrite=args.overwrite)
+             overwrite=args.overwrite, full=args.full)
+    seconds = time.perf_counter() - args.started
+    result = json.loads((out / "results.json").read_text())
+    result["seconds_command"] = seconds
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    line = f"The whole command took {seconds:.0f} s, from start to exit (with importing torch and loading the model)."
+    (out / "results.md").write_text((out / "results.md").read_text() + "\n" + line + "\n")
+    print(line)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,8 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="fewer steps on a bundled model: bits/dim, FD-digits and a labelled sample grid")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
-    p.add_argument("--num-images", type=_positive_int, default=1000, help="samples per method and K for FD-digits")
+    p.add_argument("--steps", type=_steps, nargs="+", default=None, help="K values (default 10; --full: 10 25)")
+    p.add_argument("--num-images", type=_positive_int, default=None,
+                   help="samples per method and K for FD-digits (default 2000)")
+    p.add_argument("--full", action="store_true", help="the full-size run: K = 10 and 25, 2000 samples per method")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
@@ -433,6 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the same noise on every device; model: drawn on the GPU (faster; same table only on "
                         "the same kind of GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
+    p.add_argument("--paths", type=int, default=64, metavar="N",
+                   help="second pass: N forward paths (one per image, at most as many as --data holds) for the sample "
+                        "cost of `trajectory --for samples`, N x candidates model calls (default 64; 0 skips it)")
+    p.add_argument("--candidates", type=_positive_int, default=250,
+                   help="timesteps the sample-quality trajectory may use (an even grid; default 250)")
+    p.add_argument("--sample-cost-only", action="store_true",
+                   help="add the sample cost to the table already in --out, without estimating the moments again")
+    p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
     conditioning = p.add_mutually_exclusive_group()
     conditioning.add_argument("--prompt", default=None, help="latent pipelines: one prompt for every image")
@@ -452,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--table", default=None)
     p.add_argument("--steps", type=_steps, nargs="+", default=[10, 25])
+    p.add_argument("--for", dest="goal", choices=("likelihood", "samples"), default="likelihood",
+                   help="likelihood: the DP on the bits/dim bound (default); samples: the sample-quality trajectory "
+                        "from the table's sample cost (precompute --paths)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="samples: the noise level (data units) down to which the bound counts (default: the "
+                        "library's, analytic_sampler.sample_trajectory.DEFAULT_SIGMA_MIN; 0: all the way down)")
     p.add_argument("--json", default=None, help="also write the trajectories and predictions to this JSON file")
     p.set_defaults(func=cmd_trajectory, parser=p)
 
@@ -483,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd-samples", type=_positive_int, default=None,
                    help="samples per FD cell (default: the number of training images, at most 5000)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
+    p.add_argument("--scheduler", action="append", metavar="CLASS",
+                   help="add a Diffusers scheduler by class name to the sampler rows, built from the model's own "
+                        "scheduler config (repeatable), e.g. --scheduler HeunDiscreteScheduler")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -496,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--trajectory", default="even", choices=["even", "quadratic", "optimal"])
+    p.add_argument("--trajectory", default="trailing", choices=[*SPACINGS, "even", "quadratic", "optimal", "samples"],
+                   help="Diffusers' spacings (trailing, the default, sampled best on the bundled models), this "
+                        "package's trajectories (optimal: the likelihood DP), or samples: the sample-quality "
+                        "trajectory of the table's sample cost")
     p.add_argument("--num-images", type=_positive_int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help=DEVICE_HELP)
@@ -508,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     if hasattr(args, "threads"):
         configure_threads(args.threads)
     if getattr(args, "device", None) not in (None, "cpu"):

@@ -9,9 +9,11 @@ a fixed reference makes each further distance one ``eigvalsh``, which is what a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-FD_BOOTSTRAP = 50  # resamples of a feature set for the standard error of its distance
+FD_BOOTSTRAP = 100  # resamples of a feature set for the standard error of its distance
 
 
 def feature_stats(feats) -> tuple[np.ndarray, np.ndarray]:
@@ -50,9 +52,23 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return FrechetReference(mu2, sigma2).distance_to(mu1, sigma1)
 
 
+def bootstrap_distances(feature_sets: Sequence[np.ndarray], reference: FrechetReference, seed: int = 0,
+                        resamples: int = FD_BOOTSTRAP) -> np.ndarray:
+    """``(resamples, len(feature_sets))``: FD of each set to the reference on the same resampled indices (drawn with
+    replacement; the reference is held fixed). Sets of equal size whose i-th rows belong together (samples from the
+    same initial noise) thus give paired differences: the standard error of ``FD_a - FD_b`` is the standard deviation
+    of the column difference."""
+    sizes = {len(f) for f in feature_sets}
+    if len(sizes) != 1:
+        raise ValueError(f"paired bootstrap needs feature sets of one size, got sizes {sorted(sizes)}.")
+    n, rng = sizes.pop(), np.random.default_rng(seed)
+    out = np.empty((resamples, len(feature_sets)))
+    for b in range(resamples):
+        index = rng.integers(0, n, n)
+        out[b] = [reference.distance(f[index]) for f in feature_sets]
+    return out
+
+
 def frechet_with_stderr(feats: np.ndarray, reference: FrechetReference, seed: int = 0) -> tuple[float, float]:
-    """FD of ``feats`` to the reference, and its bootstrap standard error (``FD_BOOTSTRAP`` resamples of
-    ``feats`` with replacement; the reference is held fixed)."""
-    rng = np.random.default_rng(seed)
-    boot = [reference.distance(feats[rng.integers(0, len(feats), len(feats))]) for _ in range(FD_BOOTSTRAP)]
-    return reference.distance(feats), float(np.std(boot, ddof=1))
+    """FD of ``feats`` to the reference, and its bootstrap standard error (:func:`bootstrap_distances`)."""
+    return reference.distance(feats), float(np.std(bootstrap_distances([feats], reference, seed)[:, 0], ddof=1))

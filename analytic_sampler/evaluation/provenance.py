@@ -26,13 +26,17 @@ def environment(device: str = "cpu") -> dict:
         "versions": {"analytic_sampler": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                      "numpy": numpy.__version__},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # other work on the machine (1, 5 and 15 minute averages of runnable processes) slows every timing
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 
 def footer(env: dict) -> str:
     v = env["versions"]
+    load = env.get("load_average")
     return (f"Machine: {env['device']}; Python {env['python']}, torch {v['torch']}, diffusers {v['diffusers']}, "
-            f"analytic-sampler {v['analytic_sampler']}; {env['date']}.")
+            f"analytic-sampler {v['analytic_sampler']}; {env['date']}"
+            + ("" if load is None else f"; load average {load[0]} / {load[1]} / {load[2]} (1 / 5 / 15 min)") + ".")
 
 
 def write_results(out_dir: str | os.PathLike, name: str, data: dict, markdown: str) -> tuple[Path, Path]:

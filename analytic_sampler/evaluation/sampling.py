@@ -1,17 +1,26 @@
-"""A plain sampling loop over any Diffusers scheduler, and image-grid output."""
+"""A plain sampling loop over any Diffusers scheduler, samplers ranked by Fréchet distance, and image grids."""
 
 from __future__ import annotations
 
 import inspect
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..predictions import split_learned_variance
+from ..sample_trajectory import apply_timesteps
+from .frechet import FrechetReference, bootstrap_distances
+
+
+def _step_generator(seed: int, batch: int) -> torch.Generator:
+    """The generator of the noise the steps of one batch draw, independent of the initial noise's."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1, batch]).generate_state(1)[0]))
 
 
 @torch.inference_mode()
@@ -29,8 +38,12 @@ def sample(
 ) -> torch.Tensor:
     """Draw ``num_samples`` images with ``scheduler`` in batches; float32 on the CPU, clipped to [-1, 1].
 
-    The initial noise of sample i is the same for every scheduler (one generator per call, seeded),
-    so methods compared at the same seed start from the same x_T. The variance half of a 2C
+    ``timesteps``: an explicit trajectory (:func:`~analytic_sampler.sample_trajectory.apply_timesteps`), else
+    ``num_inference_steps`` with the scheduler's own spacing. Noise: the initial noise comes from one generator seeded
+    with ``seed``, drawn batch after batch, so every scheduler run at the same seed and batch size starts sample i
+    from the same x_T. The noise the steps draw comes from a second generator per batch: a stochastic scheduler never
+    shifts the initial noise of later batches, and schedulers that draw one normal sample of the image's shape per
+    step (DDPM, Analytic-DDPM, Euler ancestral) draw the same numbers at the same step. The variance half of a 2C
     (learned-variance) output reaches only schedulers configured to use it (``variance_type`` learned*).
     """
     device = torch.device(device)
@@ -39,26 +52,77 @@ def sample(
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     keep_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters and scheduler.config.get(
         "variance_type") in ("learned", "learned_range")
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
     generator = torch.Generator(device="cpu").manual_seed(seed)
     batch_size = batch_size or num_samples
-    if timesteps is not None:
-        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
-    else:
-        scheduler.set_timesteps(num_inference_steps, device=device)
+
+    def restart() -> None:  # every batch: multistep schedulers keep a step index and past outputs
+        if timesteps is not None:
+            apply_timesteps(scheduler, timesteps, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):  # start at step 0 even where the first timestep repeats (Karras
+            scheduler.set_begin_index(0)  # sigmas on a cosine schedule round to duplicate integer timesteps)
+
+    restart()
     out = []
     bar = tqdm(total=num_samples * len(scheduler.timesteps), desc="sampling", unit="step", disable=not progress, leave=False)
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
+        if start:
+            restart()
         x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
+        noise = {"generator": _step_generator(seed, start // batch_size)} if takes_generator else {}
         for t in scheduler.timesteps:
             model_output = unet(scheduler.scale_model_input(x, t), t).sample
             if not keep_variance:
                 model_output = split_learned_variance(model_output, x)[0]
-            x = scheduler.step(model_output, t, x, generator=generator, **step_kwargs).prev_sample
+            x = scheduler.step(model_output, t, x, **noise, **step_kwargs).prev_sample
             bar.update(n)
         out.append(x.clamp(-1, 1).float().cpu())
     bar.close()
     return torch.cat(out)
+
+
+def ranked_fd_rows(
+    unet,
+    samplers: Mapping[str, Any],
+    num_steps: int,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    reference: FrechetReference,
+    num_samples: int,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    on_samples: Callable[[str, torch.Tensor], None] | None = None,
+) -> list[dict]:
+    """Sample ``num_samples`` images with every :class:`~analytic_sampler.evaluation.baselines.Sampler` at K =
+    ``num_steps`` (its explicit trajectory, else its own spacing), all from the same initial noise, and rank them by
+    the Fréchet distance of their ``features`` to ``reference``.
+
+    One row per sampler: ``fd`` ± ``stderr`` (bootstrap), ``diff_to_best`` = its FD minus the lowest one, with the
+    paired bootstrap standard error ``diff_stderr`` (the same resampled indices for both rows, so the shared initial
+    noise cancels), ``best`` (the name of the lowest row), ``seconds`` and the ``timesteps`` it ran.
+    ``on_samples(name, images)`` sees each set of images."""
+    rows, feats = [], []
+    for name, sampler in samplers.items():
+        start = time.time()
+        images = sample(unet, sampler.scheduler, num_samples, None if sampler.timesteps else num_steps,
+                        sampler.timesteps, seed=seed, batch_size=batch_size, device=device, progress=False,
+                        **sampler.step_kwargs)
+        seconds = time.time() - start
+        if on_samples is not None:
+            on_samples(name, images)
+        feats.append(features(images).numpy())
+        ran = [int(t) if float(t).is_integer() else float(t) for t in sampler.scheduler.timesteps.tolist()]
+        rows.append({"K": num_steps, "method": name, "fd": reference.distance(feats[-1]), "num_samples": num_samples,
+                     "seconds": seconds, "timesteps": ran})
+    boot = bootstrap_distances(feats, reference, seed)
+    best = int(np.argmin([r["fd"] for r in rows]))
+    for i, row in enumerate(rows):
+        row.update(stderr=float(np.std(boot[:, i], ddof=1)), diff_to_best=row["fd"] - rows[best]["fd"],
+                   diff_stderr=float(np.std(boot[:, i] - boot[:, best], ddof=1)), best=rows[best]["method"])
+    return rows
 
 
 GRID_MIN_SIDE = 512  # pixels: small images (8x8 digits) are enlarged until the grid's longer side reaches this

@@ -156,7 +156,8 @@ def markdown(r: dict) -> str:
             "## (b) Scheduler overhead: full K-step loop with a tiny UNet (best of repeats)", "",
             "| K | batch | DDIMScheduler (s) | AnalyticDPMScheduler (s) | ratio |", "|---:|---:|---:|---:|---:|"]
     out += [f"| {x['K']} | {x['batch']} | {x['ddim_s']:.3f} | {x['analytic_s']:.3f} | {x['ratio']:.2f} |" for x in r["overhead"]]
-    out += ["", "Both times include set_timesteps; AnalyticDPMScheduler runs on its default even trajectory here.", "",
+    out += ["", "Both times include set_timesteps; both schedulers run the same timesteps (the config's trailing "
+            "spacing).", "",
             "## (c) Precompute budget: NLL (bits/dim) of Analytic-DDPM, digits-ddpm-linear", "",
             "| samples per timestep | " + " | ".join(f"{t}, {v} K={k}" for t, v in BUDGET_COLUMNS for k in r["budget_steps"])
             + " | table time (s) |",

@@ -471,6 +471,13 @@ def cmd_demo(args) -> None:
     print(line)
 
 
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--device`` (default cpu) and ``--threads``, as every command that runs the model takes them."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="analytic-sampler", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -482,9 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=None,
                    help="samples per method and K for FD-digits (default 2000)")
     p.add_argument("--full", action="store_true", help="the full-size run: K = 10 and 25, 2000 samples per method")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    _add_run_options(p)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_demo, parser=p)
 
@@ -563,9 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", default="analytic", choices=["analytic", "residual", "beta", "btilde", "learned"])
     p.add_argument("--num-images", type=_positive_int, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    _add_run_options(p)
     p.set_defaults(func=cmd_nll, parser=p)
 
     p = sub.add_parser("bench", help="NLL and sample quality against K for any model: bench.json, bench.md, plots")
@@ -584,9 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a Diffusers scheduler by class name to the sampler rows, built from the model's own "
                         "scheduler config (repeatable), e.g. --scheduler HeunDiscreteScheduler")
     p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    _add_run_options(p)
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=cmd_bench, parser=p)
 
@@ -601,9 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "package's trajectories (optimal: the likelihood DP), or samples: the sample-quality "
                         "trajectory of the table's sample cost")
     p.add_argument("--num-images", type=_positive_int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
-    p.add_argument("--threads", type=_positive_int, default=None, help=THREADS_HELP)
+    _add_run_options(p)
     p.add_argument("--out", default="samples.png", help="PNG file (its folder is created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_sample, parser=p)

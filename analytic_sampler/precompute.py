@@ -210,7 +210,7 @@ def precompute_sample_cost(
     Returns:
         :class:`Precomputed`: the table with its sample cost, ``"estimated"`` or ``"unchanged"``.
     """
-    from .data import take_samples
+    from .data import iter_batches
     from .sample_trajectory import DEFAULT_CANDIDATES, DEFAULT_PATHS, candidate_timesteps, estimate_sample_cost
 
     folder = Path(out)
@@ -218,9 +218,9 @@ def precompute_sample_cost(
         raise ValueError(f"no variance table in {str(folder)!r} to add the sample cost to: estimate the table first "
                          "(precompute_table, or `analytic-sampler precompute` without --sample-cost-only).")
     table = VarianceTable.load(folder).check_schedule(scheduler_or_alphas_cumprod).check_model(model, force_table)
-    wanted = num_paths or DEFAULT_PATHS
-    count = len(data) if hasattr(data, "__len__") else wanted
-    x0 = take_samples(data, min(wanted, count))
+    x0 = next(iter_batches(data, num_paths or DEFAULT_PATHS), None)  # one path per image, as many as there are
+    if x0 is None:
+        raise ValueError("data holds no images to draw the sample cost's forward paths from.")
     grid = candidate_timesteps(table.num_train_timesteps, candidates or DEFAULT_CANDIDATES)
     settings = {"num_paths": int(x0.shape[0]), "candidates": int(grid.size), "seed": int(kwargs.get("seed", 0)),
                 "batch_size": int(kwargs.get("batch_size", 256)),

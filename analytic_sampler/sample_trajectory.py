@@ -120,7 +120,7 @@ class SampleTrajectoryDP:
                              "estimate the sample cost on a finer grid (more candidates) for more steps.")
         self.max_steps, self.sigma_min = int(max_steps), sigma_min
         self.intervals = cost.interval_costs(self.abar, sigma_min)
-        total, self._argmin = solve_dense(torch.from_numpy(np.ascontiguousarray(self.intervals.T)), self.max_steps + 1)
+        total, self._argmin = solve_dense(torch.from_numpy(self.intervals.T.copy()), self.max_steps + 1)
         self._total, self._argmin = total.numpy(), self._argmin.numpy()
 
     def path(self, num_steps: int) -> list[int]:
@@ -246,12 +246,13 @@ def estimate_sample_cost(
         paths = x0[start : start + group]
         generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
         states = _forward_path(paths, abar_grid, generator).flatten(0, 1)  # (P G, C, H, W), path-major
-        t_all = torch.from_numpy(np.tile(grid, paths.shape[0]))
+        index_all = torch.arange(g).repeat(paths.shape[0])  # grid index of each state, path-major
+        t_all = torch.from_numpy(grid)[index_all]
         x0_hat = []
         for lo in range(0, states.shape[0], batch_size):
             x_t = states[lo : lo + batch_size].to(device=device, dtype=torch.float32)
             t = t_all[lo : lo + batch_size].to(device)
-            index = torch.from_numpy(np.tile(np.arange(g), paths.shape[0])[lo : lo + batch_size]).to(device)
+            index = index_all[lo : lo + batch_size].to(device)
             shape = (-1,) + (1,) * (x_t.ndim - 1)
             a, b = roots[0, index].view(shape).float(), roots[1, index].view(shape).float()
             pred, _ = to_x0_and_eps(adapter(x_t.to(input_dtype), t).float(), x_t, a, b, "epsilon")

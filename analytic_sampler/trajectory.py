@@ -116,12 +116,13 @@ def _solve_dense(snr: torch.Tensor, m: torch.Tensor, max_steps: int) -> tuple[to
 
 
 def solve_dense(jt: torch.Tensor, max_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact DP on any additive cost, ``jt[t, s] = J(s, t)`` for ``s < t`` on ``n`` points (float64; entries with
-    ``s >= t`` are ignored): ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` with ``C_1 = 0`` at point 0 only,
+    """Exact DP on any additive cost, ``jt[t, s] = J(s, t)`` for ``s < t`` on ``n`` points (float64; the entries with
+    ``s >= t`` are overwritten with inf, in place, so no second n x n matrix is allocated):
+    ``C_k[t] = min_{k-2 <= s < t} C_{k-1}[s] + J(s, t)`` with ``C_1 = 0`` at point 0 only,
     so ``C_k[t]`` is the cheapest path of k points from 0 to t. O(K n^2) time, in row blocks that stay in cache.
     Returns ``(C, argmin)``, each ``(max_steps + 1, n)``."""
     n = jt.shape[0]
-    jt = jt.masked_fill(torch.ones(n, n, dtype=torch.bool, device=jt.device).triu_(), float("inf"))
+    jt.masked_fill_(torch.ones(n, n, dtype=torch.bool, device=jt.device).triu_(), float("inf"))
     cost = torch.full((max_steps + 1, n), float("inf"), dtype=torch.float64, device=jt.device)
     arg = torch.zeros((max_steps + 1, n), dtype=torch.int64, device=jt.device)
     cost[1, 0] = 0.0

@@ -200,7 +200,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_diffusers(argv):
 def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
     """precompute's second pass stores the sample cost (its model calls stated); trajectory --for samples prints the
     DP's trajectory, which runs on DPM-Solver++ as custom timesteps; a table without it names the command."""
-    from diffusers import DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     from analytic_sampler.sample_trajectory import sample_quality_trajectory
 
@@ -217,6 +217,21 @@ def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
     table = VarianceTable.load(table_dir)
     assert table.path_samples == 8 and table.provenance["sample_cost"]["model_calls"] == 160
     assert table.counts.tolist() == [4] * 50  # the moments are kept
+    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--sample-cost-only",
+          "--candidates", "20"])
+    assert "already holds the sample cost of these settings; nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"already holds a sample cost of other settings \(candidates: 20 in the "
+                                         r"table, 30 now; model_calls: 160 in the table, 240 now\); pass overwrite"):
+        main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
+              "--sample-cost-only", "--candidates", "30"])
+    assert VarianceTable.load(table_dir).path_timesteps.size == 20  # refused: nothing written
+    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--sample-cost-only",
+          "--candidates", "30", "--overwrite"])
+    assert VarianceTable.load(table_dir).provenance["sample_cost"]["candidates"] == 30
+    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--sample-cost-only",
+          "--candidates", "20", "--overwrite"])
+    assert not (model_dir / "table.partial").exists()  # the checkpoint is removed after the write
+    capsys.readouterr()
     main(["trajectory", "--table", str(table_dir), "--for", "samples", "--steps", "4", "6", "--json",
           str(model_dir / "s.json")])
     printed = capsys.readouterr().out
@@ -226,6 +241,18 @@ def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
     scheduler = DPMSolverMultistepScheduler(num_train_timesteps=50)
     scheduler.set_timesteps(timesteps=report["6"]["timesteps"])
     assert scheduler.timesteps.tolist() == report["6"]["timesteps"]
+    grid = model_dir / "samples.png"
+    main(["sample", model, "--table", str(table_dir), "--steps", "4", "--trajectory", "samples", "--num-images", "2",
+          "--out", str(grid)])
+    assert f"trajectory: {sample_quality_trajectory(table, 4)}" in capsys.readouterr().out and grid.is_file()
+    main(["sample", model, "--table", str(table_dir), "--steps", "4", "--num-images", "2", "--out", str(grid),
+          "--overwrite"])
+    trailing = DDIMScheduler(num_train_timesteps=50, timestep_spacing="trailing")
+    trailing.set_timesteps(4)
+    assert f"trajectory: {trailing.timesteps.tolist()}" in capsys.readouterr().out  # the default spacing
+    with pytest.raises(SystemExit):
+        main(["precompute", model, "--data", str(model_dir / "images.pt"), "--paths", "-1"])
+    assert "argument --paths: '-1' is not a non-negative integer; pass 0 or more" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no variance table in .* to add the sample cost to"):
         main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(model_dir / "empty"),
               "--sample-cost-only"])

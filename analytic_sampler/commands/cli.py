@@ -30,6 +30,13 @@ FORCE_TABLE_HELP = ("use the table even where it was estimated for another model
 DATA_FORMS = "use digits:train, digits:heldout, a .pt/.npy file of images in [-1, 1] or an image folder"
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer; pass 0 or more.")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:
@@ -521,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: the same noise on every device; model: drawn on the GPU (faster; same table only on "
                         "the same kind of GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
-    p.add_argument("--paths", type=int, default=64, metavar="N",
+    p.add_argument("--paths", type=_non_negative_int, default=64, metavar="N",
                    help="second pass: N forward paths (one per image, at most as many as --data holds) for the sample "
                         "cost of `trajectory --for samples`, N x candidates model calls (default 64; 0 skips it)")
     p.add_argument("--candidates", type=_positive_int, default=250,

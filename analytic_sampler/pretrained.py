@@ -91,12 +91,18 @@ def _hub_error(repo_id: str, err: OSError) -> ValueError:
     )
 
 
-def _loading_options() -> dict:
+def _loading_options(source: str) -> dict:
     """Diffusers' loading options: without accelerate, the plain load that Diffusers would fall back to anyway
-    (asked for, it skips the warning that accelerate is missing)."""
+    (asked for, it skips the warning that accelerate is missing); a Hub repo from the cache only where the Hub cannot
+    be reached (:func:`~analytic_sampler.hub.hub_unreachable`: no retries with back-off)."""
     import importlib.util
 
-    return {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    from .hub import hub_unreachable
+
+    options = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    if not os.path.isdir(source) and hub_unreachable():
+        options["local_files_only"] = True
+    return options
 
 
 def _refuse_conditional_unet(name: str | os.PathLike, source: str) -> None:
@@ -154,9 +160,11 @@ def load_pretrained(
     from .table import VarianceTable
 
     try:
+        options = _loading_options(source)
         unet = UNet2DModel.from_pretrained(source, subfolder="unet", revision=revision, torch_dtype=torch_dtype,
-                                           **_loading_options()).eval()
-        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+                                           **options).eval()
+        scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision,
+                                                  local_files_only=options.get("local_files_only", False))
     except OSError as err:
         if os.path.isdir(source):
             raise
@@ -184,8 +192,10 @@ def _model_index(source: str, revision: str | None) -> dict | None:
     else:
         from huggingface_hub import hf_hub_download
 
+        from .hub import hub_unreachable
+
         try:
-            path = hf_hub_download(source, "model_index.json", revision=revision)
+            path = hf_hub_download(source, "model_index.json", revision=revision, local_files_only=hub_unreachable())
         except (OSError, ValueError):  # no index (a bare UNet repo), offline or unreachable: load_pretrained reports it
             return None
     with open(path) as f:
@@ -205,7 +215,7 @@ def load_pipeline(source: str, revision: str | None = None, torch_dtype=None):
 
     try:
         pipe = DiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype,
-                                                 **_loading_options())
+                                                 **_loading_options(source))
     except OSError as err:
         if os.path.isdir(source):
             raise

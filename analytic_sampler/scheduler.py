@@ -38,7 +38,6 @@ from .diffusers_config import explicit_keys, ignored_options, with_source_spacin
 from .predictions import check_prediction_type, clip_x0, dynamic_threshold, split_learned_variance, to_x0_and_eps
 from .schedule import (
     SPACINGS,
-    ZERO_SNR_FLOOR,
     alphas_cumprod_from_config,
     betas_from_alphas_cumprod,
     betas_from_config,
@@ -585,12 +584,12 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         _adopt_table_settings(table, scheduler_config, kwargs)
         if kwargs.get("variance") == "residual" and not table.has_x0_mse:
             table.require_x0_mse()
-        ms_x0 = table.provenance.get("channel_ms_x0")  # the data's mean square per channel (tables of this version)
+        ms_x0 = table.channel_ms_x0  # the data's mean square per channel (tables of this version)
         per_channel = ms_x0 is not None and table.num_channels == len(ms_x0)
         taken = {"ms_eps": table.ms_eps, "x0_mse": table.x0_mse if table.has_x0_mse else None,
                  "channel_ms_eps": table.channel_ms_eps, "channel_x0_mse": table.channel_x0_mse,
-                 "channel_ms_x0": ms_x0 if per_channel else None,
-                 "ms_x0": float(np.mean(ms_x0)) if ms_x0 is not None and not per_channel else None}
+                 "channel_ms_x0": ms_x0.tolist() if per_channel else None,
+                 "ms_x0": table.ms_x0 if not per_channel else None}
         for name, value in taken.items():
             if value is not None:
                 kwargs.setdefault(name, value)
@@ -706,7 +705,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         """The DP's path (residual cost with ``x0_mse``, else the paper's); one solve serves every K up to the
         largest asked for (the config's table is fixed)."""
         if self._dp is None or self._dp.max_steps < num_steps:
-            self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps, x0_mse=self.x0_mse)
+            self._dp = TrajectoryDP(self.alphas_cumprod_64, self.ms_eps, num_steps, x0_mse=self.x0_mse,
+                                    data_range=self.config.data_range, ms_x0=self.ms_x0)
         return self._dp.path(num_steps)
 
     def step_coefficients(self, eta: float) -> StepCoefficients:
@@ -741,18 +741,8 @@ class AnalyticDPMScheduler(SchedulerMixin, ConfigMixin):
         moments = np.atleast_2d(moments)  # (C', N)
         if self.config.variance == "residual":
             return residual_variance(self.alphas_cumprod_64, moments, prev_t, t, eta)
-        data_range = self.config.data_range
-        blind = t[self.alphas_cumprod_64[t] <= ZERO_SNR_FLOOR]
-        if blind.size and data_range is None and ms_x0 is None:
-            abar = self.alphas_cumprod_64[blind[0]]
-            raise ValueError(
-                f"the step from t={int(blind[0])} (abar = {abar:.2g}: x_t says nothing about x0) needs a bound on the "
-                "data's variance, and this latent table has none: re-estimate the table "
-                "with this version (it records the data's second moment, channel_ms_x0), pass ms_x0= (and "
-                "channel_ms_x0= with per_channel), or use variance='residual' or a trajectory that starts lower."
-            )
         ms_x0 = None if ms_x0 is None else np.asarray(ms_x0, dtype=np.float64)
-        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, data_range, ms_x0=ms_x0)
+        return analytic_variance(self.alphas_cumprod_64, moments, prev_t, t, eta, self.config.data_range, ms_x0=ms_x0)
 
     def _coefficients_for(self, eta: float, device: torch.device, dtype: torch.dtype) -> StepCoefficients:
         key = (eta, device, dtype)

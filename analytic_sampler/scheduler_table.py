@@ -29,6 +29,7 @@ import numpy as np
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
+from .hub import hub_unreachable
 from .table import REESTIMATE_HINT, validate_ms_eps
 
 TABLE_FILE = "analytic_table.json"
@@ -220,6 +221,7 @@ def read_scheduler_table(
         return SchedulerTable.read(path, sha256)
     if commit_hash is not None:
         hub_options["revision"] = commit_hash
+    hub_options["local_files_only"] = hub_options.get("local_files_only") or hub_unreachable()
     try:
         path = hf_hub_download(source, file_name, subfolder=subfolder, **hub_options)
     except (HFValidationError, EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as err:

@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .fingerprint import file_sha256
+from .hub import hub_unreachable
 from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
 # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays; 4 the metadata's copy in the
@@ -395,6 +396,20 @@ class VarianceTable:
         return None if value is None else float(value)
 
     @property
+    def channel_ms_x0(self) -> np.ndarray | None:
+        """The data's mean square per channel, ``E||x0_c||^2 / d_c`` (recorded by this version's estimates of channel
+        data), else ``None``."""
+        value = self.provenance.get("channel_ms_x0")
+        return None if value is None else np.asarray(value, dtype=np.float64)
+
+    @property
+    def ms_x0(self) -> float | None:
+        """The data's second moment ``E||x0||^2 / d`` (the mean of :attr:`channel_ms_x0`), which bounds the posterior
+        variance of x0 where no data range does; ``None`` when the table does not record it."""
+        channel = self.channel_ms_x0
+        return None if channel is None else float(channel.mean())
+
+    @property
     def has_x0_mse(self) -> bool:
         """Whether ``x0_mse`` was estimated at every estimated timestep (tables of format 2 and later)."""
         return bool(np.isfinite(self.x0_mse[self.estimated]).all()) and bool(self.estimated.any())
@@ -696,7 +711,8 @@ class VarianceTable:
 
 def _download(repo_id: str, filename: str, subfolder, revision, cache_dir) -> str:
     try:
-        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
+        return hf_hub_download(repo_id, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                               local_files_only=hub_unreachable())
     except HFValidationError as err:
         raise ValueError(
             f"{repo_id!r} is neither a local folder nor a valid Hub repo id; pass the folder that holds "

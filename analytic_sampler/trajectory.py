@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from scipy.optimize import isotonic_regression
 
-from .schedule import as_alphas_cumprod, check_num_steps, signal_to_noise, spaced_timesteps
+from .schedule import ZERO_SNR_FLOOR, as_alphas_cumprod, check_num_steps, signal_to_noise, spaced_timesteps
 from .table import validate_ms_eps
+from .variance import DataRange, check_zero_snr_bound, covariance_upper_bound
 
 _BLOCK = 256  # rows of the cost matrix per block in the exact O(K N^2) DP: a 256 x N float64 slab stays in cache
 
@@ -72,9 +73,17 @@ def validate_timesteps(timesteps: Sequence[int], num_train_timesteps: int, min_s
     return ts
 
 
-def posterior_variance(alphas_cumprod, ms_eps) -> np.ndarray:
-    """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])``, at least 0: the x0 error a perfect network would make."""
-    return np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / signal_to_noise(alphas_cumprod)
+def posterior_variance(alphas_cumprod, ms_eps, data_range: DataRange = (-1.0, 1.0), ms_x0=None) -> np.ndarray:
+    """``c[t] = (bb[t] / abar[t]) (1 - ms_eps[t])``, at least 0: the x0 error a perfect network would make. Where
+    ``abar[t] <= 2^-24`` (x_t says nothing about x0) it is the prior's bound, as in the scheduler's variance
+    (:func:`~analytic_sampler.variance.analytic_covariance`): the data range's or the second moment's, else refused."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    c = np.maximum(1.0 - np.asarray(ms_eps, dtype=np.float64), 0.0) / signal_to_noise(abar)
+    blind = np.flatnonzero((abar <= ZERO_SNR_FLOOR) & np.isfinite(c))
+    if blind.size:
+        check_zero_snr_bound(abar, blind, data_range, ms_x0)
+        c[blind] = covariance_upper_bound(abar, blind, data_range, ms_x0)
+    return c
 
 
 def monotone_moment(alphas_cumprod, moment, stderr=None) -> np.ndarray:
@@ -205,6 +214,8 @@ class TrajectoryDP:
         device (`str` or `torch.device`, *optional*):
             Where the DP runs: on a CPU a monotone moment takes the O(K N log N) solver, otherwise (a raw moment, or
             a GPU, where the dense DP is one batched kernel per block) the dense O(K N^2) one.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`), ms_x0 (`float`, *optional*):
+            For the paper's cost only: the bounds of ``c`` at a zero-SNR timestep (:func:`posterior_variance`).
     """
 
     def __init__(
@@ -216,6 +227,8 @@ class TrajectoryDP:
         stderr=None,
         monotone: bool = True,
         device: str | torch.device | None = None,
+        data_range: DataRange = (-1.0, 1.0),
+        ms_x0: float | None = None,
     ):
         self.abar = as_alphas_cumprod(alphas_cumprod)
         n = self.abar.size
@@ -231,7 +244,7 @@ class TrajectoryDP:
                 "re-estimate it with `analytic-sampler precompute` or estimate_moments.",
                 stacklevel=2,
             )
-            raw = posterior_variance(self.abar, validate_ms_eps(ms_eps, n, needed=[]))
+            raw = posterior_variance(self.abar, validate_ms_eps(ms_eps, n, needed=[]), data_range, ms_x0)
             stderr = None if stderr is None else stderr / signal_to_noise(self.abar)  # the stderr of c
         else:
             raw = validate_ms_eps(x0_mse, n, needed=[], name="x0_mse")
@@ -274,7 +287,9 @@ class TrajectoryDP:
         return float(self._cost[num_steps, self.visited.size - 1])
 
 
-def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> list[int]:
+def optimal_trajectory(
+    alphas_cumprod, ms_eps, num_steps: int, x0_mse=None, data_range: DataRange = (-1.0, 1.0), ms_x0=None
+) -> list[int]:
     """The K-step trajectory minimising the residual bound (``x0_mse`` given) or Analytic-DPM's (``ms_eps`` only),
     descending N-1 … 0 (:class:`TrajectoryDP`, which serves every K up to its ``max_steps`` from one pass).
 
@@ -287,5 +302,8 @@ def optimal_trajectory(alphas_cumprod, ms_eps, num_steps: int, x0_mse=None) -> l
             K, from 2 to N.
         x0_mse (`np.ndarray`, *optional*):
             The table's ``x0_mse``: the residual cost, the bound the network really achieves.
+        data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`), ms_x0 (`float`, *optional*):
+            The paper's cost only: the bounds of ``c`` at a zero-SNR timestep, as in :class:`TrajectoryDP`.
     """
-    return TrajectoryDP(alphas_cumprod, ms_eps, num_steps, x0_mse=x0_mse).path(num_steps)
+    dp = TrajectoryDP(alphas_cumprod, ms_eps, num_steps, x0_mse=x0_mse, data_range=data_range, ms_x0=ms_x0)
+    return dp.path(num_steps)

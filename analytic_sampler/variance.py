@@ -96,6 +96,23 @@ def covariance_upper_bound(alphas_cumprod, t, data_range: DataRange = (-1.0, 1.0
     return upper
 
 
+def check_zero_snr_bound(alphas_cumprod, t, data_range: DataRange, ms_x0=None) -> None:
+    """Refuse a step from a zero-SNR timestep (``abar[t] <= 2^-24``) that neither a data range nor the data's second
+    moment bounds: there ``c[t]`` is the prior's bound, and without one it is ``bb/abar`` (> 1.7e7), a variance that
+    no sampler or likelihood bound should silently use."""
+    t = np.atleast_1d(np.asarray(t, dtype=np.int64))
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    blind = t[abar[t] <= ZERO_SNR_FLOOR]
+    if blind.size and data_range is None and ms_x0 is None:
+        first = int(blind.max())
+        raise ValueError(
+            f"the step from t={first} (abar = {abar[first]:.2g}: x_t says nothing about x0) needs a bound on the "
+            "data's variance, and neither a data range nor the data's second moment is known: pass ms_x0= "
+            "(E||x0||^2 / d of the data, or channel_ms_x0= per channel; tables estimated with this version record "
+            f"it: table.ms_x0) or a data_range, use variance='residual', or start the trajectory below t={first}."
+        )
+
+
 def analytic_covariance(
     alphas_cumprod, ms_eps, t, data_range: DataRange = (-1.0, 1.0), floor: float = 0.0, ms_x0=None
 ) -> np.ndarray:
@@ -104,6 +121,7 @@ def analytic_covariance(
     a leading channel axis for ``ms_eps`` of shape ``(C, N)``."""
     t = np.asarray(t, dtype=np.int64)
     a_t = np.asarray(alphas_cumprod, dtype=np.float64)[t]
+    check_zero_snr_bound(alphas_cumprod, t, data_range, ms_x0)
     ms = np.asarray(ms_eps, dtype=np.float64)[..., t]
     upper = covariance_upper_bound(alphas_cumprod, t, data_range, ms_x0)
     c = np.clip((1.0 - a_t) / a_t * (1.0 - ms), floor, upper)

@@ -179,10 +179,10 @@ def test_bench_scores_an_adapter_in_its_nll_rows(tmp_path):
     assert result["sample_quality"]["skipped"].startswith("sample quality skipped: the NLL rows score the eps_model")
     row = next(r for r in result["nll"] if r["trajectory"] == "even" and r["variance"] == "analytic")
     table = VarianceTable.load(tmp_path / "out" / "table")
-    expected = nll_bpd_many(shifted, images[:8], scheduler, row["timesteps"], ["analytic"], ms_eps=table.ms_eps,
-                            batch_size=64, progress=False)["analytic"]
-    bare = nll_bpd_many(model.unet, images[:8], scheduler, row["timesteps"], ["analytic"], ms_eps=table.ms_eps,
-                        batch_size=64, progress=False)["analytic"]
+    same = dict(ms_eps=table.ms_eps, ms_x0=table.ms_x0, batch_size=64, progress=False)  # the table's bound, as bench
+    assert table.ms_x0 is not None
+    expected = nll_bpd_many(shifted, images[:8], scheduler, row["timesteps"], ["analytic"], **same)["analytic"]
+    bare = nll_bpd_many(model.unet, images[:8], scheduler, row["timesteps"], ["analytic"], **same)["analytic"]
     assert row["bpd"] == expected.mean != bare.mean
     assert not (tmp_path / "out" / "table.partial").exists()
 def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):

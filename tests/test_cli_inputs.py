@@ -4,6 +4,7 @@ files in them, broken or differently coloured images. Each gets a message that n
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from diffusers import DDPMScheduler
 from huggingface_hub import constants
 from PIL import Image
 
+from analytic_sampler import hub
 from analytic_sampler.commands.cli import main
 from analytic_sampler.data import iter_batches
 
@@ -51,6 +53,40 @@ def test_a_table_name_that_is_neither_local_nor_on_the_hub_says_both(model, tmp_
     with pytest.raises(SystemExit, match=r"--table 'tables/nope' is no local folder \(looked in .*tables/nope; write "
                        r"./tables/nope to mean one\) and did not load as a Hub repo id: could not get"):
         main(["trajectory", "--table", "tables/nope"])
+
+
+@pytest.mark.parametrize("argv", [["trajectory", "--table", "tables/nope"], ["sample", "models/nope", "--steps", "3"]])
+def test_an_unreachable_hub_fails_at_once_without_retries(tmp_path, monkeypatch, capsys, argv):
+    """Online mode, but the Hub's host refuses connections (a closed local port stands in for no network): the name
+    is looked up in the cache only, so the error comes at once, not after huggingface_hub's 25 s of retries."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    hub._reachable.cache_clear()
+    started = time.perf_counter()
+    with pytest.raises(SystemExit, match=f"looked in {tmp_path}/{argv[1] if argv[0] == 'sample' else argv[2]}"):
+        main(argv)
+    assert time.perf_counter() - started < 5
+    assert "Retrying" not in capsys.readouterr().err
+    hub._reachable.cache_clear()
+
+
+def test_the_hub_probe_trusts_a_proxy(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    hub._reachable.cache_clear()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert not hub.hub_unreachable()  # behind a proxy no direct connection is tried
+    monkeypatch.delenv("HTTPS_PROXY")
+    for name in ("https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert hub.hub_unreachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub.hub_unreachable()
+    hub._reachable.cache_clear()
 
 
 def test_stray_files_in_a_data_folder_are_skipped_with_one_warning(model, tmp_path):

@@ -133,7 +133,7 @@ def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_si
                 results = nll_bpd_many(eps_model or model.unet, heldout, model.scheduler, ts, variances,
                                        ms_eps=table.ms_eps,
                                        x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
-                                       progress=False)
+                                       progress=False, ms_x0=table.ms_x0)
                 done[tuple(ts)] = results, time.time() - t0
             results, seconds = done[tuple(ts)]
             rows += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,

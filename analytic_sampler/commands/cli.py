@@ -310,7 +310,8 @@ def cmd_trajectory(args) -> None:
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the paper's DP is shown on purpose, beside the residual one
-        paths = {"even": lambda k: even_trajectory(n, k), "paper DP": TrajectoryDP(abar, table.ms_eps, k_max).path}
+        paper = TrajectoryDP(abar, table.ms_eps, k_max, data_range=table.data_range, ms_x0=table.ms_x0)
+        paths = {"even": lambda k: even_trajectory(n, k), "paper DP": paper.path}
     samples = int(np.median(table.counts[table.estimated])) if table.estimated.any() else 0
     print(f"table: {int(table.estimated.sum())} of {n} timesteps estimated, {samples} samples per timestep")
     if not table.has_x0_mse:
@@ -323,7 +324,7 @@ def cmd_trajectory(args) -> None:
 
     def predict(path, variance):
         return predicted_transitions_bpd(abar, path, table.x0_mse, table.x0_mse_stderr, variance, table.ms_eps,
-                                         table.data_range)
+                                         table.data_range, table.ms_x0)
 
     print("predicted bits/dim of the K-1 transitions (prior and decoder terms, the same for every trajectory here, "
           "left out), residual variance | analytic variance, ± the table's standard error. Every trajectory here ends "
@@ -405,7 +406,8 @@ def cmd_nll(args) -> None:
         table.require_x0_mse()
     r = nll_bpd(model.unet, data, model.scheduler, timesteps, args.variance,
                 ms_eps=None if table is None else table.ms_eps, x0_mse=None if table is None else table.x0_mse,
-                batch_size=args.batch_size, seed=args.seed, device=args.device)
+                batch_size=args.batch_size, seed=args.seed, device=args.device,
+                ms_x0=None if table is None else table.ms_x0)
     print(f"{r.mean:.4f} ± {r.stderr:.4f} bits/dim ({args.variance} variance, K={len(timesteps)}, "
           f"{r.num_samples} images, seed {args.seed}; prior {r.prior:.4f} + transitions {r.transitions:.4f} + "
           f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}\nthis trajectory ends at t_1 = {timesteps[-1]}: bits/dim "

@@ -86,10 +86,10 @@ class NLLResult:
     variance: str = ""
 
 
-def _fixed_variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None):
+def _fixed_variances(kind: str, abar, s, t, data_range, ms_eps=None, x0_mse=None, ms_x0=None):
     """sigma^2 on the pairs ``(s, t)`` of a fixed (not learned) variance, float64 numpy."""
     if kind == "analytic":
-        return analytic_variance(abar, ms_eps, s, t, 1.0, data_range)
+        return analytic_variance(abar, ms_eps, s, t, 1.0, data_range, ms_x0=ms_x0)
     if kind == "residual":
         return residual_variance(abar, x0_mse, s, t, 1.0)
     return ddpm_variance(abar, s, t, kind)
@@ -122,6 +122,7 @@ def nll_bpd(
     clip_denoised: bool = True,
     table=None,
     force_table: bool = False,
+    ms_x0=None,
 ) -> NLLResult:
     """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first ``num_samples``
     images): ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
@@ -175,6 +176,10 @@ def nll_bpd(
             and against the model (:meth:`~analytic_sampler.VarianceTable.check_model`: channels, weights).
         force_table (`bool`, defaults to `False`):
             Use ``table`` even where it was estimated for another model.
+        ms_x0 (`float` or `np.ndarray`, *optional*):
+            The data's second moment ``E||x0||^2 / d`` (one per channel for a ``(C, N)`` table), which bounds the
+            analytic variance as in the scheduler; taken from ``table`` when it records it. A step from a zero-SNR
+            timestep (``abar <= 2^-24``) without it or a data range is refused.
 
     Returns:
         :class:`NLLResult`: ``mean`` ± ``stderr`` in bits/dim over the images, with the prior, transition and decoder
@@ -202,6 +207,7 @@ def nll_bpd(
         batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
         decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
         prediction_type=prediction_type, clip_denoised=clip_denoised, table=table, force_table=force_table,
+        ms_x0=ms_x0,
     )[variance]
 
 
@@ -226,6 +232,7 @@ def nll_bpd_many(
     clip_denoised: bool = True,
     table=None,
     force_table: bool = False,
+    ms_x0=None,
 ) -> dict[str, NLLResult]:
     """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
     differences between the results are paired).
@@ -235,7 +242,7 @@ def nll_bpd_many(
             The variances to score, each one of :func:`nll_bpd`'s ``variance``.
         model, data, scheduler_or_alphas_cumprod, timesteps, ms_eps, x0_mse, decoder, batch_size, seed, data_range,
         bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised, table,
-        force_table:
+        force_table, ms_x0:
             As in :func:`nll_bpd`.
 
     Returns:
@@ -245,10 +252,11 @@ def nll_bpd_many(
     traj = validate_timesteps(timesteps, abar.size)
     if table is not None:
         ms_eps, x0_mse = _table_columns(table, model, abar, ms_eps, x0_mse, force_table)
+        ms_x0 = table.ms_x0 if ms_x0 is None else ms_x0
     ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, data_range, decoder_variance)
     adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type)
     device = torch.device(model_device(adapter) if device is None else device)
-    bound = _TrajectoryBound(abar, traj, variances, ms_eps, x0_mse, data_range, clip_denoised, decoder,
+    bound = _TrajectoryBound(abar, traj, variances, (ms_eps, x0_mse, ms_x0), data_range, clip_denoised, decoder,
                              decoder_variance, bin_width)
     totals = _Totals(list(variances), len(traj) - 1)
     with torch.inference_mode(), tqdm(desc=f"NLL K={len(traj)}", unit="img", disable=not progress,
@@ -306,11 +314,11 @@ def _first_images(data, batch_size: int, num_samples: int | None):
         yield x0
 
 
-def _decoder_variance(decoder_variance: str | float, abar: np.ndarray, t1: int, ms_eps, data_range):
+def _decoder_variance(decoder_variance: str | float, abar: np.ndarray, t1: int, ms_eps, data_range, ms_x0=None):
     """The decoder's variance at ``t_1``: ``"beta"`` ``1 - abar[t_1]``, ``"analytic"`` ``c[t_1]`` (per channel for a
     ``(C, N)`` table), or a fixed value."""
     if decoder_variance == "analytic":
-        return analytic_covariance(abar, ms_eps, t1, data_range, floor=1e-20)
+        return analytic_covariance(abar, ms_eps, t1, data_range, floor=1e-20, ms_x0=ms_x0)
     if decoder_variance == "beta":
         return 1.0 - abar[t1]
     return float(decoder_variance)
@@ -320,15 +328,18 @@ class _TrajectoryBound:
     """The terms of the bound on one trajectory for a batch of images, each summed over dimensions (nats per image):
     the prior KL, one transition KL per pair and variance, and the decoder's log-likelihood."""
 
-    def __init__(self, abar, traj, variances, ms_eps, x0_mse, data_range, clip_denoised: bool, decoder: str,
+    def __init__(self, abar, traj, variances, moments, data_range, clip_denoised: bool, decoder: str,
                  decoder_variance, bin_width: float):
+        """``moments``: the table's ``(ms_eps, x0_mse, ms_x0)``, each ``None`` where not needed."""
+        ms_eps, x0_mse, ms_x0 = moments
         self.abar, self.names = abar, list(variances)
         self.t = np.asarray(traj, dtype=np.int64)
         self.s = np.append(self.t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
         s, t = self.s[:-1], self.t[:-1]
         # sigma^2 of each pair, shape (K-1,) or (C, K-1)
-        self.fixed = {v: _fixed_variances(v, abar, s, t, data_range, ms_eps, x0_mse) for v in variances if v != "learned"}
-        self.decoder_variance = _decoder_variance(decoder_variance, abar, self.t[-1], ms_eps, data_range)
+        self.fixed = {v: _fixed_variances(v, abar, s, t, data_range, ms_eps, x0_mse, ms_x0)
+                      for v in variances if v != "learned"}
+        self.decoder_variance = _decoder_variance(decoder_variance, abar, self.t[-1], ms_eps, data_range, ms_x0)
         self.decoder, self.bin_width, self.data_range = decoder, bin_width, data_range
         self.clip_range = data_range if clip_denoised else None
 
@@ -423,6 +434,7 @@ class _Totals:
 def predicted_transitions_bpd(
     alphas_cumprod, timesteps: Sequence[int], x0_mse, x0_mse_stderr=None, variance: str = "residual", ms_eps=None,
     data_range: tuple[float, float] | None = (-1.0, 1.0),
+    ms_x0: float | None = None,
 ) -> tuple[float, float]:
     """The transition part of the K-step bound (eta = 1) that a table predicts, in bits/dim, ± its standard error.
 
@@ -448,6 +460,8 @@ def predicted_transitions_bpd(
             The table's ``ms_eps``.
         data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
             The data's range, for the analytic variance's clip.
+        ms_x0 (`float`, *optional*):
+            The data's second moment, which bounds the analytic variance as in :func:`nll_bpd`.
 
     Returns:
         `tuple[float, float]`: the transitions' bits/dim and its standard error.
@@ -462,7 +476,7 @@ def predicted_transitions_bpd(
         ms_eps = validate_ms_eps(ms_eps, abar.size, needed=t)
     pair = pair_coefficients(abar, s, t, 1.0)
     lam2, coef2 = pair.lambda2, pair.coef**2
-    var = _fixed_variances(variance, abar, s, t, data_range, ms_eps, x0_mse)
+    var = _fixed_variances(variance, abar, s, t, data_range, ms_eps, x0_mse, ms_x0)
     kl = 0.5 * (np.log(var / lam2) + (lam2 + coef2 * x0_mse[t]) / var - 1.0)
     se = np.full(t.size, np.nan) if x0_mse_stderr is None else np.asarray(x0_mse_stderr, dtype=np.float64)[t]
     grad = 0.5 * coef2 / var  # d KL / d x0_mse[t] (for the residual variance the sigma^2 term has zero derivative)

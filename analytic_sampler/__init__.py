@@ -4,10 +4,12 @@ Estimate ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and ``x0_mse[t] = E||x0 - 
 (:func:`estimate_moments`), keep them in a :class:`VarianceTable`, and sample with the analytic (or residual)
 reverse variance on the even or optimal K-step trajectory through :class:`AnalyticDPMScheduler`.
 
-The package has four floors, each importing only those below it: the library (the modules of this folder), the
-evaluation (``analytic_sampler.evaluation``: bits/dim, Fréchet distance, baselines, sampling loop), the bundled
-digits world (``analytic_sampler.digits``) and the commands (``analytic_sampler.commands``). The names below are
-imported on first use, so that ``import analytic_sampler`` (and the command line's ``--help``) stays fast.
+The package has floors, each importing only those below it: the math and the table (the modules of this folder);
+the Monte Carlo passes (``analytic_sampler.estimation``) and the Diffusers schedulers
+(``analytic_sampler.schedulers``) beside each other; the evaluation (``analytic_sampler.evaluation``: bits/dim,
+Fréchet distance, the peers, the sampling loop); the bundled digits world (``analytic_sampler.digits``); the
+commands (``analytic_sampler.commands``). The names below are imported on first use, so that
+``import analytic_sampler`` (and the command line's ``--help``) stays fast.
 """
 
 from __future__ import annotations
@@ -21,20 +23,20 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 _EXPORTS = {
-    "AnalyticDPMScheduler": "scheduler",
+    "AnalyticDPMScheduler": "schedulers.analytic_dpm",
     "EpsilonAdapter": "adapter",
     "VarianceTable": "table",
-    "estimate_moments": "moments",
-    "precompute_table": "precompute",
+    "estimate_moments": "estimation.moments",
+    "precompute_table": "estimation.precompute",
+    "estimate_sample_cost": "estimation.sample_cost",
     "TrajectoryDP": "trajectory",
     "even_trajectory": "trajectory",
     "optimal_trajectory": "trajectory",
     "quadratic_trajectory": "trajectory",
     "SampleCost": "sample_trajectory",
     "SampleTrajectoryDP": "sample_trajectory",
-    "apply_timesteps": "sample_trajectory",
-    "estimate_sample_cost": "sample_trajectory",
     "sample_quality_trajectory": "sample_trajectory",
+    "apply_timesteps": "schedulers.timesteps",
     "analytic_variance": "variance",
     "residual_variance": "variance",
     "variance_bounds": "variance",
@@ -45,8 +47,6 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
 
 
 class _ImportedOnFirstUse(types.ModuleType):
@@ -63,20 +63,17 @@ class _ImportedOnFirstUse(types.ModuleType):
         return getattr(real, name)
 
 
-def _register_on_first_use(module_name: str) -> None:
-    """Put ``analytic_sampler.<module_name>`` into ``sys.modules`` without importing it yet. Diffusers resolves the
-    ``["analytic_sampler.scheduler", "AnalyticDPMScheduler"]`` entry of a saved pipeline's ``model_index.json`` from
-    ``sys.modules`` only: so after a plain ``import analytic_sampler`` such a pipeline loads, while torch and
-    diffusers are still imported only when used."""
-    name = f"{__name__}.{module_name}"
-    if name not in sys.modules:
-        spec = importlib.util.find_spec(name)
-        stand_in = _ImportedOnFirstUse(name)
-        stand_in.__spec__, stand_in.__file__, stand_in.__package__ = spec, spec.origin, __name__
-        sys.modules[name] = stand_in
-
-
-_register_on_first_use("scheduler")
+# Diffusers resolves the module a saved pipeline's model_index.json names for a component of another library from
+# sys.modules only (it never imports it): so that `import analytic_sampler` makes such pipelines loadable while torch
+# and diffusers are still imported only when used, the scheduler modules stand there until first used. This one
+# comment is their reason (tests/test_layers.py shows the failure without them).
+for _module in ("schedulers.analytic_dpm", "scheduler"):  # this version's path, and earlier versions' saves
+    _name = f"{__name__}.{_module}"
+    if _name not in sys.modules:
+        _spec = importlib.util.find_spec(_name)
+        _stand_in = _ImportedOnFirstUse(_name)
+        _stand_in.__spec__, _stand_in.__file__, _stand_in.__package__ = _spec, _spec.origin, _spec.parent
+        sys.modules[_name] = _stand_in
 
 
 def __getattr__(name: str):
@@ -93,17 +90,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .adapter import EpsilonAdapter  # noqa: F401
+    from .estimation.moments import estimate_moments  # noqa: F401
+    from .estimation.precompute import precompute_table  # noqa: F401
+    from .estimation.sample_cost import estimate_sample_cost  # noqa: F401
     from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd  # noqa: F401
-    from .moments import estimate_moments  # noqa: F401
-    from .precompute import precompute_table  # noqa: F401
-    from .sample_trajectory import (  # noqa: F401
-        SampleCost,
-        SampleTrajectoryDP,
-        apply_timesteps,
-        estimate_sample_cost,
-        sample_quality_trajectory,
-    )
-    from .scheduler import AnalyticDPMScheduler  # noqa: F401
+    from .sample_trajectory import SampleCost, SampleTrajectoryDP, sample_quality_trajectory  # noqa: F401
+    from .schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: F401
+    from .schedulers.timesteps import apply_timesteps  # noqa: F401
     from .table import VarianceTable  # noqa: F401
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401
     from .variance import analytic_variance, residual_variance, variance_bounds  # noqa: F401

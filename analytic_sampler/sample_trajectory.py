@@ -13,35 +13,27 @@ data units): detail finer than that is not counted, as Align Your Steps integrat
 ``t_1`` returns ``x0_hat(x_{t_1})``: its interval runs down to ``t = 0``.
 
 One pass of ``num_paths x G`` model calls on a grid of G candidate timesteps estimates the whole matrix ``S``
-(:func:`estimate_sample_cost`); it is stored with the variance table. ``D`` is additive over intervals but not Monge,
-so the trajectory comes from the dense O(K G^2) DP of :func:`analytic_sampler.trajectory.solve_dense`, exact on the
-grid: a K-step trajectory is a path of K + 1 grid points from ``N-1`` to ``0`` whose last point (t = 0) is not a model
-call. :func:`apply_timesteps` runs any trajectory on any Diffusers scheduler that can take one.
+(:func:`analytic_sampler.estimation.sample_cost.estimate_sample_cost`); it is stored with the variance table. ``D`` is
+additive over intervals but not Monge, so the trajectory comes from the dense O(K G^2) DP of
+:func:`analytic_sampler.trajectory.solve_dense`, exact on the grid: a K-step trajectory is a path of K + 1 grid points
+from ``N-1`` to ``0`` whose last point (t = 0) is not a model call.
+:func:`analytic_sampler.schedulers.timesteps.apply_timesteps` runs any trajectory on any Diffusers scheduler that can
+take one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .adapter import EpsilonAdapter
-from .data import check_range, take_samples
-from .predictions import to_x0_and_eps
-from .schedule import as_alphas_cumprod, schedule_fingerprint, signal_to_noise
+from .schedule import as_alphas_cumprod, signal_to_noise
 from .trajectory import solve_dense, validate_timesteps
 
 DEFAULT_CANDIDATES = 250  # grid points: a (250, 250) float64 matrix (0.5 MB) beside the table
 DEFAULT_PATHS = 64
 DEFAULT_SIGMA_MIN = 0.3
-CHECKPOINT_FORMAT = 1
 
 
 def candidate_timesteps(num_train_timesteps: int, count: int = DEFAULT_CANDIDATES) -> np.ndarray:
@@ -154,154 +146,3 @@ def sample_quality_trajectory(table, num_steps: int, sigma_min: float | None = D
     return SampleTrajectoryDP(table.alphas_cumprod, SampleCost.from_table(table), num_steps, sigma_min).path(num_steps)
 
 
-def _forward_path(x0: torch.Tensor, abar_grid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """``(P, G, ...)`` states of the forward chain on the grid: ``x_{g_j} = sqrt(r_j) x_{g_{j-1}} + sqrt(1-r_j) z_j``,
-    ``r_j = abar[g_j] / abar[g_{j-1}]`` (``abar[g_{-1}] = 1``), in float64."""
-    ratio = abar_grid / torch.cat([abar_grid.new_ones(1), abar_grid[:-1]])
-    noise = torch.randn((x0.shape[0], ratio.numel(), *x0.shape[1:]), generator=generator, dtype=torch.float64)
-    states, x = torch.empty_like(noise), x0.double()
-    for j, r in enumerate(ratio):
-        x = r.sqrt() * x + (1 - r).sqrt() * noise[:, j]
-        states[:, j] = x
-    return states
-
-
-def _load_checkpoint(path: str, run: dict[str, Any]) -> tuple[int, torch.Tensor] | None:
-    if not os.path.exists(path):
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        saved, done, gram = state["run"], int(state["paths_done"]), state["gram"]
-    except Exception as err:  # any unreadable or foreign file
-        raise ValueError(f"sample-cost checkpoint {path} is unreadable ({type(err).__name__}); delete it to start "
-                         "over.") from err
-    if state.get("format") != CHECKPOINT_FORMAT or saved != run:
-        raise ValueError(f"sample-cost checkpoint {path} belongs to a run with other settings; delete it to start "
-                         "over, or rerun with the same settings to resume.")
-    return done, gram
-
-
-def _save_checkpoint(path: str, run: dict[str, Any], done: int, gram: torch.Tensor) -> None:
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "run": run, "paths_done": done, "gram": gram}, tmp)
-    os.replace(tmp, path)
-
-
-@torch.inference_mode()
-def estimate_sample_cost(
-    model,
-    data,
-    scheduler_or_alphas_cumprod,
-    num_paths: int = DEFAULT_PATHS,
-    candidates: int | None = DEFAULT_CANDIDATES,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    data_range: tuple[float, float] | None = (-1.0, 1.0),
-    prediction_type: str | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> SampleCost:
-    """Estimate ``S`` on the grid from ``num_paths`` forward paths of the first ``num_paths`` images of ``data``:
-    ``num_paths x G`` model calls (G = ``candidates`` grid points, default 250; ``None``: every timestep).
-
-    Args:
-        model: a Diffusers UNet, an :class:`EpsilonAdapter` (for conditioning) or a callable ``model(x, t)``.
-        data_range: ``x0_hat`` is clipped to it, as the samplers and the table's ``x0_mse`` clip (``None``: no clip).
-        checkpoint: a file where the running sums are kept after every group of paths; a rerun with the same settings
-            resumes from it.
-    """
-    abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
-    if num_paths < 1:
-        raise ValueError(f"num_paths={num_paths} must be at least 1.")
-    grid = candidate_timesteps(abar.size, candidates or abar.size)
-    options = {}
-    if not isinstance(model, EpsilonAdapter):
-        config = getattr(scheduler_or_alphas_cumprod, "config", scheduler_or_alphas_cumprod)
-        options["prediction_type"] = prediction_type or (
-            config.get("prediction_type") if isinstance(config, Mapping) else None) or "epsilon"
-    adapter = EpsilonAdapter.wrap(model, abar, **options)
-    module, input_dtype = adapter.model, torch.float32
-    if isinstance(module, torch.nn.Module):
-        weight = next(module.parameters(), torch.empty(0))
-        device = weight.device if device is None else device
-        if weight.dtype in (torch.float16, torch.bfloat16):  # half weights take inputs of their dtype
-            input_dtype = weight.dtype
-        module.to(device).eval()
-    device = torch.device(device or "cpu")
-    x0 = take_samples(data, num_paths).double()
-    check_range(x0, data_range)
-    g, dim = grid.size, x0[0].numel()
-    run = {"schedule": schedule_fingerprint(abar), "grid": g, "num_paths": num_paths, "seed": seed,
-           "batch_size": batch_size, "data": hashlib.sha256(x0.numpy().tobytes()).hexdigest()[:16],
-           "prediction_type": adapter.prediction_type}
-    resumed = None if checkpoint is None else _load_checkpoint(os.fspath(checkpoint), run)
-    done, gram = resumed or (0, torch.zeros(g, g, dtype=torch.float64))
-    abar_grid = torch.from_numpy(abar[grid])
-    roots = torch.stack([abar_grid.sqrt(), (1 - abar_grid).sqrt()]).to(device)
-    group = max(1, batch_size // g)  # paths whose G model calls go through the model together
-    bar = tqdm(total=num_paths, initial=done, desc="sample cost (paths)", unit="path", disable=not progress)
-    for start in range(done, num_paths, group):
-        paths = x0[start : start + group]
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, start]).generate_state(1)[0]))
-        states = _forward_path(paths, abar_grid, generator).flatten(0, 1)  # (P G, C, H, W), path-major
-        index_all = torch.arange(g).repeat(paths.shape[0])  # grid index of each state, path-major
-        t_all = torch.from_numpy(grid)[index_all]
-        x0_hat = []
-        for lo in range(0, states.shape[0], batch_size):
-            x_t = states[lo : lo + batch_size].to(device=device, dtype=torch.float32)
-            t = t_all[lo : lo + batch_size].to(device)
-            index = index_all[lo : lo + batch_size].to(device)
-            shape = (-1,) + (1,) * (x_t.ndim - 1)
-            a, b = roots[0, index].view(shape).float(), roots[1, index].view(shape).float()
-            pred, _ = to_x0_and_eps(adapter(x_t.to(input_dtype), t).float(), x_t, a, b, "epsilon")
-            x0_hat.append((pred if data_range is None else pred.clamp(*data_range)).double().cpu())
-        flat = torch.cat(x0_hat).view(paths.shape[0], g, dim)
-        if not torch.isfinite(flat).all():
-            raise ValueError("the model returned NaN/inf on the forward paths; check the weights and the dtype.")
-        gram += torch.einsum("pgd,phd->gh", flat, flat)
-        done = min(start + group, num_paths)
-        if checkpoint is not None:
-            _save_checkpoint(os.fspath(checkpoint), run, done, gram)
-        bar.update(done - bar.n)
-    bar.close()
-    gram /= num_paths * dim
-    square = torch.diagonal(gram)
-    msd = (square[:, None] + square[None, :] - 2 * gram).clamp_(min=0.0)
-    msd.fill_diagonal_(0.0)
-    return SampleCost(grid, msd.numpy(), num_paths)
-
-
-def apply_timesteps(scheduler, timesteps, device: str | torch.device | None = None) -> None:
-    """``scheduler.set_timesteps(timesteps=...)`` for any Diffusers scheduler that can run a custom trajectory.
-
-    Schedulers whose ``set_timesteps`` takes ``timesteps`` (AnalyticDPMScheduler, DDPM, DPM-Solver multistep and
-    singlestep, Euler, Heun, LCM) get it directly. UniPCMultistepScheduler (no ``timesteps`` argument in diffusers
-    0.42) gets the trajectory and its noise levels the way its own spacings set them (``sigma`` interpolated at each
-    timestep, then the final one). Any other (DDIMScheduler, whose step assumes even spacing; PNDM; Euler ancestral)
-    is refused with the alternatives.
-    """
-    ts = validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
-    if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
-        scheduler.set_timesteps(timesteps=ts, device=device)
-        return
-    if type(scheduler).__name__ == "UniPCMultistepScheduler":
-        special = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas")
-                   if scheduler.config.get(k)]
-        if special:
-            raise ValueError(f"UniPCMultistepScheduler with {special[0]}=True sets its own timesteps; build it without "
-                             "that option to run a custom trajectory.")
-        scheduler.set_timesteps(len(ts), device=device)
-        abar = scheduler.alphas_cumprod.double().numpy()
-        sigmas = np.sqrt((1 - abar) / abar)
-        last = sigmas[0] if scheduler.config.final_sigmas_type == "sigma_min" else 0.0
-        scheduler.sigmas = torch.from_numpy(np.append(sigmas[ts], last).astype(np.float32))
-        scheduler.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
-        return
-    raise ValueError(
-        f"{type(scheduler).__name__}.set_timesteps takes no custom timesteps in this version of diffusers"
-        + (" (its step assumes evenly spaced ones)" if type(scheduler).__name__ == "DDIMScheduler" else "")
-        + "; run the trajectory with AnalyticDPMScheduler (eta=0 for DDIM-type steps), "
-        "DPMSolverMultistepScheduler (solver_order=1 is the DDIM update), UniPCMultistepScheduler or DDPMScheduler."
-    )

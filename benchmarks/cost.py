@@ -24,12 +24,12 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from analytic_sampler.digits import load_digits_split
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.evaluation.likelihood import nll_bpd_many
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
-from analytic_sampler.moments import estimate_moments
 from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.schedule import alphas_cumprod_from_config, signal_to_noise
-from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.trajectory import TrajectoryDP, even_trajectory, trajectory_cost
 
 

@@ -28,9 +28,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.fingerprint import weights_fingerprint
-from analytic_sampler.moments import estimate_moments
 
 PRECOMPUTE_SAMPLES, TIMESTEPS = 100, 1000  # the precompute the fingerprint is measured against
 BOUND = 0.10  # the fingerprint must stay under this share of it

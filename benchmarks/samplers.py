@@ -34,12 +34,13 @@ import torch  # noqa: E402
 from analytic_sampler import VarianceTable, estimate_moments
 from analytic_sampler.commands.bench import REFERENCE_IMAGES
 from analytic_sampler.digits import DigitFeatures, load_digits_split
+from analytic_sampler.estimation.sample_cost import estimate_sample_cost
 from analytic_sampler.evaluation.baselines import build_sampler
 from analytic_sampler.evaluation.frechet import FrechetReference, bootstrap_distances, frechet_with_stderr
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.evaluation.sampling import sample
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
-from analytic_sampler.sample_trajectory import SampleCost, SampleTrajectoryDP, estimate_sample_cost
+from analytic_sampler.sample_trajectory import SampleCost, SampleTrajectoryDP
 
 KINDS = ("even", "leading", "trailing", "karras", "samples")
 #: method -> the trajectories it runs (its spacing, Karras sigmas where it has them, the sample-quality trajectory)

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from analytic_sampler.distributed import start_distributed
+from analytic_sampler.estimation.distributed import start_distributed
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
-from analytic_sampler.moments import estimate_moments
-from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.trajectory import even_trajectory
 
 UNETS = {

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from analytic_sampler.digits import load_digits_split
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.evaluation.likelihood import nll_bpd_many
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
-from analytic_sampler.moments import estimate_moments
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
 from analytic_sampler.trajectory import TrajectoryDP, even_trajectory

@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_unet  # noqa: E402
 
-from analytic_sampler.moments import estimate_moments  # noqa: E402
+from analytic_sampler.estimation.moments import estimate_moments  # noqa: E402
 
 
 def main() -> None:

@@ -145,7 +145,7 @@ def test_bootstrap_stderr_shrinks_with_more_samples():
 def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
     """At K = N the optimal trajectory is the even one: both rows come from one pass of model calls."""
     from analytic_sampler.commands.bench import nll_rows
-    from analytic_sampler.moments import estimate_moments
+    from analytic_sampler.estimation.moments import estimate_moments
     from analytic_sampler.pretrained import load_pretrained
 
     model = load_pretrained(model_folder(tmp_path, 1))

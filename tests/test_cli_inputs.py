@@ -16,7 +16,7 @@ from PIL import Image
 
 from analytic_sampler import hub
 from analytic_sampler.commands.cli import main
-from analytic_sampler.data import iter_batches
+from analytic_sampler.estimation.data import iter_batches
 
 
 @pytest.fixture

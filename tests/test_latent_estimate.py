@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_sd import tiny_images, tiny_sd_pipeline  # noqa: E402
 
 from analytic_sampler import AnalyticDPMScheduler, EpsilonAdapter, VarianceTable, estimate_moments  # noqa: E402
-from analytic_sampler.latents import encode_images, encode_prompts, read_captions  # noqa: E402
+from analytic_sampler.estimation.latents import encode_images, encode_prompts, read_captions  # noqa: E402
 
 TIMESTEPS = [1, 301, 601, 901]
 PROMPTS = ["a cat", "a dog", "a red house", "x", "a cat", "a tree", "blue", "two dots"]
@@ -81,7 +81,7 @@ def test_encoding_is_the_vae_mean_times_scaling_and_the_pipelines_prompt_encoder
 def test_each_image_and_prompt_is_encoded_once_and_memory_stays_bounded(pipe, images):
     """Every timestep of an image reuses its latent: 8 images in chunks of 2 are 4 VAE calls and 4 text-encoder
     calls, whatever the batch size, and at most the chunks of one batch are held."""
-    from analytic_sampler import latents as latents_module
+    from analytic_sampler.estimation import latents as latents_module
 
     calls = {"vae": 0, "text": 0}
     hooks = [pipe.vae.encoder.register_forward_hook(lambda *a: calls.__setitem__("vae", calls["vae"] + 1)),

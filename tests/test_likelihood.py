@@ -108,7 +108,7 @@ def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(mod
     other noise: the DP picks timesteps where its own table's noise happens to be low, which makes the prediction
     from that same table optimistic by a few standard errors (winner's curse)."""
     from analytic_sampler.digits import load_digits_split
-    from analytic_sampler.moments import estimate_moments
+    from analytic_sampler.estimation.moments import estimate_moments
     from analytic_sampler.pretrained import load_pretrained
     from analytic_sampler.variance import residual_variance
 

@@ -7,8 +7,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 from analytic_sampler.adapter import EpsilonAdapter
-from analytic_sampler.data import check_range, iter_batches, take_samples
-from analytic_sampler.moments import estimate_moments
+from analytic_sampler.estimation.data import check_range, iter_batches, take_samples
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.schedule import alphas_cumprod_from_config
 
 N = 1000

@@ -14,7 +14,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.commands.cli import main
-from analytic_sampler.moments import estimate_moments
+from analytic_sampler.estimation.moments import estimate_moments
 from analytic_sampler.table import VarianceTable
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)

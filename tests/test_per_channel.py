@@ -20,7 +20,7 @@ from conftest import ExactGaussianEps
 
 from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
 from analytic_sampler.schedule import alphas_cumprod_from_config
-from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable, validate_ms_eps
 from analytic_sampler.trajectory import even_trajectory
 from analytic_sampler.variance import analytic_variance, residual_variance

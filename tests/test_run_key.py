@@ -12,8 +12,8 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.adapter import EpsilonAdapter
+from analytic_sampler.estimation.moments import CHECKPOINT_FORMAT, estimate_moments
 from analytic_sampler.fingerprint import model_modules, weights_fingerprint
-from analytic_sampler.moments import CHECKPOINT_FORMAT, estimate_moments
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=20)
 TS = [0, 7, 19]

@@ -20,17 +20,17 @@ from diffusers import (
 )
 
 from analytic_sampler import VarianceTable
+from analytic_sampler.estimation.sample_cost import estimate_sample_cost
 from analytic_sampler.sample_trajectory import (
     SampleCost,
     SampleTrajectoryDP,
-    apply_timesteps,
     candidate_timesteps,
-    estimate_sample_cost,
     sample_quality_trajectory,
 )
 from analytic_sampler.schedule import alphas_cumprod_from_config
-from analytic_sampler.scheduler import AnalyticDPMScheduler
 from analytic_sampler.schedule import signal_to_noise as snr
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
+from analytic_sampler.schedulers.timesteps import apply_timesteps
 
 V = 0.25
 ABAR = alphas_cumprod_from_config(DDPMScheduler(num_train_timesteps=1000).config)

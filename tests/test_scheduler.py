@@ -11,7 +11,7 @@ from conftest import tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler
 
 from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
-from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable
 from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
 from analytic_sampler.variance import ddpm_variance

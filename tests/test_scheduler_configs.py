@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hub_configs import DDPM_CIFAR10, DEEPFLOYD_IF, HUB_CONFIGS, SD_2_1, SD_V1_5  # noqa: E402
 
 from analytic_sampler.schedule import alphas_cumprod_from_config  # noqa: E402
-from analytic_sampler.scheduler import AnalyticDPMScheduler  # noqa: E402
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: E402
 from analytic_sampler.table import VarianceTable  # noqa: E402
 from analytic_sampler.trajectory import even_trajectory, optimal_trajectory  # noqa: E402
 from analytic_sampler.variance import pair_coefficients  # noqa: E402

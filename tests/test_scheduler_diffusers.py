@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers.utils import DummyObject
 
-from analytic_sampler.scheduler import AnalyticDPMScheduler
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 
 N = 1000
 NUM_STEPS = 50  # Diffusers' default number of inference steps in these checks

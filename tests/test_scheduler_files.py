@@ -27,10 +27,10 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hub_configs import SD_V1_5  # noqa: E402
 
-from analytic_sampler import scheduler_table  # noqa: E402
 from analytic_sampler.schedule import alphas_cumprod_from_config  # noqa: E402
-from analytic_sampler.scheduler import AnalyticDPMScheduler  # noqa: E402
-from analytic_sampler.scheduler_table import TABLE_FILE  # noqa: E402
+from analytic_sampler.schedulers import table_file as scheduler_table  # noqa: E402
+from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: E402
+from analytic_sampler.schedulers.table_file import TABLE_FILE  # noqa: E402
 from analytic_sampler.table import VarianceTable  # noqa: E402
 
 N, C = 1000, 4
@@ -242,7 +242,7 @@ LOADER = textwrap.dedent("""
         except Exception as err:
             return f"error: {type(err).__name__}: {err}"[:300]
 
-    shared, ours, by_package = sys.argv[1:4]
+    shared, ours, by_package, earlier = sys.argv[1:5]
     other = lambda folder: {"scheduler": DDIMScheduler.from_pretrained(folder, subfolder="scheduler")}
     blocker = NotInstalled()
     sys.meta_path.insert(0, blocker)
@@ -258,6 +258,7 @@ LOADER = textwrap.dedent("""
     import analytic_sampler
     results["ours after import analytic_sampler"] = attempt(ours)
     results["by package after import analytic_sampler"] = attempt(by_package)
+    results["earlier version's save after import analytic_sampler"] = attempt(earlier)
     from analytic_sampler import AnalyticDPMScheduler
     results["ours after importing AnalyticDPMScheduler"] = attempt(ours)
     print(json.dumps(results))
@@ -279,11 +280,15 @@ def test_saved_pipelines_in_a_fresh_process(tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     shutil.copytree(tmp_path / "ours", tmp_path / "by_package")
     index = json.loads((tmp_path / "by_package" / "model_index.json").read_text())
-    assert index["scheduler"] == ["analytic_sampler.scheduler", "AnalyticDPMScheduler"]
+    assert index["scheduler"] == ["analytic_sampler.schedulers.analytic_dpm", "AnalyticDPMScheduler"]
     index["scheduler"] = ["analytic_sampler", "AnalyticDPMScheduler"]
     (tmp_path / "by_package" / "model_index.json").write_text(json.dumps(index))
+    shutil.copytree(tmp_path / "ours", tmp_path / "earlier")  # saved by a version whose scheduler module was this one
+    index["scheduler"] = ["analytic_sampler.scheduler", "AnalyticDPMScheduler"]
+    (tmp_path / "earlier" / "model_index.json").write_text(json.dumps(index))
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", LOADER, *(str(tmp_path / n) for n in ("shared", "ours", "by_package"))],
+    folders = [str(tmp_path / n) for n in ("shared", "ours", "by_package", "earlier")]
+    run = subprocess.run([sys.executable, "-c", LOADER, *folders],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
@@ -294,6 +299,7 @@ def test_saved_pipelines_in_a_fresh_process(tmp_path):
     assert results["imported"] is False
     # A plain `import analytic_sampler` is enough, as in earlier versions.
     assert results["ours after import analytic_sampler"] == "AnalyticDPMScheduler"
+    assert results["earlier version's save after import analytic_sampler"] == "AnalyticDPMScheduler"
     # Diffusers finds no loading method through the package's top-level module, imported or not.
     assert "does not seem to have any of the loading methods" in results["by package after import analytic_sampler"]
     assert results["ours after importing AnalyticDPMScheduler"] == "AnalyticDPMScheduler"

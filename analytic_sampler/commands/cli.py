@@ -103,7 +103,7 @@ def _load_data(spec: str, channels: int, flag: str = "--data"):
         return load_digits_split(spec.split(":", 1)[1])[0]
     path = _existing_path(spec, flag, DATA_FORMS)
     if os.path.isdir(path):
-        from ..data import iter_batches
+        from ..estimation.data import iter_batches
 
         return torch.cat(list(iter_batches(path, batch_size=1024, channels=channels)))
     if path.endswith(".pt"):
@@ -165,7 +165,7 @@ def _timesteps(spec: str, num_train_timesteps: int) -> list[int] | None:
 def cmd_precompute(args) -> None:
     import torch
 
-    from ..distributed import start_distributed
+    from ..estimation.distributed import start_distributed
     from ..pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
@@ -206,7 +206,7 @@ def cmd_precompute(args) -> None:
 
 def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, options: dict) -> None:
     """The first pass of precompute: the table's moments (resumable, never mixed with another run's)."""
-    from ..precompute import precompute_table
+    from ..estimation.precompute import precompute_table
 
     done = precompute_table(
         model, data, schedule, out=args.out, overwrite=args.overwrite,
@@ -226,7 +226,7 @@ def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance:
 
 def _sample_cost_pass(args, unet, data, schedule) -> None:
     """The second pass of precompute: the sample cost of `trajectory --for samples`, its model calls stated."""
-    from ..precompute import precompute_sample_cost
+    from ..estimation.precompute import precompute_sample_cost
     from ..sample_trajectory import DEFAULT_PATHS, candidate_timesteps
 
     grid = candidate_timesteps(schedule.config.num_train_timesteps, args.candidates).size
@@ -246,8 +246,8 @@ def _sample_cost_pass(args, unet, data, schedule) -> None:
 def _pipeline_data(args) -> str:
     """A latent pipeline's ``--data``: a folder of images, streamed, checked to hold ``--num-samples`` images with
     a prompt for each (``--prompt``, ``--captions`` or the folder's own metadata file)."""
-    from ..data import folder_files
-    from ..latents import CAPTION_FILES, resolve_prompts
+    from ..estimation.data import folder_files
+    from ..estimation.latents import CAPTION_FILES, resolve_prompts
 
     spec, needed = args.data, args.num_samples
     if not os.path.isdir(os.path.expanduser(spec)):
@@ -442,7 +442,7 @@ def cmd_sample(args) -> None:
     from PIL import Image
 
     from ..evaluation.sampling import sample, save_grid
-    from ..scheduler import AnalyticDPMScheduler
+    from ..schedulers.analytic_dpm import AnalyticDPMScheduler
 
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out!r} is not an image file name; end it in .png (or .jpg, ...).")

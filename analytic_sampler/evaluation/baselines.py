@@ -31,7 +31,7 @@ from diffusers import (
 )
 
 from ..sample_trajectory import sample_quality_trajectory
-from ..scheduler import AnalyticDPMScheduler
+from ..schedulers.analytic_dpm import AnalyticDPMScheduler
 
 LEARNED = ("learned", "learned_range")
 SPACINGS = ("leading", "linspace", "trailing", "karras")

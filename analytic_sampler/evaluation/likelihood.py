@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapter import as_epsilon_model, model_device
-from ..data import check_range, iter_batches
+from ..estimation.data import check_range, iter_batches
 from ..noise import noise_generator
 from ..predictions import clip_x0, x0_from_eps
 from ..schedule import as_alphas_cumprod

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..predictions import split_learned_variance
-from ..sample_trajectory import apply_timesteps
+from ..schedulers.timesteps import apply_timesteps
 from .frechet import FrechetReference, bootstrap_distances
 
 
@@ -38,7 +38,7 @@ def sample(
 ) -> torch.Tensor:
     """Draw ``num_samples`` images with ``scheduler`` in batches; float32 on the CPU, clipped to [-1, 1].
 
-    ``timesteps``: an explicit trajectory (:func:`~analytic_sampler.sample_trajectory.apply_timesteps`), else
+    ``timesteps``: an explicit trajectory (:func:`~analytic_sampler.schedulers.timesteps.apply_timesteps`), else
     ``num_inference_steps`` with the scheduler's own spacing. Noise: the initial noise comes from one generator seeded
     with ``seed``, drawn batch after batch, so every scheduler run at the same seed and batch size starts sample i
     from the same x_T. The noise the steps draw comes from a second generator per batch: a stochastic scheduler never

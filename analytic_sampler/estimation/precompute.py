@@ -1,7 +1,7 @@
 """A table estimated into a folder, as ``analytic-sampler precompute`` does it: never overwritten or mixed.
 
-- The folder already holds the table of this very run (the same :func:`~analytic_sampler.moments.run_key`: weights,
-  data, settings): nothing is estimated, the table is returned as it is.
+- The folder already holds the table of this very run (the same
+  :func:`~analytic_sampler.estimation.moments.run_key`: weights, data, settings): nothing is estimated, the table is returned as it is.
 - It holds a table of another run (or one without a record of its run: an older version, a merged table): refused,
   naming each field that differs, unless ``overwrite``.
 - Otherwise the table is estimated with a checkpoint, then written; the checkpoint is removed after the write
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..table import META_NAME, VarianceTable
 from .distributed import rank_path, world_rank
 from .moments import accumulate, build_table, discard_other_checkpoint, estimate_arguments, prepare_run
-from .table import META_NAME, VarianceTable
 
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -187,12 +187,12 @@ def precompute_sample_cost(
     force_table: bool = False,
     **kwargs,
 ) -> Precomputed:
-    """Add the sample cost (:func:`~analytic_sampler.sample_trajectory.estimate_sample_cost`: ``num_paths x G``
+    """Add the sample cost (:func:`~analytic_sampler.estimation.sample_cost.estimate_sample_cost`: ``num_paths x G``
     model calls, one forward path per image of ``data``) to the table in the folder ``out``, and rewrite it.
 
     Args:
         model, data, scheduler_or_alphas_cumprod:
-            As in :func:`~analytic_sampler.sample_trajectory.estimate_sample_cost`; the model must be the table's
+            As in :func:`~analytic_sampler.estimation.sample_cost.estimate_sample_cost`; the model must be the table's
             (:meth:`~analytic_sampler.VarianceTable.check_model`, unless ``force_table``).
         out (`str` or `os.PathLike`):
             The folder of a finished table.
@@ -210,8 +210,9 @@ def precompute_sample_cost(
     Returns:
         :class:`Precomputed`: the table with its sample cost, ``"estimated"`` or ``"unchanged"``.
     """
+    from ..sample_trajectory import DEFAULT_CANDIDATES, DEFAULT_PATHS, candidate_timesteps
     from .data import iter_batches
-    from .sample_trajectory import DEFAULT_CANDIDATES, DEFAULT_PATHS, candidate_timesteps, estimate_sample_cost
+    from .sample_cost import estimate_sample_cost
 
     folder = Path(out)
     if not (folder / META_NAME).is_file():

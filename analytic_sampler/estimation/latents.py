@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
+from ..fingerprint import files_fingerprint, tensor_fingerprint, weights_fingerprint
+from ..noise import noise_generator
 from .data import METADATA_FILES, check_range, folder_files, iter_batches
-from .fingerprint import files_fingerprint, tensor_fingerprint, weights_fingerprint
-from .noise import noise_generator
 
 LATENTS = ("mean", "sample")
 CAPTION_FILES = METADATA_FILES

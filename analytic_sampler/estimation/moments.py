@@ -49,16 +49,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._version import __version__
-from .adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
+from .._version import __version__
+from ..adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
+from ..fingerprint import tensor_fingerprint, values_fingerprint, weights_fingerprint
+from ..noise import noise_generator
+from ..predictions import x0_from_eps
+from ..schedule import as_alphas_cumprod, schedule_fingerprint
+from ..table import VarianceTable
 from .data import check_range, take_samples
 from .distributed import agree_on_start, all_gather, rank_path, world_rank
-from .fingerprint import tensor_fingerprint, values_fingerprint, weights_fingerprint
 from .latents import PipelineOptions, PipelineSamples, is_latent_pipeline
-from .noise import noise_generator
-from .predictions import x0_from_eps
-from .schedule import as_alphas_cumprod, schedule_fingerprint
-from .table import VarianceTable
 
 CHECKPOINT_FORMAT = 4  # 2: four running sums (ms_eps and x0_mse); 3: and the same four per channel; 4: the run key
 # also covers the weights, the adapter's timestep convention and unconditional kwargs, and data_range
@@ -288,8 +288,8 @@ def _save_checkpoint(path: str, run: dict[str, Any], next_batch: int, sums: torc
 
 class _TensorSamples:
     """``x0`` held in memory, the sample source of a pixel-space model (a latent pipeline's is
-    :class:`~analytic_sampler.latents.PipelineSamples`): the first ``num_samples`` images of ``data``, checked against
-    ``data_range``, on ``device`` in ``dtype``."""
+    :class:`~analytic_sampler.estimation.latents.PipelineSamples`): the first ``num_samples`` images of ``data``,
+    checked against ``data_range``, on ``device`` in ``dtype``."""
 
     def __init__(self, data: Any, num_samples: int, data_range, device: torch.device, dtype: torch.dtype):
         x0 = take_samples(data, num_samples).float()
@@ -696,7 +696,8 @@ def estimate_moments(
         :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
 
     With a pipeline (``vae``, ``unet``, ``encode_prompt``), ``data`` are pixel images in ``[-1, 1]`` and the
-    moments are estimated in latent space (no data range) for the eps a sampler uses (:mod:`analytic_sampler.latents`).
+    moments are estimated in latent space (no data range) for the eps a sampler uses
+    (:mod:`analytic_sampler.estimation.latents`).
     Under torch.distributed (``torchrun --nproc_per_node N``, ``accelerate launch``) the batches are shared among
     the processes and every process returns the same table, equal to a single process's (module docstring); each
     rank checkpoints (rank r > 0 to ``<checkpoint>.rank<r>``) and a rerun resumes from the least advanced.

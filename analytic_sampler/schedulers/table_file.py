@@ -29,8 +29,8 @@ import numpy as np
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
-from .hub import hub_unreachable
-from .table import REESTIMATE_HINT, validate_ms_eps
+from ..hub import hub_unreachable
+from ..table import REESTIMATE_HINT, validate_ms_eps
 
 TABLE_FILE = "analytic_table.json"
 TABLE_FORMAT = "analytic-sampler scheduler table"

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import cost  # noqa: E402
@@ -58,7 +60,8 @@ def test_per_channel_small(tmp_path):
     result = per_channel.main(["--steps", "3", "--num-samples", "200", "--out", str(tmp_path)])
     differ, equal = result["channels differ"][0], result["channels equal"][0]
     assert differ["per-channel bpd"] < differ["scalar bpd"] - 0.2
-    assert equal["per-channel bpd"] == equal["scalar bpd"]
+    # one code path, but the log / exp of sigma^2 run on (C, 1, 1) or (1, 1, 1) tensors: equal to float64 rounding
+    assert equal["per-channel bpd"] == pytest.approx(equal["scalar bpd"], rel=1e-12, abs=0)
     assert (tmp_path / "per_channel.md").is_file()
 
 

@@ -159,7 +159,7 @@ def test_adapter_conditioning_and_guidance_are_scored():
 
     conditional = scores(EpsilonAdapter(unet, abar, class_labels=torch.tensor([2])))
     by_hand = scores(labelled(2))
-    for variance in ("analytic", "learned"):
+    for variance in ("analytic", "learned"):  # the same UNet calls; the label's embedding only broadcasts in one add
         assert conditional[variance].mean == by_hand[variance].mean
     assert conditional["analytic"].mean != scores(labelled(1))["analytic"].mean  # the label matters
 

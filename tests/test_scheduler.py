@@ -118,7 +118,7 @@ def test_learned_variance_output_is_accepted(linear_scheduler):
     a = sched.step(torch.cat([eps, torch.randn_like(eps)], 1), sched.timesteps[0], x, variance_noise=torch.zeros_like(x))
     sched.set_timesteps(5)
     b = sched.step(eps, sched.timesteps[0], x, variance_noise=torch.zeros_like(x))
-    assert torch.equal(a.prev_sample, b.prev_sample)
+    assert torch.equal(a.prev_sample, b.prev_sample)  # a slice of the same eps, through the same elementwise step
     with pytest.raises(ValueError, match="expected 3 \\(fixed variance\\) or 6"):
         sched.step(torch.randn(2, 5, 8, 8), sched.timesteps[1], x)
 

@@ -15,9 +15,9 @@ def apply_timesteps(scheduler, timesteps, device: str | torch.device | None = No
 
     Schedulers whose ``set_timesteps`` takes ``timesteps`` (AnalyticDPMScheduler, DDPM, DPM-Solver multistep and
     singlestep, Euler, Heun, LCM) get it directly. UniPCMultistepScheduler (no ``timesteps`` argument in diffusers
-    0.42) gets the trajectory and its noise levels the way its own spacings set them (``sigma`` interpolated at each
-    timestep, then the final one). Any other (DDIMScheduler, whose step assumes even spacing; PNDM; Euler ancestral)
-    is refused with the alternatives.
+    0.42) gets the trajectory and the noise levels its own ``set_timesteps`` gives those timesteps, by the same float32
+    torch and numpy operations (the same bits on any CPU). Any other (DDIMScheduler, whose step assumes even spacing;
+    PNDM; Euler ancestral) is refused with the alternatives.
     """
     ts = validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
     if "timesteps" in inspect.signature(scheduler.set_timesteps).parameters:
@@ -30,10 +30,12 @@ def apply_timesteps(scheduler, timesteps, device: str | torch.device | None = No
             raise ValueError(f"UniPCMultistepScheduler with {special[0]}=True sets its own timesteps; build it without "
                              "that option to run a custom trajectory.")
         scheduler.set_timesteps(len(ts), device=device)
-        abar = scheduler.alphas_cumprod.double().numpy()
-        sigmas = np.sqrt((1 - abar) / abar)
-        last = sigmas[0] if scheduler.config.final_sigmas_type == "sigma_min" else 0.0
-        scheduler.sigmas = torch.from_numpy(np.append(sigmas[ts], last).astype(np.float32))
+        # the operations of its set_timesteps (diffusers 0.42, default branch), so its kernels give identical bits
+        abar = scheduler.alphas_cumprod
+        sigmas = np.array(((1 - abar) / abar) ** 0.5)
+        sigmas = np.interp(np.array(ts, dtype=np.int64), np.arange(0, len(sigmas)), sigmas)
+        last = ((1 - abar[0]) / abar[0]) ** 0.5 if scheduler.config.final_sigmas_type == "sigma_min" else 0
+        scheduler.sigmas = torch.from_numpy(np.concatenate([sigmas, [last]]).astype(np.float32))
         scheduler.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
         return
     raise ValueError(

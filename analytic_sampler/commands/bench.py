@@ -84,8 +84,8 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
     """The table to use: ``table``, else the model's own if it has x0_mse (either checked against the model's
     schedule, channels and weights, unless ``force_table``), else one estimated into ``out/table``
     (:func:`~analytic_sampler.estimation.precompute.precompute_table`: checkpointed beside it, reused when it holds
-    this very run, another run's replaced only with ``overwrite``) with a sample cost from ``min(64, num_samples)`` forward
-    paths (one per image; :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
+    this very run, another run's replaced only with ``overwrite``) with a sample cost from ``min(64, num_samples)``
+    forward paths (one per image; :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
     source = "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
         table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)

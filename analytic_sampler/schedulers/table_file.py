@@ -1,133 +1,71 @@
-"""The variance table an :class:`~analytic_sampler.AnalyticDPMScheduler` samples with, kept out of its config.
+"""Per-model tables a scheduler holds as state, saved beside its config: one strict-JSON file named in the config.
 
 A Diffusers scheduler config is a small JSON that pipelines copy, print and hand to other schedulers
-(``DDIMScheduler.from_config(pipe.scheduler.config)``), so the table's arrays do not go into it. They live in
-``analytic_table.json`` beside ``scheduler_config.json``: written by ``save_pretrained`` / ``save_config``, read by
-``from_pretrained`` from a local folder or the Hugging Face Hub. The config keeps the file's name and the SHA-256 of
-the arrays (``table_file``, ``table_sha256``); a file whose arrays do not match is refused. The file is strict JSON
-(``null`` where a timestep was not estimated), not safetensors: Diffusers' pipeline download takes any
-``*.safetensors`` file in a component folder for model weights, and would then skip the scheduler folder's other files
-and judge the whole pipeline not safetensors-compatible.
+(``DDIMScheduler.from_config(pipe.scheduler.config)``), so a scheduler's per-model statistics (Analytic-DPM's variance
+table, a solver's coefficients) are its state, not config entries. A scheduler that mixes in :class:`TableFileMixin`
+holds a :class:`SchedulerTable` as ``self.table``; ``save_pretrained`` / ``save_config`` write it to one file beside
+``scheduler_config.json`` (before the config, so ``push_to_hub`` uploads both), and ``from_pretrained`` reads it back
+from a local folder or the Hugging Face Hub. The config keeps the file's name and the SHA-256 of the table
+(``table_file``, ``table_sha256``); a file that holds another table is refused.
 
-Tables in memory are found again by their checksum (a weak registry), so that ``AnalyticDPMScheduler.from_config``
-of a config that refers to a table, a copy of it or a round trip through another scheduler's config, works in the
-process that holds the table.
+The file is JSON (``null`` where a value is missing), never ``*.safetensors``: Diffusers' pipeline download takes any
+``*.safetensors`` file in a component folder for model weights, and would then skip the scheduler folder's other files
+and judge the whole pipeline not safetensors-compatible. :class:`TableFileMixin` refuses another file name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import os
 import weakref
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
 from ..hub import hub_unreachable
-from ..table import REESTIMATE_HINT, validate_ms_eps
 
-TABLE_FILE = "analytic_table.json"
-TABLE_FORMAT = "analytic-sampler scheduler table"
-TABLE_FORMAT_VERSION = 1
-# the keyword arguments of AnalyticDPMScheduler that hold the table (never stored in its config)
-TABLE_ARGUMENTS = ("ms_eps", "x0_mse", "channel_ms_eps", "channel_x0_mse", "ms_x0", "channel_ms_x0")
+FILE_FORMAT = "analytic-sampler scheduler table"
+FILE_FORMAT_VERSION = 2  # 1: the arrays only, with the table's settings in the config (development versions)
 # the loading options of from_pretrained that also fetch the table file from the Hub
 HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
 
-_LOADED: weakref.WeakValueDictionary[str, SchedulerTable] = weakref.WeakValueDictionary()
+# Diffusers builds a scheduler from its config alone (from_config, a pipeline's components), and the config names its
+# table only by checksum: the table is found here while something (a scheduler, the caller) holds it.
+_HELD: weakref.WeakValueDictionary[str, SchedulerTable] = weakref.WeakValueDictionary()
 
 
-@dataclass(eq=False)
 class SchedulerTable:
-    """The moments a scheduler samples with, float64 and read-only: ``ms_eps`` and ``x0_mse`` ``(N,)``, their
-    per-channel rows ``(C, N)``, and the data's second moment ``ms_x0 = E||x0||^2 / d`` (a float, and ``(C,)`` per
-    channel) that bounds the analytic variance. Build it with :meth:`from_arguments`."""
+    """Base of a scheduler's table: a dataclass (``eq=False``) whose fields are arrays, numbers, strings or tuples,
+    ``None`` for what it lacks. Subclasses check and normalise their fields in ``__post_init__`` and then call this
+    one, which makes the arrays read-only (the checksum must stay true); ``describes`` names the table in messages."""
 
-    ms_eps: np.ndarray
-    x0_mse: np.ndarray | None = None
-    channel_ms_eps: np.ndarray | None = None
-    channel_x0_mse: np.ndarray | None = None
-    ms_x0: float | None = None
-    channel_ms_x0: np.ndarray | None = None
+    describes: ClassVar[str] = "table"
 
     def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
+        for value in self.fields().values():
             if isinstance(value, np.ndarray):
-                value.flags.writeable = False  # the checksum must stay true
+                value.flags.writeable = False
 
-    @classmethod
-    def from_arguments(cls, num_train_timesteps: int, **arguments) -> SchedulerTable:
-        """Check the scheduler's table arguments (any of :data:`TABLE_ARGUMENTS`) and build the table.
-
-        ``ms_eps`` (or ``channel_ms_eps``, whose channel mean it then is) is required; ``x0_mse`` likewise from
-        ``channel_x0_mse``, ``ms_x0`` from ``channel_ms_x0``. Given both ways, the scalar must be the channel mean
-        (they come from one table), else ValueError.
-        """
-        unknown = set(arguments) - set(TABLE_ARGUMENTS)
-        if unknown:
-            raise TypeError(f"unknown table arguments {sorted(unknown)}; the table is {TABLE_ARGUMENTS}.")
-        n = num_train_timesteps
-        channels = {
-            name: validate_ms_eps(arguments[name], n, [], name, per_channel=True)
-            for name in ("channel_ms_eps", "channel_x0_mse")
-            if arguments.get(name) is not None
-        }
-        if len({value.shape for value in channels.values()}) > 1:
-            raise ValueError(
-                f"channel_ms_eps has shape {channels['channel_ms_eps'].shape} but channel_x0_mse "
-                f"{channels['channel_x0_mse'].shape}; pass both from the same VarianceTable."
-            )
-        ms_eps = _scalar_moment("ms_eps", arguments.get("ms_eps"), channels.get("channel_ms_eps"), n)
-        if ms_eps is None:
-            raise ValueError(
-                "AnalyticDPMScheduler needs the model's variance table: run "
-                "`table = estimate_moments(unet, images, scheduler)` once, then use "
-                "`AnalyticDPMScheduler.from_table(table, scheduler.config)` (or pass ms_eps=table.ms_eps); a saved "
-                "scheduler loads its table with AnalyticDPMScheduler.from_pretrained(folder_or_repo, subfolder=...)."
-            )
-        x0_mse = _scalar_moment("x0_mse", arguments.get("x0_mse"), channels.get("channel_x0_mse"), n)
-        if x0_mse is not None and not np.isfinite(x0_mse).any():
-            raise ValueError(
-                "x0_mse is NaN at every timestep (a table estimated before x0_mse existed, or merged with one): leave "
-                "x0_mse out (variance='analytic' and trajectory='optimal', with Analytic-DPM's cost, need only "
-                f"ms_eps), or {REESTIMATE_HINT}."
-            )
-        channel_ms_x0 = _channel_ms_x0(arguments.get("channel_ms_x0"), channels)
-        ms_x0 = arguments.get("ms_x0")
-        if ms_x0 is not None and (not math.isfinite(float(ms_x0)) or float(ms_x0) < 0):
-            raise ValueError(f"ms_x0={ms_x0} must be E||x0||^2 / d of the data: a finite number >= 0.")
-        if channel_ms_x0 is not None:
-            mean = float(channel_ms_x0.mean())
-            if ms_x0 is not None and not math.isclose(float(ms_x0), mean, rel_tol=1e-6):
-                raise ValueError(
-                    f"ms_x0={ms_x0} is not the mean of channel_ms_x0 ({mean:.6g}): they come from different tables; "
-                    "pass both from the same VarianceTable, or only one."
-                )
-            ms_x0 = mean
-        return cls(ms_eps, x0_mse, channels.get("channel_ms_eps"), channels.get("channel_x0_mse"),
-                   None if ms_x0 is None else float(ms_x0), channel_ms_x0)
-
-    @property
-    def num_channels(self) -> int | None:
-        return None if self.channel_ms_eps is None else int(self.channel_ms_eps.shape[0])
-
-    def arrays(self) -> dict[str, Any]:
-        """The table by name, ``None`` for what it does not hold."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def fields(self) -> dict[str, Any]:
+        """The table by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @functools.cached_property
     def sha256(self) -> str:
-        """SHA-256 of the values (float64, little-endian, NaN and -0.0 made canonical) with their names and shapes."""
+        """SHA-256 of every field with its name: numbers as float64 little-endian with their shape (NaN and -0.0
+        made canonical), strings as UTF-8; ``None`` fields are left out."""
         digest = hashlib.sha256()
-        for name, value in sorted(self.arrays().items()):
+        for name, value in sorted(self.fields().items()):
             if value is None:
+                continue
+            if isinstance(value, str):
+                digest.update(f"{name}:{value}".encode())
                 continue
             a = np.asarray(value, dtype="<f8")
             a = np.where(np.isnan(a), np.nan, a) + 0.0
@@ -135,148 +73,166 @@ class SchedulerTable:
             digest.update(np.ascontiguousarray(a).tobytes())
         return digest.hexdigest()
 
-    def register(self) -> SchedulerTable:
-        """Make the table findable by its checksum in this process (while something holds it); return the table
-        registered under that checksum (this one, or an equal one registered before)."""
-        return _LOADED.setdefault(self.sha256, self)
+    def hold(self) -> SchedulerTable:
+        """Make the table findable by its checksum in this process while something holds it; return the table held
+        under that checksum (this one, or an equal one held before)."""
+        return _HELD.setdefault(self.sha256, self)
 
-    def to_json(self) -> str:
-        """The file's text: strict JSON, ``null`` for NaN."""
-        document = {
-            "format": TABLE_FORMAT,
-            "format_version": TABLE_FORMAT_VERSION,
-            "num_train_timesteps": int(self.ms_eps.size),
-            "num_channels": self.num_channels,
-            "sha256": self.sha256,
-            **{name: _to_json_value(value) for name, value in self.arrays().items()},
-        }
-        return json.dumps(document, allow_nan=False)
-
-    def save(self, directory: str | os.PathLike, file_name: str = TABLE_FILE) -> str:
+    def save(self, directory: str | os.PathLike, file_name: str) -> str:
         """Write the table file into ``directory`` (atomically); return its path."""
+        document = {"format": FILE_FORMAT, "format_version": FILE_FORMAT_VERSION, "sha256": self.sha256,
+                    **{name: _to_json(value) for name, value in self.fields().items()}}
         path = os.path.join(os.fspath(directory), file_name)
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        with open(f"{path}.tmp", "w") as f:
+            f.write(json.dumps(document, allow_nan=False))
+        os.replace(f"{path}.tmp", path)
         return path
 
     @classmethod
-    def read(cls, path: str, expected_sha256: str) -> SchedulerTable:
-        """The table of a file written by :meth:`save`, refused unless its arrays have ``expected_sha256`` (the
-        checksum in the scheduler config beside it)."""
+    def read(cls, path: str, expected_sha256: str, hint: str) -> SchedulerTable:
+        """The table of a file written by :meth:`save`, refused unless it has ``expected_sha256`` (the checksum in
+        the scheduler config beside it); ``hint`` names how to rebuild the scheduler otherwise."""
         try:
             with open(path) as f:
                 document = json.load(f, parse_constant=_refuse_constant)
-            if document.get("format") != TABLE_FORMAT:
-                raise ValueError(f"not a {TABLE_FORMAT} file")
-            if document.get("format_version") != TABLE_FORMAT_VERSION:
-                raise ValueError(
-                    f"format version {document.get('format_version')!r}; this package reads {TABLE_FORMAT_VERSION} "
-                    "(upgrade analytic-sampler)"
-                )
-            table = cls.from_arguments(
-                int(document["num_train_timesteps"]),
-                **{name: _from_json_value(document.get(name)) for name in TABLE_ARGUMENTS},
-            )
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-            raise ValueError(
-                f"{path}: unreadable scheduler table ({err}); save the scheduler again with save_pretrained, or "
-                "rebuild it with AnalyticDPMScheduler.from_table(table, config)."
-            ) from err
+            if document.get("format") != FILE_FORMAT:
+                raise ValueError(f"not a {FILE_FORMAT} file")
+            if document.get("format_version") != FILE_FORMAT_VERSION:
+                raise ValueError(f"format version {document.get('format_version')!r}; this version of "
+                                 f"analytic-sampler reads {FILE_FORMAT_VERSION}")
+            names = [f.name for f in dataclasses.fields(cls) if f.name in document]
+            table = cls(**{name: _from_json(document[name]) for name in names})
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: unreadable {cls.describes} file ({err}); save the scheduler again with "
+                             f"save_pretrained, or rebuild it with {hint}.") from err
         if table.sha256 != expected_sha256:
             raise ValueError(
-                f"{path} holds another table than the scheduler config beside it names (sha256 {table.sha256[:12]}… "
-                f"instead of {expected_sha256[:12]}…): the folder mixes files of two schedulers; save the scheduler "
-                "again with save_pretrained, or rebuild it with AnalyticDPMScheduler.from_table(table, config)."
+                f"{path} holds another {cls.describes} than the scheduler config beside it names (sha256 "
+                f"{table.sha256[:12]}… instead of {expected_sha256[:12]}…): the folder mixes files of two schedulers; "
+                f"save the scheduler again with save_pretrained, or rebuild it with {hint}."
             )
         return table
 
 
-def loaded_table(sha256: str) -> SchedulerTable | None:
-    """The table with this checksum if this process holds it."""
-    return _LOADED.get(sha256)
+class TableFileMixin:
+    """A scheduler whose state is a :class:`SchedulerTable` (``self.table``), saved beside its config.
+
+    The scheduler names the table's class (``table_type``), the file (``table_file_name``, a ``.json`` name), the
+    keyword arguments of its ``from_config`` that replace a saved table (``table_arguments``) and how to rebuild it
+    (``table_hint``); its config has ``table_file`` and ``table_sha256``, and its ``__init__`` takes the table with
+    :meth:`held_table`. Put the mixin before ``SchedulerMixin`` and ``ConfigMixin``.
+    """
+
+    table_type: ClassVar[type[SchedulerTable]]
+    table_file_name: ClassVar[str]
+    table_arguments: ClassVar[tuple[str, ...]] = ()
+    table_hint: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.table_file_name.endswith(".json"):
+            raise TypeError(
+                f"{cls.__name__}.table_file_name={cls.table_file_name!r}: use a .json name (Diffusers' pipeline "
+                "download takes weight-like files in a component folder, *.safetensors above all, for the weights)."
+            )
+
+    @classmethod
+    def held_table(cls, sha256: str | None) -> SchedulerTable:
+        """The table this process holds under the config's ``table_sha256``, else a ValueError naming the fix."""
+        table = None if sha256 is None else _HELD.get(sha256)
+        if table is not None:
+            return table
+        if sha256 is None:
+            raise ValueError(f"{cls.__name__} needs the model's {cls.table_type.describes}: build it with "
+                             f"{cls.table_hint}; a saved scheduler loads with {cls.__name__}.from_pretrained("
+                             "folder_or_repo, subfolder=...).")
+        raise ValueError(
+            f"this scheduler config refers to the {cls.table_type.describes} {cls.table_file_name} (sha256 "
+            f"{sha256[:12]}…), which this process does not hold: load the scheduler with {cls.__name__}."
+            f"from_pretrained(folder_or_repo, subfolder=...), which reads the file beside scheduler_config.json, or "
+            f"rebuild it with {cls.table_hint}."
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        subfolder: str | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """``SchedulerMixin.from_pretrained``, reading the table file beside ``scheduler_config.json`` too: from a
+        local folder, or a Hub repo (``subfolder``, ``revision``, ``cache_dir``, ``token``, ``local_files_only`` and
+        ``HF_HUB_OFFLINE`` honoured; the file of the config's own commit). Keyword arguments override saved options;
+        table arguments replace the saved table."""
+        hub = {name: kwargs[name] for name in HUB_OPTIONS if name in kwargs}
+        config, kwargs, commit_hash = cls.load_config(
+            pretrained_model_name_or_path=pretrained_model_name_or_path, subfolder=subfolder,
+            return_unused_kwargs=True, return_commit_hash=True, **kwargs,
+        )
+        if config.get("table_sha256") and not any(kwargs.get(name) is not None for name in cls.table_arguments):
+            file_name = config.get("table_file") or cls.table_file_name
+            path = _table_path(pretrained_model_name_or_path, subfolder, file_name, cls.config_name, commit_hash,
+                               cls.table_hint, **hub)
+            table = cls.table_type.read(path, config["table_sha256"], cls.table_hint).hold()
+            kwargs["table_sha256"] = table.sha256  # (the same checksum; this local holds the table until then)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """``ConfigMixin.save_config`` (which ``save_pretrained`` calls), with the table file written first."""
+        if not os.path.isfile(save_directory):  # (Diffusers refuses a file with its own message)
+            os.makedirs(save_directory, exist_ok=True)
+            self.table.save(save_directory, self.config.table_file or self.table_file_name)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def to_json_string(self) -> str:
+        """The config as strict JSON: options kept from the config it was built from whose value is not a finite
+        number (DPM-Solver's ``lambda_min_clipped = -inf``) are left out, so that a scheduler built from the saved
+        config takes its own default for them."""
+        config = json.loads(super().to_json_string())
+        kept = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
+        return json.dumps(kept, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def read_scheduler_table(
-    source: str | os.PathLike, subfolder: str | None, file_name: str, sha256: str, config_name: str,
-    commit_hash: str | None = None, **hub_options,
-) -> SchedulerTable:
-    """The table file of the scheduler at ``source``: the folder ``from_pretrained`` read ``config_name`` from (with
-    ``subfolder`` where that holds it, as Diffusers looks), else the Hub repo ``source`` at the config's commit
+def _table_path(source: str | os.PathLike, subfolder: str | None, file_name: str, config_name: str,
+                commit_hash: str | None, hint: str, **hub_options) -> str:
+    """The table file of the scheduler at ``source``: in the folder ``from_pretrained`` read ``config_name`` from
+    (with ``subfolder`` where that holds it, as Diffusers looks), else in the Hub repo ``source`` at the config's commit
     (``commit_hash``), through ``hf_hub_download`` (which honours ``HF_HUB_OFFLINE``)."""
     source = os.fspath(source)
     if os.path.isfile(source):
-        return SchedulerTable.read(os.path.join(os.path.dirname(source), file_name), sha256)
+        return os.path.join(os.path.dirname(source), file_name)
     if os.path.isdir(source):
         inner = os.path.join(source, subfolder or "")
         folder = inner if subfolder and os.path.isfile(os.path.join(inner, config_name)) else source
-        path = os.path.join(folder, file_name)
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(folder, file_name)):
             raise ValueError(
-                f"{folder}'s {config_name} refers to the variance table {file_name}, which is not in the folder: copy "
-                "the whole scheduler folder (save_pretrained writes both files), or rebuild the scheduler with "
-                "AnalyticDPMScheduler.from_table(VarianceTable.load(...), config)."
+                f"{folder}'s {config_name} refers to the table file {file_name}, which is not in the folder: copy the "
+                f"whole scheduler folder (save_pretrained writes both files), or rebuild the scheduler with {hint}."
             )
-        return SchedulerTable.read(path, sha256)
+        return os.path.join(folder, file_name)
     if commit_hash is not None:
         hub_options["revision"] = commit_hash
     hub_options["local_files_only"] = hub_options.get("local_files_only") or hub_unreachable()
     try:
-        path = hf_hub_download(source, file_name, subfolder=subfolder, **hub_options)
+        return hf_hub_download(source, file_name, subfolder=subfolder, **hub_options)
     except (HFValidationError, EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled, OSError, ValueError) as err:
         where = "/".join(p for p in (source, subfolder, file_name) if p)
         raise ValueError(
-            f"could not get {where}, the variance table the scheduler config refers to ({type(err).__name__}: "
-            f"{err}); upload the whole scheduler folder (scheduler.save_pretrained(folder, push_to_hub=True, "
-            "repo_id=...)), download it while online (it is then cached for HF_HUB_OFFLINE=1), or rebuild the "
-            "scheduler with AnalyticDPMScheduler.from_table(table, config)."
+            f"could not get {where}, the table file the scheduler config refers to ({type(err).__name__}: {err}); "
+            "upload the whole scheduler folder (scheduler.save_pretrained(folder, push_to_hub=True, repo_id=...)), "
+            f"download it while online (it is then cached for HF_HUB_OFFLINE=1), or rebuild the scheduler with {hint}."
         ) from err
-    return SchedulerTable.read(path, sha256)
 
 
-def _scalar_moment(name: str, value, channel_rows: np.ndarray | None, n: int) -> np.ndarray | None:
-    """``value`` checked, else the channel mean of ``channel_rows`` (as in a table); both given must agree."""
-    if value is None:
-        return None if channel_rows is None else channel_rows.mean(0)
-    value = validate_ms_eps(value, n, [], name)
-    if channel_rows is None:
+def _to_json(value):
+    """A field as strict JSON: arrays and tuples as (nested) lists, ``null`` for NaN."""
+    if not isinstance(value, (np.ndarray, tuple)):
         return value
-    mean = channel_rows.mean(0)
-    bad = np.flatnonzero(np.isfinite(value) & np.isfinite(mean) & ~np.isclose(value, mean, rtol=1e-6, atol=1e-12))
-    if bad.size:  # (NaN, where a timestep was not estimated, is checked where a trajectory needs it)
-        raise ValueError(
-            f"{name} is not the channel mean of channel_{name} at {bad.size} timestep(s) (e.g. t={bad[0]}): they come "
-            f"from different tables; pass both from the same VarianceTable, or only one."
-        )
-    return value
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        return array.tolist()
+    return np.where(np.isnan(array), None, array.astype(object)).tolist()
 
 
-def _channel_ms_x0(value, channels: dict[str, np.ndarray]) -> np.ndarray | None:
-    if value is None:
-        return None
-    ms_x0 = np.asarray(value, dtype=np.float64)
-    wanted = next(iter(channels.values())).shape[0] if channels else None
-    if ms_x0.ndim != 1 or (wanted is not None and ms_x0.size != wanted):
-        raise ValueError(
-            f"channel_ms_x0 has shape {ms_x0.shape}; it needs one E||x0_c||^2 / d_c per data channel "
-            f"({wanted if wanted is not None else 'C'} values), from the same VarianceTable as channel_ms_eps."
-        )
-    if not np.all(np.isfinite(ms_x0)) or np.any(ms_x0 < 0):
-        raise ValueError("channel_ms_x0 must hold finite numbers >= 0 (the data's mean square per channel).")
-    return ms_x0
-
-
-def _to_json_value(value):
-    if value is None or isinstance(value, float):
-        return value
-    return np.where(np.isnan(value), None, value.astype(object)).tolist()
-
-
-def _from_json_value(value):
-    if value is None or isinstance(value, (int, float)):
-        return value
-    return np.array(value, dtype=object).astype(np.float64)
+def _from_json(value):
+    """Lists as float64 arrays (``null``: NaN); the table's ``__post_init__`` gives each field its own type."""
+    return np.array(value, dtype=object).astype(np.float64) if isinstance(value, list) else value
 
 
 def _refuse_constant(name: str):

@@ -64,7 +64,7 @@ DEFAULT_PAIRS = ((DEFAULTS[0], DEFAULTS[1]), (DEFAULTS[0], DEFAULTS[2]), (DEFAUL
 CHECK_STEPS = 10  # the K of the second-table check
 SIGMA_SCAN = (None, 0.1, 0.2, 0.3, 0.4)  # sigma_min of the sample-quality trajectory, compared at K = CHECK_STEPS
 SIGMA_METHODS = ("DDIM (eps from clipped x0)", "DPM-Solver++(2M)")
-SETTINGS = ("eta", "variance", "variance_cap_y", "timestep_spacing", "trajectory")  # the defaults' settings, recorded
+SETTINGS = ("eta", "variance", "variance_cap_y", "timestep_spacing")  # the defaults' settings, recorded
 FULL_STEPS, QUICK_STEPS = (5, 10, 25), (5,)
 
 

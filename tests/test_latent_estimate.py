@@ -234,7 +234,7 @@ def test_table_used_at_another_guidance_scale_warns(pipe, images):
     with pytest.warns(UserWarning, match=r"estimated without guidance"):
         AnalyticDPMScheduler.from_table(VarianceTable(**{**vars(guided), "provenance": {}}), config, guidance_scale=7.5)
     scheduler = AnalyticDPMScheduler.from_table(guided, config, guidance_scale=7.5)  # no warning
-    assert scheduler.config.clip_sample is False and scheduler.config.data_range is None
+    assert scheduler.config.clip_sample is False and scheduler.table.data_range is None
 
 
 def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatch, capsys):

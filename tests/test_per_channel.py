@@ -91,10 +91,10 @@ def ChannelGaussianEps(v: np.ndarray = V) -> ExactGaussianEps:  # noqa: N802 (re
 def channel_scheduler(per_channel: bool, **kwargs) -> AnalyticDPMScheduler:
     """Stable Diffusion's schedule, no data range, the exact per-channel tables and their channel means as scalars."""
     ms, x0 = exact_ms_eps(), exact_x0_mse()
-    return AnalyticDPMScheduler(**{
+    return AnalyticDPMScheduler.from_config({}, **{
         **SD_SCHEDULE, "ms_eps": ms.mean(0).tolist(), "x0_mse": x0.mean(0).tolist(), "channel_ms_eps": ms.tolist(),
         "channel_x0_mse": x0.tolist(), "per_channel": per_channel, "clip_sample": False, "data_range": None,
-        "trajectory": "even", **kwargs,
+        "timestep_spacing": "linspace", **kwargs,
     })
 
 
@@ -151,7 +151,8 @@ def test_equal_channel_rows_give_the_scalar_sampler_bit_for_bit(variance):
     ms, x0 = exact_ms_eps(np.full(C, 0.3)), exact_x0_mse(np.full(C, 0.3))
     kw = dict(ms_eps=ms[0].tolist(), x0_mse=x0[0].tolist(), channel_ms_eps=ms.tolist(), channel_x0_mse=x0.tolist(),
               variance=variance, eta=0.5, data_range=None)
-    per, scalar = AnalyticDPMScheduler(**SD_SCHEDULE, per_channel=True, **kw), AnalyticDPMScheduler(**SD_SCHEDULE, **kw)
+    per = AnalyticDPMScheduler.from_config(SD_SCHEDULE, per_channel=True, **kw)
+    scalar = AnalyticDPMScheduler.from_config(SD_SCHEDULE, **kw)
     # exact on any CPU: the two differ only in the shapes of the table ((C, N) or (1, N)) and of sigma ((C, 1, 1) or
     # (1, 1, 1)), which meet only elementwise +, -, *, /, sqrt and clip, each rounded per element (no sum, exp or log)
     assert torch.equal(run_loop(per), run_loop(scalar))
@@ -187,7 +188,7 @@ def test_step_noise_is_one_sigma_per_channel_and_the_cap_applies_per_channel():
 def test_channel_entries_round_trip_through_save_pretrained(tmp_path):
     ms, x0 = exact_ms_eps(), exact_x0_mse()
     ms[1, 5] = x0[2, 7] = np.nan  # not estimated, never visited by an even 10-step trajectory
-    sched = AnalyticDPMScheduler(**SD_SCHEDULE, channel_ms_eps=ms.tolist(), channel_x0_mse=x0.tolist(),
+    sched = AnalyticDPMScheduler.from_config(SD_SCHEDULE, channel_ms_eps=ms.tolist(), channel_x0_mse=x0.tolist(),
                                  per_channel=True, variance="residual", data_range=None, clip_sample=False)
     np.testing.assert_allclose(sched.ms_eps, ms.mean(0))  # no scalar table given: the channel mean, as in a table
     sched.save_pretrained(tmp_path)
@@ -230,17 +231,17 @@ def test_per_channel_refusals_name_the_fix():
     ms, x0 = exact_ms_eps(), exact_x0_mse()
     with pytest.raises(ValueError, match=r"per_channel=True with variance='analytic' needs channel_ms_eps.*"
                                          r"from_table\(table, config, per_channel=True\).*per_channel=False"):
-        AnalyticDPMScheduler(**SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), per_channel=True)
+        AnalyticDPMScheduler.from_config(SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), per_channel=True)
     with pytest.raises(ValueError, match="per_channel=True with variance='residual' needs channel_x0_mse"):
-        AnalyticDPMScheduler(**SD_SCHEDULE, channel_ms_eps=ms.tolist(), x0_mse=x0.mean(0).tolist(),
+        AnalyticDPMScheduler.from_config(SD_SCHEDULE, channel_ms_eps=ms.tolist(), x0_mse=x0.mean(0).tolist(),
                              variance="residual", per_channel=True)
     with pytest.raises(ValueError, match=r"channel_ms_eps has shape \(4, 1000\) but channel_x0_mse \(3, 1000\)"):
-        AnalyticDPMScheduler(**SD_SCHEDULE, channel_ms_eps=ms.tolist(), channel_x0_mse=x0[:3].tolist())
+        AnalyticDPMScheduler.from_config(SD_SCHEDULE, channel_ms_eps=ms.tolist(), channel_x0_mse=x0[:3].tolist())
     with pytest.raises(ValueError, match=r"channel_ms_eps has shape \(4, 10\), but needs \(channels, 1000\)"):
-        AnalyticDPMScheduler(**SD_SCHEDULE, channel_ms_eps=ms[:, :10].tolist())
+        AnalyticDPMScheduler.from_config(SD_SCHEDULE, channel_ms_eps=ms[:, :10].tolist())
     holes = ms.copy()
     holes[3, 999] = np.nan
-    sched = AnalyticDPMScheduler(**SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), channel_ms_eps=holes.tolist(),
+    sched = AnalyticDPMScheduler.from_config(SD_SCHEDULE, ms_eps=ms.mean(0).tolist(), channel_ms_eps=holes.tolist(),
                                  per_channel=True)
     with pytest.raises(ValueError, match=r"channel_ms_eps is NaN/inf at 1 needed timestep\(s\) \(999\) in channel"):
         sched.set_timesteps(10)

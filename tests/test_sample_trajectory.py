@@ -191,7 +191,7 @@ def test_custom_timesteps_reproduce_the_schedulers_own_spacing(cls):
 
 def test_custom_timesteps_on_analytic_dpm_and_refusals():
     ms_eps = np.full(1000, 0.9)
-    scheduler = AnalyticDPMScheduler(ms_eps=ms_eps.tolist())
+    scheduler = AnalyticDPMScheduler.from_config({}, ms_eps=ms_eps.tolist())
     apply_timesteps(scheduler, [999, 500, 120])
     assert scheduler.trajectory == [999, 500, 120]
     with pytest.raises(ValueError, match="DDIMScheduler.set_timesteps takes no custom .*even.*solver_order=1"):

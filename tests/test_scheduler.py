@@ -30,21 +30,21 @@ def sample_variance(scheduler, model, num_steps: int, n: int = 2000) -> float:
 
 @pytest.mark.parametrize("num_steps", [2, 5, 10])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("trajectory", ["even", "optimal"])
+@pytest.mark.parametrize("spacing", ["linspace", "optimal"])
 @pytest.mark.parametrize("variance", ["analytic", "residual"])
-def test_exact_on_isotropic_gaussian(gaussian_model, linear_scheduler, num_steps, eta, trajectory, variance):
-    """Exact eps: both variances coincide with the optimum, on any trajectory; with x0_mse in the config,
-    trajectory='optimal' is the residual DP's."""
+def test_exact_on_isotropic_gaussian(gaussian_model, linear_scheduler, num_steps, eta, spacing, variance):
+    """Exact eps: both variances coincide with the optimum, on any trajectory; with x0_mse in the table,
+    timestep_spacing='optimal' is the residual DP's."""
     table = {"ms_eps": gaussian_model.exact_ms_eps().tolist()}
     if variance == "residual":
         table["x0_mse"] = gaussian_model.exact_x0_mse().tolist()
     sched = AnalyticDPMScheduler.from_config(
-        linear_scheduler.config, **table, variance=variance, eta=eta, trajectory=trajectory, clip_sample=False,
+        linear_scheduler.config, **table, variance=variance, eta=eta, timestep_spacing=spacing, clip_sample=False,
         data_range=None,
     )
-    if trajectory == "optimal" and variance == "residual":
-        assert sched._optimal(num_steps) == optimal_trajectory(sched.alphas_cumprod_64, None, num_steps, table["x0_mse"])
     assert abs(sample_variance(sched, gaussian_model, num_steps) / gaussian_model.v - 1) < 0.02
+    if spacing == "optimal" and variance == "residual":
+        assert sched.trajectory == optimal_trajectory(sched.alphas_cumprod_64, None, num_steps, table["x0_mse"])
 
 
 @pytest.mark.parametrize("num_steps", [2, 5, 10])
@@ -59,7 +59,7 @@ def test_ddpm_is_not_exact_at_few_steps(gaussian_model, num_steps):
 
 
 def test_unit_ms_eps_gives_ddpm_fixed_small_variance(linear_scheduler):
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[1.0] * N, trajectory="even")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[1.0] * N, timestep_spacing="linspace")
     sched.set_timesteps(10)
     t = np.array(sched.trajectory)
     sigma = sched.step_coefficients(1.0).sigma[:, 0]
@@ -91,7 +91,7 @@ def _means_agree(ours, theirs, timesteps, their_kwargs, clip):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_mean_matches_ddpm_step(clip, prediction_type):
     ddpm = DDPMScheduler(num_train_timesteps=N, clip_sample=clip, prediction_type=prediction_type)
-    ours = AnalyticDPMScheduler.from_config(ddpm.config, ms_eps=[0.9] * N, trajectory="even")
+    ours = AnalyticDPMScheduler.from_config(ddpm.config, ms_eps=[0.9] * N, timestep_spacing="linspace")
     ours.set_timesteps(10)
     ddpm.set_timesteps(timesteps=ours.trajectory)
     _means_agree(ours, ddpm, ours.trajectory, {}, clip)
@@ -153,10 +153,11 @@ def test_ddim_pipeline_after_assignment_uses_eta_zero_by_default():
 def test_hand_written_loop_and_save_load_round_trip(tmp_path, linear_scheduler):
     ms = np.linspace(0.3, 0.99, N)
     ms[5] = np.nan  # not estimated, never visited by an even 10-step trajectory
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms.tolist(), trajectory="even", eta=0.5)
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms.tolist(), timestep_spacing="linspace",
+                                             eta=0.5)
     sched.save_pretrained(tmp_path)
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
-    assert loaded.config.eta == 0.5 and loaded.config.trajectory == "even"
+    assert loaded.config.eta == 0.5 and loaded.config.timestep_spacing == "linspace"
     np.testing.assert_array_equal(loaded.ms_eps, sched.ms_eps)
     outs = []
     for s in (sched, loaded):
@@ -175,7 +176,8 @@ def test_residual_variance_round_trip_and_step(tmp_path, linear_scheduler):
 
     x0_mse = np.linspace(1e-4, 0.4, N)
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, x0_mse=x0_mse.tolist(),
-                                             variance="residual", trajectory="even", eta=0.3, variance_cap_y=None)
+                                             variance="residual", timestep_spacing="linspace", eta=0.3,
+                                             variance_cap_y=None)
     sched.save_pretrained(tmp_path)
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
     assert loaded.config.variance == "residual"
@@ -235,24 +237,25 @@ def test_trailing_spacing_drops_diffusers_spurious_last_timestep():
     assert ours.trajectory == ddim.timesteps.tolist()[:61] and ddim.timesteps[-1] == -1
 
 
-def test_trajectory_wins_over_the_configs_spacing_and_the_spacing_stays_for_diffusers(tmp_path, gaussian_model):
+def test_the_argument_wins_over_the_configs_spacing(tmp_path, gaussian_model):
+    """One timestep setting: timestep_spacing= wins over the config's, which is kept when none is passed; the
+    package's trajectories are spacings too, and a saved scheduler keeps its spacing and offset."""
     ms = gaussian_model.exact_ms_eps().tolist()
     ddpm = DDPMScheduler(num_train_timesteps=N, timestep_spacing="trailing", steps_offset=1)
     ddpm.save_pretrained(tmp_path / "ddpm")
     saved = DDPMScheduler.load_config(tmp_path / "ddpm")  # a pipeline's config, spacing as saved
     kept = AnalyticDPMScheduler.from_config(saved, ms_eps=ms)
-    chosen = AnalyticDPMScheduler.from_config(saved, ms_eps=ms, trajectory="optimal")
-    both = AnalyticDPMScheduler(ms_eps=ms, trajectory="optimal", timestep_spacing="leading")  # a saved config's state
+    chosen = AnalyticDPMScheduler.from_config(saved, ms_eps=ms, timestep_spacing="optimal")
     respaced = AnalyticDPMScheduler.from_config(chosen.config, timestep_spacing="linspace")
-    for s in (kept, chosen, both, respaced):
+    for s in (kept, chosen, respaced):
         s.set_timesteps(10)
-    assert kept.config.timestep_spacing == "trailing" and kept.config.trajectory is None
+    assert kept.config.timestep_spacing == "trailing" and "trajectory" not in kept.config
     assert kept.trajectory == list(range(999, -1, -100))
-    assert (chosen.config.timestep_spacing, chosen.config.trajectory) == ("trailing", "optimal")
-    assert chosen.trajectory == both.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
-    assert respaced.config.trajectory is None and respaced.trajectory == even_trajectory(N, 10)
-    # The way back to a Diffusers scheduler keeps the source's spacing.
-    back = DDPMScheduler.from_config(chosen.config)
+    assert chosen.config.timestep_spacing == "optimal"
+    assert chosen.trajectory == optimal_trajectory(chosen.alphas_cumprod_64, ms, 10)
+    assert respaced.trajectory == even_trajectory(N, 10)
+    # The way back to a Diffusers scheduler from this package's trajectory names a spacing Diffusers knows.
+    back = DDPMScheduler.from_config(chosen.config, timestep_spacing="trailing")
     back.set_timesteps(10)
     assert back.timesteps.tolist() == kept.trajectory
     kept.save_pretrained(tmp_path / "ours")
@@ -267,7 +270,7 @@ def test_config_of_no_scheduler_gets_trailing_timesteps():
     starts at N-1 and ends at N/K - 1."""
     config = {"num_train_timesteps": N, "beta_schedule": "linear"}
     sched = AnalyticDPMScheduler.from_config(config, ms_eps=[0.5] * N)
-    assert sched.config.timestep_spacing == "trailing" and sched.config.trajectory is None
+    assert sched.config.timestep_spacing == "trailing" and "trajectory" not in sched.config
     sched.set_timesteps(10)
     assert sched.trajectory == list(range(999, 0, -100))
     again = AnalyticDPMScheduler.from_config(sched.config, ms_eps=[0.5] * N)  # the default is in the saved config
@@ -276,18 +279,18 @@ def test_config_of_no_scheduler_gets_trailing_timesteps():
 
 def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     ms = gaussian_model.exact_ms_eps().tolist()
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, timestep_spacing="linspace")
     sched.set_timesteps(timesteps=[999, 600, 100, 0])
     assert sched.timesteps.tolist() == [999, 600, 100, 0]
     sched.set_timesteps(10)
-    assert sched.config.trajectory == "even" and sched.trajectory == even_trajectory(N, 10)
-    optimal = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="optimal")
+    assert sched.config.timestep_spacing == "linspace" and sched.trajectory == even_trajectory(N, 10)
+    optimal = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, timestep_spacing="optimal")
     optimal.set_timesteps(10)
     assert optimal.trajectory == optimal_trajectory(optimal.alphas_cumprod_64, ms, 10) != even_trajectory(N, 10)
 
 
 def test_step_refuses_an_unexpected_timestep(linear_scheduler):
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="linspace")
     sched.set_timesteps(10)
     x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
     sched.step(out, 999, x)
@@ -304,7 +307,8 @@ def test_step_refuses_an_unexpected_timestep(linear_scheduler):
 
 def test_begin_index_starts_the_loop_part_way(linear_scheduler):
     sched, reference = (
-        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even") for _ in range(2)
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="linspace")
+        for _ in range(2)
     )
     for s in (sched, reference):
         s.set_timesteps(10)
@@ -325,7 +329,7 @@ def test_begin_index_starts_the_loop_part_way(linear_scheduler):
 
 
 def test_variance_cap_on_step_into_t1(linear_scheduler):
-    kw = dict(ms_eps=[0.0] * N, trajectory="even")
+    kw = dict(ms_eps=[0.0] * N, timestep_spacing="linspace")
     free = AnalyticDPMScheduler.from_config(linear_scheduler.config, **kw)
     capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, variance_cap_y=1.0, **kw)
     for s in (free, capped):
@@ -341,8 +345,16 @@ def test_variance_cap_on_step_into_t1(linear_scheduler):
 
 # ---------------------------------------------------------------- error paths: a clear message that names the fix
 def test_missing_table_is_refused(linear_scheduler):
-    with pytest.raises(ValueError, match="needs the model's variance table.*estimate_moments"):
+    """No table: refused by name, from a config and from the constructor, which takes options only."""
+    with pytest.raises(ValueError, match="needs the model's variance table: build it with AnalyticDPMScheduler."
+                                         "from_table\\(table, config\\).*estimate_moments"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config)
+    with pytest.raises(ValueError, match="needs the model's variance table"):
+        AnalyticDPMScheduler(eta=0.0)
+    with pytest.raises(ValueError, match="the variance table needs ms_eps \\(or channel_ms_eps\\)"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, x0_mse=[0.1] * N)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ms_eps'"):
+        AnalyticDPMScheduler(ms_eps=[0.5] * N)
 
 
 def test_wrong_length_and_nan_tables_are_refused(linear_scheduler):
@@ -350,7 +362,7 @@ def test_wrong_length_and_nan_tables_are_refused(linear_scheduler):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * 10)
     ms = [0.5] * N
     ms[999] = float("nan")
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, timestep_spacing="linspace")
     with pytest.raises(ValueError, match="NaN/inf at 1 needed timestep\\(s\\) \\(999\\).*estimate_moments"):
         sched.set_timesteps(10)
 
@@ -359,7 +371,7 @@ def test_mismatched_fingerprint_is_refused(linear_scheduler):
     cosine = DDPMScheduler(num_train_timesteps=N, beta_schedule="squaredcos_cap_v2")
     cosine_print = schedule_fingerprint(alphas_cumprod_from_config(cosine.config))
     ok = AnalyticDPMScheduler.from_config(cosine.config, ms_eps=[0.5] * N, table_fingerprint=cosine_print)
-    assert ok.config.table_fingerprint == cosine_print
+    assert ok.table.fingerprint == cosine_print and "table_fingerprint" not in ok.config
     with pytest.raises(ValueError, match=f"estimated for schedule {cosine_print}.*this model's own scheduler config"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, table_fingerprint=cosine_print)
 
@@ -373,7 +385,7 @@ def test_mismatched_fingerprint_is_refused(linear_scheduler):
     (dict(), "needs num_inference_steps"),
 ])
 def test_bad_timesteps_are_refused(linear_scheduler, bad, message):
-    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="even")
+    sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="linspace")
     with pytest.raises(ValueError, match=message):
         sched.set_timesteps(**bad)
 
@@ -381,11 +393,14 @@ def test_bad_timesteps_are_refused(linear_scheduler, bad, message):
 def test_bad_options_are_refused(linear_scheduler):
     with pytest.raises(ValueError, match="eta=1.5 is outside \\[0, 1\\]"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, eta=1.5)
-    with pytest.raises(ValueError, match="trajectory='fast'"):
-        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, trajectory="fast")
-    with pytest.raises(ValueError, match="timestep_spacing='even'.*'leading', 'linspace', 'trailing'"):
+    with pytest.raises(ValueError, match="timestep_spacing='fast'"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="fast")
+    with pytest.raises(ValueError, match="timestep_spacing='even'.*'leading', 'linspace', 'trailing', 'optimal', "
+                                         "'quadratic', 'samples'\\) \\('even' is Diffusers' 'linspace'\\)"):
         AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="even")
-    offset = AnalyticDPMScheduler(ms_eps=[0.5] * N, timestep_spacing="leading", steps_offset=1)
+    with pytest.raises(ValueError, match="timestep_spacing='samples' needs the table's sample cost"):
+        AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="samples")
+    offset = AnalyticDPMScheduler.from_config({}, ms_eps=[0.5] * N, timestep_spacing="leading", steps_offset=1)
     with pytest.raises(ValueError, match="starts at t=1000 > N-1=999 for K=1000; use fewer steps"):
         offset.set_timesteps(N)
     with pytest.raises(ValueError, match="prediction_type='x0'"):
@@ -404,7 +419,7 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     ms = gaussian_model.exact_ms_eps()
     table = VarianceTable(ms, np.full(N, 1e-3), np.full(N, 100), abar, data_range=None)
     sched = AnalyticDPMScheduler.from_table(table, linear_scheduler.config)
-    assert sched.config.table_fingerprint == table.fingerprint and sched.config.data_range is None
+    assert sched.table.fingerprint == table.fingerprint and sched.table.data_range is None
     own = AnalyticDPMScheduler.from_table(table)  # the table's own schedule, as trained_betas
     np.testing.assert_allclose(own.alphas_cumprod_64, abar, rtol=1e-12)
     for s in (sched, own):
@@ -412,14 +427,15 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     assert sched.trajectory == list(range(900, -1, -100))  # DDPMScheduler's own spacing ("leading")
     assert own.trajectory == list(range(999, 0, -100))  # no config: this package's default, trailing
     sched.save_pretrained(tmp_path)
-    assert AnalyticDPMScheduler.from_pretrained(tmp_path).config.table_fingerprint == table.fingerprint
+    assert AnalyticDPMScheduler.from_pretrained(tmp_path).table.fingerprint == table.fingerprint
     assert sched.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name
     with pytest.raises(ValueError, match="needs x0_mse, which this table does not have.*analytic-sampler precompute"):
         AnalyticDPMScheduler.from_table(table, linear_scheduler.config, variance="residual")
     full = VarianceTable.from_sums(ms * 100, ms**2 * 100 + 1e-4, np.full(N, 100), abar,
                                    gaussian_model.exact_x0_mse() * 100, gaussian_model.exact_x0_mse() ** 2 * 100 + 1e-6,
                                    data_range=None)
-    residual = AnalyticDPMScheduler.from_table(full, linear_scheduler.config, variance="residual", trajectory="optimal")
+    residual = AnalyticDPMScheduler.from_table(full, linear_scheduler.config, variance="residual",
+                                               timestep_spacing="optimal")
     np.testing.assert_allclose(residual.x0_mse, full.x0_mse)
     residual.set_timesteps(10)
     assert residual.trajectory == optimal_trajectory(abar, None, 10, x0_mse=full.x0_mse)
@@ -438,7 +454,7 @@ def test_from_table_refuses_the_table_of_another_model_unless_forced():
     unet = tiny_unet(channels=1)
     table = VarianceTable(np.full(20, 0.9), np.full(20, 0.01), np.full(20, 4), abar,
                           provenance={"model_id": "mine", "model_fingerprint": weights_fingerprint(unet)})
-    assert AnalyticDPMScheduler.from_table(table, config, model=unet).config.table_fingerprint == table.fingerprint
+    assert AnalyticDPMScheduler.from_table(table, config, model=unet).table.fingerprint == table.fingerprint
     with pytest.raises(ValueError, match=r"the variance table \(mine\) does not belong to this model: it was "
                                          r"estimated with weights .*pass force_table=True \(on the command line: "
                                          r"--force-table\)"):
@@ -448,7 +464,7 @@ def test_from_table_refuses_the_table_of_another_model_unless_forced():
 
 
 def test_step_coefficients_before_set_timesteps_names_the_fix():
-    scheduler = AnalyticDPMScheduler(num_train_timesteps=N, ms_eps=np.linspace(0.2, 0.999, N).tolist())
+    scheduler = AnalyticDPMScheduler.from_config({"num_train_timesteps": N}, ms_eps=np.linspace(0.2, 0.999, N).tolist())
     with pytest.raises(ValueError, match=r"call set_timesteps\(num_inference_steps\) before step_coefficients"):
         scheduler.step_coefficients(1.0)
 
@@ -457,9 +473,10 @@ def test_the_default_caps_the_step_into_t1_on_bounded_data_only(linear_scheduler
     """By default the variance of the step into t_1 is capped at (2 * bin * sqrt(pi/2))^2 with 8-bit bins of the data
     range; every other step keeps the analytic variance; variance_cap_y=None and data_range=None leave it uncapped."""
     ms = np.full(N, 0.3).tolist()
-    capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even")
-    free = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", variance_cap_y=None)
-    latent = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None)
+    kw = dict(ms_eps=ms, timestep_spacing="linspace")
+    capped = AnalyticDPMScheduler.from_config(linear_scheduler.config, **kw)
+    free = AnalyticDPMScheduler.from_config(linear_scheduler.config, variance_cap_y=None, **kw)
+    latent = AnalyticDPMScheduler.from_config(linear_scheduler.config, data_range=None, **kw)
     for sched in (capped, free, latent):
         sched.set_timesteps(10)
     assert capped.config.variance_cap_y == 2.0
@@ -467,7 +484,6 @@ def test_the_default_caps_the_step_into_t1_on_bounded_data_only(linear_scheduler
     a, b = capped.step_coefficients(1.0).sigma[:, 0] ** 2, free.step_coefficients(1.0).sigma[:, 0] ** 2
     assert b[-2] > cap and a[-2] == pytest.approx(cap, rel=1e-12)
     np.testing.assert_array_equal(a[:-2], b[:-2])
-    unbounded = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=ms, trajectory="even", data_range=None,
-                                                 variance_cap_y=None)
+    unbounded = AnalyticDPMScheduler.from_config(linear_scheduler.config, data_range=None, variance_cap_y=None, **kw)
     unbounded.set_timesteps(10)
     np.testing.assert_array_equal(latent.step_coefficients(1.0).sigma, unbounded.step_coefficients(1.0).sigma)

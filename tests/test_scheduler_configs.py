@@ -21,7 +21,7 @@ from hub_configs import DDPM_CIFAR10, DEEPFLOYD_IF, HUB_CONFIGS, SD_2_1, SD_V1_5
 from analytic_sampler.schedule import alphas_cumprod_from_config  # noqa: E402
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: E402
 from analytic_sampler.table import VarianceTable  # noqa: E402
-from analytic_sampler.trajectory import even_trajectory, optimal_trajectory  # noqa: E402
+from analytic_sampler.trajectory import optimal_trajectory, quadratic_trajectory  # noqa: E402
 from analytic_sampler.variance import pair_coefficients  # noqa: E402
 
 N = 1000
@@ -55,7 +55,7 @@ def quietly(build, *args, **kwargs):
 def test_real_configs_get_ddims_timesteps(name, num_steps, tmp_path):
     """A config without timestep_spacing (saved before the option existed) runs the timesteps of the scheduler it
     came from, with its steps_offset: exactly DDIMScheduler.from_config's, from the JSON, from a saved folder and
-    from the live scheduler's config; trajectory= still chooses this package's."""
+    from the live scheduler's config; timestep_spacing= still chooses this package's trajectories."""
     config = HUB_CONFIGS[name]
     ddim = quietly(DDIMScheduler.from_config, config)
     ddim.set_timesteps(num_steps)
@@ -75,9 +75,9 @@ def test_real_configs_get_ddims_timesteps(name, num_steps, tmp_path):
         scheduler.set_timesteps(num_steps)
         assert scheduler.timesteps.tolist() == expected and scheduler.config.timestep_spacing == "leading"
         assert scheduler.config.steps_offset == config.get("steps_offset", 0)
-    ours = quietly(AnalyticDPMScheduler.from_config, config, ms_eps=MS, trajectory="even")
+    ours = quietly(AnalyticDPMScheduler.from_config, config, ms_eps=MS, timestep_spacing="quadratic")
     ours.set_timesteps(num_steps)
-    assert ours.trajectory == ([N - 1] if num_steps == 1 else even_trajectory(N, num_steps))
+    assert ours.trajectory == ([N - 1] if num_steps == 1 else quadratic_trajectory(N, num_steps))
 
 
 def test_sd_v1_5_known_timesteps():
@@ -89,7 +89,7 @@ def test_sd_v1_5_known_timesteps():
 def test_a_config_that_names_no_scheduler_gets_the_default_spacing():
     scheduler = AnalyticDPMScheduler.from_config({"num_train_timesteps": N, "beta_schedule": "linear"}, ms_eps=MS)
     scheduler.set_timesteps(10)
-    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.trajectory is None
+    assert scheduler.config.timestep_spacing == "trailing" and "trajectory" not in scheduler.config
     ddim = DDIMScheduler(num_train_timesteps=N, timestep_spacing="trailing")
     ddim.set_timesteps(10)
     assert scheduler.trajectory == ddim.timesteps.tolist()
@@ -102,7 +102,7 @@ def test_a_live_schedulers_default_spacing_is_its_own():
         base = cls(num_train_timesteps=N)
         assert "timestep_spacing" in base.config["_use_default_values"]
         scheduler = quietly(AnalyticDPMScheduler.from_config, base.config, ms_eps=MS)
-        assert scheduler.config.timestep_spacing == spacing and scheduler.config.trajectory is None
+        assert scheduler.config.timestep_spacing == spacing and "trajectory" not in scheduler.config
 
 
 # ---------------------------------------------------------------- Diffusers options
@@ -140,8 +140,8 @@ def test_own_saved_config_reloads_without_the_warning(tmp_path):
 def test_dynamic_thresholding_as_ddpm_does_it():
     """DeepFloyd IF's config: x0_hat dynamically thresholded (quantile 0.95, at most 1.5), eps recomputed from it,
     exactly DDPMScheduler's step; the learned-variance half of the output is ignored."""
-    ours = quietly(AnalyticDPMScheduler.from_config, DEEPFLOYD_IF, ms_eps=np.ones(N), trajectory="even")
-    plain = quietly(AnalyticDPMScheduler.from_config, DEEPFLOYD_IF, ms_eps=np.ones(N), trajectory="even",
+    ours = quietly(AnalyticDPMScheduler.from_config, DEEPFLOYD_IF, ms_eps=np.ones(N), timestep_spacing="linspace")
+    plain = quietly(AnalyticDPMScheduler.from_config, DEEPFLOYD_IF, ms_eps=np.ones(N), timestep_spacing="linspace",
                     thresholding=False)
     theirs = quietly(DDPMScheduler.from_config, DEEPFLOYD_IF, variance_type="fixed_small")
     assert ours.config.thresholding and ours.config.sample_max_value == 1.5
@@ -173,16 +173,16 @@ SCHEDULES = [dict(beta_schedule="linear"), dict(beta_schedule="scaled_linear", b
 def test_zero_snr_schedule_matches_ddim(schedule):
     config = dict(num_train_timesteps=N, rescale_betas_zero_snr=True, **schedule)
     ddim = DDIMScheduler(**config)
-    ours = AnalyticDPMScheduler(**config, ms_eps=MS, ms_x0=0.5)
+    ours = AnalyticDPMScheduler.from_config(config, ms_eps=MS, ms_x0=0.5)
     for name in ("betas", "alphas", "alphas_cumprod"):  # Diffusers rescales in float32, the schedule here in float64
         torch.testing.assert_close(getattr(ours, name), getattr(ddim, name), rtol=0, atol=1e-5, msg=name)
     assert ours.alphas_cumprod[-1] == 0 and ours.betas[-1] == 1
     abar = ours.alphas_cumprod_64  # the step's float64 schedule: the endpoint raised to a floor, still decreasing
     assert np.all(np.diff(abar) < 0) and 0 < abar[-1] <= 2.0**-24
-    for trajectory in ("even", "optimal"):
-        scheduler = quietly(AnalyticDPMScheduler, **config, ms_eps=MS, x0_mse=MS * 0.1, ms_x0=0.5,
-                            trajectory=trajectory)
-        scheduler.set_timesteps(N if trajectory == "even" else 10)
+    for spacing in ("linspace", "optimal"):
+        scheduler = quietly(AnalyticDPMScheduler.from_config, config, ms_eps=MS, x0_mse=MS * 0.1, ms_x0=0.5,
+                            timestep_spacing=spacing)
+        scheduler.set_timesteps(N if spacing == "linspace" else 10)
         coefficients = scheduler.step_coefficients(1.0)
         assert all(np.isfinite(field).all() for field in coefficients)
         assert scheduler.trajectory[0] == N - 1
@@ -203,7 +203,7 @@ def test_zero_snr_first_step_is_bounded_and_robust_to_monte_carlo_noise(eta, pre
     for shift in (0.0, -stderr, stderr):
         table = ms.copy()
         table[-1] += shift
-        scheduler = AnalyticDPMScheduler(**config, ms_eps=table, channel_ms_eps=np.stack([table] * 4),
+        scheduler = AnalyticDPMScheduler.from_config(config, ms_eps=table, channel_ms_eps=np.stack([table] * 4),
                                          channel_ms_x0=[0.9] * 4, data_range=None, clip_sample=False, eta=eta)
         scheduler.set_timesteps(10)
         sigmas.append(scheduler.step_coefficients(eta).sigma[0, 0])
@@ -211,11 +211,11 @@ def test_zero_snr_first_step_is_bounded_and_robust_to_monte_carlo_noise(eta, pre
         out = scheduler.step(torch.randn_like(x), N - 1, x, generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(out.prev_sample).all() and torch.isfinite(out.pred_original_sample).all()
     assert max(abs(s / sigmas[0] - 1) for s in sigmas) < 0.03
-    bound = AnalyticDPMScheduler(**config, ms_eps=ms, ms_x0=0.9, data_range=None, clip_sample=False, eta=eta)
+    bound = AnalyticDPMScheduler.from_config(config, ms_eps=ms, ms_x0=0.9, data_range=None, clip_sample=False, eta=eta)
     bound.set_timesteps(10)
     pair = pair_coefficients(abar, bound.trajectory[1], bound.trajectory[0], eta)  # c[N-1] = ms_x0, the bound
     assert bound.step_coefficients(eta).sigma[0, 0] ** 2 == pytest.approx(pair.lambda2 + pair.coef**2 * 0.9, rel=1e-12)
-    blind = AnalyticDPMScheduler(**config, ms_eps=ms, data_range=None, clip_sample=False, eta=eta)
+    blind = AnalyticDPMScheduler.from_config(config, ms_eps=ms, data_range=None, clip_sample=False, eta=eta)
     with pytest.raises(ValueError, match="step from t=999 .* needs a bound on the data's variance.*channel_ms_x0"):
         blind.set_timesteps(10)
 
@@ -225,9 +225,9 @@ def test_zero_snr_first_step_is_bounded_and_robust_to_monte_carlo_noise(eta, pre
 def test_zero_snr_is_exact_on_gaussian_data(num_steps, eta):
     """Exact eps of N(0, v I) data on a zero-SNR schedule, from t = N-1 to 0: the samples have variance v for any
     K, the first step taking c = v (the data's second moment) where x_{N-1} says nothing."""
-    config = dict(num_train_timesteps=N, rescale_betas_zero_snr=True, trajectory="even")
+    config = dict(num_train_timesteps=N, rescale_betas_zero_snr=True, timestep_spacing="linspace")
     model = ExactGaussianEps(alphas_cumprod_from_config(config), v=0.25)
-    scheduler = AnalyticDPMScheduler(**config, ms_eps=model.exact_ms_eps(), ms_x0=0.25, data_range=None,
+    scheduler = AnalyticDPMScheduler.from_config(config, ms_eps=model.exact_ms_eps(), ms_x0=0.25, data_range=None,
                                      clip_sample=False, eta=eta)
     scheduler.set_timesteps(num_steps)
     g = torch.Generator().manual_seed(0)
@@ -240,7 +240,7 @@ def test_zero_snr_is_exact_on_gaussian_data(num_steps, eta):
 # ---------------------------------------------------------------- step: dtype, K = 1, arguments, previous_timestep
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_step_computes_in_float32_and_returns_the_input_dtype(dtype):
-    scheduler = AnalyticDPMScheduler(ms_eps=MS, trajectory="even")
+    scheduler = AnalyticDPMScheduler.from_config({}, ms_eps=MS, timestep_spacing="linspace")
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(2, 3, 8, 8, generator=g).to(dtype), torch.randn(2, 3, 8, 8, generator=g).to(dtype)
     results = []
@@ -260,7 +260,7 @@ def test_one_step_goes_from_the_last_timestep_to_x0_as_ddim_does():
     ddim.set_timesteps(1)
     ours = AnalyticDPMScheduler.from_config(ddim.config, ms_eps=MS, eta=0.0)
     ours.set_timesteps(1)
-    even = AnalyticDPMScheduler(ms_eps=MS, trajectory="optimal", x0_mse=MS * 0.1)
+    even = AnalyticDPMScheduler.from_config({}, ms_eps=MS, timestep_spacing="optimal", x0_mse=MS * 0.1)
     even.set_timesteps(1)
     assert ours.trajectory == ddim.timesteps.tolist() == even.trajectory == [N - 1]
     g = torch.Generator().manual_seed(0)
@@ -277,7 +277,7 @@ def test_one_step_goes_from_the_last_timestep_to_x0_as_ddim_does():
 def test_step_takes_ddims_argument_order_and_refuses_unknown_keywords():
     ddim_order = list(inspect.signature(DDIMScheduler.step).parameters)
     assert list(inspect.signature(AnalyticDPMScheduler.step).parameters) == ddim_order
-    scheduler = AnalyticDPMScheduler(ms_eps=MS, trajectory="even")
+    scheduler = AnalyticDPMScheduler.from_config({}, ms_eps=MS, timestep_spacing="linspace")
     x, out = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
     results = []
     for call in (lambda: scheduler.step(out, 999, x, 0.3, None, torch.Generator().manual_seed(0)),
@@ -294,7 +294,7 @@ def test_step_takes_ddims_argument_order_and_refuses_unknown_keywords():
 
 
 def test_previous_timestep_is_ddpms():
-    scheduler = AnalyticDPMScheduler(ms_eps=MS, trajectory="even")
+    scheduler = AnalyticDPMScheduler.from_config({}, ms_eps=MS, timestep_spacing="linspace")
     scheduler.set_timesteps(10)
     ddpm = DDPMScheduler(num_train_timesteps=N)
     ddpm.set_timesteps(timesteps=scheduler.trajectory)
@@ -322,7 +322,7 @@ def test_from_table_takes_the_tables_prediction_type():
 def test_from_table_takes_the_tables_data_range_and_clip():
     pixel = table_for(DDPM_CIFAR10, data_range=(-1.0, 1.0))
     scheduler = AnalyticDPMScheduler.from_table(pixel, {**DDPM_CIFAR10, "clip_sample_range": 1.0})
-    assert scheduler.config.clip_sample is True and scheduler.config.data_range == (-1.0, 1.0)
+    assert scheduler.config.clip_sample is True and scheduler.table.data_range == (-1.0, 1.0)
     with pytest.raises(ValueError, match="x0_hat clipped to \\(-1.0, 1.0\\), but the scheduler config sets "
                                          "clip_sample=False: leave the clip to the table"):
         AnalyticDPMScheduler.from_table(pixel, {**DDPM_CIFAR10, "clip_sample": False})
@@ -338,22 +338,21 @@ def test_from_table_takes_the_tables_data_range_and_clip():
 
 def test_contradictory_inputs_are_refused():
     with pytest.raises(ValueError, match="ms_eps is not the channel mean of channel_ms_eps .*different tables"):
-        AnalyticDPMScheduler(ms_eps=MS, channel_ms_eps=np.stack([MS * 0.9] * 3))
+        AnalyticDPMScheduler.from_config({}, ms_eps=MS, channel_ms_eps=np.stack([MS * 0.9] * 3))
     with pytest.raises(ValueError, match="x0_mse is not the channel mean of channel_x0_mse"):
-        AnalyticDPMScheduler(ms_eps=MS, x0_mse=MS * 0.1, channel_x0_mse=np.stack([MS * 0.2] * 3))
-    same = AnalyticDPMScheduler(ms_eps=MS, channel_ms_eps=np.stack([MS * 0.9, MS * 1.1]))  # the channel mean: fine
+        AnalyticDPMScheduler.from_config({}, ms_eps=MS, x0_mse=MS * 0.1, channel_x0_mse=np.stack([MS * 0.2] * 3))
+    same = AnalyticDPMScheduler.from_config({}, ms_eps=MS, channel_ms_eps=np.stack([MS * 0.9, MS * 1.1]))  # the mean
     np.testing.assert_allclose(same.ms_eps, MS)
-    with pytest.raises(ValueError, match="trajectory='optimal' and timestep_spacing='trailing' were both passed; "
-                                         "pass one. trajectory= chooses this package's trajectory and wins"):
-        quietly(AnalyticDPMScheduler.from_config, SD_V1_5, ms_eps=MS, trajectory="optimal", timestep_spacing="trailing")
-    with pytest.raises(ValueError, match="were both passed"):
-        AnalyticDPMScheduler.from_table(table_for(DDPM_CIFAR10), DDPM_CIFAR10, trajectory="even",
-                                        timestep_spacing="leading")
+    with pytest.raises(ValueError, match="trajectory='optimal': the timesteps have one setting, timestep_spacing; "
+                                         "pass timestep_spacing='optimal'"):
+        quietly(AnalyticDPMScheduler.from_config, SD_V1_5, ms_eps=MS, trajectory="optimal")
+    with pytest.raises(ValueError, match="trajectory='even': .*pass timestep_spacing='linspace'"):
+        AnalyticDPMScheduler.from_table(table_for(DDPM_CIFAR10), DDPM_CIFAR10, trajectory="even")
 
 
 def test_all_nan_x0_mse_names_the_fix():
     with pytest.raises(ValueError, match="x0_mse is NaN at every timestep .*leave x0_mse out"):
-        AnalyticDPMScheduler(ms_eps=MS, x0_mse=np.full(N, np.nan), trajectory="optimal")
+        AnalyticDPMScheduler.from_config({}, ms_eps=MS, x0_mse=np.full(N, np.nan), timestep_spacing="optimal")
     abar = alphas_cumprod_from_config({})
     with pytest.raises(ValueError, match="x0_mse is NaN at every timestep .*pass x0_mse=None to use ms_eps"):
         optimal_trajectory(abar, MS, 10, x0_mse=np.full(N, np.nan))
@@ -362,7 +361,7 @@ def test_all_nan_x0_mse_names_the_fix():
 def test_sampling_at_another_size_than_the_tables_warns_once():
     table = table_for(SD_V1_5, data_range=None, channels=4, sample_shape=[4, 8, 8], channel_ms_x0=[1.0] * 4)
     scheduler = quietly(AnalyticDPMScheduler.from_table, table, SD_V1_5)
-    assert scheduler.config.table_sample_shape == [4, 8, 8] and scheduler.ms_x0 == 1.0
+    assert scheduler.table.sample_shape == (4, 8, 8) and scheduler.ms_x0 == 1.0
     scheduler.set_timesteps(10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

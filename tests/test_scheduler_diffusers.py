@@ -28,12 +28,17 @@ def scheduler_config(**overrides) -> dict:
             "ms_eps": TABLE, **overrides}
 
 
+def build(**overrides) -> AnalyticDPMScheduler:
+    """The scheduler of ``scheduler_config(**overrides)``: its options, with the table as arrays."""
+    return AnalyticDPMScheduler.from_config({}, **scheduler_config(**overrides))
+
+
 def sample() -> torch.Tensor:
     return torch.rand((4, 3, 8, 8), generator=torch.Generator().manual_seed(0))
 
 
 def first_timesteps(**config) -> tuple[int, int]:
-    scheduler = AnalyticDPMScheduler(**scheduler_config(**config))
+    scheduler = build(**config)
     scheduler.set_timesteps(NUM_STEPS)
     return int(scheduler.timesteps[0]), int(scheduler.timesteps[1])
 
@@ -55,13 +60,13 @@ def same_step(scheduler, new_scheduler, timestep, **kwargs) -> None:
 
 @pytest.mark.parametrize("config", [
     {}, {"beta_schedule": "squaredcos_cap_v2"}, {"prediction_type": "v_prediction"}, {"clip_sample": False},
-    {"eta": 0.0}, {"variance": "residual", "x0_mse": TABLE * 0.1}, {"trajectory": "optimal"},
+    {"eta": 0.0}, {"variance": "residual", "x0_mse": TABLE * 0.1}, {"timestep_spacing": "optimal"},
     {"timestep_spacing": "trailing"}, {"timestep_spacing": "leading", "steps_offset": 1}, {"thresholding": True},
     {"rescale_betas_zero_snr": True, "ms_x0": 0.5}, {"per_channel": True, "channel_ms_eps": np.stack([TABLE] * 3)},
 ])
 def test_over_configs(config):
     """A scheduler saved with ``save_config`` and loaded with ``from_pretrained`` steps identically, for any config."""
-    scheduler = AnalyticDPMScheduler(**scheduler_config(**config))
+    scheduler = build(**config)
     for timestep in first_timesteps(**config):
         same_step(scheduler, reloaded(scheduler), timestep)
 
@@ -69,19 +74,19 @@ def test_over_configs(config):
 @pytest.mark.parametrize("forward", [{"eta": 0.0}, {"eta": 0.5}, {"use_clipped_model_output": False}])
 def test_over_forward(forward):
     """The same with keyword arguments of ``step``."""
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     same_step(scheduler, reloaded(scheduler), first_timesteps()[0], **forward)
 
 
 def test_from_save_pretrained():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     same_step(scheduler, reloaded(scheduler, "save_pretrained"), first_timesteps()[0])
 
 
 @pytest.mark.filterwarnings("ignore:AnalyticDPMScheduler does not use", "ignore::DeprecationWarning")
 def test_compatibles():
     """Every compatible Diffusers scheduler builds from this config, and this scheduler from theirs, config intact."""
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     assert all(c is not None for c in scheduler.compatibles)
     for comp_cls in scheduler.compatibles:
         if isinstance(comp_cls, DummyObject):  # a scheduler whose optional dependency is not installed (torchsde)
@@ -96,7 +101,7 @@ def test_compatibles():
 
 
 def test_from_pretrained():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     new = reloaded(scheduler, "save_pretrained")
     config = dict(scheduler.config)
     del config["_use_default_values"]
@@ -104,7 +109,7 @@ def test_from_pretrained():
 
 
 def test_step_shape():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     scheduler.set_timesteps(NUM_STEPS)
     x = sample()
     first, second = first_timesteps()
@@ -115,7 +120,7 @@ def test_step_shape():
 
 def test_outputs_equivalence():
     """``return_dict=False`` gives the same tensors as the dataclass."""
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     x, timestep = sample(), first_timesteps()[0]
     scheduler.set_timesteps(NUM_STEPS)
     as_dict = scheduler.step(0.1 * x, timestep, x, generator=torch.manual_seed(0))
@@ -126,14 +131,14 @@ def test_outputs_equivalence():
 
 
 def test_public_api():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     assert hasattr(scheduler, "init_noise_sigma") and hasattr(scheduler, "scale_model_input")
     assert hasattr(scheduler, "step")
     assert scheduler.scale_model_input(sample(), 0.0).shape == sample().shape
 
 
 def test_add_noise_device():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     scheduler.set_timesteps(NUM_STEPS)
     x = scheduler.scale_model_input(sample(), 0.0)
     noised = scheduler.add_noise(x, torch.randn(x.shape), scheduler.timesteps[5][None])
@@ -147,13 +152,14 @@ def test_no_undeclared_kwargs():
 
 def test_trained_betas():
     """Trained betas round-trip (with a table of their length: two training timesteps)."""
-    scheduler = AnalyticDPMScheduler(num_train_timesteps=2, ms_eps=[0.5, 0.5], trained_betas=np.array([0.1, 0.3]))
+    scheduler = AnalyticDPMScheduler.from_config({}, num_train_timesteps=2, ms_eps=[0.5, 0.5],
+                                             trained_betas=np.array([0.1, 0.3]))
     new = reloaded(scheduler, "save_pretrained")
     assert scheduler.betas.tolist() == new.betas.tolist()
 
 
 def test_getattr_is_correct():
-    scheduler = AnalyticDPMScheduler(**scheduler_config())
+    scheduler = build()
     scheduler.dummy_attribute = 5
     scheduler.register_to_config(test_attribute=5)
     assert scheduler.dummy_attribute == 5 and getattr(scheduler, "dummy_attribute") == 5

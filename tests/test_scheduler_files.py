@@ -30,7 +30,7 @@ from hub_configs import SD_V1_5  # noqa: E402
 from analytic_sampler.schedule import alphas_cumprod_from_config  # noqa: E402
 from analytic_sampler.schedulers import table_file as scheduler_table  # noqa: E402
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: E402
-from analytic_sampler.schedulers.table_file import TABLE_FILE  # noqa: E402
+from analytic_sampler.schedulers.analytic_table import TABLE_FILE  # noqa: E402
 from analytic_sampler.table import VarianceTable  # noqa: E402
 
 N, C = 1000, 4
@@ -47,7 +47,7 @@ def strict(path) -> dict:
 
 
 def channel_table(seed: int = 0) -> np.ndarray:
-    """(C, N) moments with unestimated timesteps (NaN) off the even 10-step trajectory."""
+    """(C, N) moments with unestimated timesteps (NaN) off the 10-step trajectory of SD v1.5's spacing."""
     rows = np.stack([np.linspace(0.2, 0.999, N) * (1 + 0.001 * (c + seed)) for c in range(C)])
     rows[:, 5::111] = np.nan
     return rows
@@ -60,7 +60,7 @@ def latent_scheduler(seed: int = 0, **options) -> AnalyticDPMScheduler:
         warnings.simplefilter("ignore")  # set_alpha_to_one
         return AnalyticDPMScheduler.from_config(
             SD_V1_5, channel_ms_eps=rows, channel_x0_mse=rows * 0.1, channel_ms_x0=[1.0, 0.9, 1.1, 0.8],
-            per_channel=True, data_range=None, clip_sample=False, trajectory="even", **options,
+            per_channel=True, data_range=None, clip_sample=False, **options,
         )
 
 
@@ -163,7 +163,7 @@ def test_round_trip_through_the_hub_cache_offline(hub_cache, tmp_path):
         assert args == ("user/repo", TABLE_FILE) and kwargs["subfolder"] == "scheduler"
         assert kwargs["revision"] == commits[ref]  # the table of the config's own commit
     os.remove(tmp_path / "hub" / "models--user--repo" / "snapshots" / commits["main"] / "scheduler" / TABLE_FILE)
-    with pytest.raises(ValueError, match=f"could not get user/repo/scheduler/{TABLE_FILE}, the variance table the "
+    with pytest.raises(ValueError, match=f"could not get user/repo/scheduler/{TABLE_FILE}, the table file the "
                                          "scheduler config refers to .*upload the whole scheduler folder"):
         AnalyticDPMScheduler.from_pretrained("user/repo", subfolder="scheduler")
 
@@ -172,13 +172,14 @@ def test_broken_folders_are_refused_naming_the_fix(tmp_path):
     latent_scheduler().save_pretrained(tmp_path / "a")
     latent_scheduler(seed=3).save_pretrained(tmp_path / "b")
     shutil.copy(tmp_path / "b" / TABLE_FILE, tmp_path / "a" / TABLE_FILE)
-    with pytest.raises(ValueError, match="holds another table than the scheduler config beside it names.*mixes files"):
+    with pytest.raises(ValueError, match="holds another variance table than the scheduler config beside it names"
+                                         ".*mixes files"):
         AnalyticDPMScheduler.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / TABLE_FILE).write_text('{"format": "analytic-sampler scheduler table", "ms_eps": [NaN]}')
-    with pytest.raises(ValueError, match="unreadable scheduler table .*NaN.*save the scheduler again"):
+    with pytest.raises(ValueError, match="unreadable variance table file .*NaN.*save the scheduler again"):
         AnalyticDPMScheduler.from_pretrained(tmp_path / "a")
     os.remove(tmp_path / "a" / TABLE_FILE)
-    with pytest.raises(ValueError, match=f"refers to the variance table {TABLE_FILE}, which is not in the folder: "
+    with pytest.raises(ValueError, match=f"refers to the table file {TABLE_FILE}, which is not in the folder: "
                                          "copy the whole scheduler folder"):
         AnalyticDPMScheduler.from_pretrained(tmp_path / "a")
 
@@ -196,7 +197,8 @@ def test_a_config_finds_its_table_in_this_process_only():
 
 
 def test_configs_saved_with_the_arrays_inside_still_load(tmp_path):
-    """Earlier versions wrote the table into scheduler_config.json (NaN as a bare NaN)."""
+    """Earlier versions wrote the table into scheduler_config.json (NaN as a bare NaN), with the trajectory as an
+    option of its own."""
     ms = np.linspace(0.3, 0.99, N)
     ms[5] = np.nan
     old = {"_class_name": "AnalyticDPMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": N,
@@ -206,7 +208,8 @@ def test_configs_saved_with_the_arrays_inside_still_load(tmp_path):
     (tmp_path / "old" / "scheduler_config.json").write_text(json.dumps(old))
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "old")
     np.testing.assert_array_equal(loaded.ms_eps, ms)
-    assert loaded.config.variance == "residual" and "ms_eps" not in loaded.config
+    assert loaded.config.variance == "residual" and "ms_eps" not in loaded.config and "trajectory" not in loaded.config
+    assert loaded.config.timestep_spacing == "linspace"  # the even trajectory is Diffusers' linspace spacing
     loaded.save_pretrained(tmp_path / "new")
     assert sorted(os.listdir(tmp_path / "new")) == [TABLE_FILE, "scheduler_config.json"]
     strict(tmp_path / "new" / "scheduler_config.json")

@@ -178,8 +178,9 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, table, tmp_path):
     np.testing.assert_array_equal(loaded.scheduler.x0_mse, table.x0_mse)
     np.testing.assert_array_equal(loaded.scheduler.channel_ms_eps, table.channel_ms_eps)
     assert sorted(os.listdir(tmp_path / "scheduler")) == ["analytic_table.json", "scheduler_config.json"]
-    for key in ("eta", "variance", "timestep_spacing", "steps_offset", "data_range", "clip_sample", "beta_schedule"):
+    for key in ("eta", "variance", "timestep_spacing", "steps_offset", "clip_sample", "beta_schedule", "table_sha256"):
         assert after[key] == before[key], key
+    assert loaded.scheduler.table.data_range is None
     assert torch.equal(sample(pipe, 3, output_type="pt"), sample(loaded, 3, output_type="pt"))
 
 
@@ -187,7 +188,7 @@ def test_latent_model_settings_from_sds_config(sd_base, table):
     estimated = np.flatnonzero(np.isfinite(table.ms_eps) & np.isfinite(table.x0_mse))
     assert estimated.tolist() == sorted(sd_timesteps(K)) and (table.counts[estimated] == 8).all()
     scheduler = AnalyticDPMScheduler.from_table(table, sd_base.scheduler.config)
-    assert table.data_range is None and scheduler.config.data_range is None
+    assert table.data_range is None and scheduler.table.data_range is None
     assert scheduler.config.clip_sample is False and scheduler.config.prediction_type == "epsilon"
     scheduler.set_timesteps(K)
     assert scheduler.trajectory == sd_timesteps(K)

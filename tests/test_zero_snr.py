@@ -70,8 +70,8 @@ def test_without_a_bound_every_path_refuses_by_the_same_message(gaussian):
     with pytest.raises(ValueError, match=REFUSAL):
         predicted_transitions_bpd(ABAR, even_trajectory(1000, 8), np.full(1000, 0.1), variance="analytic",
                                   ms_eps=ExactGaussianEps(ABAR, V).exact_ms_eps(), data_range=None)
-    scheduler = AnalyticDPMScheduler(**COSINE, ms_eps=ExactGaussianEps(ABAR, V).exact_ms_eps(), data_range=None,
-                                     clip_sample=False, trajectory="even")
+    scheduler = AnalyticDPMScheduler.from_config(COSINE, ms_eps=ExactGaussianEps(ABAR, V).exact_ms_eps(),
+                                                 data_range=None, clip_sample=False, timestep_spacing="linspace")
     with pytest.raises(ValueError, match=REFUSAL):
         scheduler.set_timesteps(8)
 
@@ -108,6 +108,6 @@ def test_a_table_gives_its_second_moment(gaussian):
                          data_range=None, batch_size=1000, progress=False)
     given = bound(gaussian, timesteps, data_range=None, ms_x0=V, decoder_variance="beta")
     assert from_table.mean == pytest.approx(given.mean, rel=1e-12)
-    scheduler = AnalyticDPMScheduler.from_table(table, COSINE, trajectory="even")
+    scheduler = AnalyticDPMScheduler.from_table(table, COSINE, timestep_spacing="linspace")
     scheduler.set_timesteps(8)
     assert scheduler.ms_x0 == V

@@ -61,7 +61,7 @@ ANALYTIC: dict[str, dict[str, Any]] = {
     "Analytic-DDIM (cap y=2)": {"eta": 0.0, "variance": "analytic", "variance_cap_y": 2.0},
     "Analytic-DDPM (residual)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None},
     "Analytic-DDPM (optimal trajectory)": {"eta": 1.0, "variance": "residual", "variance_cap_y": None,
-                                           "trajectory": "optimal"},
+                                           "timestep_spacing": "optimal"},
     "Analytic-DDPM (sample trajectory)": {"eta": 1.0, "variance": "analytic", "variance_cap_y": None,
                                           SAMPLE_TRAJECTORY: True},
 }
@@ -157,7 +157,7 @@ def analytic_sampler(name: str, config: Mapping[str, Any], table, spacing: str |
         if num_steps is None:
             raise ValueError(f"{name} needs the number of steps to choose its trajectory; pass num_steps.")
         timesteps = sample_quality_trajectory(table, num_steps)
-    if spacing is not None and "trajectory" not in options:
+    if spacing is not None and "timestep_spacing" not in options:
         options.update(_spacing_options(AnalyticDPMScheduler, spacing))
     return Sampler(AnalyticDPMScheduler.from_table(table, dict(config), **options),
                    None if timesteps is None else list(timesteps))

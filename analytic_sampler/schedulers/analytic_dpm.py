@@ -342,7 +342,7 @@ class AnalyticDPMScheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         _check_options(self.table, self.config)
         abar = alphas_cumprod_from_config(self.config)
         self.table.check_schedule(abar)
-        self.alphas_cumprod_64 = abar  # the steps' float64 schedule (a zero-SNR schedule's last value raised to a floor)
+        self.alphas_cumprod_64 = abar  # the steps' float64 schedule (a zero-SNR schedule's end raised to a floor)
         self.betas = torch.from_numpy(betas_from_config(self.config)).float()  # float32, as DDPMScheduler has them
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...pretrained import DEFAULT_MODEL, load_pretrained
-from ...schedule import SPACINGS
 from ..outputs import refuse_overwrite
 from .arguments import FORCE_TABLE_HELP, add_run_options, positive_int
 from .inputs import make_folder, model_table
@@ -19,10 +18,11 @@ def add_parser(subcommands) -> None:
     p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--trajectory", default="trailing", choices=[*SPACINGS, "even", "quadratic", "optimal", "samples"],
-                   help="Diffusers' spacings (trailing, the default, sampled best on the bundled models), this "
-                        "package's trajectories (optimal: the likelihood DP), or samples: the sample-quality "
-                        "trajectory of the table's sample cost")
+    p.add_argument("--trajectory", default="trailing",
+                   choices=["leading", "linspace", "trailing", "optimal", "quadratic", "samples"],
+                   help="the scheduler's timestep_spacing: Diffusers' spacings (trailing, the default, sampled best on "
+                        "the bundled models), this package's trajectories (optimal: the likelihood DP), or samples: "
+                        "the sample-quality trajectory of the table's sample cost")
     p.add_argument("--num-images", type=positive_int, default=64)
     add_run_options(p)
     p.add_argument("--out", default="samples.png", help="PNG file (its folder is created if missing)")
@@ -41,16 +41,9 @@ def run(args) -> None:
     refuse_overwrite(args.out, args.overwrite)
     model = load_pretrained(args.model)
     table = model_table(args, model)
-    timesteps, choice = None, {"trajectory": args.trajectory}
-    if args.trajectory in SPACINGS:
-        choice = {"timestep_spacing": args.trajectory}
-    elif args.trajectory == "samples":
-        from ...sample_trajectory import sample_quality_trajectory
-
-        timesteps, choice = sample_quality_trajectory(table, args.steps), {}
-    scheduler = AnalyticDPMScheduler.from_table(table, model.scheduler.config, eta=args.eta, **choice)
+    scheduler = AnalyticDPMScheduler.from_table(table, model.scheduler.config, eta=args.eta,
+                                                timestep_spacing=args.trajectory)
     make_folder(Path(args.out).parent)
-    images = sample(model.unet, scheduler, args.num_images, None if timesteps else args.steps, timesteps,
-                    seed=args.seed, device=args.device)
+    images = sample(model.unet, scheduler, args.num_images, args.steps, seed=args.seed, device=args.device)
     print(f"trajectory: {scheduler.trajectory}")
     print(f"wrote {save_grid(images, args.out)}")

@@ -10,10 +10,12 @@ import torch
 from conftest import tiny_unet
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, PNDMScheduler
 
+from analytic_sampler.pretrained import load_pretrained
+from analytic_sampler.sample_trajectory import sample_quality_trajectory
 from analytic_sampler.schedule import alphas_cumprod_from_config, schedule_fingerprint
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable
-from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
+from analytic_sampler.trajectory import even_trajectory, optimal_trajectory, quadratic_trajectory
 from analytic_sampler.variance import ddpm_variance
 
 N = 1000
@@ -289,6 +291,19 @@ def test_explicit_even_and_optimal_timesteps(linear_scheduler, gaussian_model):
     assert optimal.trajectory == optimal_trajectory(optimal.alphas_cumprod_64, ms, 10) != even_trajectory(N, 10)
 
 
+def test_samples_spacing_is_the_tables_sample_quality_trajectory(tmp_path):
+    """timestep_spacing="samples" runs the sample-quality trajectory of the table's sample cost, which the scheduler
+    keeps in its table (and its saved table file); one DP solve serves every K up to the largest asked for."""
+    model = load_pretrained("digits-ddpm-linear")
+    scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, timestep_spacing="samples")
+    scheduler.save_pretrained(tmp_path)
+    loaded = AnalyticDPMScheduler.from_pretrained(tmp_path)
+    for k in (10, 4, 25, 10):
+        for s in (scheduler, loaded):
+            s.set_timesteps(k)
+            assert s.trajectory == sample_quality_trajectory(model.table, k)
+
+
 def test_step_refuses_an_unexpected_timestep(linear_scheduler):
     sched = AnalyticDPMScheduler.from_config(linear_scheduler.config, ms_eps=[0.5] * N, timestep_spacing="linspace")
     sched.set_timesteps(10)
@@ -422,10 +437,12 @@ def test_from_table_checks_the_schedule(linear_scheduler, gaussian_model, tmp_pa
     assert sched.table.fingerprint == table.fingerprint and sched.table.data_range is None
     own = AnalyticDPMScheduler.from_table(table)  # the table's own schedule, as trained_betas
     np.testing.assert_allclose(own.alphas_cumprod_64, abar, rtol=1e-12)
-    for s in (sched, own):
+    chosen = AnalyticDPMScheduler.from_table(table, linear_scheduler.config, timestep_spacing="quadratic")
+    for s in (sched, own, chosen):
         s.set_timesteps(10)
     assert sched.trajectory == list(range(900, -1, -100))  # DDPMScheduler's own spacing ("leading")
     assert own.trajectory == list(range(999, 0, -100))  # no config: this package's default, trailing
+    assert chosen.trajectory == quadratic_trajectory(N, 10)  # the argument wins over the config
     sched.save_pretrained(tmp_path)
     assert AnalyticDPMScheduler.from_pretrained(tmp_path).table.fingerprint == table.fingerprint
     assert sched.x0_mse is None  # a format-1 style table: no x0_mse, and residual is refused by name

@@ -4,7 +4,9 @@ loading saved pipelines in a fresh process, with and without this package."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import inspect
 import io
 import json
 import logging
@@ -22,6 +24,8 @@ import pytest
 import torch
 from conftest import tiny_unet
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,6 +35,7 @@ from analytic_sampler.schedule import alphas_cumprod_from_config  # noqa: E402
 from analytic_sampler.schedulers import table_file as scheduler_table  # noqa: E402
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: E402
 from analytic_sampler.schedulers.analytic_table import TABLE_FILE  # noqa: E402
+from analytic_sampler.schedulers.table_file import SchedulerTable, TableFileMixin  # noqa: E402
 from analytic_sampler.table import VarianceTable  # noqa: E402
 
 N, C = 1000, 4
@@ -87,6 +92,80 @@ def test_config_is_small_strict_json_and_the_table_lives_beside_it(tmp_path):
     for s in (scheduler, loaded):
         s.set_timesteps(10)
     np.testing.assert_array_equal(scheduler.step_coefficients(1.0).sigma, loaded.step_coefficients(1.0).sigma)
+
+
+def test_the_config_holds_options_and_the_table_the_models_settings(tmp_path):
+    """At most 20 config keys, all of them options; the data range, the data's second moment, the sample shape, the
+    prediction type and the schedule fingerprint are the table's, read from it, kept through a save and a copy of the
+    config, and a config that contradicts the table's prediction type is refused."""
+    keys = [name for name in inspect.signature(AnalyticDPMScheduler.__init__).parameters if name != "self"]
+    assert len(keys) <= 20 and {"table_file", "table_sha256", "timestep_spacing"} <= set(keys)
+    rows = np.stack([np.linspace(0.2, 0.999, N) * (1 + 0.01 * c) for c in range(C)])
+    abar = alphas_cumprod_from_config(SD_V1_5)
+    table = VarianceTable(rows.mean(0), np.full(N, 1e-3), np.full(N, 10), abar, data_range=None,
+                          x0_mse=rows.mean(0) * 0.1, x0_mse_stderr=np.full(N, 1e-4), channel_ms_eps=rows,
+                          channel_stderr=rows * 0 + 1e-3, channel_x0_mse=rows * 0.1,
+                          channel_x0_mse_stderr=rows * 0 + 1e-4,
+                          provenance={"prediction_type": "v_prediction", "sample_shape": [C, 8, 8],
+                                      "channel_ms_x0": [1.0, 0.9, 1.1, 0.8]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # set_alpha_to_one
+        scheduler = AnalyticDPMScheduler.from_table(table, SD_V1_5, per_channel=True)
+    state = ("ms_eps", "x0_mse", "channel_ms_eps", "channel_x0_mse", "ms_x0", "channel_ms_x0", "data_range",
+             "table_fingerprint", "table_sample_shape", "trajectory")
+    assert not set(state) & set(scheduler.config)
+    scheduler.save_pretrained(tmp_path)
+    for s in (scheduler, AnalyticDPMScheduler.from_pretrained(tmp_path), AnalyticDPMScheduler.from_config(
+            scheduler.config, eta=0.0)):
+        assert s.config.prediction_type == s.table.prediction_type == "v_prediction"
+        assert (s.table.data_range, s.table.sample_shape, s.table.fingerprint) == (None, (C, 8, 8), table.fingerprint)
+        assert s.ms_x0 == pytest.approx(0.95, rel=1e-12) and s.table.sha256 == scheduler.table.sha256
+    with pytest.raises(ValueError, match="estimated reading the model's output as prediction_type='v_prediction', "
+                                         "but the scheduler config \\(or prediction_type=\\) says 'epsilon'"):
+        AnalyticDPMScheduler.from_config(scheduler.config, prediction_type="epsilon")
+
+
+@dataclasses.dataclass(eq=False)
+class GainTable(SchedulerTable):
+    """The per-model state of a made-up scheduler: one array."""
+
+    describes = "gain table"
+    gain: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.gain = np.array(self.gain, dtype=np.float64)
+        super().__post_init__()
+
+
+class GainScheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
+    """Another scheduler that holds per-model statistics as state, as the next solver will: the table plumbing only."""
+
+    table_type, table_file_name, table_hint = GainTable, "gain_table.json", "GainScheduler.from_table(table)"
+
+    @register_to_config
+    def __init__(self, scale: float = 1.0, table_file: str = "gain_table.json", table_sha256: str | None = None):
+        self.table = self.held_table(table_sha256)
+
+    @classmethod
+    def from_table(cls, table: GainTable, **options) -> GainScheduler:
+        return cls(table_sha256=table.hold().sha256, **options)
+
+
+def test_the_table_file_serves_any_scheduler(tmp_path):
+    gains = GainTable(gain=np.array([[1.0, np.nan], [3.0, -0.0]]))
+    scheduler = GainScheduler.from_table(gains, scale=2.0)
+    scheduler.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["gain_table.json", "scheduler_config.json"]
+    assert strict(tmp_path / "gain_table.json")["gain"] == [[1.0, None], [3.0, -0.0]]
+    loaded = GainScheduler.from_pretrained(tmp_path)
+    assert loaded.config.scale == 2.0 and loaded.table.sha256 == gains.sha256
+    np.testing.assert_array_equal(loaded.table.gain, gains.gain)
+    assert GainScheduler.from_config(scheduler.config).table is gains  # the same process holds it
+    with pytest.raises(ValueError, match="GainScheduler needs the model's gain table: build it with "
+                                         "GainScheduler.from_table"):
+        GainScheduler()
+    with pytest.raises(TypeError, match="table_file_name='gains.safetensors': use a .json name"):
+        type("Weights", (GainScheduler,), {"table_file_name": "gains.safetensors"})
 
 
 def test_a_config_with_infinite_options_is_saved_as_strict_json(tmp_path):
@@ -203,13 +282,15 @@ def test_configs_saved_with_the_arrays_inside_still_load(tmp_path):
     ms[5] = np.nan
     old = {"_class_name": "AnalyticDPMScheduler", "_diffusers_version": "0.42.1", "num_train_timesteps": N,
            "beta_schedule": "linear", "ms_eps": ms.tolist(), "x0_mse": (ms * 0.1).tolist(), "trajectory": "even",
-           "timestep_spacing": None, "eta": 0.5, "variance": "residual"}
+           "timestep_spacing": None, "eta": 0.5, "variance": "residual", "data_range": None, "clip_sample": False,
+           "table_sample_shape": [1, 8, 8]}
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "scheduler_config.json").write_text(json.dumps(old))
     loaded = AnalyticDPMScheduler.from_pretrained(tmp_path / "old")
     np.testing.assert_array_equal(loaded.ms_eps, ms)
     assert loaded.config.variance == "residual" and "ms_eps" not in loaded.config and "trajectory" not in loaded.config
     assert loaded.config.timestep_spacing == "linspace"  # the even trajectory is Diffusers' linspace spacing
+    assert (loaded.table.data_range, loaded.table.sample_shape) == (None, (1, 8, 8))  # the table's, now
     loaded.save_pretrained(tmp_path / "new")
     assert sorted(os.listdir(tmp_path / "new")) == [TABLE_FILE, "scheduler_config.json"]
     strict(tmp_path / "new" / "scheduler_config.json")

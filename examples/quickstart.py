@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline
 
-from analytic_sampler import AnalyticDPMScheduler, sample_quality_trajectory
+from analytic_sampler import AnalyticDPMScheduler
 from analytic_sampler.evaluation.sampling import sample, save_grid
 from analytic_sampler.pretrained import DEFAULT_MODEL, load_pretrained
 
@@ -38,14 +38,14 @@ def main() -> None:
     save_grid(images * 2 - 1, out / "analytic_dpm.png", nrow=8)  # "pt" output: (B, C, H, W) in [0, 1]
     print(f"Analytic-DPM, {args.steps} steps on {pipe.scheduler.trajectory}: wrote {out / 'analytic_dpm.png'}")
 
-    # 2. The sample-quality trajectory the table carries (any scheduler that takes custom timesteps can run it):
-    #    here Analytic-DDPM, without the cap, since the trajectory already ends above t = 0. sample() sets it with
-    #    apply_timesteps(scheduler, timesteps), which also serves UniPC, and then steps through it.
-    timesteps = sample_quality_trajectory(model.table, args.steps)
-    scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, variance_cap_y=None)
-    images = sample(model.unet, scheduler, args.num_images, timesteps=timesteps, progress=False)
-    save_grid(images, out / "sample_trajectory.png", nrow=8)
-    print(f"Analytic-DDPM on the sample-quality trajectory {timesteps}: wrote {out / 'sample_trajectory.png'}")
+    # 2. The sample-quality trajectory of the table's sample cost, timestep_spacing="samples": here Analytic-DDPM,
+    #    without the cap, since the trajectory already ends above t = 0. Any scheduler that takes custom timesteps
+    #    runs it too: apply_timesteps(scheduler, sample_quality_trajectory(model.table, K)), which also serves UniPC.
+    scheduler = AnalyticDPMScheduler.from_table(model.table, model.scheduler.config, timestep_spacing="samples",
+                                                variance_cap_y=None)
+    images = sample(model.unet, scheduler, args.num_images, args.steps, progress=False)
+    grid = save_grid(images, out / "sample_trajectory.png", nrow=8)
+    print(f"Analytic-DDPM on the sample-quality trajectory {scheduler.trajectory}: wrote {grid}")
 
 
 if __name__ == "__main__":

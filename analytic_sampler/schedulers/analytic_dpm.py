@@ -394,7 +394,7 @@ class AnalyticDPMScheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
             config["timestep_spacing"] = OLD_TRAJECTORIES.get(trajectory, trajectory)
         config = with_source_spacing(config)
         if config.get("timestep_spacing") is None or "timestep_spacing" not in explicit_keys(config):
-            kwargs.setdefault("timestep_spacing", DEFAULT_SPACING)  # set, not left at a default: the config says it
+            kwargs.setdefault("timestep_spacing", DEFAULT_SPACING)  # named in the config, for schedulers built from it
         fields = table_arguments(config, kwargs)
         if fields:
             table = AnalyticTable(**fields).hold()

@@ -35,8 +35,8 @@ FILE_FORMAT_VERSION = 2  # 1: the arrays only, with the table's settings in the 
 # the loading options of from_pretrained that also fetch the table file from the Hub
 HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
 
-# Diffusers builds a scheduler from its config alone (from_config, a pipeline's components), and the config names its
-# table only by checksum: the table is found here while something (a scheduler, the caller) holds it.
+# A registry, because Diffusers builds a scheduler from its config alone (from_config(pipe.scheduler.config, eta=0.0),
+# a pipeline's components) and the config names its table only by checksum; weak, so it keeps no table alive.
 _HELD: weakref.WeakValueDictionary[str, SchedulerTable] = weakref.WeakValueDictionary()
 
 

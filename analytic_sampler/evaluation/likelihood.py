@@ -262,7 +262,8 @@ def _table_columns(table, model, abar, ms_eps, x0_mse, force_table: bool):
     """``(ms_eps, x0_mse)`` of a table that belongs to this schedule and model (x0_mse ``None`` where the table has
     none), refusing them given twice."""
     if ms_eps is not None or x0_mse is not None:
-        raise ValueError("pass either table or ms_eps / x0_mse (a table's own columns), not both.")
+        raise ValueError("pass either options=NLLOptions(table=...) or ms_eps / x0_mse (a table's own columns), not "
+                         "both.")
     table.check_schedule(abar).check_model(model, force=force_table)
     return table.ms_eps, table.x0_mse if table.has_x0_mse else None
 

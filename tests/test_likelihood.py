@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ExactGaussianEps, tiny_unet
 
+from analytic_sampler.estimation.moments import EstimateOptions
 from analytic_sampler.evaluation.likelihood import NLLOptions, NLLResult, nll_bpd
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
@@ -112,6 +113,9 @@ def test_errors_name_the_fix(gaussian):
         nll_bpd(model, data, ABAR, ts[::-1], "beta", options=QUIET)
     with pytest.raises(ValueError, match="data outside the declared range"):
         nll_bpd(model, data * 10, ABAR, ts, "beta", options=QUIET)
+    with pytest.raises(TypeError, match=r"options=EstimateOptions\(...\): pass NLLOptions\(...\); its fields: "
+                                        r"data_range, bin_width, .*progress"):
+        nll_bpd(model, data, ABAR, ts, "beta", options=EstimateOptions(progress=False))
 
 
 @pytest.mark.parametrize("model_name", ["digits-ddpm-linear", "digits-iddpm-cosine"])
@@ -122,7 +126,7 @@ def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(mod
     other noise: the DP picks timesteps where its own table's noise happens to be low, which makes the prediction
     from that same table optimistic by a few standard errors (winner's curse)."""
     from analytic_sampler.digits import load_digits_split
-    from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
+    from analytic_sampler.estimation.moments import estimate_moments
     from analytic_sampler.pretrained import load_pretrained
     from analytic_sampler.variance import residual_variance
 

@@ -152,6 +152,12 @@ def test_argument_errors():
         run(timesteps=[1000])
     with pytest.raises(ValueError, match="data holds only 64 images but num_samples=65"):
         estimate_moments(GaussianEps(), gaussian_data(64), ABAR, num_samples=65, options=QUIET)
+    with pytest.raises(TypeError, match=r"options=dict\(...\): pass EstimateOptions\(...\) \(a dict: "
+                                        r"EstimateOptions\(\*\*settings\)\); its fields: device, dtype, .*data_id"):
+        estimate_moments(GaussianEps(), gaussian_data(8), ABAR, num_samples=8, options={"progress": False})
+    with pytest.raises(TypeError, match=r"pipeline_options=EstimateOptions\(...\): pass PipelineOptions\(...\); "
+                                        r"its fields: prompt, captions"):
+        estimate_moments(GaussianEps(), gaussian_data(8), ABAR, num_samples=8, pipeline_options=QUIET)
 
 
 def test_data_sources_agree():

@@ -32,6 +32,7 @@ from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import NLLOptions, nll_bpd
 from ..evaluation.provenance import environment, footer, write_results
 from ..evaluation.sampling import ranked_fd_rows
+from ..options import options_of
 from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
 from ..table import ARRAYS_NAME, META_NAME, VarianceTable
 from ..trajectory import TrajectoryDP, even_trajectory
@@ -148,7 +149,7 @@ def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | N
     this very run, another run's replaced only with ``options.overwrite``) with a sample cost from
     ``min(64, table_samples)`` forward paths (one per image;
     :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
-    options = options or BenchOptions()
+    options = options_of(options, BenchOptions)
     table, source = options.table, "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
         table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
@@ -223,7 +224,7 @@ def run_bench(
     Each FD row carries its FD minus the best row's at that K with the paired bootstrap standard error, and the
     timesteps it ran. ``options``: :class:`BenchOptions` (default: ``BenchOptions()``).
     """
-    o = options or BenchOptions()
+    o = options_of(options, BenchOptions)
     start, load_at_start = time.time(), environment(o.device)["load_average"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ from .._version import __version__
 from ..adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
 from ..fingerprint import tensor_fingerprint, values_fingerprint, weights_fingerprint
 from ..noise import noise_generator
+from ..options import options_of
 from ..predictions import x0_from_eps
 from ..schedule import as_alphas_cumprod, schedule_fingerprint
 from ..table import VarianceTable
@@ -707,8 +708,8 @@ def estimate_moments(
 
     ```
     """
-    options = options or EstimateOptions()
+    options = options_of(options, EstimateOptions)
     plan = prepare_estimate(model, data, scheduler_or_alphas_cumprod, num_samples, timesteps, batch_size, seed,
-                            options, pipeline_options or PipelineOptions())
+                            options, options_of(pipeline_options, PipelineOptions, "pipeline_options"))
     key = run_key(plan)
     return build_table(plan, key, accumulate(plan, key, options), options.provenance)

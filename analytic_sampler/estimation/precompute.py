@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..options import options_of
 from ..table import META_NAME, VarianceTable
 from .distributed import rank_path, world_rank
 from .latents import PipelineOptions
@@ -140,11 +141,11 @@ def precompute_table(
     checkpoint.
     """
     folder = Path(out)
-    options = options or EstimateOptions()
+    options = options_of(options, EstimateOptions)
     checkpoint = Path(options.checkpoint or checkpoint_path(folder))
     options = replace(options, checkpoint=checkpoint)
     plan = prepare_estimate(model, data, scheduler_or_alphas_cumprod, num_samples, timesteps, batch_size, seed,
-                            options, pipeline_options or PipelineOptions())
+                            options, options_of(pipeline_options, PipelineOptions, "pipeline_options"))
     key = run_key(plan)
     rank, world = world_rank()
     status, detail = _agree(_decide(folder, key, overwrite) if rank == 0 else None, rank, world)

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..adapter import as_epsilon_model, model_device
 from ..estimation.data import check_range, iter_batches
 from ..noise import noise_generator
+from ..options import options_of
 from ..predictions import clip_x0, x0_from_eps
 from ..schedule import as_alphas_cumprod
 from ..table import VarianceTable, validate_ms_eps
@@ -222,7 +223,7 @@ def nll_bpd(
 
     ```
     """
-    options = options or NLLOptions()
+    options = options_of(options, NLLOptions)
     variances = _variance_names(variance)
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     traj = validate_timesteps(timesteps, abar.size)

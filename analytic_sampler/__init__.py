@@ -27,6 +27,8 @@ _EXPORTS = {
     "EpsilonAdapter": "adapter",
     "VarianceTable": "table",
     "estimate_moments": "estimation.moments",
+    "EstimateOptions": "estimation.moments",
+    "PipelineOptions": "estimation.latents",
     "precompute_table": "estimation.precompute",
     "estimate_sample_cost": "estimation.sample_cost",
     "TrajectoryDP": "trajectory",
@@ -42,7 +44,7 @@ _EXPORTS = {
     "variance_bounds": "variance",
     "NLLResult": "evaluation.likelihood",
     "nll_bpd": "evaluation.likelihood",
-    "nll_bpd_many": "evaluation.likelihood",
+    "NLLOptions": "evaluation.likelihood",
     "predicted_transitions_bpd": "evaluation.likelihood",
 }
 
@@ -90,10 +92,11 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .adapter import EpsilonAdapter  # noqa: F401
-    from .estimation.moments import estimate_moments  # noqa: F401
+    from .estimation.latents import PipelineOptions  # noqa: F401
+    from .estimation.moments import EstimateOptions, estimate_moments  # noqa: F401
     from .estimation.precompute import precompute_table  # noqa: F401
     from .estimation.sample_cost import estimate_sample_cost  # noqa: F401
-    from .evaluation.likelihood import NLLResult, nll_bpd, nll_bpd_many, predicted_transitions_bpd  # noqa: F401
+    from .evaluation.likelihood import NLLOptions, NLLResult, nll_bpd, predicted_transitions_bpd  # noqa: F401
     from .sample_trajectory import SampleCost, SampleTrajectoryDP, sample_quality_trajectory  # noqa: F401
     from .schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: F401
     from .schedulers.timesteps import apply_timesteps  # noqa: F401

@@ -24,8 +24,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from analytic_sampler.digits import load_digits_split
-from analytic_sampler.estimation.moments import estimate_moments
-from analytic_sampler.evaluation.likelihood import nll_bpd_many
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
+from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.pretrained import load_pretrained
 from analytic_sampler.schedule import alphas_cumprod_from_config, signal_to_noise
@@ -121,7 +121,8 @@ def bench_budget(budgets, steps, num_images: int):
     tables = {}
     for m in budgets:
         t0 = time.perf_counter()
-        table = estimate_moments(model.unet, train, model.scheduler, num_samples=m, batch_size=1000, seed=1, progress=False)
+        table = estimate_moments(model.unet, train, model.scheduler, num_samples=m, batch_size=1000, seed=1,
+                                 options=EstimateOptions(progress=False))
         tables[m] = (table, time.perf_counter() - t0)
     tables[int(model.table.counts.max())] = (model.table, None)  # the shipped table: 200 per timestep, seed 0
     rows = []
@@ -130,8 +131,8 @@ def bench_budget(budgets, steps, num_images: int):
         for trajectory, variances in (("even", ("analytic", "residual")), ("residual DP", ("residual", "analytic"))):
             for k in steps:
                 ts = even_trajectory(table.num_train_timesteps, k) if trajectory == "even" else dp.path(k)
-                results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
-                                       x0_mse=table.x0_mse, batch_size=num_images, progress=False)
+                results = nll_bpd(model.unet, heldout, model.scheduler, ts, variances, ms_eps=table.ms_eps,
+                                  x0_mse=table.x0_mse, batch_size=num_images, options=NLLOptions(progress=False))
                 for variance, r in results.items():
                     rows.append({"samples_per_timestep": m, "trajectory": trajectory, "variance": variance, "K": k,
                                  "bpd": r.mean, "stderr": r.stderr, "table_seconds": seconds,

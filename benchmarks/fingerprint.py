@@ -28,7 +28,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analytic_sampler.estimation.moments import estimate_moments
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.fingerprint import weights_fingerprint
 
@@ -65,8 +65,8 @@ def estimate_seconds(unet: UNet2DModel, batches: int, batch_size: int, device: s
     timesteps = torch.linspace(0, TIMESTEPS - 1, batches).round().long().unique().tolist()
     start = time.perf_counter()
     estimate_moments(unet, images, DDPMScheduler(num_train_timesteps=TIMESTEPS), num_samples=batch_size,
-                     timesteps=timesteps, batch_size=batch_size * len(timesteps) // batches, device=device,
-                     progress=False)
+                     timesteps=timesteps, batch_size=batch_size * len(timesteps) // batches,
+                     options=EstimateOptions(device=device, progress=False))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analytic_sampler.evaluation.likelihood import nll_bpd_many
+from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.testing import ExactGaussianEps
@@ -39,9 +39,9 @@ def bound(v: tuple[float, ...], steps: list[int], num_samples: int, seed: int) -
     for k in steps:
         cells = {}
         for name, (m, e) in {"per-channel": (ms, x0), "scalar": (ms.mean(0), x0.mean(0))}.items():
-            r = nll_bpd_many(model, data, abar, even_trajectory(abar.size, k), ("analytic",), ms_eps=m, x0_mse=e,
-                             decoder="gaussian", decoder_variance="analytic", data_range=None, batch_size=1000,
-                             seed=seed, progress=False)["analytic"]
+            r = nll_bpd(model, data, abar, even_trajectory(abar.size, k), "analytic", ms_eps=m, x0_mse=e,
+                        decoder="gaussian", batch_size=1000, seed=seed,
+                        options=NLLOptions(decoder_variance="analytic", data_range=None, progress=False))
             cells[name] = (r.mean, r.stderr)
         rows.append({"K": k, "entropy": entropy, **{f"{n} bpd": c[0] for n, c in cells.items()},
                      **{f"{n} stderr": c[1] for n, c in cells.items()}})

@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from analytic_sampler import VarianceTable, estimate_moments
+from analytic_sampler import EstimateOptions, VarianceTable, estimate_moments
 from analytic_sampler.commands.bench import REFERENCE_IMAGES
 from analytic_sampler.digits import DigitFeatures, load_digits_split
 from analytic_sampler.estimation.sample_cost import estimate_sample_cost
@@ -101,7 +101,7 @@ def second_table(model, name: str, train: torch.Tensor, cache: Path, quick: bool
     folder = cache / (f"{name}-table-m{samples}-s1" + ("-quick" if quick else ""))
     if not (folder / "variance_table.json").is_file():
         table = estimate_moments(model.unet, train, model.scheduler, num_samples=samples, batch_size=1000, seed=1,
-                                 progress=False)
+                                 options=EstimateOptions(progress=False))
         cost = estimate_sample_cost(model.unet, train[64:], model.scheduler, num_paths=paths, candidates=candidates,
                                     batch_size=1000, seed=1, progress=False)
         table.with_sample_cost(cost).save(folder)

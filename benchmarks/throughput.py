@@ -30,7 +30,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from analytic_sampler.estimation.distributed import start_distributed
-from analytic_sampler.estimation.moments import estimate_moments
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.trajectory import even_trajectory
@@ -131,7 +131,8 @@ def moments_row(unet, scheduler, batch: int, num_batches: int, device: torch.dev
 
     def ours(n: int) -> Callable[[], None]:
         return lambda: estimate_moments(unet, data, scheduler, num_samples=batch, timesteps=timesteps[:n],
-                                        batch_size=batch, progress=False, device=device, **options)
+                                        batch_size=batch, options=EstimateOptions(progress=False, device=device,
+                                                                                  **options))
 
     def bare(n: int) -> Callable[[], None]:
         def run():
@@ -185,7 +186,7 @@ def worker(args) -> None:
 
     def run(ts):
         estimate_moments(unet, data, scheduler, num_samples=args.batch, timesteps=ts, batch_size=args.batch,
-                         progress=False, device=device)
+                         options=EstimateOptions(progress=False, device=device))
         _sync(device)
         if world > 1:
             dist.barrier()

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from analytic_sampler.digits import load_digits_split
-from analytic_sampler.estimation.moments import estimate_moments
-from analytic_sampler.evaluation.likelihood import nll_bpd_many
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
+from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd
 from analytic_sampler.evaluation.provenance import environment, footer, write_results
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
@@ -44,7 +44,8 @@ def table_for(model, name: str, samples: int, seed: int, cache: Path, device: st
         return VarianceTable.load(folder)
     train = load_digits_split("train")[0]
     table = estimate_moments(model.unet, train, model.scheduler, num_samples=samples, seed=seed, batch_size=1000,
-                             device=device, provenance={"model_id": name, "data": "digits:train"})
+                             options=EstimateOptions(device=device,
+                                                     provenance={"model_id": name, "data": "digits:train"}))
     table.save(folder)
     return table
 
@@ -73,8 +74,9 @@ def nll_rows(model, table, heldout, steps, seed, device, label):
     rows = []
     for trajectory, by_k in paths(table, steps).items():
         for k, ts in by_k.items():
-            results = nll_bpd_many(model.unet, heldout, model.scheduler, ts, VARIANCES[trajectory], ms_eps=table.ms_eps,
-                                   x0_mse=table.x0_mse, batch_size=len(heldout), seed=seed, device=device, progress=False)
+            results = nll_bpd(model.unet, heldout, model.scheduler, ts, VARIANCES[trajectory], ms_eps=table.ms_eps,
+                              x0_mse=table.x0_mse, batch_size=len(heldout), seed=seed,
+                              options=NLLOptions(device=device, progress=False))
             for variance, r in results.items():
                 rows.append({**label, "K": k, "trajectory": trajectory, "variance": variance, "bpd": r.mean,
                              "stderr": r.stderr, "num_images": r.num_samples, "timesteps": ts})

@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_unet  # noqa: E402
 
-from analytic_sampler.estimation.moments import estimate_moments  # noqa: E402
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +38,9 @@ def main() -> None:
         return unet(x, t).sample
 
     data = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    options = EstimateOptions(checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=1, progress=False)
     table = estimate_moments(model, data, DDPMScheduler(num_train_timesteps=30), num_samples=12, batch_size=16,
-                             seed=3, checkpoint=os.path.join(args.out, "checkpoint.pt"), checkpoint_every=1,
-                             progress=False)
+                             seed=3, options=options)
     if rank == 0:
         table.save(args.out)
     if dist.is_initialized():

@@ -145,12 +145,13 @@ def test_bootstrap_stderr_shrinks_with_more_samples():
 def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
     """At K = N the optimal trajectory is the even one: both rows come from one pass of model calls."""
     from analytic_sampler.commands.bench import nll_rows
-    from analytic_sampler.estimation.moments import estimate_moments
+    from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
     from analytic_sampler.pretrained import load_pretrained
 
     model = load_pretrained(model_folder(tmp_path, 1))
     images = torch.rand(4, 1, 8, 8) * 2 - 1
-    table = estimate_moments(model.unet, images, model.scheduler, num_samples=2, progress=False)
+    table = estimate_moments(model.unet, images, model.scheduler, num_samples=2,
+                             options=EstimateOptions(progress=False))
     calls = []
     unet_forward = model.unet.forward
     model.unet.forward = lambda *a, **k: calls.append(1) or unet_forward(*a, **k)
@@ -162,11 +163,11 @@ def test_nll_rows_evaluate_the_full_chain_once(tmp_path):
 
 
 def test_bench_scores_an_adapter_in_its_nll_rows(tmp_path):
-    """run_bench(eps_model=adapter): the NLL rows are the adapter's (here a shifted timestep convention), exactly as
-    nll_bpd_many scores it; sample quality is skipped, said so; the estimated table's checkpoint is gone."""
+    """BenchOptions(eps_model=adapter): the NLL rows are the adapter's (here a shifted timestep convention), exactly as
+    nll_bpd scores it; sample quality is skipped, said so; the estimated table's checkpoint is gone."""
     from analytic_sampler.adapter import EpsilonAdapter
-    from analytic_sampler.commands.bench import run_bench
-    from analytic_sampler.evaluation.likelihood import nll_bpd_many
+    from analytic_sampler.commands.bench import BenchOptions, run_bench
+    from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd
     from analytic_sampler.pretrained import PretrainedModel
     from analytic_sampler.table import VarianceTable
 
@@ -174,22 +175,22 @@ def test_bench_scores_an_adapter_in_its_nll_rows(tmp_path):
     model = PretrainedModel(tiny_unet(channels=1), scheduler, None, str(tmp_path / "model"))
     images = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     shifted = EpsilonAdapter(model.unet, scheduler, timestep_shift=1)
-    result = run_bench(model, images, images[:8], [3], tmp_path / "out", table_samples=4, batch_size=64,
-                       progress=False, eps_model=shifted)
+    result = run_bench(model, images, images[:8], [3], tmp_path / "out",
+                       BenchOptions(table_samples=4, batch_size=64, progress=False, eps_model=shifted))
     assert result["sample_quality"]["skipped"].startswith("sample quality skipped: the NLL rows score the eps_model")
     row = next(r for r in result["nll"] if r["trajectory"] == "even" and r["variance"] == "analytic")
     table = VarianceTable.load(tmp_path / "out" / "table")
-    same = dict(ms_eps=table.ms_eps, ms_x0=table.ms_x0, batch_size=64, progress=False)  # the table's bound, as bench
+    same = dict(ms_eps=table.ms_eps, batch_size=64, options=NLLOptions(ms_x0=table.ms_x0, progress=False))  # as bench
     assert table.ms_x0 is not None
-    expected = nll_bpd_many(shifted, images[:8], scheduler, row["timesteps"], ["analytic"], **same)["analytic"]
-    bare = nll_bpd_many(model.unet, images[:8], scheduler, row["timesteps"], ["analytic"], **same)["analytic"]
+    expected = nll_bpd(shifted, images[:8], scheduler, row["timesteps"], "analytic", **same)
+    bare = nll_bpd(model.unet, images[:8], scheduler, row["timesteps"], "analytic", **same)
     assert row["bpd"] == expected.mean != bare.mean
     assert not (tmp_path / "out" / "table.partial").exists()
 def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
     """Diffusers' peers on the model's own config and Analytic-DPM's variants (plus a scheduler added by name) each
     give a row with its difference to the best row, its paired standard error and the timesteps it ran; every
     sampler starts from the same initial noise."""
-    from analytic_sampler.commands.bench import run_bench
+    from analytic_sampler.commands.bench import BenchOptions, run_bench
     from analytic_sampler.evaluation.baselines import BENCH_METHODS
     from analytic_sampler.pretrained import load_pretrained
 
@@ -203,8 +204,8 @@ def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
         return forward(sample, timestep, *args, **kwargs)
 
     model.unet.forward = recording
-    result = run_bench(model, train, train[:12], [3], tmp_path / "out", table_samples=4, fd_samples=16,
-                       batch_size=64, progress=False, schedulers=["EulerDiscreteScheduler"])
+    result = run_bench(model, train, train[:12], [3], tmp_path / "out", BenchOptions(
+        table_samples=4, fd_samples=16, batch_size=64, progress=False, schedulers=["EulerDiscreteScheduler"]))
     rows = result["sample_quality"]["rows"]
     assert [r["method"] for r in rows] == [*BENCH_METHODS, "EulerDiscreteScheduler"]
     best = min(rows, key=lambda r: r["fd"])

@@ -17,12 +17,19 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_sd import tiny_images, tiny_sd_pipeline  # noqa: E402
 
-from analytic_sampler import AnalyticDPMScheduler, EpsilonAdapter, VarianceTable, estimate_moments  # noqa: E402
+from analytic_sampler import (  # noqa: E402
+    AnalyticDPMScheduler,
+    EpsilonAdapter,
+    EstimateOptions,
+    PipelineOptions,
+    VarianceTable,
+    estimate_moments,
+)
 from analytic_sampler.estimation.latents import encode_images, encode_prompts, read_captions  # noqa: E402
 
 TIMESTEPS = [1, 301, 601, 901]
 PROMPTS = ["a cat", "a dog", "a red house", "x", "a cat", "a tree", "blue", "two dots"]
-SETTINGS = {"timesteps": TIMESTEPS, "batch_size": 5, "progress": False}
+QUIET = EstimateOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +42,17 @@ def images():
     return tiny_images(len(PROMPTS))
 
 
-def by_hand(pipe, images, prompt_embeds, chunk=4, **kwargs):
+def estimate(model, data, scheduler=None, num_samples=8, batch_size=5, options=QUIET, **pipeline_options):
+    """estimate_moments at ``TIMESTEPS``; ``pipeline_options``: the fields of :class:`PipelineOptions`."""
+    return estimate_moments(model, data, scheduler, num_samples, TIMESTEPS, batch_size, options=options,
+                            pipeline_options=PipelineOptions(**pipeline_options))
+
+
+def by_hand(pipe, images, prompt_embeds, chunk=4):
     """The same estimate from latents and embeddings passed by hand to the UNet."""
     latents = encode_images(pipe, images, batch_size=chunk)
-    return estimate_moments(pipe.unet, latents, pipe.scheduler, num_samples=len(images), data_range=None,
-                            model_kwargs={"encoder_hidden_states": prompt_embeds}, **SETTINGS, **kwargs)
+    options = EstimateOptions(data_range=None, model_kwargs={"encoder_hidden_states": prompt_embeds}, progress=False)
+    return estimate(pipe.unet, latents, pipe.scheduler, num_samples=len(images), options=options)
 
 
 def assert_same(a, b):
@@ -49,19 +62,18 @@ def assert_same(a, b):
 
 def test_pipeline_equals_latents_and_embeddings_by_hand(pipe, images):
     """Bit for bit: per-image prompts (conditional eps), and one prompt with guidance 7.5 (guided eps)."""
-    table = estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    table = estimate(pipe, images, prompt=PROMPTS, encode_batch_size=4)
     assert_same(table, by_hand(pipe, images, encode_prompts(pipe, PROMPTS, batch_size=4)))
     assert table.data_range is None and table.num_channels == 4 and table.guidance_scale is None
     assert table.provenance["vae_scaling_factor"] == pytest.approx(0.18215)
     assert table.provenance["latent"] == "mean" and table.provenance["prompt_source"] == "the prompt list"
 
-    guided = estimate_moments(pipe, images, prompt="a cat", guidance_scale=7.5, num_samples=8, encode_batch_size=4,
-                              **SETTINGS)
+    guided = estimate(pipe, images, prompt="a cat", guidance_scale=7.5, encode_batch_size=4)
     adapter = EpsilonAdapter(pipe.unet, pipe.scheduler, guidance_scale=7.5,
                              uncond_kwargs={"encoder_hidden_states": encode_prompts(pipe, [""])})
     latents = encode_images(pipe, images, batch_size=4)
-    hand = estimate_moments(adapter, latents, pipe.scheduler, num_samples=8, data_range=None,
-                            model_kwargs={"encoder_hidden_states": encode_prompts(pipe, ["a cat"])}, **SETTINGS)
+    hand = estimate(adapter, latents, pipe.scheduler, options=EstimateOptions(
+        data_range=None, model_kwargs={"encoder_hidden_states": encode_prompts(pipe, ["a cat"])}, progress=False))
     assert_same(guided, hand)
     assert guided.guidance_scale == 7.5 and guided.provenance["negative_prompt"] == ""
     assert not np.allclose(guided.ms_eps[TIMESTEPS], table.ms_eps[TIMESTEPS])  # guidance changes the moments
@@ -96,8 +108,7 @@ def test_each_image_and_prompt_is_encoded_once_and_memory_stays_bounded(pipe, im
 
     try:
         latents_module.PipelineSamples.window = spy
-        estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=2, timesteps=TIMESTEPS,
-                         batch_size=3, progress=False)
+        estimate(pipe, images, batch_size=3, prompt=PROMPTS, encode_batch_size=2)
     finally:
         latents_module.PipelineSamples.window = window
         for hook in hooks:
@@ -107,7 +118,7 @@ def test_each_image_and_prompt_is_encoded_once_and_memory_stays_bounded(pipe, im
 
 
 def test_interrupted_pipeline_estimate_resumes_bit_identical(pipe, images, tmp_path):
-    full = estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    full = estimate(pipe, images, prompt=PROMPTS, encode_batch_size=4)
     calls = {"n": 0}
 
     def fail_on_fourth_call(*args):
@@ -118,40 +129,44 @@ def test_interrupted_pipeline_estimate_resumes_bit_identical(pipe, images, tmp_p
     hook = pipe.unet.register_forward_pre_hook(fail_on_fourth_call)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(RuntimeError, match="interrupted"):
-        estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4, checkpoint=path,
-                         checkpoint_every=2, **SETTINGS)
+        estimate(pipe, images, options=EstimateOptions(checkpoint=path, checkpoint_every=2, progress=False),
+                 prompt=PROMPTS, encode_batch_size=4)
     hook.remove()
     assert path.exists()
-    assert_same(full, estimate_moments(pipe, images, prompt=PROMPTS, num_samples=8, encode_batch_size=4,
-                                       checkpoint=path, **SETTINGS))
+    resumable = EstimateOptions(checkpoint=path, progress=False)
+    assert_same(full, estimate(pipe, images, options=resumable, prompt=PROMPTS, encode_batch_size=4))
     with pytest.raises(ValueError, match=r"belongs to another run \(prompts: '\w+' in the checkpoint, '\w+' now\)"):
-        estimate_moments(pipe, images, prompt="another prompt", num_samples=8, encode_batch_size=4, checkpoint=path,
-                         **SETTINGS)
+        estimate(pipe, images, options=resumable, prompt="another prompt", encode_batch_size=4)
 
 
 def test_a_streamed_data_set_resumes_only_when_named(pipe, images, tmp_path):
     """A DataLoader is streamed to the pipeline, not read up front: its checkpoint resumes only under a data_id;
     a folder is identified by its files (names, sizes, contents)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=4)
-    path, options = tmp_path / "ckpt.pt", {"prompt": "a cat", "num_samples": 8, "encode_batch_size": 4, **SETTINGS}
-    with pytest.warns(UserWarning, match="will not resume this run if it is interrupted: the data are streamed from "
-                                         "a DataLoader / Dataset, not read up front: pass data_id="):
-        full = estimate_moments(pipe, loader, checkpoint=path, **options)
-    with pytest.raises(ValueError, match=r"cannot be resumed: the data are streamed .*: pass data_id='...' \(the same "
-                                         r"on every run\) to name it. Or delete it to start afresh"):
-        estimate_moments(pipe, loader, checkpoint=path, **options)
+    path, prompt = tmp_path / "ckpt.pt", {"prompt": "a cat", "encode_batch_size": 4}
+    unnamed, named_options = (EstimateOptions(checkpoint=path, progress=False, data_id=name)
+                              for name in (None, "cats-v1"))
+    with pytest.warns(UserWarning, match=r"will not resume this run if it is interrupted: the data are streamed from "
+                                         r"a DataLoader / Dataset, not read up front: pass options=EstimateOptions\("
+                                         r"data_id="):
+        full = estimate(pipe, loader, options=unnamed, **prompt)
+    with pytest.raises(ValueError, match=r"cannot be resumed: the data are streamed .*: pass options=EstimateOptions\("
+                                         r"data_id='...'\) \(the same on every run\) to name it. Or delete it to "
+                                         r"start afresh"):
+        estimate(pipe, loader, options=unnamed, **prompt)
     path.unlink()
-    named = estimate_moments(pipe, loader, checkpoint=path, data_id="cats-v1", **options)
+    named = estimate(pipe, loader, options=named_options, **prompt)
     assert named.provenance["data_id"] == "cats-v1" and named.provenance["run_key"]["data"] is None
     assert_same(named, full)
-    assert_same(estimate_moments(pipe, loader, checkpoint=path, data_id="cats-v1", **options), full)
+    assert_same(estimate(pipe, loader, options=named_options, **prompt), full)
 
     folder = write_folder(tmp_path / "images", images)
-    estimate_moments(pipe, folder, checkpoint=tmp_path / "folder.pt", **options)
+    in_folder = EstimateOptions(checkpoint=tmp_path / "folder.pt", progress=False)
+    estimate(pipe, folder, options=in_folder, **prompt)
     first = sorted(folder.iterdir())[0]
     Image.open(first).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(first)  # same name, same kind of file
     with pytest.raises(ValueError, match=r"belongs to another run \(data: '\w+' in the checkpoint, '\w+' now\)"):
-        estimate_moments(pipe, folder, checkpoint=tmp_path / "folder.pt", **options)
+        estimate(pipe, folder, options=in_folder, **prompt)
 
 
 def write_folder(folder, images):
@@ -173,42 +188,42 @@ def test_captions_from_an_image_folder(pipe, images, tmp_path):
     (tmp_path / "c.csv").write_text("file_name,caption\n" + "".join(f"{i:03d}.png,{p}\n" for i, p in enumerate(PROMPTS)))
     assert read_captions(tmp_path / "c.csv", folder) == PROMPTS
 
-    from_folder = estimate_moments(pipe, str(folder), num_samples=8, encode_batch_size=4, **SETTINGS)
+    from_folder = estimate(pipe, str(folder), encode_batch_size=4)
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(folder / f"{i:03d}.png"), dtype=np.float32))
                           for i in range(8)]).permute(0, 3, 1, 2) / 127.5 - 1
-    listed = estimate_moments(pipe, pixels, prompt=PROMPTS, num_samples=8, encode_batch_size=4, **SETTINGS)
+    listed = estimate(pipe, pixels, prompt=PROMPTS, encode_batch_size=4)
     np.testing.assert_array_equal(from_folder.ms_eps, listed.ms_eps)
     assert from_folder.provenance["prompt_source"] == f"captions: {folder / 'metadata.jsonl'}"
 
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "000.png", "text": "a"}) + "\n")
     with pytest.raises(ValueError, match=r"no caption for 7 image\(s\)"):
-        estimate_moments(pipe, str(folder), num_samples=8, **SETTINGS)
+        estimate(pipe, str(folder))
 
 
 def test_pipeline_input_errors_name_the_fix(pipe, images):
     with pytest.raises(ValueError, match="text-conditioned: pass prompt="):
-        estimate_moments(pipe, images, num_samples=8, **SETTINGS)
+        estimate(pipe, images)
     with pytest.raises(ValueError, match=r"gives 2 prompt\(s\) for num_samples=8"):
-        estimate_moments(pipe, images, prompt=["a", "b"], num_samples=8, **SETTINGS)
+        estimate(pipe, images, prompt=["a", "b"])
     with pytest.raises(ValueError, match="either prompt .* or captions"):
-        estimate_moments(pipe, images, prompt="a", captions="c.txt", num_samples=8, **SETTINGS)
+        estimate(pipe, images, prompt="a", captions="c.txt")
     with pytest.raises(ValueError, match="need a pipeline with a VAE"):
-        estimate_moments(pipe.unet, images, pipe.scheduler, prompt="a", num_samples=8, **SETTINGS)
+        estimate(pipe.unet, images, pipe.scheduler, prompt="a")
     with pytest.raises(ValueError, match=r"latent='median'"):
-        estimate_moments(pipe, images, prompt="a", latent="median", num_samples=8, **SETTINGS)
+        estimate(pipe, images, prompt="a", latent="median")
     with pytest.raises(ValueError, match="data outside the declared range"):
-        estimate_moments(pipe, images * 3, prompt="a", num_samples=8, **SETTINGS)
+        estimate(pipe, images * 3, prompt="a")
     with pytest.raises(ValueError, match="data holds fewer than 8 images"):
-        estimate_moments(pipe, images[:5], prompt="a", num_samples=8, encode_batch_size=4, **SETTINGS)
+        estimate(pipe, images[:5], prompt="a", encode_batch_size=4)
     with pytest.raises(ValueError, match="pass the model's noise schedule"):
-        estimate_moments(pipe.unet, images, num_samples=8, **SETTINGS)
+        estimate(pipe.unet, images)
 
 
 def test_pipelines_whose_prompt_encoder_returns_more_are_refused(pipe, images, monkeypatch):
     """An SDXL-type encode_prompt (four outputs; the UNet would also need added_cond_kwargs) names the way round."""
     monkeypatch.setattr(pipe, "encode_prompt", lambda *args, **kwargs: (None,) * 4)
     with pytest.raises(ValueError, match="SDXL-type pipelines need added_cond_kwargs"):
-        estimate_moments(pipe, images, prompt="a", num_samples=8, **SETTINGS)
+        estimate(pipe, images, prompt="a")
 
 
 def test_captions_file_errors_name_the_fix(tmp_path, images):
@@ -227,7 +242,7 @@ def test_captions_file_errors_name_the_fix(tmp_path, images):
 
 
 def test_table_used_at_another_guidance_scale_warns(pipe, images):
-    guided = estimate_moments(pipe, images, prompt="a cat", guidance_scale=7.5, num_samples=8, **SETTINGS)
+    guided = estimate(pipe, images, prompt="a cat", guidance_scale=7.5)
     config = pipe.scheduler.config
     with pytest.warns(UserWarning, match=r"estimated at guidance_scale=7.5, but the pipeline is sampling at guidance_scale=3"):
         AnalyticDPMScheduler.from_table(guided, config, guidance_scale=3.0)
@@ -252,7 +267,7 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
           "--batch-size", "5", "--guidance-scale", "7.5", "--revision", "main"])
     assert f"saved to {model / 'table'}" in capsys.readouterr().out
     table = VarianceTable.load(model, subfolder="table")
-    expected = estimate_moments(pipe, str(folder), num_samples=8, guidance_scale=7.5, **SETTINGS)
+    expected = estimate(pipe, str(folder), guidance_scale=7.5)
     assert_same(table, expected)
     record = table.provenance
     assert record["model_id"] == str(model) and record["revision"] == "main" and table.guidance_scale == 7.5

@@ -9,13 +9,16 @@ import pytest
 import torch
 from conftest import ExactGaussianEps, tiny_unet
 
-from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
+from analytic_sampler.estimation.moments import EstimateOptions
+from analytic_sampler.evaluation.likelihood import NLLOptions, NLLResult, nll_bpd
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.trajectory import even_trajectory, optimal_trajectory
 
 ABAR = alphas_cumprod_from_config({"num_train_timesteps": 1000})
 V = 0.25
 ENTROPY_BPD = 0.5 * math.log(2 * math.pi * math.e * V) / math.log(2)
+QUIET = NLLOptions(progress=False)
+DENSITY = NLLOptions(data_range=None, progress=False)  # unbounded Gaussian data, for decoder="gaussian"
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,8 @@ def test_bound_equals_entropy_on_isotropic_gaussian(gaussian, num_steps, traject
             ts = optimal_trajectory(ABAR, ms, num_steps)
     else:
         ts = optimal_trajectory(ABAR, None, num_steps, x0_mse=x0_mse)
-    r = nll_bpd(model, data, ABAR, ts, variance, ms_eps=ms, x0_mse=x0_mse, decoder="gaussian", data_range=None,
-                batch_size=1000, progress=False)
+    r = nll_bpd(model, data, ABAR, ts, variance, ms_eps=ms, x0_mse=x0_mse, decoder="gaussian", batch_size=1000,
+                options=DENSITY)
     assert r.num_samples == 2000 and len(r.per_step) == num_steps - 1
     assert abs(r.mean - ENTROPY_BPD) < 3 * r.stderr
     assert r.mean == pytest.approx(r.prior + r.transitions + r.decoder, rel=1e-9)
@@ -49,25 +52,32 @@ def test_bound_equals_entropy_on_isotropic_gaussian(gaussian, num_steps, traject
 def test_ddpm_variances_are_far_above_at_ten_steps(gaussian):
     model, data = gaussian
     ts = even_trajectory(1000, 10)
-    kw = dict(decoder="gaussian", data_range=None, progress=False)
+    kw = dict(decoder="gaussian", options=DENSITY)
     btilde = nll_bpd(model, data, ABAR, ts, "btilde", **kw)
     beta = nll_bpd(model, data, ABAR, ts, "beta", **kw)
     assert btilde.mean > ENTROPY_BPD + 100 and beta.mean > ENTROPY_BPD + 10 * beta.stderr
 
 
 def test_many_variances_in_one_pass_equal_separate_runs(gaussian):
+    """A list of variances gives a dict of results from one pass of model calls; a name gives one result."""
     model, data = gaussian
-    kw = dict(ms_eps=model.exact_ms_eps(), decoder="gaussian", data_range=None, progress=False, seed=3)
+    kw = dict(ms_eps=model.exact_ms_eps(), decoder="gaussian", seed=3, options=DENSITY)
     ts = even_trajectory(1000, 5)
-    many = nll_bpd_many(model, data[:200], ABAR, ts, ("btilde", "analytic"), **kw)
+    calls = []
+    counted = lambda x, t: calls.append(t) or model(x, t)  # noqa: E731
+    many = nll_bpd(counted, data[:200], ABAR, ts, ("btilde", "analytic"), **kw)
+    assert list(many) == ["btilde", "analytic"] and len(calls) == len(ts)  # one model call per step, both scored
     for variance in ("btilde", "analytic"):
         single = nll_bpd(model, data[:200], ABAR, ts, variance, **kw)
-        assert single.mean == pytest.approx(many[variance].mean, rel=1e-12) and single.per_step == pytest.approx(many[variance].per_step)
+        assert isinstance(single, NLLResult) and single.variance == variance
+        assert single.mean == pytest.approx(many[variance].mean, rel=1e-12)
+        assert single.per_step == pytest.approx(many[variance].per_step)
+    assert list(nll_bpd(model, data[:200], ABAR, ts, ["analytic"], **kw)) == ["analytic"]
 
 
 def test_seeded_and_reproducible(gaussian):
     model, data = gaussian
-    kw = dict(variance="analytic", ms_eps=model.exact_ms_eps(), decoder="gaussian", data_range=None, progress=False)
+    kw = dict(variance="analytic", ms_eps=model.exact_ms_eps(), decoder="gaussian", options=DENSITY)
     a = nll_bpd(model, data[:100], ABAR, even_trajectory(1000, 5), seed=1, **kw)
     b = nll_bpd(model, data[:100], ABAR, even_trajectory(1000, 5), seed=1, **kw)
     c = nll_bpd(model, data[:100], ABAR, even_trajectory(1000, 5), seed=2, **kw)
@@ -77,27 +87,35 @@ def test_seeded_and_reproducible(gaussian):
 def test_learned_variance_and_discretized_on_a_unet():
     unet = tiny_unet(channels=1, out_channels=2)
     data = torch.rand(6, 1, 8, 8) * 2 - 1
-    r = nll_bpd(unet, data, ABAR, even_trajectory(1000, 4), "learned", batch_size=4, progress=False)
+    r = nll_bpd(unet, data, ABAR, even_trajectory(1000, 4), "learned", batch_size=4, options=QUIET)
     assert r.num_samples == 6 and np.isfinite(r.mean) and r.mean > 0
     with pytest.raises(ValueError, match="variance='learned' needs a model with 2C output channels"):
-        nll_bpd(tiny_unet(channels=1), data, ABAR, even_trajectory(1000, 4), "learned", progress=False)
+        nll_bpd(tiny_unet(channels=1), data, ABAR, even_trajectory(1000, 4), "learned", options=QUIET)
 
 
 def test_errors_name_the_fix(gaussian):
     model, data = gaussian
     ts = even_trajectory(1000, 5)
     with pytest.raises(ValueError, match="needs the model's table: pass ms_eps=table.ms_eps"):
-        nll_bpd(model, data, ABAR, ts, "analytic", data_range=None, decoder="gaussian", progress=False)
+        nll_bpd(model, data, ABAR, ts, "analytic", decoder="gaussian", options=DENSITY)
     with pytest.raises(ValueError, match="residual variance needs the model's x0_mse: pass x0_mse=table.x0_mse"):
-        nll_bpd(model, data, ABAR, ts, "residual", data_range=None, decoder="gaussian", progress=False)
+        nll_bpd(model, data, ABAR, ts, "residual", decoder="gaussian", options=DENSITY)
     with pytest.raises(ValueError, match="variance='fixed'"):
-        nll_bpd(model, data, ABAR, ts, "fixed", progress=False)
-    with pytest.raises(ValueError, match="discretized decoder needs the data range"):
-        nll_bpd(model, data, ABAR, ts, "beta", data_range=None, progress=False)
+        nll_bpd(model, data, ABAR, ts, "fixed", options=QUIET)
+    with pytest.raises(ValueError, match="variance='fixed'"):
+        nll_bpd(model, data, ABAR, ts, ["beta", "fixed"], options=QUIET)
+    with pytest.raises(ValueError, match=r"variance=\[\]; pass one of \('analytic'.* or a list of them"):
+        nll_bpd(model, data, ABAR, ts, [], options=QUIET)
+    with pytest.raises(ValueError, match=r"discretized decoder needs the data range .*pass "
+                                         r"options=NLLOptions\(data_range=\(a, b\)\) or decoder='gaussian'"):
+        nll_bpd(model, data, ABAR, ts, "beta", options=DENSITY)
     with pytest.raises(ValueError, match="strictly descending"):
-        nll_bpd(model, data, ABAR, ts[::-1], "beta", progress=False)
+        nll_bpd(model, data, ABAR, ts[::-1], "beta", options=QUIET)
     with pytest.raises(ValueError, match="data outside the declared range"):
-        nll_bpd(model, data * 10, ABAR, ts, "beta", progress=False)
+        nll_bpd(model, data * 10, ABAR, ts, "beta", options=QUIET)
+    with pytest.raises(TypeError, match=r"options=EstimateOptions\(...\): pass NLLOptions\(...\); its fields: "
+                                        r"data_range, bin_width, .*progress"):
+        nll_bpd(model, data, ABAR, ts, "beta", options=EstimateOptions(progress=False))
 
 
 @pytest.mark.parametrize("model_name", ["digits-ddpm-linear", "digits-iddpm-cosine"])
@@ -116,8 +134,8 @@ def test_residual_transition_kl_is_half_log_variance_ratio_on_a_real_network(mod
     abar, data = model.table.alphas_cumprod, load_digits_split("train")[0][:200]
     ts = optimal_trajectory(abar, None, 10, x0_mse=model.table.x0_mse)
     fresh = estimate_moments(model.unet, data, model.scheduler, num_samples=200, timesteps=ts[:-1], seed=1,
-                             batch_size=1000, progress=False)
-    r = nll_bpd(model.unet, data, model.scheduler, ts, "residual", x0_mse=fresh.x0_mse, batch_size=200, progress=False)
+                             batch_size=1000, options=EstimateOptions(progress=False))
+    r = nll_bpd(model.unet, data, model.scheduler, ts, "residual", x0_mse=fresh.x0_mse, batch_size=200, options=QUIET)
     s, t = np.array(ts[1:]), np.array(ts[:-1])
     lam2 = (1 - abar[s]) * (1 - abar[t] / abar[s]) / (1 - abar[t])
     var = residual_variance(abar, fresh.x0_mse, s, t)
@@ -149,13 +167,13 @@ def test_adapter_conditioning_and_guidance_are_scored():
 
     abar = alphas_cumprod_from_config({"num_train_timesteps": 50})
     unet, ts, data = class_unet(out_channels=2), even_trajectory(50, 5), digits()
-    kwargs = {"ms_eps": np.full(50, 0.9), "progress": False, "batch_size": 4}
+    kwargs = {"ms_eps": np.full(50, 0.9), "batch_size": 4, "options": QUIET}
 
     def labelled(label):
         return lambda x, t: unet(x, t, class_labels=torch.full((x.shape[0],), label)).sample
 
     def scores(model):
-        return nll_bpd_many(model, data, abar, ts, ("analytic", "learned"), **kwargs)
+        return nll_bpd(model, data, abar, ts, ("analytic", "learned"), **kwargs)
 
     conditional = scores(EpsilonAdapter(unet, abar, class_labels=torch.tensor([2])))
     by_hand = scores(labelled(2))
@@ -185,12 +203,14 @@ def test_a_table_of_another_model_is_refused_unless_forced():
     unet, other, ts = tiny_unet(channels=1), tiny_unet(channels=1, seed=1), even_trajectory(50, 5)
     table = VarianceTable(np.full(50, 0.9), np.full(50, 0.01), np.full(50, 4), abar, x0_mse=np.full(50, 0.05),
                           provenance={"model_id": "mine", "model_fingerprint": weights_fingerprint(unet)})
-    own = nll_bpd(unet, digits(), abar, ts, "residual", table=table, progress=False)
-    assert own.mean == nll_bpd(unet, digits(), abar, ts, "residual", x0_mse=table.x0_mse, progress=False).mean
+    own = nll_bpd(unet, digits(), abar, ts, "residual", options=NLLOptions(table=table, progress=False))
+    assert own.mean == nll_bpd(unet, digits(), abar, ts, "residual", x0_mse=table.x0_mse, options=QUIET).mean
     with pytest.raises(ValueError, match=r"the variance table \(mine\) does not belong to this model: it was estimated "
                                          r"with weights \w+, this model's are \w+ .*pass force_table=True"):
-        nll_bpd(other, digits(), abar, ts, "residual", table=table, progress=False)
+        nll_bpd(other, digits(), abar, ts, "residual", options=NLLOptions(table=table, progress=False))
     with pytest.warns(UserWarning, match="used anyway"):
-        nll_bpd(other, digits(), abar, ts, "residual", table=table, force_table=True, progress=False)
-    with pytest.raises(ValueError, match="pass either table or ms_eps / x0_mse"):
-        nll_bpd(unet, digits(), abar, ts, "residual", table=table, x0_mse=table.x0_mse, progress=False)
+        nll_bpd(other, digits(), abar, ts, "residual",
+                options=NLLOptions(table=table, force_table=True, progress=False))
+    with pytest.raises(ValueError, match=r"pass either options=NLLOptions\(table=...\) or ms_eps / x0_mse"):
+        nll_bpd(unet, digits(), abar, ts, "residual", x0_mse=table.x0_mse,
+                options=NLLOptions(table=table, progress=False))

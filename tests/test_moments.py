@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from analytic_sampler.adapter import EpsilonAdapter
 from analytic_sampler.estimation.data import check_range, iter_batches, take_samples
-from analytic_sampler.estimation.moments import estimate_moments
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
 from analytic_sampler.schedule import alphas_cumprod_from_config
 
 N = 1000
@@ -16,6 +16,8 @@ ABAR = alphas_cumprod_from_config({"num_train_timesteps": N, "beta_schedule": "l
 V = 0.25
 SHAPE = (3, 8, 8)
 FEW = [0, 250, 500, 750, 999]
+QUIET = EstimateOptions(progress=False)
+UNBOUNDED = EstimateOptions(data_range=None, progress=False)
 
 
 class GaussianEps(ExactGaussianEps):
@@ -41,10 +43,10 @@ def gaussian_data(n, seed=0):
     return V**0.5 * torch.randn(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
 
 
-def run(model=None, n=64, timesteps=FEW, **kwargs):
-    kwargs = {"batch_size": 16, "data_range": None, "progress": False, **kwargs}
+def run(model=None, n=64, timesteps=FEW, batch_size=16, seed=0, **options):
+    options = EstimateOptions(**{"data_range": None, "progress": False, **options})
     model = model or GaussianEps()
-    return estimate_moments(model, gaussian_data(n), ABAR, num_samples=n, timesteps=timesteps, **kwargs)
+    return estimate_moments(model, gaussian_data(n), ABAR, n, timesteps, batch_size, seed, options=options)
 
 
 def assert_same(a, b):
@@ -55,8 +57,7 @@ def assert_same(a, b):
 def test_exact_gaussian_within_three_standard_errors():
     ts = np.linspace(0, N - 1, 50).round().astype(int)
     table = estimate_moments(
-        GaussianEps(), gaussian_data(2000), ABAR, num_samples=2000, timesteps=ts, batch_size=1000,
-        data_range=None, progress=False,
+        GaussianEps(), gaussian_data(2000), ABAR, num_samples=2000, timesteps=ts, batch_size=1000, options=UNBOUNDED,
     )
     exact = (1 - ABAR) / (ABAR * V + 1 - ABAR)
     z = (table.ms_eps[ts] - exact[ts]) / table.stderr[ts]
@@ -83,9 +84,8 @@ def test_exact_gaussian_x0_mse_within_four_standard_errors():
 def test_x0_mse_uses_the_clipped_prediction():
     """With a data range the error is that of x0_hat clipped to it, as samplers use it."""
     data, zero_eps = gaussian_data(64).clamp(-1, 1), lambda x, t: torch.zeros_like(x)  # x0_hat = x_t / sqrt(abar)
-    kwargs = {"num_samples": 64, "timesteps": [999], "progress": False}
-    clipped = estimate_moments(zero_eps, data, ABAR, **kwargs)
-    raw = estimate_moments(zero_eps, data, ABAR, data_range=None, **kwargs)
+    clipped = estimate_moments(zero_eps, data, ABAR, 64, [999], options=QUIET)
+    raw = estimate_moments(zero_eps, data, ABAR, 64, [999], options=UNBOUNDED)
     assert clipped.x0_clip == (-1.0, 1.0) and raw.x0_clip is None
     assert clipped.x0_mse[999] <= 4.0  # |x0 - clip(x0_hat)| <= 2
     assert abs(raw.x0_mse[999] / ((1 - ABAR[999]) / ABAR[999]) - 1) < 0.1  # the noise, scaled by 1/sqrt(abar)
@@ -140,7 +140,7 @@ def test_model_returning_nan_is_named():
 def test_data_out_of_range():
     data = gaussian_data(8) + 3
     with pytest.raises(ValueError, match=r"data outside the declared range \[-1, 1\] \(min .*, max .*\); rescale"):
-        estimate_moments(GaussianEps(), data, ABAR, num_samples=8, progress=False)
+        estimate_moments(GaussianEps(), data, ABAR, num_samples=8, options=QUIET)
     with pytest.raises(ValueError, match="data contains NaN"):
         check_range(torch.tensor([0.0, float("nan")]), None)
 
@@ -151,7 +151,13 @@ def test_argument_errors():
     with pytest.raises(ValueError, match=r"integers in \[0, 999\]"):
         run(timesteps=[1000])
     with pytest.raises(ValueError, match="data holds only 64 images but num_samples=65"):
-        estimate_moments(GaussianEps(), gaussian_data(64), ABAR, num_samples=65, progress=False)
+        estimate_moments(GaussianEps(), gaussian_data(64), ABAR, num_samples=65, options=QUIET)
+    with pytest.raises(TypeError, match=r"options=dict\(...\): pass EstimateOptions\(...\) \(a dict: "
+                                        r"EstimateOptions\(\*\*settings\)\); its fields: device, dtype, .*data_id"):
+        estimate_moments(GaussianEps(), gaussian_data(8), ABAR, num_samples=8, options={"progress": False})
+    with pytest.raises(TypeError, match=r"pipeline_options=EstimateOptions\(...\): pass PipelineOptions\(...\); "
+                                        r"its fields: prompt, captions"):
+        estimate_moments(GaussianEps(), gaussian_data(8), ABAR, num_samples=8, pipeline_options=QUIET)
 
 
 def test_data_sources_agree():
@@ -161,9 +167,9 @@ def test_data_sources_agree():
     for source in (x, x.numpy(), {"images": x}, DataLoader(pairs, batch_size=3), pairs, dicts, [x[:7], x[7:]]):
         assert torch.equal(take_samples(source, 9), x[:9])
     assert [b.shape[0] for b in iter_batches(DataLoader(pairs, batch_size=3), 4)] == [4, 4, 2]
-    table_tensor = estimate_moments(GaussianEps(), x, ABAR, num_samples=9, timesteps=FEW, batch_size=8, progress=False)
+    table_tensor = estimate_moments(GaussianEps(), x, ABAR, num_samples=9, timesteps=FEW, batch_size=8, options=QUIET)
     table_loader = estimate_moments(GaussianEps(), DataLoader(pairs, batch_size=4), ABAR, num_samples=9, timesteps=FEW,
-                                    batch_size=8, progress=False)
+                                    batch_size=8, options=QUIET)
     assert_same(table_tensor, table_loader)
     with pytest.raises(ValueError, match="put the images under one of"):
         take_samples([{"labels": x}], 2)
@@ -216,11 +222,11 @@ def test_tiny_unet_with_scheduler_prediction_type():
     unet = tiny_unet(channels=3, out_channels=6)
     scheduler = DDPMScheduler(num_train_timesteps=N, prediction_type="v_prediction")
     data = gaussian_data(6).clamp(-1, 1)
-    table = estimate_moments(unet, data, scheduler, num_samples=6, timesteps=[0, 999], batch_size=4, progress=False)
+    table = estimate_moments(unet, data, scheduler, num_samples=6, timesteps=[0, 999], batch_size=4, options=QUIET)
     assert table.provenance["prediction_type"] == "v_prediction"
     assert np.all(np.isfinite(table.ms_eps[[0, 999]])) and table.counts[[0, 999]].tolist() == [6, 6]
     adapter = EpsilonAdapter(unet, scheduler, prediction_type="sample")
-    assert estimate_moments(adapter, data, scheduler, num_samples=6, timesteps=[5], progress=False).provenance[
+    assert estimate_moments(adapter, data, scheduler, num_samples=6, timesteps=[5], options=QUIET).provenance[
         "prediction_type"] == "sample"
 
 
@@ -232,7 +238,7 @@ def test_a_model_loaded_from_a_path_object_gives_a_savable_table(tmp_path):
     tiny_unet(channels=1).save_pretrained(tmp_path / "unet")
     unet = type(tiny_unet()).from_pretrained(tmp_path / "unet")
     table = estimate_moments(unet, torch.rand(2, 1, 8, 8) * 2 - 1, DDPMScheduler(num_train_timesteps=10), num_samples=2,
-                             progress=False)
+                             options=QUIET)
     table.save(tmp_path / "table")
     assert table.provenance["model_id"] == str(tmp_path / "unet")
 
@@ -246,8 +252,7 @@ def test_per_channel_moments_of_a_gaussian_with_channel_variances(tmp_path):
     model = ExactGaussianEps(ABAR, v)
     ts = np.linspace(0, N - 1, 20).round().astype(int)
     data = torch.tensor(v).sqrt().view(1, 4, 1, 1) * torch.randn(400, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    table = estimate_moments(model, data, ABAR, num_samples=400, timesteps=ts, batch_size=500, data_range=None,
-                             progress=False)
+    table = estimate_moments(model, data, ABAR, num_samples=400, timesteps=ts, batch_size=500, options=UNBOUNDED)
     assert table.num_channels == 4 and table.channel_ms_eps.shape == (4, N)
     for name, exact in (("ms_eps", model.exact_ms_eps()), ("x0_mse", model.exact_x0_mse())):
         est, err = getattr(table, f"channel_{name}"), getattr(table, "channel_stderr" if name == "ms_eps" else

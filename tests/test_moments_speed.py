@@ -14,7 +14,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.commands.cli import main
-from analytic_sampler.estimation.moments import estimate_moments
+from analytic_sampler.estimation.moments import EstimateOptions, estimate_moments
 from analytic_sampler.table import VarianceTable
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000)
@@ -29,9 +29,9 @@ def images(n: int = 48, channels: int = 3) -> torch.Tensor:
     return torch.rand(n, channels, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
 
 
-def estimate(model, n: int = 48, **kwargs) -> VarianceTable:
-    kwargs = {"timesteps": TS, "batch_size": 32, "seed": 1, "progress": False, **kwargs}
-    return estimate_moments(model, images(n), SCHEDULER, num_samples=n, **kwargs)
+def estimate(model, n: int = 48, **options) -> VarianceTable:
+    options = EstimateOptions(progress=False, **options)
+    return estimate_moments(model, images(n), SCHEDULER, n, TS, batch_size=32, seed=1, options=options)
 
 
 def assert_same(a: VarianceTable, b: VarianceTable) -> None:

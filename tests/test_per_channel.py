@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import ExactGaussianEps
 
-from analytic_sampler.evaluation.likelihood import nll_bpd, nll_bpd_many
+from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd
 from analytic_sampler.schedule import alphas_cumprod_from_config
 from analytic_sampler.schedulers.analytic_dpm import AnalyticDPMScheduler
 from analytic_sampler.table import VarianceTable, validate_ms_eps
@@ -267,7 +267,8 @@ def test_per_channel_bound_equals_the_entropy(channel_data, num_steps, variance)
     exact per channel, so the bound is the data's entropy, ``mean_c 0.5 log(2 pi e v_c)`` per dimension, for any K;
     the channel-mean tables overshoot it by far."""
     entropy = float(np.mean(0.5 * np.log(2 * np.pi * np.e * V)) / np.log(2))
-    kw = dict(decoder="gaussian", decoder_variance="analytic", data_range=None, batch_size=1000, progress=False)
+    kw = dict(decoder="gaussian", batch_size=1000,
+              options=NLLOptions(decoder_variance="analytic", data_range=None, progress=False))
     ts = even_trajectory(N, num_steps)
     ms, x0 = exact_ms_eps(), exact_x0_mse()
     per = nll_bpd(ChannelGaussianEps(), channel_data, ABAR, ts, variance, ms_eps=ms, x0_mse=x0, **kw)
@@ -284,11 +285,12 @@ def test_equal_channel_rows_give_the_scalar_bound_and_mismatched_channels_are_re
     (the log / exp of sigma^2 run on a (C, 1, 1) tensor against a (1, 1, 1) one: SIMD or scalar kernels by shape and
     CPU, a few ulps apart; a 1-ulp change of the table moves every field by < 3e-14 here)."""
     ms, x0 = exact_ms_eps(np.full(C, 0.5)), exact_x0_mse(np.full(C, 0.5))
-    kw = dict(decoder=decoder, decoder_variance="analytic", data_range=data_range, progress=False, num_samples=200)
+    kw = dict(decoder=decoder,
+              options=NLLOptions(decoder_variance="analytic", data_range=data_range, progress=False, num_samples=200))
     data = channel_data.clamp(-1, 1)
     args = (ChannelGaussianEps(), data, ABAR, even_trajectory(N, 5), ("analytic", "residual", "btilde"))
-    per = nll_bpd_many(*args, ms_eps=ms, x0_mse=x0, **kw)
-    scalar = nll_bpd_many(*args, ms_eps=ms[0], x0_mse=x0[0], **kw)
+    per = nll_bpd(*args, ms_eps=ms, x0_mse=x0, **kw)
+    scalar = nll_bpd(*args, ms_eps=ms[0], x0_mse=x0[0], **kw)
     for name in args[-1]:
         for field in dataclasses.fields(scalar[name]):
             ours, theirs = getattr(per[name], field.name), getattr(scalar[name], field.name)

@@ -12,7 +12,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.adapter import EpsilonAdapter
-from analytic_sampler.estimation.moments import CHECKPOINT_FORMAT, estimate_moments
+from analytic_sampler.estimation.moments import CHECKPOINT_FORMAT, EstimateOptions, estimate_moments
 from analytic_sampler.fingerprint import model_modules, weights_fingerprint
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=20)
@@ -23,9 +23,9 @@ def images(n: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def estimate(model, checkpoint, data=None, **kwargs):
-    kwargs = {"timesteps": TS, "batch_size": 4, "num_samples": 6, "progress": False, **kwargs}
-    return estimate_moments(model, images() if data is None else data, SCHEDULER, checkpoint=checkpoint, **kwargs)
+def estimate(model, checkpoint, data=None, seed=0, **options):
+    options = EstimateOptions(checkpoint=checkpoint, progress=False, **options)
+    return estimate_moments(model, images() if data is None else data, SCHEDULER, 6, TS, 4, seed, options=options)
 
 
 def refusal(first, second, tmp_path) -> str:
@@ -144,10 +144,11 @@ def test_a_plain_function_needs_a_model_id_to_resume(tmp_path):
     path = tmp_path / "ck.pt"
     assert weights_fingerprint(zero_eps) is None
     with pytest.warns(UserWarning, match="will not resume this run if it is interrupted: no nn.Module weights were "
-                                         "found behind the model .*pass model_id="):
+                                         r"found behind the model .*pass options=EstimateOptions\(model_id="):
         estimate(zero_eps, path)
-    with pytest.raises(ValueError, match=r"cannot be resumed: no nn.Module weights .*: pass model_id='...' \(the same "
-                                         r"on every run\) to name it. Or delete it to start afresh"):
+    with pytest.raises(ValueError, match=r"cannot be resumed: no nn.Module weights .*: pass options=EstimateOptions\("
+                                         r"model_id='...'\) \(the same on every run\) to name it. Or delete it to "
+                                         r"start afresh"):
         estimate(zero_eps, path)
     path.unlink()
     named = estimate(zero_eps, path, model_id="zeros-v1")
@@ -177,3 +178,20 @@ def test_table_records_the_run(tmp_path):
     assert table.provenance["model_fingerprint"] == weights_fingerprint(unet)
     assert table.provenance["run_key"]["model"] == weights_fingerprint(unet)
     assert table.provenance["run_key"]["data_range"] == [-1.0, 1.0]
+
+
+def test_the_run_key_of_a_fixed_run_is_pinned():
+    """The run key a table records is what `precompute` compares on a rerun: the same settings must give the same
+    key from one version to the next (these values are those of the version before option objects), or finished
+    tables would be estimated again. The weights' fingerprint depends only on the weights."""
+    unet = tiny_unet()
+    key = estimate(unet, None).provenance["run_key"]
+    assert key == {
+        "model": weights_fingerprint(unet), "prediction_type": "epsilon", "timestep_shift": 0, "timestep_scale": 1.0,
+        "dtype": "None", "schedule": "N20-7502fd48938e6a94", "timesteps": "3 timesteps, 01ca5828431a0bfb",
+        "num_samples": 6, "batch_size": 4, "seed": 0, "data": "7e92522a96d8f52e", "data_range": [-1.0, 1.0],
+        "conditioning": "e3b0c44298fc1c14", "guidance_scale": None, "uncond_kwargs": "e3b0c44298fc1c14",
+    }
+    assert list(key) == ["model", "prediction_type", "timestep_shift", "timestep_scale", "dtype", "schedule",
+                         "timesteps", "num_samples", "batch_size", "seed", "data", "data_range", "conditioning",
+                         "guidance_scale", "uncond_kwargs"]

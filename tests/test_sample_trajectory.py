@@ -122,9 +122,9 @@ def test_sample_cost_is_stored_with_the_table(tmp_path):
     model = tiny_unet()
     scheduler = DDPMScheduler(num_train_timesteps=100)
     images = torch.rand(6, 1, 8, 8) * 2 - 1
-    from analytic_sampler import estimate_moments
+    from analytic_sampler import EstimateOptions, estimate_moments
 
-    table = estimate_moments(model, images, scheduler, num_samples=2, progress=False)
+    table = estimate_moments(model, images, scheduler, num_samples=2, options=EstimateOptions(progress=False))
     with pytest.raises(ValueError, match="no sample cost.*analytic-sampler precompute MODEL --data DATA --out DIR"):
         sample_quality_trajectory(table, 4)
     cost = estimate_sample_cost(model, images, scheduler, num_paths=3, candidates=30, batch_size=32,

@@ -28,7 +28,14 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_sd import SD_SCHEDULER_CONFIG, tiny_images, tiny_img2img, tiny_sd_pipeline  # noqa: E402
 
-from analytic_sampler import AnalyticDPMScheduler, VarianceTable, analytic_variance, estimate_moments  # noqa: E402
+from analytic_sampler import (  # noqa: E402
+    AnalyticDPMScheduler,
+    EstimateOptions,
+    PipelineOptions,
+    VarianceTable,
+    analytic_variance,
+    estimate_moments,
+)
 
 K = 10
 GUIDANCE = 7.5
@@ -53,8 +60,9 @@ def table(sd_base) -> VarianceTable:
     """A latent table of the guided eps, from pixel images and prompts, at the K = 10 timesteps the pipelines visit."""
     images = tiny_images(8)
     prompts = [f"picture number {i}" for i in range(len(images))]
-    return estimate_moments(sd_base, images, prompt=prompts, guidance_scale=GUIDANCE, num_samples=len(images),
-                            timesteps=sd_timesteps(K), progress=False)
+    return estimate_moments(sd_base, images, num_samples=len(images), timesteps=sd_timesteps(K),
+                            options=EstimateOptions(progress=False),
+                            pipeline_options=PipelineOptions(prompt=prompts, guidance_scale=GUIDANCE))
 
 
 @pytest.fixture
@@ -208,9 +216,9 @@ def test_images_are_encoded_at_the_pipelines_size_and_the_table_says_so(sd_base)
     """32 x 24 images: resized and center-cropped to the 16 x 16 the pipeline samples at (8 x 8 latents) by default;
     with resize=False encoded at their own size, and a scheduler from that table warns when sampling at 8 x 8."""
     images = torch.rand(4, 3, 32, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
-    kwargs = dict(prompt="a photo", num_samples=4, timesteps=sd_timesteps(K), progress=False)
-    fitted = estimate_moments(sd_base, images, **kwargs)
-    own = estimate_moments(sd_base, images, resize=False, **kwargs)
+    kwargs = dict(num_samples=4, timesteps=sd_timesteps(K), options=EstimateOptions(progress=False))
+    fitted = estimate_moments(sd_base, images, pipeline_options=PipelineOptions(prompt="a photo"), **kwargs)
+    own = estimate_moments(sd_base, images, pipeline_options=PipelineOptions(prompt="a photo", resize=False), **kwargs)
     assert fitted.provenance["sample_shape"] == [4, 8, 8] and fitted.provenance["image_size"] == [16, 16]
     assert own.provenance["sample_shape"] == [4, 16, 12] and own.provenance["image_size"] is None
     pipe = StableDiffusionPipeline(**sd_base.components, requires_safety_checker=False)

@@ -12,7 +12,7 @@ import torch
 from conftest import ExactGaussianEps
 
 from analytic_sampler import AnalyticDPMScheduler, VarianceTable
-from analytic_sampler.evaluation.likelihood import nll_bpd, predicted_transitions_bpd
+from analytic_sampler.evaluation.likelihood import NLLOptions, nll_bpd, predicted_transitions_bpd
 from analytic_sampler.schedule import ZERO_SNR_FLOOR, alphas_cumprod_from_config
 from analytic_sampler.trajectory import TrajectoryDP, even_trajectory
 from analytic_sampler.variance import pair_coefficients
@@ -45,7 +45,7 @@ def bound(gaussian, timesteps, **options):
     model, data = gaussian
     options.setdefault("decoder_variance", "analytic")  # the true posterior variance at t_1: the bound is tight
     return nll_bpd(model, data, ABAR, timesteps, "analytic", ms_eps=model.exact_ms_eps(), decoder="gaussian",
-                   batch_size=1000, progress=False, **options)
+                   batch_size=1000, options=NLLOptions(progress=False, **options))
 
 
 def test_the_cosine_schedule_ends_below_the_floor():
@@ -104,8 +104,8 @@ def test_a_table_gives_its_second_moment(gaussian):
                           x0_mse=model.exact_x0_mse())
     assert table.ms_x0 == V
     timesteps = even_trajectory(1000, 8)
-    from_table = nll_bpd(model, gaussian[1], ABAR, timesteps, "analytic", table=table, decoder="gaussian",
-                         data_range=None, batch_size=1000, progress=False)
+    from_table = nll_bpd(model, gaussian[1], ABAR, timesteps, "analytic", decoder="gaussian", batch_size=1000,
+                         options=NLLOptions(table=table, data_range=None, progress=False))
     given = bound(gaussian, timesteps, data_range=None, ms_x0=V, decoder_variance="beta")
     assert from_table.mean == pytest.approx(given.mean, rel=1e-12)
     scheduler = AnalyticDPMScheduler.from_table(table, COSINE, timestep_spacing="linspace")

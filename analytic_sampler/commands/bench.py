@@ -19,7 +19,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,11 +29,12 @@ from tqdm.auto import tqdm
 
 from ..evaluation.baselines import BENCH_METHODS, LEARNED, applies, check_names, sampling_methods
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
-from ..evaluation.likelihood import nll_bpd_many
+from ..evaluation.likelihood import NLLOptions, nll_bpd
 from ..evaluation.provenance import environment, footer, write_results
 from ..evaluation.sampling import ranked_fd_rows
+from ..options import options_of
 from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
-from ..table import ARRAYS_NAME, META_NAME
+from ..table import ARRAYS_NAME, META_NAME, VarianceTable
 from ..trajectory import TrajectoryDP, even_trajectory
 
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
@@ -79,30 +82,93 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
                   "(FD-digits covers 1x8x8 digits); pass --inception PATH to a local Inception network for FID.")
 
 
-def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
-                seed: int = 0, device=None, overwrite: bool = False, force_table: bool = False):
-    """The table to use: ``table``, else the model's own if it has x0_mse (either checked against the model's
-    schedule, channels and weights, unless ``force_table``), else one estimated into ``out/table``
+@dataclass(frozen=True)
+class BenchOptions:
+    """How :func:`run_bench` measures: the table, the sample-quality cells, the sampler rows, the run and the output
+    files' name.
+
+    Args:
+        table (`VarianceTable`, *optional*):
+            The table to use; default: the model's own if it has x0_mse, else one estimated on the training images
+            into ``out/table`` (:func:`bench_table`).
+        table_samples (`int`, defaults to 100):
+            Images per timestep for an estimated table.
+        force_table (`bool`, defaults to `False`):
+            Use the table even where it was estimated for another model.
+        overwrite (`bool`, defaults to `False`):
+            Replace a table of other settings that an earlier run estimated into ``out/table``.
+        fd_samples (`int`, *optional*):
+            Samples per method and K (default: as many as there are training images, at most 5000), all from the same
+            initial noise. FD is biased upwards by about ``dim / n``, so every cell is measured at the same n.
+        inception (`str` or `os.PathLike`, *optional*):
+            A TorchScript Inception network for FID (:func:`inception_features`); default for 1x8x8 images: FD-digits.
+        methods (`list[str]`, *optional*):
+            The sampler rows (default :data:`BENCH_METHODS`, names of :func:`build_sampler`), each built on the
+            model's own scheduler config.
+        schedulers (`list[str]`, defaults to `()`):
+            More rows: Diffusers scheduler classes by name (``"HeunDiscreteScheduler"``).
+        on_samples (`Callable[[str, int, torch.Tensor], None]`, *optional*):
+            ``on_samples(method, K, images)`` sees each set of samples.
+        eps_model (an `EpsilonAdapter` or eps callable, *optional*):
+            What the NLL rows score instead of the bare UNet (conditioning, guidance, a timestep convention); sample
+            quality is then skipped, as the sampling loop runs the UNet itself.
+        batch_size (`int`, defaults to 256):
+            Images per model call.
+        seed (`int`, defaults to 0):
+            Seeds the table, the NLL noise, the initial noise of the samples and the bootstrap.
+        device (`str`, defaults to `"cpu"`):
+            Where the model runs.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar over the cells.
+        name (`str`, defaults to `"bench"`):
+            The output files' stem (:func:`output_names`).
+    """
+
+    table: VarianceTable | None = None
+    table_samples: int = 100
+    force_table: bool = False
+    overwrite: bool = False
+    fd_samples: int | None = None
+    inception: str | os.PathLike | None = None
+    methods: Sequence[str] | None = None
+    schedulers: Sequence[str] = ()
+    on_samples: Callable[[str, int, torch.Tensor], None] | None = None
+    eps_model: Any = None
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    name: str = "bench"
+
+
+def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | None = None):
+    """The table to use and where it came from: ``options.table``, else the model's own if it has x0_mse (either
+    checked against the model's schedule, channels and weights, unless ``options.force_table``), else one estimated
+    into ``out/table`` from ``options.table_samples`` images per timestep
     (:func:`~analytic_sampler.estimation.precompute.precompute_table`: checkpointed beside it, reused when it holds
-    this very run, another run's replaced only with ``overwrite``) with a sample cost from ``min(64, num_samples)``
-    forward paths (one per image; :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
-    source = "given"
+    this very run, another run's replaced only with ``options.overwrite``) with a sample cost from
+    ``min(64, table_samples)`` forward paths (one per image;
+    :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
+    options = options_of(options, BenchOptions)
+    table, source = options.table, "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
         table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
     if table is not None:  # a table left in the model folder by an earlier model is refused too
-        return table.check_schedule(model.scheduler).check_model(model.unet, force=force_table), source
+        return table.check_schedule(model.scheduler).check_model(model.unet, force=options.force_table), source
+    from ..estimation.moments import EstimateOptions
     from ..estimation.precompute import precompute_sample_cost, precompute_table
     from ..sample_trajectory import DEFAULT_PATHS
 
-    folder = out / TABLE_SUBFOLDER
-    num_samples = min(num_samples, len(train))
-    done = precompute_table(model.unet, train, model.scheduler, out=folder, overwrite=overwrite,
-                            num_samples=num_samples, batch_size=batch_size, seed=seed, device=device,
-                            provenance={"model_id": model.name})
+    folder, o = out / TABLE_SUBFOLDER, options
+    num_samples = min(o.table_samples, len(train))
+    done = precompute_table(model.unet, train, model.scheduler, num_samples, batch_size=o.batch_size, seed=o.seed,
+                            out=folder, overwrite=o.overwrite,
+                            options=EstimateOptions(device=o.device, provenance={"model_id": model.name}))
     how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
     paths = min(DEFAULT_PATHS, num_samples)
-    done = precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths, overwrite=overwrite,
-                                  batch_size=batch_size, seed=seed, device=device, progress=False)
+    done = precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths,
+                                  overwrite=o.overwrite, batch_size=o.batch_size, seed=o.seed, device=o.device,
+                                  progress=False)
     return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, saved to "
                         f"{folder})")
 
@@ -130,10 +196,9 @@ def nll_rows(model, table, heldout: torch.Tensor, steps: Sequence[int], batch_si
         for trajectory, ts in (("even", even_trajectory(n, k)), ("optimal", dp.path(k))):
             if tuple(ts) not in done:
                 t0 = time.time()
-                results = nll_bpd_many(eps_model or model.unet, heldout, model.scheduler, ts, variances,
-                                       ms_eps=table.ms_eps,
-                                       x0_mse=table.x0_mse, batch_size=batch_size, seed=seed, device=device,
-                                       progress=False, ms_x0=table.ms_x0)
+                results = nll_bpd(eps_model or model.unet, heldout, model.scheduler, ts, variances, table.ms_eps,
+                                  table.x0_mse, batch_size=batch_size, seed=seed,
+                                  options=NLLOptions(device=device, progress=False, ms_x0=table.ms_x0))
                 done[tuple(ts)] = results, time.time() - t0
             results, seconds = done[tuple(ts)]
             rows += [{"K": k, "trajectory": trajectory, "variance": v, "bpd": r.mean, "stderr": r.stderr,
@@ -150,37 +215,17 @@ def run_bench(
     heldout: torch.Tensor,
     steps: Sequence[int],
     out: str | os.PathLike,
-    table=None,
-    table_samples: int = 100,
-    fd_samples: int | None = None,
-    inception: str | os.PathLike | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: bool = True,
-    methods: Sequence[str] | None = None,
-    schedulers: Sequence[str] = (),
-    on_samples: Callable[[str, int, torch.Tensor], None] | None = None,
-    name: str = "bench",
-    overwrite: bool = False,
-    force_table: bool = False,
-    eps_model=None,
+    options: BenchOptions | None = None,
 ) -> dict:
-    """Run the whole report (see the module docstring), write ``<name>.json`` / ``.md`` / plots, and return the
-    JSON's content.
+    """Run the whole report (see the module docstring) for each K of ``steps``, with ``train`` for the table and
+    the FD reference (at most ``REFERENCE_IMAGES``) and ``heldout`` for the NLL and the real-data floor (measured at
+    its own count); write ``<name>.json`` / ``.md`` / plots into ``out`` and return the JSON's content.
 
-    ``fd_samples`` (default: as many as there are training images, at most 5000) samples per method and K, all
-    from the same initial noise, against the statistics of the training images (at most ``REFERENCE_IMAGES``).
-    FD is biased upwards by about ``dim / n``, so every cell is measured at the same n; the real-data floor (the
-    evaluation images against the same reference) is measured at their own count. ``methods``: the sampler rows
-    (default :data:`BENCH_METHODS`, names of :func:`build_sampler`), each built on the model's own scheduler config;
-    ``schedulers``: more rows, Diffusers scheduler classes by name (``"HeunDiscreteScheduler"``).
-    ``on_samples(method, K, images)`` sees each set. Each row carries its FD minus the best row's at that K with the
-    paired bootstrap standard error, and the timesteps it ran. ``overwrite`` and ``force_table`` go to
-    :func:`bench_table`. ``eps_model`` (an ``EpsilonAdapter`` or eps callable) is what the NLL rows score instead of
-    the bare UNet; sample quality is then skipped, as the sampling loop runs the UNet itself.
+    Each FD row carries its FD minus the best row's at that K with the paired bootstrap standard error, and the
+    timesteps it ran. ``options``: :class:`BenchOptions` (default: ``BenchOptions()``).
     """
-    start, load_at_start = time.time(), environment(device)["load_average"]
+    o = options_of(options, BenchOptions)
+    start, load_at_start = time.time(), environment(o.device)["load_average"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = model_name_or_path
@@ -190,52 +235,57 @@ def run_bench(
     n = config.num_train_timesteps
     if not all(2 <= int(k) <= n for k in steps):
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
-    names = check_names([*(BENCH_METHODS if methods is None else methods), *schedulers])
-    table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device, overwrite,
-                                      force_table)
-    features, feature_name = feature_extractor(train.shape[1:], inception, device)
-    if eps_model is not None:
+    names = check_names([*(BENCH_METHODS if o.methods is None else o.methods), *o.schedulers])
+    table, table_source = bench_table(model, train, out, o)
+    features, feature_name = feature_extractor(train.shape[1:], o.inception, o.device)
+    if o.eps_model is not None:
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
                                         "sampling loop would run the bare UNet.")
-    fd_samples = fd_samples or min(len(train), 5000)
+    fd_samples = o.fd_samples or min(len(train), 5000)
     methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names) for k in steps}
-    not_run = [name for name in names if not applies(name, config, table)]
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
-    bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
-
-    nll = nll_rows(model, table, heldout, steps, batch_size, seed, device, on_cell=bar.update, eps_model=eps_model)
-
-    fd, floor = [], None
-    if features is not None:
-        reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
-        floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
-        for k, samplers in methods_per_k.items():
-            def seen(method, images, k=k):
-                bar.update()
-                if on_samples is not None:
-                    on_samples(method, k, images)
-
-            fd += ranked_fd_rows(model.unet, samplers, k, features, reference, fd_samples, seed, batch_size, device,
-                                 on_samples=seen)
-    bar.close()
-
+    with tqdm(total=cells, desc="bench", unit="cell", disable=not o.progress) as bar:
+        nll = nll_rows(model, table, heldout, steps, o.batch_size, o.seed, o.device, on_cell=bar.update,
+                       eps_model=o.eps_model)
+        fd, floor = [], None
+        if features is not None:
+            fd, floor = _fd_rows(model, methods_per_k, features, train, heldout, fd_samples, o, bar.update)
+    quality = {"measure": feature_name if features is not None else None,
+               "skipped": None if features is not None else feature_name,
+               "num_samples": fd_samples if features is not None else 0,
+               "reference_images": min(len(train), REFERENCE_IMAGES),
+               "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
+                                                          "num_images": len(heldout)},
+               "not_applicable": [name for name in names if not applies(name, config, table)],
+               "rows": fd}
     result = {
         "model": model.name, "table": table_source, "table_samples_per_timestep":
-            int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": seed,
-        "train_images": len(train), "eval_images": len(heldout), "nll": nll,
-        "sample_quality": {"measure": feature_name if features is not None else None,
-                           "skipped": None if features is not None else feature_name,
-                           "num_samples": fd_samples if features is not None else 0,
-                           "reference_images": min(len(train), REFERENCE_IMAGES),
-                           "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
-                                                                      "num_images": len(heldout)},
-                           "not_applicable": not_run,
-                           "rows": fd},
-        "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(device),
+            int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": o.seed,
+        "train_images": len(train), "eval_images": len(heldout), "nll": nll, "sample_quality": quality,
+        "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(o.device),
     }
-    write_results(out, name, result, markdown(result))
-    plot(result, out, name)
+    write_results(out, o.name, result, markdown(result))
+    plot(result, out, o.name)
     return result
+
+
+def _fd_rows(model, methods_per_k: dict, features: Features, train: torch.Tensor, heldout: torch.Tensor,
+             fd_samples: int, options: BenchOptions, on_cell: Callable[[], object]) -> tuple[list[dict], tuple]:
+    """The ranked FD rows of every K (:func:`ranked_fd_rows`) and the real-data floor ``(fd, stderr)`` of the
+    evaluation images, against the statistics of the training images; ``on_cell()`` after each sampler's set."""
+    o = options
+    reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
+    floor = frechet_with_stderr(features(heldout).numpy(), reference, o.seed)
+    rows = []
+    for k, samplers in methods_per_k.items():
+        def seen(method, images, k=k):
+            on_cell()
+            if o.on_samples is not None:
+                o.on_samples(method, k, images)
+
+        rows += ranked_fd_rows(model.unet, samplers, k, features, reference, fd_samples, o.seed, o.batch_size,
+                               o.device, on_samples=seen)
+    return rows, floor
 
 
 def _common_t1(rows: Sequence[dict]) -> int:
@@ -252,9 +302,9 @@ def markdown(r: dict) -> str:
     head = " | ".join(f"K={k}" for k in steps)
     out = [f"# bench: {r['model']}", "",
            f"Table: {r['table']}, {r['table_samples_per_timestep']} samples per timestep. Seed {r['seed']}.", "",
-           f"NLL bound (bits/dim ± standard error over {r['eval_images']} evaluation images; lower is better; "
-           "optimal = the residual DP's trajectory). Bits/dim compare only between trajectories that end at the same "
-           f"t_1; every row here ends at t_1 = {_common_t1(r['nll'])}:", "",
+           (f"NLL bound (bits/dim ± standard error over {r['eval_images']} evaluation images; lower is better; "
+            "optimal = the residual DP's trajectory). Bits/dim compare only between trajectories that end at the "
+            f"same t_1; every row here ends at t_1 = {_common_t1(r['nll'])}:"), "",
            f"| variance | trajectory | {head} |", "|---|---|" + "---:|" * len(steps)]
     cell = {(x["variance"], x["trajectory"], x["K"]): x for x in r["nll"]}
     for variance in dict.fromkeys(x["variance"] for x in r["nll"]):
@@ -270,9 +320,10 @@ def markdown(r: dict) -> str:
         floor = q["real_floor"]
         relation = ("fewer images than a cell, so this floor sits above the one at the cells' n"
                     if floor["num_images"] < q["num_samples"] else "at least as many images as a cell")
-        out += [f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per cell, "
-                f"± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation "
-                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", *fd_markdown(q["rows"])]
+        out += [(f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per "
+                 f"cell, ± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} "
+                 f"evaluation images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation})."), "",
+                *fd_markdown(q["rows"])]
         if q.get("not_applicable"):
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "

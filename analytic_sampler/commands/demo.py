@@ -22,7 +22,7 @@ import torch
 
 from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
-from .bench import output_names, run_bench
+from .bench import BenchOptions, output_names, run_bench
 
 DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
                 "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM (sample trajectory)")
@@ -48,12 +48,12 @@ def run_demo(model_name: str, out_dir: str, steps=None, num_images: int | None =
     out = Path(out_dir)
     model = load_pretrained(model_name)
     rows: list[tuple[str, torch.Tensor]] = []
-    result = run_bench(
-        model, load_digits_split("train")[0], load_digits_split("heldout")[0], steps, out,
-        table_samples=DEMO_TABLE_SAMPLES, fd_samples=num_images, batch_size=1000, seed=seed, device=device,
-        methods=DEMO_METHODS, overwrite=overwrite,
-        on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])), name=RESULTS,
+    options = BenchOptions(
+        table_samples=DEMO_TABLE_SAMPLES, overwrite=overwrite, fd_samples=num_images, methods=DEMO_METHODS,
+        on_samples=lambda method, k, images: rows.append((f"{method}, K={k}", images[:GRID_COLUMNS])),
+        batch_size=1000, seed=seed, device=device, name=RESULTS,
     )
+    result = run_bench(model, load_digits_split("train")[0], load_digits_split("heldout")[0], steps, out, options)
     grid = save_grid(torch.cat([images for _, images in rows]), out / GRID, nrow=GRID_COLUMNS,
                      row_labels=[label for label, _ in rows])
     print((out / f"{RESULTS}.md").read_text())

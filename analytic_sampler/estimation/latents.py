@@ -194,7 +194,7 @@ def _data_identity(data: Any, num_samples: int) -> str | None:
 @dataclass(frozen=True)
 class PipelineOptions:
     """How a latent pipeline's pixel images and prompts become the estimate's latents and conditioning: the
-    pipeline arguments of :func:`~analytic_sampler.estimate_moments`.
+    ``pipeline_options`` of :func:`~analytic_sampler.estimate_moments`.
 
     Args:
         prompt (`str` or `list[str]`, *optional*): one prompt for all images, or one per image.

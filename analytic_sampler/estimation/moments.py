@@ -27,9 +27,11 @@ checkpoint boundaries (every ``checkpoint_every`` rounds and at the end), where 
 the sums, and, with a latent pipeline, when it copies the next chunk of pixel images to the VAE (once per
 ``encode_batch_size`` images).
 
-:func:`estimate_moments` runs three steps: :func:`prepare_estimate` (the sample source, the model on its device, the
-work list) with :func:`run_key` (what a checkpoint must match), :func:`accumulate` (the loop, its checkpoints and the
-distributed gather) and :func:`build_table` (the table and its provenance).
+:func:`estimate_moments` (its options: :class:`EstimateOptions`, and for a latent pipeline
+:class:`~analytic_sampler.estimation.latents.PipelineOptions`) runs three steps: :func:`prepare_estimate` (the sample
+source, the model on its device, the work list) with :func:`run_key` (what a checkpoint must match),
+:func:`accumulate` (the loop, its checkpoints and the distributed gather) and :func:`build_table` (the table and its
+provenance).
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import inspect
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,7 @@ from .._version import __version__
 from ..adapter import EpsilonAdapter, as_epsilon_model, config_value, model_device
 from ..fingerprint import tensor_fingerprint, values_fingerprint, weights_fingerprint
 from ..noise import noise_generator
+from ..options import options_of
 from ..predictions import x0_from_eps
 from ..schedule import as_alphas_cumprod, schedule_fingerprint
 from ..table import VarianceTable
@@ -238,7 +240,7 @@ def _differences(state: dict[str, Any], key: dict[str, Any]) -> list[str]:
 def _unidentified(key: dict[str, Any]) -> list[str]:
     """What of this run cannot be identified, so that no checkpoint can be trusted to belong to it."""
     return [
-        f"{why}: pass {name_arg}='...' (the same on every run) to name it"
+        f"{why}: pass options=EstimateOptions({name_arg}='...') (the same on every run) to name it"
         for field, (name_arg, why) in _UNIDENTIFIED.items() if key.get(field) is None and name_arg not in key
     ]
 
@@ -319,6 +321,72 @@ class _TensorSamples:
         return {"channel_ms_x0": _mean_square(self.x0, 2).mean(0).tolist()}
 
 
+@dataclass(frozen=True)
+class EstimateOptions:
+    """How :func:`estimate_moments` runs, beyond which pairs it draws: where and how the model is called, the data's
+    range, the checkpoint, the progress bar and what the table records.
+
+    Args:
+        device (`str` or `torch.device`, *optional*):
+            Where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
+        dtype (`torch.dtype`, *optional*):
+            The model inputs' dtype (``torch.float16``, ``torch.bfloat16``; the weights must be in it); default: the
+            weights' dtype if it is one of these, else float32. ``x_t`` and ``x0_hat`` are formed in float32 and the
+            sums in float64 whatever the dtype.
+        noise_device (`str`, defaults to `"cpu"`):
+            ``"cpu"``: noise drawn by the host, so ``x_t`` does not depend on the device (tables differ across
+            devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a GPU it costs
+            the host's time to draw a batch, hidden behind the device's work while that is shorter than a model
+            call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same table, on a
+            GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints record it.
+        compile (`bool` or `dict`, defaults to `False`):
+            ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the model
+            once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather than
+            compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
+        data_range (`tuple[float, float]` or `None`, defaults to `"auto"`):
+            The declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers clip it);
+            ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
+        prediction_type (`str`, *optional*):
+            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
+        model_kwargs (`dict`, *optional*):
+            Conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data (a
+            pipeline's prompt embeddings come on top of these).
+        checkpoint (`str` or `os.PathLike`, *optional*):
+            A file for the running sums, written every ``checkpoint_every`` batches and at the end. A run started
+            with an existing checkpoint of the same run (:func:`run_key`: the weights, data, settings) resumes from
+            it, bit-identical to an uninterrupted run; one of another run, or of an older version, is refused with
+            each field that differs named.
+        checkpoint_every (`int`, defaults to 50):
+            Batches between checkpoints (rounds of one batch per process under torch.distributed).
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+        provenance (`dict`, *optional*):
+            Recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
+        model_id (`str`, *optional*):
+            Names the model: recorded as the table's ``model_id`` and in the run key. The run key fingerprints the
+            weights of the ``nn.Module`` behind the model; where there is none to find (a plain function), a
+            checkpoint resumes only with a ``model_id``, the same on every run.
+        data_id (`str`, *optional*):
+            Names the data, likewise. Tensors and folders are identified by their content; a DataLoader or
+            Dataset given to a pipeline is streamed, not read up front, so its checkpoint resumes only with a
+            ``data_id``.
+    """
+
+    device: str | torch.device | None = None
+    dtype: torch.dtype | None = None
+    noise_device: str = "cpu"
+    compile: bool | Mapping[str, Any] = False
+    data_range: tuple[float, float] | None | str = "auto"
+    prediction_type: str | None = None
+    model_kwargs: Mapping[str, Any] | None = None
+    checkpoint: str | os.PathLike | None = None
+    checkpoint_every: int = 50
+    progress: bool = True
+    provenance: Mapping[str, Any] | None = None
+    model_id: str | None = None
+    data_id: str | None = None
+
+
 @dataclass
 class MonteCarloPlan:
     """The settings of one estimate, fixed before its first batch (:func:`prepare_estimate`): the work list of
@@ -377,24 +445,18 @@ def prepare_estimate(
     model,
     data,
     scheduler_or_alphas_cumprod,
-    *,
     num_samples: int,
     timesteps: Sequence[int] | None,
     batch_size: int,
     seed: int,
-    device: str | torch.device | None,
-    dtype: torch.dtype | None,
-    noise_device: str,
-    data_range: tuple[float, float] | None | str,
-    prediction_type: str | None,
-    model_kwargs: Mapping[str, Any] | None,
+    options: EstimateOptions,
     pipeline_options: PipelineOptions,
-    model_id: str | None = None,
-    data_id: str | None = None,
 ) -> MonteCarloPlan:
     """The first step of :func:`estimate_moments`: check the arguments, set up the sample source (images in memory,
     or a latent pipeline's images and prompts, encoded as the estimate reaches them), the model (an
     :class:`EpsilonAdapter` on its device) and the work list. Arguments as in :func:`estimate_moments`."""
+    if min(num_samples, batch_size, options.checkpoint_every, pipeline_options.encode_batch_size) < 1:
+        raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
     pipeline = model if is_latent_pipeline(model) else None
     if pipeline is None:
         pipeline_options.check_bare_model()
@@ -402,34 +464,40 @@ def prepare_estimate(
         if pipeline is None:
             raise ValueError("pass the model's noise schedule: its scheduler, scheduler config or alphas_cumprod.")
         scheduler_or_alphas_cumprod = pipeline.scheduler
+    data_range = options.data_range
     if data_range == "auto":
         data_range = None if pipeline is not None else (-1.0, 1.0)
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     ts = _timesteps(timesteps, abar.size)
     guidance, source = {}, None
     if pipeline is not None:
-        source = PipelineSamples(pipeline, data, num_samples, pipeline_options, seed, device)
+        source = PipelineSamples(pipeline, data, num_samples, pipeline_options, seed, options.device)
         if source.guided:
             guidance = {"guidance_scale": source.guidance_scale, "uncond_kwargs": source.uncond_kwargs}
         model = pipeline.unet
-    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type, **guidance)
-    if device is None:
-        device = model_device(adapter)
-    elif isinstance(adapter.model, torch.nn.Module):
-        adapter.model.to(device)
-    device = torch.device(device)
-    dtype = _input_dtype(adapter.model, dtype)
-    noise_source = _noise_source(noise_device, device)
+    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, options.prediction_type, **guidance)
+    device = _place(adapter, options.device)
+    dtype = _input_dtype(adapter.model, options.dtype)
+    noise_source = _noise_source(options.noise_device, device)
     work_dtype = torch.float32 if dtype is None else torch.promote_types(torch.float32, dtype)
-    model_kwargs = dict(model_kwargs or {})
+    model_kwargs = dict(options.model_kwargs or {})
     user_kwargs = _split_kwargs({k: _to_device(v, device, dtype) for k, v in model_kwargs.items()}, num_samples)
     if source is None:
         source = _TensorSamples(data, num_samples, data_range, device, work_dtype)
-    names = {k: str(v) for k, v in (("model_id", model_id), ("data_id", data_id)) if v is not None}
+    names = {k: str(v) for k, v in (("model_id", options.model_id), ("data_id", options.data_id)) if v is not None}
     return MonteCarloPlan(
         abar, ts, num_samples, batch_size, seed, adapter, device, dtype, work_dtype, noise_source, source,
         source.sample_shape(), data_range, model_kwargs, user_kwargs, weights_fingerprint(adapter.model), names,
     )
+
+
+def _place(adapter: EpsilonAdapter, device: str | torch.device | None) -> torch.device:
+    """Where the model runs: ``device`` (an ``nn.Module`` is moved there), by default the model's own device."""
+    if device is None:
+        return torch.device(model_device(adapter))
+    if isinstance(adapter.model, torch.nn.Module):
+        adapter.model.to(device)
+    return torch.device(device)
 
 
 def run_key(plan: MonteCarloPlan) -> dict[str, Any]:
@@ -465,18 +533,12 @@ def run_key(plan: MonteCarloPlan) -> dict[str, Any]:
     return key
 
 
-def accumulate(
-    plan: MonteCarloPlan,
-    key: dict[str, Any],
-    checkpoint: str | os.PathLike | None,
-    checkpoint_every: int,
-    compile: bool | Mapping[str, Any],
-    progress: bool,
-) -> torch.Tensor:
+def accumulate(plan: MonteCarloPlan, key: dict[str, Any], options: EstimateOptions) -> torch.Tensor:
     """The Monte Carlo loop: the per-timestep sums of every batch of ``plan``, float64 ``(plan.num_rows, T)`` on the
-    device. Resumes from ``checkpoint`` when it holds a run with this ``key``, and writes it every
-    ``checkpoint_every`` rounds and at the end; under torch.distributed every rank runs one batch per round and
-    adds all ranks' sums in batch order."""
+    device. Resumes from ``options.checkpoint`` when it holds a run with this ``key``, and writes it every
+    ``options.checkpoint_every`` rounds and at the end; under torch.distributed every rank runs one batch per round
+    and adds all ranks' sums in batch order."""
+    checkpoint, checkpoint_every, progress = options.checkpoint, options.checkpoint_every, options.progress
     rank, world = world_rank()
     path = None if checkpoint is None else rank_path(os.fspath(checkpoint), rank)
     resumed = None if path is None else _load_checkpoint(path, key)
@@ -488,7 +550,7 @@ def accumulate(
     num_batches = plan.num_batches
     if start and progress and rank == 0:
         print(f"resuming from {start}/{num_batches} batches ({checkpoint})", flush=True)
-    fast = _compiled(plan.adapter, compile)
+    fast = _compiled(plan.adapter, options.compile)
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(plan.adapter.model), tqdm(
         total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
@@ -586,26 +648,9 @@ def estimate_moments(
     timesteps: Sequence[int] | None = None,
     batch_size: int = 64,
     seed: int = 0,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    noise_device: str = "cpu",
-    compile: bool | Mapping[str, Any] = False,
-    data_range: tuple[float, float] | None | str = "auto",
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
-    progress: bool = True,
-    prediction_type: str | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-    provenance: Mapping[str, Any] | None = None,
-    prompt: str | Sequence[str] | None = None,
-    captions: str | os.PathLike | None = None,
-    guidance_scale: float | None = None,
-    negative_prompt: str | None = None,
-    latent: str = "mean",
-    encode_batch_size: int = 16,
-    model_id: str | None = None,
-    data_id: str | None = None,
-    resize: bool = True,
+    *,
+    options: EstimateOptions | None = None,
+    pipeline_options: PipelineOptions | None = None,
 ) -> VarianceTable:
     """Estimate a model's variance table: ``ms_eps[t] = E||eps_theta(x_t, t)||^2 / d`` and
     ``x0_mse[t] = E||x0 - x0_hat||^2 / d`` at ``timesteps`` from the first ``num_samples`` images, overall and per
@@ -617,8 +662,8 @@ def estimate_moments(
             ``model(sample, timestep, **kwargs)``, or a latent text-to-image pipeline (``StableDiffusionPipeline``;
             see below).
         data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
-            The images ``x0``, ``(N, C, H, W)`` in ``data_range``; a folder's image files are mapped from
-            ``[0, 255]`` to ``[-1, 1]``. The same ``x0`` serve every timestep.
+            The images ``x0``, ``(N, C, H, W)`` in the data range (:class:`EstimateOptions`); a folder's image files
+            are mapped from ``[0, 255]`` to ``[-1, 1]``. The same ``x0`` serve every timestep.
         scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`, *optional*):
             The model's noise schedule; default for a pipeline: its scheduler.
         num_samples (`int`, defaults to 1000):
@@ -630,67 +675,11 @@ def estimate_moments(
             device or the number of processes.
         seed (`int`, defaults to 0):
             Seeds the noise of every batch.
-        device (`str` or `torch.device`, *optional*):
-            Where the model runs (moved there if it is an ``nn.Module``); default: the model's device.
-        dtype (`torch.dtype`, *optional*):
-            The model inputs' dtype (``torch.float16``, ``torch.bfloat16``; the weights must be in it); default: the
-            weights' dtype if it is one of these, else float32. ``x_t`` and ``x0_hat`` are formed in float32 and the
-            sums in float64 whatever the dtype.
-        noise_device (`str`, defaults to `"cpu"`):
-            ``"cpu"``: noise drawn by the host, so ``x_t`` does not depend on the device (tables differ across
-            devices only by the model's own arithmetic, and a checkpoint resumes on any device); on a GPU it costs
-            the host's time to draw a batch, hidden behind the device's work while that is shorter than a model
-            call. ``"model"``: drawn on the model's device, no host work per batch; on the CPU the same table, on a
-            GPU another one, reproducible on the same kind of GPU (module docstring). Checkpoints record it.
-        compile (`bool` or `dict`, defaults to `False`):
-            ``True`` (or a dict of ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}``) compiles the model
-            once, for the full batch shape (``dynamic=False``); a last, smaller batch runs it uncompiled rather than
-            compile it again. Compilation takes seconds to minutes, so it pays off on long runs.
-        data_range (`tuple[float, float]` or `None`, defaults to `"auto"`):
-            The declared range of ``x0`` (checked; ``x0_hat`` is clipped to it for ``x0_mse``, as samplers clip it);
-            ``None`` for unbounded data such as latents; ``"auto"``: ``(-1, 1)``, ``None`` for a pipeline.
-        checkpoint (`str` or `os.PathLike`, *optional*):
-            A file for the running sums, written every ``checkpoint_every`` batches and at the end. A run started
-            with an existing checkpoint of the same run (:func:`run_key`: the weights, data, settings) resumes from
-            it, bit-identical to an uninterrupted run; one of another run, or of an older version, is refused with
-            each field that differs named.
-        checkpoint_every (`int`, defaults to 50):
-            Batches between checkpoints (rounds of one batch per process under torch.distributed).
-        progress (`bool`, defaults to `True`):
-            Show a progress bar.
-        prediction_type (`str`, *optional*):
-            What the model predicts; default: the scheduler config's, else ``"epsilon"``.
-        model_kwargs (`dict`, *optional*):
-            Conditioning passed to the model; tensors with ``num_samples`` rows are paired with the data (a
-            pipeline's prompt embeddings come on top of these).
-        provenance (`dict`, *optional*):
-            Recorded in the table (e.g. ``model_id``, ``revision``, ``data``); overrides the defaults.
-        prompt (`str` or `list[str]`, *optional*):
-            Pipelines only: one prompt for all images, or one per image.
-        captions (`str` or `os.PathLike`, *optional*):
-            Pipelines only: a captions file (``.txt``, ``.jsonl``, ``.csv``); without ``prompt`` and ``captions``,
-            the image folder's ``metadata.jsonl`` / ``.csv``.
-        guidance_scale (`float`, *optional*):
-            Pipelines only: ``> 1`` estimates the guided eps ``eps_u + w (eps_c - eps_u)`` the pipeline samples with,
-            and the table records ``w``.
-        negative_prompt (`str`, *optional*):
-            Pipelines only: the prompt of ``eps_u`` under guidance (default ``""``).
-        latent (`str`, defaults to `"mean"`):
-            Pipelines only: the VAE posterior ``"mean"`` or a ``"sample"``, times its scaling factor.
-        encode_batch_size (`int`, defaults to 16):
-            Pipelines only: images and prompts encoded per VAE / text-encoder call, when the estimate reaches them.
-        model_id (`str`, *optional*):
-            Names the model: recorded as the table's ``model_id`` and in the run key. The run key fingerprints the
-            weights of the ``nn.Module`` behind the model; where there is none to find (a plain function), a
-            checkpoint resumes only with a ``model_id``, the same on every run.
-        data_id (`str`, *optional*):
-            Names the data, likewise. Tensors and folders are identified by their content; a DataLoader or
-            Dataset given to a pipeline is streamed, not read up front, so its checkpoint resumes only with a
-            ``data_id``.
-        resize (`bool`, defaults to `True`):
-            Pipelines only: resize and center-crop the images to the size the pipeline samples at (its UNet's
-            ``sample_size`` times the VAE's scale factor) before encoding, so that the latents have the shape the
-            sampler sees; ``False`` encodes them at their own size.
+        options (:class:`EstimateOptions`, *optional*):
+            How the estimate runs: device, dtype, noise device, compilation, data range, prediction type, model
+            kwargs, checkpoint, progress bar and what the table records (default: ``EstimateOptions()``).
+        pipeline_options (:class:`~analytic_sampler.estimation.latents.PipelineOptions`, *optional*):
+            Pipelines only: prompts or captions, guidance, the VAE latent, the encoding batch and the resize.
 
     Returns:
         :class:`~analytic_sampler.VarianceTable`: the moments, their standard errors and the run's provenance.
@@ -707,43 +696,20 @@ def estimate_moments(
 
     ```py
     >>> import torch
-    >>> from analytic_sampler import estimate_moments
+    >>> from analytic_sampler import EstimateOptions, estimate_moments
     >>> from analytic_sampler.pretrained import load_pretrained
 
     >>> model = load_pretrained("digits-ddpm-linear", with_table=False)  # a bundled UNet and its DDPMScheduler
     >>> images = torch.rand(8, 1, 8, 8) * 2 - 1  # your training images, (N, C, H, W) in [-1, 1]
     >>> table = estimate_moments(model.unet, images, model.scheduler, num_samples=8, timesteps=[0, 500, 999],
-    ...                          progress=False)  # all timesteps and 100-1000 images for a real table
+    ...                          options=EstimateOptions(progress=False))  # all timesteps, 100-1000 images for real
     >>> table.counts[[0, 1, 500, 999]].tolist()
     [8, 0, 8, 8]
 
     ```
     """
-    plan, key = prepare_run(locals())
-    sums = accumulate(plan, key, checkpoint, checkpoint_every, compile, progress)
-    return build_table(plan, key, sums, provenance)
-
-
-def estimate_arguments(model, data, scheduler_or_alphas_cumprod=None, **kwargs) -> dict[str, Any]:
-    """Every argument of :func:`estimate_moments` for this call, defaults filled in (a TypeError names an unknown
-    one)."""
-    bound = inspect.signature(estimate_moments).bind(model, data, scheduler_or_alphas_cumprod, **kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
-
-
-def prepare_run(arguments: Mapping[str, Any]) -> tuple[MonteCarloPlan, dict[str, Any]]:
-    """The plan (:func:`prepare_estimate`) and the run key (:func:`run_key`) of :func:`estimate_moments` called with
-    ``arguments`` (all of them, as :func:`estimate_arguments` gives them)."""
-    a = arguments
-    if min(a["num_samples"], a["batch_size"], a["checkpoint_every"], a["encode_batch_size"]) < 1:
-        raise ValueError("num_samples, batch_size, encode_batch_size and checkpoint_every must all be at least 1.")
-    options = PipelineOptions(a["prompt"], a["captions"], a["guidance_scale"], a["negative_prompt"], a["latent"],
-                              a["encode_batch_size"], a["resize"])
-    plan = prepare_estimate(
-        a["model"], a["data"], a["scheduler_or_alphas_cumprod"], num_samples=a["num_samples"],
-        timesteps=a["timesteps"], batch_size=a["batch_size"], seed=a["seed"], device=a["device"], dtype=a["dtype"],
-        noise_device=a["noise_device"], data_range=a["data_range"], prediction_type=a["prediction_type"],
-        model_kwargs=a["model_kwargs"], pipeline_options=options, model_id=a["model_id"], data_id=a["data_id"],
-    )
-    return plan, run_key(plan)
+    options = options_of(options, EstimateOptions)
+    plan = prepare_estimate(model, data, scheduler_or_alphas_cumprod, num_samples, timesteps, batch_size, seed,
+                            options, options_of(pipeline_options, PipelineOptions, "pipeline_options"))
+    key = run_key(plan)
+    return build_table(plan, key, accumulate(plan, key, options), options.provenance)

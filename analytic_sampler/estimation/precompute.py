@@ -24,13 +24,16 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..options import options_of
 from ..table import META_NAME, VarianceTable
 from .distributed import rank_path, world_rank
-from .moments import accumulate, build_table, discard_other_checkpoint, estimate_arguments, prepare_run
+from .latents import PipelineOptions
+from .moments import EstimateOptions, accumulate, build_table, discard_other_checkpoint, prepare_estimate, run_key
 
 PARTIAL_SUFFIX = ".partial"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -105,18 +108,24 @@ def precompute_table(
     model,
     data,
     scheduler_or_alphas_cumprod=None,
+    num_samples: int = 1000,
+    timesteps: Sequence[int] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
     *,
     out: str | os.PathLike,
+    options: EstimateOptions | None = None,
+    pipeline_options: PipelineOptions | None = None,
     overwrite: bool = False,
     keep_checkpoint: bool = False,
-    **kwargs,
 ) -> Precomputed:
     """Estimate a model's table into the folder ``out``, resumably, never overwriting or mixing a finished table
     (module docstring).
 
     Args:
-        model, data, scheduler_or_alphas_cumprod:
-            As in :func:`~analytic_sampler.estimate_moments`.
+        model, data, scheduler_or_alphas_cumprod, num_samples, timesteps, batch_size, seed, options, pipeline_options:
+            As in :func:`~analytic_sampler.estimate_moments`; ``options.checkpoint`` defaults to
+            :func:`checkpoint_path` of ``out``.
         out (`str` or `os.PathLike`):
             The table's folder (created if missing).
         overwrite (`bool`, defaults to `False`):
@@ -124,9 +133,6 @@ def precompute_table(
             one) instead of refusing it. A checkpoint of this very run still resumes: the table is the same.
         keep_checkpoint (`bool`, defaults to `False`):
             Keep the checkpoint after the table is written (it is removed otherwise).
-        **kwargs:
-            Any other argument of :func:`~analytic_sampler.estimate_moments`; ``checkpoint`` defaults to
-            :func:`checkpoint_path` of ``out``.
 
     Returns:
         :class:`Precomputed`: the table, and whether it was estimated or found.
@@ -134,10 +140,13 @@ def precompute_table(
     Under torch.distributed every rank calls it; rank 0 decides and writes the table, and every rank removes its own
     checkpoint.
     """
-    arguments = estimate_arguments(model, data, scheduler_or_alphas_cumprod, **kwargs)
     folder = Path(out)
-    checkpoint = Path(arguments["checkpoint"] or checkpoint_path(folder))
-    plan, key = prepare_run(arguments)
+    options = options_of(options, EstimateOptions)
+    checkpoint = Path(options.checkpoint or checkpoint_path(folder))
+    options = replace(options, checkpoint=checkpoint)
+    plan = prepare_estimate(model, data, scheduler_or_alphas_cumprod, num_samples, timesteps, batch_size, seed,
+                            options, options_of(pipeline_options, PipelineOptions, "pipeline_options"))
+    key = run_key(plan)
     rank, world = world_rank()
     status, detail = _agree(_decide(folder, key, overwrite) if rank == 0 else None, rank, world)
     if status == "refuse":
@@ -149,9 +158,7 @@ def precompute_table(
         warnings.warn(f"deleted the checkpoint {mine} of another run (overwrite)", stacklevel=2)
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    sums = accumulate(plan, key, checkpoint, arguments["checkpoint_every"], arguments["compile"],
-                      arguments["progress"])
-    table = build_table(plan, key, sums, arguments["provenance"])
+    table = build_table(plan, key, accumulate(plan, key, options), options.provenance)
     if rank == 0:
         table.save(folder)
     if world > 1:

@@ -19,7 +19,8 @@ huge mean errors on coarse trajectories.
 
 Decoder ``p(x0 | x_{t_1})``: mean ``x0_hat(x_{t_1})`` (clipped to the data range for the discretised decoder)
 and, by default, the **same variance for every method**, ``1 - abar[t_1]`` (DDPM's ``beta`` of the last step);
-``decoder_variance="analytic"`` uses the method-free analytic ``c[t_1]`` instead, ``float`` a fixed value.
+``NLLOptions(decoder_variance="analytic")`` uses the method-free analytic ``c[t_1]`` instead, a ``float`` a fixed
+value.
 
 Per channel: ``ms_eps`` / ``x0_mse`` of shape ``(C, N)`` (a table's ``channel_ms_eps`` / ``channel_x0_mse``) give a
 diagonal ``p``, ``sigma_c^2`` for the entries of channel c in every KL term (and in the analytic decoder variance);
@@ -39,9 +40,10 @@ from tqdm.auto import tqdm
 from ..adapter import as_epsilon_model, model_device
 from ..estimation.data import check_range, iter_batches
 from ..noise import noise_generator
+from ..options import options_of
 from ..predictions import clip_x0, x0_from_eps
 from ..schedule import as_alphas_cumprod
-from ..table import validate_ms_eps
+from ..table import VarianceTable, validate_ms_eps
 from ..trajectory import validate_timesteps
 from ..variance import (
     analytic_covariance,
@@ -101,59 +103,12 @@ def _learned_variance(v: torch.Tensor, beta: float, btilde: float) -> torch.Tens
     return torch.exp(frac * math.log(beta) + (1.0 - frac) * math.log(btilde))
 
 
-def nll_bpd(
-    model,
-    data,
-    scheduler_or_alphas_cumprod,
-    timesteps: Sequence[int],
-    variance: str = "analytic",
-    ms_eps=None,
-    x0_mse=None,
-    decoder: str = "discretized",
-    batch_size: int = 256,
-    seed: int = 0,
-    data_range: tuple[float, float] | None = (-1.0, 1.0),
-    bin_width: float = 2.0 / 255,
-    decoder_variance: str | float = "beta",
-    num_samples: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    prediction_type: str | None = None,
-    clip_denoised: bool = True,
-    table=None,
-    force_table: bool = False,
-    ms_x0=None,
-) -> NLLResult:
-    """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first ``num_samples``
-    images): ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
-    ``bits/dim = L / (d ln 2)``, each KL term estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
+@dataclass(frozen=True)
+class NLLOptions:
+    """How :func:`nll_bpd` scores, beyond the variance, the table's moments and the decoder: the data's bins and
+    clip, the decoder's variance, the images, the model call, the table and the progress bar.
 
     Args:
-        model (`UNet2DModel`, `EpsilonAdapter` or a callable):
-            The model, scored as the sampler calls it: an :class:`~analytic_sampler.EpsilonAdapter`'s conditioning,
-            guidance and timestep convention included. ``variance="learned"`` needs a model with 2C output channels
-            (under guidance, the conditional pass's variance half).
-        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
-            The evaluation images, ``(N, C, H, W)`` in ``data_range``.
-        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`):
-            The model's noise schedule.
-        timesteps (`list[int]`):
-            The trajectory, strictly descending (e.g. ``even_trajectory(N, K)`` or ``optimal_trajectory(...)``).
-            Compare bits/dim only between trajectories that end at the same ``t_1``.
-        variance (`str`, defaults to `"analytic"`):
-            The reverse variance: ``"analytic"`` (needs ``ms_eps``), ``"residual"`` (needs ``x0_mse``), ``"beta"``,
-            ``"btilde"`` or ``"learned"`` (Improved DDPM's learned range on the respaced pair).
-        ms_eps (`np.ndarray`, *optional*):
-            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` (``channel_ms_eps``) for one sigma^2 per channel.
-        x0_mse (`np.ndarray`, *optional*):
-            The table's ``x0_mse`` likewise, estimated with the same clipping as ``clip_denoised`` (the data range).
-        decoder (`str`, defaults to `"discretized"`):
-            ``"discretized"``: a Gaussian over the data's quantisation bins (edge bins open); ``"gaussian"``: a
-            density.
-        batch_size (`int`, defaults to 256):
-            Images per model call.
-        seed (`int`, defaults to 0):
-            Seeds the noise of every batch (drawn on the CPU), so the figure is reproducible.
         data_range (`tuple[float, float]`, *optional*, defaults to `(-1.0, 1.0)`):
             The data's range: checked, the bins' range and the clip range.
         bin_width (`float`, defaults to 2/255):
@@ -161,16 +116,14 @@ def nll_bpd(
         decoder_variance (`str` or `float`, defaults to `"beta"`):
             The decoder's variance, the same for every method: ``"beta"`` ``1 - abar[t_1]``, ``"analytic"`` the
             analytic ``c[t_1]`` (needs ``ms_eps``), or a fixed value.
+        clip_denoised (`bool`, defaults to `True`):
+            Clip ``x0_hat`` to the data range and recompute ``eps_hat`` from it, as samplers do.
         num_samples (`int`, *optional*):
             Evaluate the first ``num_samples`` images only.
         device (`str` or `torch.device`, *optional*):
             Where the model runs; default: the model's device.
-        progress (`bool`, defaults to `True`):
-            Show a progress bar.
         prediction_type (`str`, *optional*):
             What the model predicts; default: the scheduler config's, else ``"epsilon"``.
-        clip_denoised (`bool`, defaults to `True`):
-            Clip ``x0_hat`` to the data range and recompute ``eps_hat`` from it, as samplers do.
         table (`VarianceTable`, *optional*):
             The model's table, in place of ``ms_eps`` / ``x0_mse`` (its scalar columns): checked against the schedule
             and against the model (:meth:`~analytic_sampler.VarianceTable.check_model`: channels, weights).
@@ -180,116 +133,151 @@ def nll_bpd(
             The data's second moment ``E||x0||^2 / d`` (one per channel for a ``(C, N)`` table), which bounds the
             analytic variance as in the scheduler; taken from ``table`` when it records it. A step from a zero-SNR
             timestep (``abar <= 2^-24``) without it or a data range is refused.
+        progress (`bool`, defaults to `True`):
+            Show a progress bar.
+    """
+
+    data_range: tuple[float, float] | None = (-1.0, 1.0)
+    bin_width: float = 2.0 / 255
+    decoder_variance: str | float = "beta"
+    clip_denoised: bool = True
+    num_samples: int | None = None
+    device: str | torch.device | None = None
+    prediction_type: str | None = None
+    table: VarianceTable | None = None
+    force_table: bool = False
+    ms_x0: float | np.ndarray | None = None
+    progress: bool = True
+
+
+def nll_bpd(
+    model,
+    data,
+    scheduler_or_alphas_cumprod,
+    timesteps: Sequence[int],
+    variance: str | Sequence[str] = "analytic",
+    ms_eps=None,
+    x0_mse=None,
+    decoder: str = "discretized",
+    batch_size: int = 256,
+    seed: int = 0,
+    *,
+    options: NLLOptions | None = None,
+) -> NLLResult | dict[str, NLLResult]:
+    """The K-step variational bound (eta = 1) in bits/dim over ``data`` (all of it, or the first
+    ``options.num_samples`` images):
+    ``L = KL(q(x_{t_K} | x0) || N(0, I)) + sum_k KL(q(x_s | x_t, x0) || p(x_s | x_t)) - log p(x0 | x_{t_1})``,
+    ``bits/dim = L / (d ln 2)``, each KL term estimated with one draw ``x_{t_k} ~ q(x_{t_k} | x0)``.
+
+    Args:
+        model (`UNet2DModel`, `EpsilonAdapter` or a callable):
+            The model, scored as the sampler calls it: an :class:`~analytic_sampler.EpsilonAdapter`'s conditioning,
+            guidance and timestep convention included. ``variance="learned"`` needs a model with 2C output channels
+            (under guidance, the conditional pass's variance half).
+        data (`torch.Tensor`, a `DataLoader`, a `Dataset` or a folder):
+            The evaluation images, ``(N, C, H, W)`` in the data range.
+        scheduler_or_alphas_cumprod (a scheduler, its config or `np.ndarray`):
+            The model's noise schedule.
+        timesteps (`list[int]`):
+            The trajectory, strictly descending (e.g. ``even_trajectory(N, K)`` or ``optimal_trajectory(...)``).
+            Compare bits/dim only between trajectories that end at the same ``t_1``.
+        variance (`str` or `list[str]`, defaults to `"analytic"`):
+            The reverse variance: ``"analytic"`` (needs ``ms_eps``), ``"residual"`` (needs ``x0_mse``), ``"beta"``,
+            ``"btilde"`` or ``"learned"`` (Improved DDPM's learned range on the respaced pair); or several of them,
+            all scored from one pass of model calls (the same data and noise: their differences are paired).
+        ms_eps (`np.ndarray`, *optional*):
+            The table's ``ms_eps``, shape ``(N,)``, or ``(C, N)`` (``channel_ms_eps``) for one sigma^2 per channel.
+        x0_mse (`np.ndarray`, *optional*):
+            The table's ``x0_mse`` likewise, estimated with the same clipping as ``options.clip_denoised`` (the data
+            range).
+        decoder (`str`, defaults to `"discretized"`):
+            ``"discretized"``: a Gaussian over the data's quantisation bins (edge bins open); ``"gaussian"``: a
+            density.
+        batch_size (`int`, defaults to 256):
+            Images per model call.
+        seed (`int`, defaults to 0):
+            Seeds the noise of every batch (drawn on the CPU), so the figure is reproducible.
+        options (:class:`NLLOptions`, *optional*):
+            The data range and bins, the decoder's variance, the clip, the images, the device, the prediction type,
+            a table in place of ``ms_eps`` / ``x0_mse`` and the progress bar (default: ``NLLOptions()``).
 
     Returns:
-        :class:`NLLResult`: ``mean`` ± ``stderr`` in bits/dim over the images, with the prior, transition and decoder
-        parts and the KL of every step. :func:`nll_bpd_many` scores several variances from the same model calls.
+        :class:`NLLResult` for one ``variance`` (a string): ``mean`` ± ``stderr`` in bits/dim over the images, with
+        the prior, transition and decoder parts and the KL of every step; `dict[str, NLLResult]`, one per variance,
+        for a list of them.
 
     Example:
 
     ```py
-    >>> from analytic_sampler import nll_bpd, optimal_trajectory
+    >>> from analytic_sampler import NLLOptions, nll_bpd, optimal_trajectory
     >>> from analytic_sampler.digits import load_digits_split  # the bundled world's held-out digits
     >>> from analytic_sampler.pretrained import load_pretrained
 
     >>> model = load_pretrained("digits-ddpm-linear")
     >>> table, heldout = model.table, load_digits_split("heldout")[0][:16]
     >>> steps = optimal_trajectory(table.alphas_cumprod, table.ms_eps, 10, x0_mse=table.x0_mse)
-    >>> result = nll_bpd(model.unet, heldout, model.scheduler, steps, variance="residual", x0_mse=table.x0_mse,
-    ...                  progress=False)
+    >>> result = nll_bpd(model.unet, heldout, model.scheduler, steps, "residual", x0_mse=table.x0_mse,
+    ...                  options=NLLOptions(progress=False))
     >>> result.num_samples, len(result.per_step)  # result.mean ± result.stderr: about 5.2 ± 0.1 bits/dim
     (16, 9)
 
     ```
     """
-    return nll_bpd_many(
-        model, data, scheduler_or_alphas_cumprod, timesteps, (variance,), ms_eps=ms_eps, x0_mse=x0_mse, decoder=decoder,
-        batch_size=batch_size, seed=seed, data_range=data_range, bin_width=bin_width,
-        decoder_variance=decoder_variance, num_samples=num_samples, device=device, progress=progress,
-        prediction_type=prediction_type, clip_denoised=clip_denoised, table=table, force_table=force_table,
-        ms_x0=ms_x0,
-    )[variance]
-
-
-def nll_bpd_many(
-    model,
-    data,
-    scheduler_or_alphas_cumprod,
-    timesteps: Sequence[int],
-    variances: Sequence[str] = ("analytic", "beta", "btilde"),
-    ms_eps=None,
-    x0_mse=None,
-    decoder: str = "discretized",
-    batch_size: int = 256,
-    seed: int = 0,
-    data_range: tuple[float, float] | None = (-1.0, 1.0),
-    bin_width: float = 2.0 / 255,
-    decoder_variance: str | float = "beta",
-    num_samples: int | None = None,
-    device: str | torch.device | None = None,
-    progress: bool = True,
-    prediction_type: str | None = None,
-    clip_denoised: bool = True,
-    table=None,
-    force_table: bool = False,
-    ms_x0=None,
-) -> dict[str, NLLResult]:
-    """:func:`nll_bpd` for several variance choices from one pass of model evaluations (same data, same noise:
-    differences between the results are paired).
-
-    Args:
-        variances (`list[str]`, defaults to `("analytic", "beta", "btilde")`):
-            The variances to score, each one of :func:`nll_bpd`'s ``variance``.
-        model, data, scheduler_or_alphas_cumprod, timesteps, ms_eps, x0_mse, decoder, batch_size, seed, data_range,
-        bin_width, decoder_variance, num_samples, device, progress, prediction_type, clip_denoised, table,
-        force_table, ms_x0:
-            As in :func:`nll_bpd`.
-
-    Returns:
-        `dict[str, NLLResult]`: one result per variance.
-    """
+    options = options_of(options, NLLOptions)
+    variances = _variance_names(variance)
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     traj = validate_timesteps(timesteps, abar.size)
-    if table is not None:
-        ms_eps, x0_mse = _table_columns(table, model, abar, ms_eps, x0_mse, force_table)
-        ms_x0 = table.ms_x0 if ms_x0 is None else ms_x0
-    ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, data_range, decoder_variance)
-    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type)
-    device = torch.device(model_device(adapter) if device is None else device)
-    bound = _TrajectoryBound(abar, traj, variances, (ms_eps, x0_mse, ms_x0), data_range, clip_denoised, decoder,
-                             decoder_variance, bin_width)
-    totals = _Totals(list(variances), len(traj) - 1)
-    with torch.inference_mode(), tqdm(desc=f"NLL K={len(traj)}", unit="img", disable=not progress,
-                                      total=num_samples) as bar:
-        for b, x0 in enumerate(_first_images(data, batch_size, num_samples)):
+    ms_x0 = options.ms_x0
+    if options.table is not None:
+        ms_eps, x0_mse = _table_columns(options.table, model, abar, ms_eps, x0_mse, options.force_table)
+        ms_x0 = options.table.ms_x0 if ms_x0 is None else ms_x0
+    ms_eps, x0_mse = _check_options(abar.size, traj, variances, ms_eps, x0_mse, decoder, options)
+    adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, options.prediction_type)
+    device = torch.device(model_device(adapter) if options.device is None else options.device)
+    bound = _TrajectoryBound(abar, traj, variances, (ms_eps, x0_mse, ms_x0), decoder, options)
+    totals = _Totals(variances, len(traj) - 1)
+    with torch.inference_mode(), tqdm(desc=f"NLL K={len(traj)}", unit="img", disable=not options.progress,
+                                      total=options.num_samples) as bar:
+        for b, x0 in enumerate(_first_images(data, batch_size, options.num_samples)):
             x0 = x0.to(device=device, dtype=torch.float32)
-            check_range(x0, data_range)
+            check_range(x0, options.data_range)
             terms = bound.terms(adapter, x0, noise_generator(seed, b, stream="likelihood"), device)
             totals.add(*terms, dims=x0[0].numel())
             bar.update(x0.shape[0])
-    return totals.results(traj)
+    results = totals.results(traj)
+    return results[variance] if isinstance(variance, str) else results
+
+
+def _variance_names(variance: str | Sequence[str]) -> list[str]:
+    """The variances to score: ``[variance]`` for one name, else the names given, each checked."""
+    names = [variance] if isinstance(variance, str) else list(variance) if isinstance(variance, Sequence) else []
+    if not names:
+        raise ValueError(f"variance={variance!r}; pass one of {LIKELIHOOD_VARIANCES} or a list of them.")
+    for name in names:
+        if name not in LIKELIHOOD_VARIANCES:
+            raise ValueError(f"variance={name!r}; use one of {LIKELIHOOD_VARIANCES}.")
+    return names
 
 
 def _table_columns(table, model, abar, ms_eps, x0_mse, force_table: bool):
     """``(ms_eps, x0_mse)`` of a table that belongs to this schedule and model (x0_mse ``None`` where the table has
     none), refusing them given twice."""
     if ms_eps is not None or x0_mse is not None:
-        raise ValueError("pass either table or ms_eps / x0_mse (a table's own columns), not both.")
+        raise ValueError("pass either options=NLLOptions(table=...) or ms_eps / x0_mse (a table's own columns), not "
+                         "both.")
     table.check_schedule(abar).check_model(model, force=force_table)
     return table.ms_eps, table.x0_mse if table.has_x0_mse else None
 
 
-def _check_options(n: int, traj: list[int], variances, ms_eps, x0_mse, decoder: str, data_range, decoder_variance):
-    """Refuse an unknown variance or decoder, or a table column a choice needs but that is missing or unusable on
-    the trajectory; return ``(ms_eps, x0_mse)`` checked (as given where not needed)."""
-    for variance in variances:
-        if variance not in LIKELIHOOD_VARIANCES:
-            raise ValueError(f"variance={variance!r}; use one of {LIKELIHOOD_VARIANCES}.")
+def _check_options(n: int, traj: list[int], variances: list[str], ms_eps, x0_mse, decoder: str, options: NLLOptions):
+    """Refuse an unknown decoder, or a table column a choice needs but that is missing or unusable on the
+    trajectory; return ``(ms_eps, x0_mse)`` checked (as given where not needed)."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r}; use one of {DECODERS}.")
-    if decoder == "discretized" and data_range is None:
-        raise ValueError("the discretized decoder needs the data range of the bins; pass data_range=(a, b) or decoder='gaussian'.")
-    if "analytic" in variances or decoder_variance == "analytic":
+    if decoder == "discretized" and options.data_range is None:
+        raise ValueError("the discretized decoder needs the data range of the bins; pass "
+                         "options=NLLOptions(data_range=(a, b)) or decoder='gaussian'.")
+    if "analytic" in variances or options.decoder_variance == "analytic":
         if ms_eps is None:
             raise ValueError("the analytic variance needs the model's table: pass ms_eps=table.ms_eps.")
         ms_eps = validate_ms_eps(ms_eps, n, needed=traj, per_channel=None)
@@ -328,20 +316,21 @@ class _TrajectoryBound:
     """The terms of the bound on one trajectory for a batch of images, each summed over dimensions (nats per image):
     the prior KL, one transition KL per pair and variance, and the decoder's log-likelihood."""
 
-    def __init__(self, abar, traj, variances, moments, data_range, clip_denoised: bool, decoder: str,
-                 decoder_variance, bin_width: float):
+    def __init__(self, abar, traj, variances: list[str], moments, decoder: str, options: NLLOptions):
         """``moments``: the table's ``(ms_eps, x0_mse, ms_x0)``, each ``None`` where not needed."""
         ms_eps, x0_mse, ms_x0 = moments
-        self.abar, self.names = abar, list(variances)
+        data_range = options.data_range
+        self.abar, self.names = abar, variances
         self.t = np.asarray(traj, dtype=np.int64)
         self.s = np.append(self.t[1:], -1)  # the pair of step k is (s_k, t_k); the last pair (-1, t_1) is the decoder
         s, t = self.s[:-1], self.t[:-1]
         # sigma^2 of each pair, shape (K-1,) or (C, K-1)
         self.fixed = {v: _fixed_variances(v, abar, s, t, data_range, ms_eps, x0_mse, ms_x0)
                       for v in variances if v != "learned"}
-        self.decoder_variance = _decoder_variance(decoder_variance, abar, self.t[-1], ms_eps, data_range, ms_x0)
-        self.decoder, self.bin_width, self.data_range = decoder, bin_width, data_range
-        self.clip_range = data_range if clip_denoised else None
+        self.decoder_variance = _decoder_variance(options.decoder_variance, abar, self.t[-1], ms_eps, data_range,
+                                                  ms_x0)
+        self.decoder, self.bin_width, self.data_range = decoder, options.bin_width, data_range
+        self.clip_range = data_range if options.clip_denoised else None
 
     def terms(self, adapter, x0: torch.Tensor, generator: torch.Generator, device: torch.device):
         """``(prior (B,), transitions (V, B, K-1), decoder log-likelihood (B,))`` for the images ``x0`` with one

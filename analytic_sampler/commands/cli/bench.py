@@ -36,7 +36,7 @@ def add_parser(subcommands) -> None:
 
 
 def run(args) -> None:
-    from ..bench import output_names, run_bench
+    from ..bench import BenchOptions, output_names, run_bench
 
     refuse_overwrite(args.out, args.overwrite, output_names())
     if args.inception is not None and not os.path.isfile(args.inception):
@@ -49,9 +49,10 @@ def run(args) -> None:
     check_data(heldout, model.unet, args.eval_data, "--eval-data", needed=2)
     table = load_table(args) if args.table else None  # run_bench checks it against the model
     out = make_folder(args.out)
-    result = run_bench(model, train, heldout, args.steps, out, table=table, table_samples=args.table_samples,
-                       fd_samples=args.fd_samples, inception=args.inception, batch_size=args.batch_size,
-                       seed=args.seed, device=args.device, overwrite=args.overwrite, force_table=args.force_table,
-                       schedulers=args.scheduler or ())
+    options = BenchOptions(table=table, table_samples=args.table_samples, force_table=args.force_table,
+                           overwrite=args.overwrite, fd_samples=args.fd_samples, inception=args.inception,
+                           schedulers=args.scheduler or (), batch_size=args.batch_size, seed=args.seed,
+                           device=args.device)
+    result = run_bench(model, train, heldout, args.steps, out, options)
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {result['seconds_total']:.0f} s")

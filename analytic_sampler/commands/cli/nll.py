@@ -26,7 +26,7 @@ def add_parser(subcommands) -> None:
 
 
 def run(args) -> None:
-    from ...evaluation.likelihood import nll_bpd
+    from ...evaluation.likelihood import NLLOptions, nll_bpd
     from ...trajectory import (
         TrajectoryDP,
         even_trajectory,
@@ -55,8 +55,8 @@ def run(args) -> None:
         table.require_x0_mse()
     r = nll_bpd(model.unet, data, model.scheduler, timesteps, args.variance,
                 ms_eps=None if table is None else table.ms_eps, x0_mse=None if table is None else table.x0_mse,
-                batch_size=args.batch_size, seed=args.seed, device=args.device,
-                ms_x0=None if table is None else table.ms_x0)
+                batch_size=args.batch_size, seed=args.seed,
+                options=NLLOptions(device=args.device, ms_x0=None if table is None else table.ms_x0))
     print(f"{r.mean:.4f} ± {r.stderr:.4f} bits/dim ({args.variance} variance, K={len(timesteps)}, "
           f"{r.num_samples} images, seed {args.seed}; prior {r.prior:.4f} + transitions {r.transitions:.4f} + "
           f"decoder {r.decoder:.4f})\ntimesteps: {timesteps}\nthis trajectory ends at t_1 = {timesteps[-1]}: bits/dim "

@@ -66,6 +66,7 @@ def run(args) -> None:
     import torch
 
     from ...estimation.distributed import start_distributed
+    from ...estimation.latents import PipelineOptions
     from ...pretrained import is_latent_pipeline_model, load_pipeline, resolve
 
     rank, args.device = start_distributed(args.device)
@@ -84,11 +85,11 @@ def run(args) -> None:
         data = _pipeline_data(args)
         model = load_pipeline(source, args.revision, torch_dtype=dtype)
         schedule = model.scheduler
-        options = dict(prompt=args.prompt, captions=args.captions, guidance_scale=args.guidance_scale,
-                       negative_prompt=args.negative_prompt, latent=args.latent)
+        options = PipelineOptions(prompt=args.prompt, captions=args.captions, guidance_scale=args.guidance_scale,
+                                  negative_prompt=args.negative_prompt, latent=args.latent)
     else:
         model = load_pretrained(source, revision=args.revision, with_table=False, torch_dtype=dtype)
-        data, schedule, options = load_data(args.data, model.unet.config.in_channels), model.scheduler, {}
+        data, schedule, options = load_data(args.data, model.unet.config.in_channels), model.scheduler, None
         check_data(data, model.unet, args.data, needed=1 if args.sample_cost_only else args.num_samples,
                     count_flag="--num-samples")
     timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
@@ -104,16 +105,19 @@ def run(args) -> None:
         _sample_cost_pass(args, model.unet, data, schedule)
 
 
-def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, options: dict) -> None:
-    """The first pass of precompute: the table's moments (resumable, never mixed with another run's)."""
+def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, pipeline_options) -> None:
+    """The first pass of precompute: the table's moments (resumable, never mixed with another run's);
+    ``pipeline_options``: a latent pipeline's prompts and latents (``None`` for a UNet)."""
+    from ...estimation.moments import EstimateOptions
     from ...estimation.precompute import precompute_table
 
+    options = EstimateOptions(device=args.device, noise_device=args.noise_device, compile=args.compile,
+                              checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                              provenance=provenance)
     done = precompute_table(
-        model, data, schedule, out=args.out, overwrite=args.overwrite,
-        keep_checkpoint=args.keep_checkpoint, num_samples=args.num_samples, timesteps=timesteps,
-        batch_size=args.batch_size, seed=args.seed, device=args.device, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
-        noise_device=args.noise_device, compile=args.compile, provenance=provenance, **options,
+        model, data, schedule, args.num_samples, timesteps, args.batch_size, args.seed, out=args.out,
+        options=options, pipeline_options=pipeline_options, overwrite=args.overwrite,
+        keep_checkpoint=args.keep_checkpoint,
     )
     if rank == 0:  # every rank holds the same table
         if done.status == "unchanged":

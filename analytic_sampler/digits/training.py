@@ -696,7 +696,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     unet.save_pretrained(out / "unet", safe_serialization=True)
     make_scheduler(config).save_pretrained(out / "scheduler")
     info = {"config": config.to_dict(), "step": state["step"], "elapsed_s": state.get("elapsed_s"),
-            "weights": "ema" if use_ema else "raw", "ema_decay": config.ema_decay}
+            "weights": "ema" if use_ema else "raw", "ema_decay": config.ema_decay, "ema": "diffusers EMAModel"}
     with open(out / "training.json", "w") as fh:
         json.dump(info, fh, indent=2)
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +12,14 @@ import pytest
 import torch
 
 from analytic_sampler.digits.training import (
-    EMA,
     GaussianDiffusionTerms,
     LossSecondMomentResampler,
     TrainConfig,
     build_unet,
     export_diffusers,
     load_checkpoint,
+    make_ema,
+    make_lr_scheduler,
     recipe_config,
     scheduler_config,
     train,
@@ -261,8 +263,9 @@ def test_loss_goes_down_hybrid_with_importance_sampling(tmp_path, data):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, data):
+    # interrupted inside the learning-rate warm-up (10 steps) and the EMA warm-up (its decay reaches 0.9 at n = 80)
     kw = dict(loss="hybrid", importance_sampling=True, num_train_timesteps=10, steps=12, batch_size=24,
-              dropout=0.1, checkpoint_every=5, ema_decay=0.9, lr_warmup_steps=3)
+              dropout=0.1, checkpoint_every=5, ema_decay=0.9, lr_warmup_steps=10)
     a = tiny_config(tmp_path / "a", **kw)
     train(a, data)
     b = tiny_config(tmp_path / "b", **kw)
@@ -277,13 +280,16 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data):
     for key in ("model",):
         for name, v in sa[key].items():
             assert torch.equal(v, sb[key][name]), name
-    for name, v in sa["ema"]["shadow"].items():
-        assert torch.equal(v, sb["ema"]["shadow"][name]), name
+    assert sa["ema"]["optimization_step"] == sb["ema"]["optimization_step"] == 12
+    for i, v in enumerate(sa["ema"]["shadow_params"]):
+        assert torch.equal(v, sb["ema"]["shadow_params"][i]), i
+    assert sa["lr_scheduler"]["last_epoch"] == sb["lr_scheduler"]["last_epoch"] == 13
+    assert sa["optimizer"]["param_groups"][0]["lr"] == sb["optimizer"]["param_groups"][0]["lr"] == a.lr
     np.testing.assert_array_equal(sa["sampler"]["loss_history"], sb["sampler"]["loss_history"])
     # the export holds the EMA weights
     unet, _, _ = load_checkpoint(b.output_dir)
-    for name, v in unet.state_dict().items():
-        assert torch.equal(v, sa["ema"]["shadow"][name])
+    for v, shadow in zip(unet.parameters(), sa["ema"]["shadow_params"], strict=True):
+        assert torch.equal(v, shadow)
     out = export_diffusers(Path(b.output_dir) / "checkpoint.pt", tmp_path / "exp")
     assert (out / "scheduler" / "scheduler_config.json").exists()
 
@@ -296,14 +302,54 @@ def test_resume_refuses_other_config(tmp_path, data):
         train(b, data)
 
 
-def test_ema_update():
+def test_resume_refuses_checkpoint_of_earlier_trainer(tmp_path, data):
+    a = tiny_config(tmp_path, steps=2)
+    train(a, data, export=False)
+    ckpt = Path(a.output_dir) / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["lr_scheduler"]  # the earlier trainer set the learning rate itself and kept its own EMA
+    torch.save(state, ckpt)
+    with pytest.raises(ValueError, match="earlier trainer.*resume=False"):
+        train(tiny_config(tmp_path, steps=4, resume=True), data)
+    with pytest.raises(ValueError, match="earlier trainer"):
+        load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_decay_schedule(warmup):
+    """The k-th update uses min(ema_decay, (1 + n) / (10 + n)), n = k - 1 (the first one copies the weights)."""
+    m = torch.nn.Linear(3, 2)
+    ema = make_ema(m, TrainConfig(ema_decay=0.9, ema_warmup=warmup))
+    shadow = [p.detach().clone() for p in m.parameters()]
+    for k in range(1, 120):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(m.parameters())
+        n = k - 1
+        d = 0.0 if k == 1 else min(0.9, (1 + n) / (10 + n)) if warmup else 0.9
+        assert ema.cur_decay_value == d, k  # the same float operations on both sides
+        shadow = [d * s + (1 - d) * p.detach() for s, p in zip(shadow, m.parameters())]
+        for s, e in zip(shadow, ema.shadow_params):
+            torch.testing.assert_close(e, s)
+    assert not warmup or ema.cur_decay_value == 0.9  # the warm-up reached the cap at n = 80
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 1, 4])
+def test_lr_warmup(warmup_steps):
+    """Step k (from 0) trains at lr * min(1, (k + 1) / warmup_steps); no warning from torch's step-order check."""
     m = torch.nn.Linear(2, 1)
-    ema = EMA(m, decay=0.5, warmup=False)
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with torch.no_grad():
-        m.weight.add_(1.0)
-    ema.update(m)
-    torch.testing.assert_close(ema.shadow["weight"], before["weight"] + 0.5)
+    cfg = TrainConfig(lr=3e-4, lr_warmup_steps=warmup_steps)
+    opt = torch.optim.AdamW(m.parameters(), lr=cfg.lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = make_lr_scheduler(opt, cfg)
+        for k in range(warmup_steps + 3):
+            want = cfg.lr * min(1.0, (k + 1) / warmup_steps) if warmup_steps else cfg.lr
+            assert opt.param_groups[0]["lr"] == want, k  # the same float operations on both sides
+            m(torch.ones(1, 2)).sum().backward()
+            opt.step()
+            sched.step()
 
 
 def test_bad_data_is_refused(tmp_path):

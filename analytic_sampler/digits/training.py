@@ -20,9 +20,10 @@ What it implements
   t are kept; sampling is uniform until every t has 10, then ``p_t ∝ sqrt(E[L_t^2])`` mixed as
   ``(1 - 0.001) p + 0.001 / N``; the loss is reweighted by ``1 / (N p_t)``. As in the reference it is
   fed the full per-sample training loss.
-* EMA of the weights (own implementation, optional warm-up ``decay_k = min(decay, (1+k)/(10+k))``).
-* Atomic checkpoints (model, EMA, optimizer, resampler, all RNG states, data order, step, elapsed
-  time) every ``checkpoint_every`` steps; ``resume=True`` continues bit-exactly.
+* EMA of the weights with Diffusers' ``EMAModel`` (warm-up ``decay = min(ema_decay, (1+n)/(10+n))``) and
+  the learning-rate warm-up with Diffusers' ``get_scheduler("constant_with_warmup")``.
+* Atomic checkpoints (model, EMA, optimizer, learning-rate scheduler, resampler, all RNG states, data
+  order, step, elapsed time) every ``checkpoint_every`` steps; ``resume=True`` continues bit-exactly.
 * Export in the Diffusers folder layout: ``<out>/unet`` (EMA weights, safetensors) and
   ``<out>/scheduler`` (``DDPMScheduler`` with ``fixed_small`` or ``learned_range``).
 
@@ -43,6 +44,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 
 from ..evaluation.kl import discretized_gaussian_log_likelihood, normal_kl
 from ..schedule import alphas_cumprod_from_config
@@ -54,7 +57,8 @@ __all__ = [
     "GaussianDiffusionTerms",
     "LossSecondMomentResampler",
     "UniformSampler",
-    "EMA",
+    "make_ema",
+    "make_lr_scheduler",
     "build_unet",
     "scheduler_config",
     "make_scheduler",
@@ -415,45 +419,32 @@ class LossSecondMomentResampler(UniformSampler):
 
 
 # --------------------------------------------------------------------------------------------------
-# EMA
+# EMA and learning rate (Diffusers' EMAModel and get_scheduler)
 # --------------------------------------------------------------------------------------------------
 
 
-class EMA:
-    """Exponential moving average of a module's floating-point parameters and buffers."""
+def make_ema(model: torch.nn.Module, config: TrainConfig) -> EMAModel:
+    """EMA of the parameters (a UNet2DModel has no buffers); the k-th update uses
+    ``decay_k = min(ema_decay, (1 + n) / (10 + n))``, n = k - 1.
 
-    def __init__(self, model: torch.nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
-        self.decay = decay
-        self.warmup = warmup
-        self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ``EMAModel`` with ``use_ema_warmup=False`` gives exactly this warm-up from the second update on; its
+    first update copies the weights (decay 0). Without ``ema_warmup`` the decay is ``ema_decay`` from the
+    second update on (``min_decay``).
+    """
+    min_decay = 0.0 if config.ema_warmup else config.ema_decay
+    return EMAModel(model.parameters(), decay=config.ema_decay, min_decay=min_decay, use_ema_warmup=False)
 
-    def current_decay(self) -> float:
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = self.current_decay()
-        for k, v in model.state_dict().items():
-            s = self.shadow[k]
-            if s.dtype.is_floating_point:
-                s.mul_(d).add_(v.detach(), alpha=1.0 - d)
-            else:
-                s.copy_(v)
-        self.num_updates += 1
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up: step k (from 0) trains at ``lr * min(1, (k + 1) / lr_warmup_steps)``.
 
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict(self.shadow)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
-        for k, v in state["shadow"].items():
-            self.shadow[k].copy_(v)
+    Diffusers' ``constant_with_warmup`` gives ``lr * k / lr_warmup_steps`` at its k-th value; starting it at
+    ``last_epoch=0`` (which needs ``initial_lr`` in the parameter groups) skips the value 0, so the first step
+    trains at ``lr / lr_warmup_steps``.
+    """
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.lr_warmup_steps, last_epoch=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,6 +452,16 @@ class EMA:
 # --------------------------------------------------------------------------------------------------
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _load_state(path: Path, map_location: str | torch.device) -> dict[str, Any]:
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if "lr_scheduler" not in state:
+        raise ValueError(
+            f"checkpoint {path} was written by an earlier trainer (its own EMA, no learning-rate scheduler state); "
+            "export or finish it with that version, or start again with resume=False."
+        )
+    return state
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -495,8 +496,9 @@ class _Trainer:
         torch.manual_seed(config.seed)
         np_seed = np.random.SeedSequence(config.seed)
         self.model = build_unet(config).to(self.device)
-        self.ema = EMA(self.model, config.ema_decay, config.ema_warmup)
+        self.ema = make_ema(self.model, config)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.lr_scheduler = make_lr_scheduler(self.opt, config)
         abar = alphas_cumprod_from_config(scheduler_config(config))
         self.terms = GaussianDiffusionTerms(abar, self.device)
         n = config.num_train_timesteps
@@ -523,6 +525,7 @@ class _Trainer:
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.opt.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "np_rng": self.rng.bit_generator.state,
             "gen": self.gen.get_state(),
@@ -539,6 +542,7 @@ class _Trainer:
         self.model.load_state_dict(s["model"])
         self.ema.load_state_dict(s["ema"])
         self.opt.load_state_dict(s["optimizer"])
+        self.lr_scheduler.load_state_dict(s["lr_scheduler"])
         self.sampler.load_state_dict(s["sampler"])
         self.rng.bit_generator.state = s["np_rng"]
         self.gen.set_state(s["gen"])
@@ -568,10 +572,6 @@ class _Trainer:
             need -= take
         return self.data[torch.cat(chunks).to(self.device)]
 
-    def lr_at(self, step: int) -> float:
-        w = self.config.lr_warmup_steps
-        return self.config.lr * min(1.0, (step + 1) / w) if w > 0 else self.config.lr
-
     def train_step(self) -> dict[str, float]:
         cfg = self.config
         x0 = self.next_batch()
@@ -583,14 +583,13 @@ class _Trainer:
         losses = training_losses(self.model, self.terms, x0, t, noise, cfg.loss, cfg.vlb_weight)
         self.sampler.update(t_np, losses["loss"].detach())
         loss = (losses["loss"] * w).mean()
-        for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
-        self.ema.update(self.model)
+        self.lr_scheduler.step()
+        self.ema.step(self.model.parameters())
         self.step += 1
         rec = {"loss": loss.item(), "mse": losses["mse"].mean().item()}
         if "vb" in losses:
@@ -651,7 +650,7 @@ def train(config: TrainConfig, data: Any, stop_at: int | None = None, export: bo
     tr = _Trainer(config, data)
     ckpt = tr.out / CHECKPOINT_NAME
     if config.resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=tr.device, weights_only=False)
+        state = _load_state(ckpt, tr.device)
         saved = TrainConfig.from_dict(state["config"])
         for name in ("loss", "beta_schedule", "num_train_timesteps", "block_out_channels", "in_channels"):
             if getattr(saved, name) != getattr(config, name):
@@ -673,10 +672,14 @@ def load_checkpoint(path: str | os.PathLike, use_ema: bool = True, map_location:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = _load_state(path, map_location)
     config = TrainConfig.from_dict(state["config"])
     unet = build_unet(config)
-    unet.load_state_dict(state["ema"]["shadow"] if use_ema else state["model"])
+    unet.load_state_dict(state["model"])
+    if use_ema:
+        ema = make_ema(unet, config)
+        ema.load_state_dict(state["ema"])
+        ema.copy_to(unet.parameters())
     unet.eval()
     return unet, config, state
 
@@ -693,7 +696,7 @@ def export_diffusers(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, 
     unet.save_pretrained(out / "unet", safe_serialization=True)
     make_scheduler(config).save_pretrained(out / "scheduler")
     info = {"config": config.to_dict(), "step": state["step"], "elapsed_s": state.get("elapsed_s"),
-            "weights": "ema" if use_ema else "raw", "ema_decay": config.ema_decay}
+            "weights": "ema" if use_ema else "raw", "ema_decay": config.ema_decay, "ema": "diffusers EMAModel"}
     with open(out / "training.json", "w") as fh:
         json.dump(info, fh, indent=2)
     return out

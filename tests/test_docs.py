@@ -53,22 +53,25 @@ def test_readme_is_a_landing_page():
     assert len(re.findall(r"^\|---", text, re.MULTILINE)) == 1, "README quotes one results table; others go to docs/"
 
 
-def _benchmark_figures() -> dict:
-    """Every figure of samplers.json (FD-digits, one decimal) and steps.json (bits/dim, three), as their Markdown
-    prints it, keyed by (metric, model, K)."""
-    figures = defaultdict(set)
+def _benchmark_series() -> dict:
+    """The figures of each sampler cell series of samplers.json (FD-digits, one decimal) and each variance and
+    trajectory of steps.json (bits/dim, three decimals), as their Markdown prints them, by (model, K)."""
+    series = {"FD": defaultdict(dict), "bits/dim": defaultdict(dict)}
     for model in json.loads((RESULTS / "samplers.json").read_text())["models"]:
         for cell in model["cells"]:
-            figures["FD", model["model"], cell["K"]].add(f"{cell['fd']:.1f} ± {cell['stderr']:.1f}")
+            key = cell["method"], cell["trajectory"], cell["table"], cell["seed"]
+            series["FD"][key][model["model"], cell["K"]] = f"{cell['fd']:.1f} ± {cell['stderr']:.1f}"
     for model in json.loads((RESULTS / "steps.json").read_text())["models"]:
         for cell in model["nll"]:
-            figures["bits/dim", model["model"], cell["K"]].add(f"{cell['bpd']:.3f} ± {cell['stderr']:.3f}")
-    return figures
+            key = cell["variance"], cell["trajectory"]
+            series["bits/dim"][key][model["model"], cell["K"]] = f"{cell['bpd']:.3f} ± {cell['stderr']:.3f}"
+    return series
 
 
 def test_readme_results_table_quotes_the_benchmark_files():
-    """Each figure in README's results table is a cell of the benchmark file for the metric, model and K its column
-    names (a header cell names what changes: "FD linear K=5", "K=10", ..., "bits/dim linear K=10", "cosine K=10")."""
+    """Each row of README's results table quotes one sampler of samplers.json and one variance and trajectory of
+    steps.json: all its figures of a metric are that series' cells for the model and K their columns name (a header
+    cell names what changes: "FD linear K=5", "K=10", ..., "bits/dim linear K=10", "cosine K=10")."""
     section = README.read_text(encoding="utf-8").split("\n## Results\n", 1)[1].split("\n## ", 1)[0]
     header, _, *rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
                         for line in section.splitlines() if line.startswith("|")]
@@ -79,12 +82,13 @@ def test_readme_results_table_quotes_the_benchmark_files():
             metric, model = (named[1] or metric or "").strip(), (named[2] or model or "").strip()
             columns[index] = (metric, MODELS[model], int(named[3]))
     assert len(columns) >= 4 and len(rows) >= 5, "README's results table lost its columns or rows"
-    figures, quoted = _benchmark_figures(), 0
+    series, quoted = _benchmark_series(), 0
     for row in rows:
-        for index, key in columns.items():
-            if row[index] != "—":
-                assert row[index] in figures[key], f"README, {row[0]}, {key}: {row[index]} is no cell of the file"
-                quoted += 1
+        for metric in series:
+            figures = {(m, k): row[i] for i, (kind, m, k) in columns.items() if kind == metric and row[i] != "—"}
+            sources = [key for key, cells in series[metric].items() if figures.items() <= cells.items()]
+            assert not figures or sources, f"README, {row[0]} ({row[1]}): {metric} {figures} is no series of the file"
+            quoted += len(figures)
     assert quoted >= 20
 
 

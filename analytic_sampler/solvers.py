@@ -111,7 +111,7 @@ def dpmpp_step(x: torch.Tensor, ms: Sequence[torch.Tensor], lams: Sequence[torch
                order: int) -> torch.Tensor:
     """One DPM-Solver++ step from ``s0`` to ``t``: ``ms = [m_s0, m_s1, m_s2]`` and their ``lams`` newest first
     (``order`` of them read); ``lam_t = inf`` (the end point) returns ``m_s0``."""
-    if torch.isinf(lam_t):
+    if torch.isinf(lam_t).all():
         return ms[0].clone()
     lam_s0 = lams[0]
     h = lam_t - lam_s0
@@ -171,7 +171,7 @@ def unipc_predict(x: torch.Tensor, ms: Sequence[torch.Tensor], lams: Sequence[to
                   order: int, bh: str = "bh2") -> torch.Tensor:
     """UniP-``order`` from ``s0`` (``ms[0]``, ``lams[0]``; history newest first) to ``t``; the end point returns
     ``m_s0``."""
-    if torch.isinf(lam_t):
+    if torch.isinf(lam_t).all():
         return ms[0].clone()
     h = lam_t - lams[0]
     nodes = [((lams[k] - lams[0]) / h, None) for k in range(1, order)]

@@ -25,17 +25,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.baselines import BENCH_METHODS, LEARNED, applies, check_names, sampling_methods
+from ..evaluation.baselines import ANALYTIC, BENCH_METHODS, FITTED, LEARNED, applies, check_names, sampling_methods
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import nll_bpd_many
+from ..evaluation.peers import is_deterministic
 from ..evaluation.provenance import environment, footer, write_results
-from ..evaluation.sampling import ranked_fd_rows
+from ..evaluation.reference import ErrorStat, ReferenceOptions, reference_solution, squared_errors
+from ..evaluation.sampling import initial_noise, ranked_fd_rows
 from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
 from ..table import ARRAYS_NAME, META_NAME
 from ..trajectory import TrajectoryDP, even_trajectory
 
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
+REFERENCE_SAMPLES = 100  # the first samples of every deterministic row scored by their reference error
+#: the fit behind the fitted-timestep rows when bench estimates the table: fewer paths and candidates than precompute's
+BENCH_FIT = {"num_paths": 32, "candidates": 60, "max_steps": 25}
 PLOT_APART = ("btilde",)  # tens to hundreds of bits/dim at small K: plotted beside the others, not with them
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,18 +85,21 @@ def feature_extractor(image_shape: Sequence[int], inception=None, device="cpu") 
 
 
 def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: int = 100, batch_size: int = 256,
-                seed: int = 0, device=None, overwrite: bool = False, force_table: bool = False):
+                seed: int = 0, device=None, overwrite: bool = False, force_table: bool = False, fit_steps: int = 10):
     """The table to use: ``table``, else the model's own if it has x0_mse (either checked against the model's
     schedule, channels and weights, unless ``force_table``), else one estimated into ``out/table``
     (:func:`~analytic_sampler.estimation.precompute.precompute_table`: checkpointed beside it, reused when it holds
     this very run, another run's replaced only with ``overwrite``) with a sample cost from ``min(64, num_samples)``
-    forward paths (one per image; :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
+    forward paths (one per image; :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`) and
+    timesteps fitted up to ``fit_steps`` (:data:`BENCH_FIT`; :func:`~analytic_sampler.estimation.precompute.
+    precompute_fitted_timesteps`)."""
     source = "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
         table, source = model.table, "shipped with the model" if model.is_bundled else _own_table_label(model)
     if table is not None:  # a table left in the model folder by an earlier model is refused too
         return table.check_schedule(model.scheduler).check_model(model.unet, force=force_table), source
-    from ..estimation.precompute import precompute_sample_cost, precompute_table
+    from ..estimation.precompute import precompute_fitted_timesteps, precompute_sample_cost, precompute_table
+    from ..estimation.timestep_fit import FitOptions
     from ..sample_trajectory import DEFAULT_PATHS
 
     folder = out / TABLE_SUBFOLDER
@@ -101,10 +109,38 @@ def bench_table(model, train: torch.Tensor, out: Path, table=None, num_samples: 
                             provenance={"model_id": model.name})
     how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
     paths = min(DEFAULT_PATHS, num_samples)
-    done = precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths, overwrite=overwrite,
-                                  batch_size=batch_size, seed=seed, device=device, progress=False)
-    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, saved to "
-                        f"{folder})")
+    precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths, overwrite=overwrite,
+                           batch_size=batch_size, seed=seed, device=device, progress=False)
+    fit = FitOptions(**{**BENCH_FIT, "max_steps": min(BENCH_FIT["max_steps"], max(fit_steps, 2))}, seed=seed,
+                     batch_size=batch_size)
+    done = precompute_fitted_timesteps(model.unet, model.scheduler, out=folder, options=fit, device=device,
+                                       overwrite=overwrite, progress=False)
+    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, timesteps fitted "
+                        f"on {fit.num_paths} paths x {fit.candidates} candidates, saved to {folder})")
+
+
+def add_reference_errors(rows: list[dict], methods_per_k: dict, kept: dict, model, num_samples: int, seed: int,
+                         batch_size: int, device, data_range) -> dict | None:
+    """Give every row ``uses_table`` and ``ref_error`` (``{"rms", "se", "num_samples"}`` on the first
+    :data:`REFERENCE_SAMPLES` samples; ``None`` for a stochastic sampler), against the reference solution from the
+    same noise (:mod:`~analytic_sampler.evaluation.reference`); return how that reference was solved."""
+    deterministic = [row for row in rows if is_deterministic(methods_per_k[row["K"]][row["method"]])]
+    for row in rows:
+        row.update(uses_table=row["method"] in ANALYTIC or row["method"] in FITTED, ref_error=None)
+    if not deterministic:
+        return None
+    config = model.unet.config
+    size = config.sample_size
+    shape = (config.in_channels, *((size, size) if isinstance(size, int) else size))
+    count = min(REFERENCE_SAMPLES, num_samples)
+    options = ReferenceOptions(steps=min(ReferenceOptions.steps, model.scheduler.config.num_train_timesteps),
+                               batch_size=batch_size, device=device)
+    x_T = initial_noise(num_samples, shape, seed, batch_size)[:count]
+    solution = reference_solution(model.unet, x_T, model.scheduler, options)
+    for row in deterministic:
+        stat = ErrorStat.of(squared_errors(kept[(row["method"], row["K"])], solution, data_range))
+        row["ref_error"] = {"rms": stat.rms, "se": stat.se, "num_samples": stat.n}
+    return {"solver": options.solver.name, "steps": options.steps, "num_samples": count}
 
 
 def _own_table_label(model) -> str:
@@ -192,32 +228,35 @@ def run_bench(
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
     names = check_names([*(BENCH_METHODS if methods is None else methods), *schedulers])
     table, table_source = bench_table(model, train, out, table, table_samples, batch_size, seed, device, overwrite,
-                                      force_table)
+                                      force_table, max(steps))
     features, feature_name = feature_extractor(train.shape[1:], inception, device)
     if eps_model is not None:
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
                                         "sampling loop would run the bare UNet.")
     fd_samples = fd_samples or min(len(train), 5000)
     methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names) for k in steps}
-    not_run = [name for name in names if not applies(name, config, table)]
+    not_run = [name for name in names if not all(applies(name, config, table, k) for k in steps)]
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     bar = tqdm(total=cells, desc="bench", unit="cell", disable=not progress)
 
     nll = nll_rows(model, table, heldout, steps, batch_size, seed, device, on_cell=bar.update, eps_model=eps_model)
 
-    fd, floor = [], None
+    fd, floor, kept = [], None, {}
     if features is not None:
         reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
         floor = frechet_with_stderr(features(heldout).numpy(), reference, seed)
         for k, samplers in methods_per_k.items():
             def seen(method, images, k=k):
                 bar.update()
+                kept[(method, k)] = images[:REFERENCE_SAMPLES]
                 if on_samples is not None:
                     on_samples(method, k, images)
 
             fd += ranked_fd_rows(model.unet, samplers, k, features, reference, fd_samples, seed, batch_size, device,
                                  on_samples=seen)
     bar.close()
+    reference = add_reference_errors(fd, methods_per_k, kept, model, fd_samples, seed, batch_size, device,
+                                     table.data_range)
 
     result = {
         "model": model.name, "table": table_source, "table_samples_per_timestep":
@@ -229,7 +268,7 @@ def run_bench(
                            "reference_images": min(len(train), REFERENCE_IMAGES),
                            "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                                       "num_images": len(heldout)},
-                           "not_applicable": not_run,
+                           "not_applicable": not_run, "reference": reference,
                            "rows": fd},
         "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(device),
     }
@@ -272,7 +311,13 @@ def markdown(r: dict) -> str:
                     if floor["num_images"] < q["num_samples"] else "at least as many images as a cell")
         out += [f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per cell, "
                 f"± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} evaluation "
-                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", "", *fd_markdown(q["rows"])]
+                f"images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation}).", ""]
+        if q.get("reference"):
+            ref = q["reference"]
+            out += [f"Reference error: RMS distance of a deterministic row's first {ref['num_samples']} samples to the "
+                    f"model's own ODE solution from the same noise ({ref['solver']}, {ref['steps']} timesteps), ± "
+                    "standard error; none for stochastic rows. `table`: the row reads the variance table.", ""]
+        out += fd_markdown(q["rows"])
         if q.get("not_applicable"):
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
@@ -288,6 +333,10 @@ def _timesteps_text(timesteps: Sequence[float]) -> str:
     return ", ".join(shown) if len(shown) <= 6 else ", ".join(shown[:3] + ["…"] + shown[-2:])
 
 
+def _ref_text(ref: dict | None) -> str:
+    return "—" if ref is None else f"{ref['rms']:.4f} ± {ref['se']:.4f}"
+
+
 def fd_markdown(rows: Sequence[dict]) -> list[str]:
     """One ranked table per K: FD ± bootstrap standard error, the difference to the best row at that K ± its paired
     standard error (the same resamples of the same initial noise), and the timesteps each sampler ran."""
@@ -295,9 +344,10 @@ def fd_markdown(rows: Sequence[dict]) -> list[str]:
     for k in dict.fromkeys(x["K"] for x in rows):
         at_k = sorted((x for x in rows if x["K"] == k), key=lambda x: x["fd"])
         out += [f"K = {k} (all rows from the same initial noise; difference to the best row ± paired standard error):",
-                "", "| method | FD | − best | timesteps |", "|---|---:|---:|---|"]
+                "", "| method | FD | − best | ref error | table | timesteps |", "|---|---:|---:|---:|---|---|"]
         out += [f"| {x['method']} | {x['fd']:.2f} ± {x['stderr']:.2f} | "
                 + ("best" if x["method"] == x["best"] else f"+{x['diff_to_best']:.2f} ± {x['diff_stderr']:.2f}")
+                + f" | {_ref_text(x.get('ref_error'))} | {'yes' if x.get('uses_table') else 'no'}"
                 + f" | {_timesteps_text(x['timesteps'])} |" for x in at_k]
         out.append("")
     return out
@@ -331,15 +381,45 @@ def plot(r: dict, out: Path, name: str = "bench") -> None:
     plt.close(fig)
     q = r["sample_quality"]
     if q["rows"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(x["method"] for x in q["rows"]):
-            rows = [x for x in q["rows"] if x["method"] == method]
-            ax.errorbar([x["K"] for x in rows], [x["fd"] for x in rows], [x["stderr"] for x in rows], marker="o",
-                        label=method)
-        ax.axhline(q["real_floor"]["fd"], color="grey", lw=0.8, label="real evaluation images")
-        ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = (_fd_bars if len(r["steps"]) == 1 else _fd_lines)(plt, r)
         fig.savefig(out / f"{name}_fd.png", dpi=110)
         plt.close(fig)
+
+
+def _floor_label(q: dict) -> str:
+    """The real-data line's label: at fewer images than a cell it is not the floor at the cells' n."""
+    floor = q["real_floor"]
+    below = floor["num_images"] < q["num_samples"]
+    return (f"real evaluation images (n={floor['num_images']}" + (f"; not the floor at the cells' n={q['num_samples']})"
+                                                                   if below else ")"))
+
+
+def _fd_lines(plt, r: dict):
+    """FD against K, one line per method."""
+    q = r["sample_quality"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(x["method"] for x in q["rows"]):
+        rows = [x for x in q["rows"] if x["method"] == method]
+        ax.errorbar([x["K"] for x in rows], [x["fd"] for x in rows], [x["stderr"] for x in rows], marker="o",
+                    label=method)
+    ax.axhline(q["real_floor"]["fd"], color="grey", lw=0.8, label=_floor_label(q))
+    ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _fd_bars(plt, r: dict):
+    """One K: the methods ranked by FD, best on top, as bars with their bootstrap standard errors."""
+    q = r["sample_quality"]
+    rows = sorted(q["rows"], key=lambda x: x["fd"], reverse=True)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    ax.barh([x["method"] for x in rows], [x["fd"] for x in rows], xerr=[x["stderr"] for x in rows], capsize=3,
+            color=["tab:orange" if x.get("uses_table") else "tab:blue" for x in rows])
+    ax.axvline(q["real_floor"]["fd"], color="grey", lw=0.8, label=_floor_label(q))
+    ax.set(xlabel=q["measure"], title=f"{r['model']}, K = {r['steps'][0]} (orange: uses the table)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 

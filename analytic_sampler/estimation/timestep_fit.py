@@ -119,10 +119,15 @@ class Teacher:
     start_m: dict[int, torch.Tensor]
 
 
+def _reference(alphas_cumprod, options: FitOptions) -> list[int]:
+    """The teacher's timesteps: ``reference_steps`` of them, or every one of a shorter schedule."""
+    return reference_grid(len(alphas_cumprod), min(options.reference_steps, len(alphas_cumprod)))
+
+
 def make_teacher(denoiser: Denoiser, x_T: torch.Tensor, alphas_cumprod, options: FitOptions) -> Teacher:
     """Solve the teacher paths (module docstring) and call the model at ``x_T`` at every start timestep below
     N-1."""
-    reference = reference_grid(len(alphas_cumprod), options.reference_steps)
+    reference = _reference(alphas_cumprod, options)
     grid = candidate_grid(alphas_cumprod, reference, options.candidates)
     keep = [reference.index(int(t)) for t in grid]
     final, kept = solve(DPMPP_3M, denoiser, x_T, reference, alphas_cumprod, keep)
@@ -215,10 +220,10 @@ def planned_calls(alphas_cumprod, options: FitOptions) -> dict[str, int]:
     """The model calls of an uninterrupted fit: the teacher's (``P`` x (reference steps + starts below N-1)) and
     each solver's student (``P`` x (G-1 + G-2 + … + G-K_max+1): level k+1 holds the candidates below level k's
     highest)."""
-    grid = candidate_grid(alphas_cumprod, reference_grid(len(alphas_cumprod), options.reference_steps),
-                          options.candidates)
+    reference = _reference(alphas_cumprod, options)
+    grid = candidate_grid(alphas_cumprod, reference, options.candidates)
     p, g = options.num_paths, grid.size
-    teacher = p * (options.reference_steps + len(start_timesteps(grid, options.start_min)) - 1)
+    teacher = p * (len(reference) + len(start_timesteps(grid, options.start_min)) - 1)
     student = p * sum(g - k for k in range(1, options.max_steps))
     return {"teacher": teacher, "per_solver": student, "total": teacher + student * len(options.solvers)}
 
@@ -373,3 +378,24 @@ def _fit_solver(solver: Solver, solver_key: str, teacher: Teacher, denoiser: Den
             _save_checkpoint(path, state)
     state.pop("current", None)
     return {"paths": paths, "errors": errors}
+
+
+def pipeline_model(pipe, prompts: Sequence[str], guidance_scale: float | None = None,
+                   negative_prompt: str | None = None) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
+    """A latent text-to-image pipeline as the fit's model: its UNet's eps, guided at ``guidance_scale`` (``> 1``;
+    otherwise the conditional eps) as the pipeline samples, the embeddings of one prompt per path (``path_kwargs``)
+    and the run key's fields that identify them (the guidance scale enters the key through the adapter)."""
+    import hashlib
+
+    from ..adapter import as_epsilon_model
+    from .latents import encode_prompts
+
+    guided = guidance_scale is not None and guidance_scale > 1
+    negative = (negative_prompt or "") if guided else None
+    options = {"guidance_scale": float(guidance_scale),
+               "uncond_kwargs": {"encoder_hidden_states": encode_prompts(pipe, [negative])}} if guided else {}
+    adapter = as_epsilon_model(pipe.unet, pipe.scheduler, **options)
+    names = sorted(n for n, c in pipe.components.items() if n.startswith("text_encoder") and c)
+    key = {"prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16], "negative_prompt": negative,
+           **{f"{name}_weights": weights_fingerprint(getattr(pipe, name)) for name in names}}
+    return adapter, {"encoder_hidden_states": encode_prompts(pipe, list(prompts))}, key

@@ -65,7 +65,7 @@ class FitOptions:
 
     solvers: tuple[str, ...] = tuple(FITTED_SOLVERS)
     max_steps: int = 25
-    min_steps: int = 3
+    min_steps: int = 2
     num_paths: int = 64
     candidates: int = 120
     reference_steps: int = DEFAULT_REFERENCE_STEPS
@@ -216,6 +216,13 @@ def next_level(solver: Solver, level: Level, teacher: Teacher, denoiser: Denoise
                  [level.paths[i] + [t] for i, t in zip(sources.tolist(), t_new)])
 
 
+def fitted_steps(alphas_cumprod, options: FitOptions) -> list[int]:
+    """The K values a fit gives: ``min_steps`` to ``max_steps``, at most as many as the candidate grid has points (a
+    short schedule's grid can be smaller)."""
+    size = candidate_grid(alphas_cumprod, _reference(alphas_cumprod, options), options.candidates).size
+    return list(range(min(options.min_steps, size), min(options.max_steps, size) + 1))
+
+
 def planned_calls(alphas_cumprod, options: FitOptions) -> dict[str, int]:
     """The model calls of an uninterrupted fit: the teacher's (``P`` x (reference steps + starts below N-1)) and
     each solver's student (``P`` x (G-1 + G-2 + … + G-K_max+1): level k+1 holds the candidates below level k's
@@ -224,7 +231,7 @@ def planned_calls(alphas_cumprod, options: FitOptions) -> dict[str, int]:
     grid = candidate_grid(alphas_cumprod, reference, options.candidates)
     p, g = options.num_paths, grid.size
     teacher = p * (len(reference) + len(start_timesteps(grid, options.start_min)) - 1)
-    student = p * sum(g - k for k in range(1, options.max_steps))
+    student = p * sum(g - k for k in range(1, fitted_steps(alphas_cumprod, options)[-1]))
     return {"teacher": teacher, "per_solver": student, "total": teacher + student * len(options.solvers)}
 
 
@@ -334,6 +341,8 @@ def fit_timesteps(denoiser: Denoiser, alphas_cumprod, shape: Sequence[int], opti
         if path is not None:
             _save_checkpoint(path, state)
     planned = planned_calls(abar, options)
+    steps = fitted_steps(abar, options)
+    options = dataclasses.replace(options, min_steps=steps[0], max_steps=steps[-1])
     bar = tqdm(total=len(options.solvers) * (options.max_steps - 1), desc="fitting timesteps (levels)", unit="level",
                disable=not progress)
     for solver_key in options.solvers:

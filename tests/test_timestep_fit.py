@@ -152,3 +152,39 @@ def test_fitted_timesteps_run_on_this_packages_scheduler_and_ddim_is_refused_wit
                                          "the DDIM update"):
         apply_timesteps(DDIMScheduler(num_train_timesteps=N), [49, 30, 12, 3])
     assert torch.is_tensor(scheduler.timesteps)
+
+
+def test_precompute_fit_only_then_trajectory_for_a_solver(tmp_path, capsys):
+    """precompute's fit pass states its cost in model calls, adds the fit to the finished table once, and
+    ``trajectory --for unipc`` prints the fitted timesteps with how to run them."""
+    import json
+
+    from analytic_sampler.commands.cli import main
+
+    tiny_unet().save_pretrained(tmp_path / "model" / "unet")
+    DDPMScheduler(num_train_timesteps=N).save_pretrained(tmp_path / "model" / "scheduler")
+    torch.save(torch.rand(4, 1, 8, 8) * 2 - 1, tmp_path / "images.pt")
+    base = ["precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"), "--out",
+            str(tmp_path / "table"), "--num-samples", "4", "--paths", "0"]
+    main([*base, "--fit-paths", "0"])
+    with pytest.raises(SystemExit, match="this variance table has no fitted timesteps; add them with"):
+        main(["trajectory", "--table", str(tmp_path / "table"), "--for", "unipc", "--steps", "3"])
+    fit = ["--fit-only", "--fit-paths", "4", "--fit-candidates", "12", "--fit-max-steps", "4"]
+    capsys.readouterr()
+    main([*base, *fit])
+    table = VarianceTable.load(tmp_path / "table")
+    calls = table.provenance["fitted_timesteps"]["model_calls"]
+    options = FitOptions(num_paths=4, candidates=12, max_steps=4, batch_size=256)
+    assert calls == planned_calls(table.alphas_cumprod, options)["total"]
+    assert f"x 3 (dpm-solver++, unipc, ddim) = {calls} model calls" in capsys.readouterr().out
+    assert table.counts.tolist() == [4] * N  # the moments are kept
+    main([*base, *fit])
+    assert "already holds the fitted timesteps of these settings; nothing to do" in capsys.readouterr().out
+    main(["trajectory", "--table", str(tmp_path / "table"), "--for", "unipc", "--steps", "3", "4", "--json",
+          str(tmp_path / "f.json")])
+    printed = capsys.readouterr().out
+    assert "UniPCMultistepScheduler.from_config(config, solver_order=2, solver_type='bh2')" in printed
+    report = json.loads((tmp_path / "f.json").read_text())
+    assert report["4"]["timesteps"] == fitted_timesteps(table, "unipc", 4)
+    with pytest.raises(SystemExit, match="no 7-step trajectory fitted"):
+        main(["trajectory", "--table", str(tmp_path / "table"), "--for", "ddim", "--steps", "7"])

@@ -80,7 +80,7 @@ class Settings:
     convergence_samples: int = 128
     convergence_steps: tuple[int, ...] = (250, 1000)
     reference: ReferenceOptions = field(default_factory=lambda: ReferenceOptions(batch_size=BATCH))
-    fit: FitOptions = field(default_factory=lambda: FitOptions(batch_size=BATCH))
+    fit: FitOptions = field(default_factory=lambda: FitOptions(min_steps=3, batch_size=BATCH))  # K = 3 … 25
 
 
 QUICK = Settings(models=("digits-ddpm-linear",), steps=(5,), seeds=(0, 1), fit_seeds=(0, 1), num_samples=24,

@@ -369,7 +369,8 @@ def markdown(r: dict) -> str:
         if q.get("not_applicable"):
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
-                       "`analytic-sampler precompute ... --sample-cost-only`).")
+                       "`analytic-sampler precompute ... --sample-cost-only`, the fitted rows a table with fitted "
+                       "timesteps at that K: `analytic-sampler precompute ... --fit-only`).")
     start_load = r.get("load_average_at_start")
     out += ["", f"Run time {r['seconds_total']:.0f} s"
             + ("" if start_load is None else f" (load average {start_load[0]} when it started)") + ". " + footer(r)]

@@ -4,6 +4,7 @@ error (RMS distance to the model's own ODE solution from the same noise) and FD-
     python benchmarks/fitted.py                          # full run (hours on 2 cores; every cell is cached)
     python benchmarks/fitted.py --steps 5 10 --seeds 0   # a part of it; a later full run reuses its cells
     python benchmarks/fitted.py --quick                  # smoke run: one model, K = 5, tiny sizes
+    python benchmarks/fitted.py --seeds 1 --num-samples 500 --name fitted_seed1   # a second seed at a smaller n
 
 Per model:
 
@@ -384,12 +385,16 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, nargs="+", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--fit-seeds", type=int, nargs="+", default=None)
+    p.add_argument("--num-samples", type=int, default=None, help="samples per final row (default 2000)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--name", default="fitted", help="the output files' stem (default fitted: fitted.json, fitted.md)")
     p.add_argument("--cache", default=str(Path(__file__).parent / ".cache" / "fitted"))
     args = p.parse_args(argv)
     settings = QUICK if args.quick else Settings()
     chosen = {"models": args.models, "steps": args.steps, "seeds": args.seeds, "fit_seeds": args.fit_seeds}
     settings = replace(settings, **{k: tuple(v) for k, v in chosen.items() if v is not None})
+    if args.num_samples is not None:
+        settings = replace(settings, num_samples=args.num_samples)
     torch.set_num_threads(1)
     logging.getLogger("diffusers").setLevel(logging.ERROR)  # DPM-Solver singlestep warns on every odd K
     started = time.time()
@@ -406,11 +411,11 @@ def main(argv=None) -> dict:
         models = [m for m in result["models"] if m["model"] != partial["model"]] + [partial]
         result.update(models=models, acceptance=acceptance([c for m in models for c in m["comparisons"]]),
                       seconds=time.time() - started, **environment())
-        write_results(args.out, "fitted", result, markdown(result, settings))
+        write_results(args.out, args.name, result, markdown(result, settings))
 
     for name in settings.models:
         run_model(name, settings, Path(args.cache), features, fd_reference, log, save)
-    log(f"wrote {args.out}/fitted.md")
+    log(f"wrote {args.out}/{args.name}.md")
     return result
 
 

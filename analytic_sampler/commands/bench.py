@@ -179,8 +179,8 @@ def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | N
                      batch_size=o.batch_size)
     done = precompute_fitted_timesteps(model.unet, model.scheduler, out=folder, options=fit, device=o.device,
                                        overwrite=o.overwrite, progress=False)
-    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, timesteps fitted "
-                        f"on {fit.num_paths} paths x {fit.candidates} candidates, saved to {folder})")
+    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, timesteps "
+                        f"fitted on {fit.num_paths} paths x {fit.candidates} candidates, saved to {folder})")
 
 
 def add_reference_errors(rows: list[dict], methods_per_k: dict, kept: dict, model, num_samples: int,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-NOISE_STREAMS = ("estimate", "latent", "likelihood")
+NOISE_STREAMS = ("estimate", "latent", "likelihood", "fit")
 
 
 def noise_generator(
@@ -19,11 +19,12 @@ def noise_generator(
         estimate:    SeedSequence([seed, index])       the x_t noise of estimate_moments (index: batch)
         latent:      SeedSequence([seed, index, 1])    VAE posterior draws of a latent pipeline (index: image chunk)
         likelihood:  seed * 1_000_003 + index          the x_t noise of nll_bpd (index: batch)
+        fit:         SeedSequence([seed, index, 2])    x_T of the fitted-timestep pass's paths (index: path)
     """
     if stream == "likelihood":
         state = seed * 1_000_003 + index
-    elif stream in ("estimate", "latent"):
-        key = [seed, index] if stream == "estimate" else [seed, index, 1]
+    elif stream in ("estimate", "latent", "fit"):
+        key = [seed, index] + {"estimate": [], "latent": [1], "fit": [2]}[stream]
         state = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
     else:
         raise ValueError(f"stream={stream!r}; use one of {NOISE_STREAMS}.")

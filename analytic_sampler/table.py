@@ -33,14 +33,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from .fingerprint import file_sha256
+from .fitted_timesteps import FittedTimesteps
 from .hub import hub_unreachable
 from .schedule import as_alphas_cumprod, same_schedule, schedule_fingerprint
 
 # 2 added x0_mse / x0_mse_stderr (NaN in version 1); 3 the optional per-channel arrays; 4 the metadata's copy in the
 # arrays file (the checksum covers it) and strict-JSON provenance with the model's fingerprint and the run key; 5 the
-# optional sample cost (path_timesteps, path_x0_msd) of the sample-quality trajectory
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+# optional sample cost (path_timesteps, path_x0_msd) of the sample-quality trajectory; 6 the optional fitted timesteps
+# (fitted_timesteps, fitted_errors, and fitted_solvers in the metadata)
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 ARRAYS_NAME = "variance_table.safetensors"
 META_NAME = "variance_table.json"
 HEADER_KEY = "variance_table"  # the metadata's copy in the safetensors header
@@ -53,6 +55,7 @@ _ARRAY_DTYPES = {"ms_eps": np.float64, "stderr": np.float64, "counts": np.int64,
 _X0_ARRAYS = ("x0_mse", "x0_mse_stderr")
 CHANNEL_ARRAYS = ("channel_ms_eps", "channel_stderr", "channel_x0_mse", "channel_x0_mse_stderr")
 PATH_ARRAYS = ("path_timesteps", "path_x0_msd")
+FITTED_ARRAYS = ("fitted_timesteps", "fitted_errors")
 REESTIMATE_HINT = (
     "re-estimate the table with this version of analytic-sampler: `analytic-sampler precompute MODEL --data DATA "
     "--out DIR` or `estimate_moments(...)` (x0_mse comes from the same model calls as ms_eps)"
@@ -226,6 +229,10 @@ class VarianceTable:
             The sample cost of the sample-quality trajectory
             (:class:`~analytic_sampler.sample_trajectory.SampleCost`: grid ``(G,)``, matrix ``(G, G)``, from
             ``path_samples`` forward paths); none in tables from before format 5 or where it was not estimated.
+        fitted_timesteps, fitted_errors (`np.ndarray`, *optional*), fitted_solvers (`tuple[str, ...]`, *optional*):
+            Timesteps fitted to the model for each solver and K
+            (:class:`~analytic_sampler.fitted_timesteps.FittedTimesteps`); none in tables from before format 6 or
+            where they were not fitted.
 
     Example:
 
@@ -262,6 +269,9 @@ class VarianceTable:
     path_timesteps: np.ndarray | None = None
     path_x0_msd: np.ndarray | None = None
     path_samples: int = 0
+    fitted_timesteps: np.ndarray | None = None
+    fitted_errors: np.ndarray | None = None
+    fitted_solvers: tuple[str, ...] | None = None
 
     def __post_init__(self):
         self.alphas_cumprod = as_alphas_cumprod(self.alphas_cumprod)
@@ -281,6 +291,7 @@ class VarianceTable:
             raise ValueError("x0_mse has negative entries; it is a mean squared error. Re-estimate the table.")
         self._check_channel_arrays(n)
         self._check_sample_cost(n)
+        self._check_fitted(n)
         if self.x0_clip is not None:
             self.x0_clip = tuple(float(v) for v in self.x0_clip)
         if self.data_range is not None:
@@ -326,6 +337,30 @@ class VarianceTable:
         if int(self.path_samples) < 1:
             raise ValueError(f"path_samples={self.path_samples}: a sample cost comes from at least one path.")
         self.path_timesteps, self.path_x0_msd, self.path_samples = ts, msd, int(self.path_samples)
+
+    def _check_fitted(self, n: int) -> None:
+        """All three fitted fields or none, consistent (:class:`FittedTimesteps`) and inside ``[0, N-1]``."""
+        given = [getattr(self, name) is not None for name in (*FITTED_ARRAYS, "fitted_solvers")]
+        if not any(given):
+            return
+        if not all(given):
+            raise ValueError(f"fitted timesteps come with their errors and solvers: pass all of {FITTED_ARRAYS} and "
+                             "fitted_solvers, or none.")
+        fitted = FittedTimesteps(self.fitted_solvers, self.fitted_timesteps, self.fitted_errors)
+        if fitted.timesteps.max() > n - 1:
+            raise ValueError(f"fitted timesteps reach t={fitted.timesteps.max()} but the schedule has N={n}; refit.")
+        self.fitted_timesteps, self.fitted_errors = fitted.timesteps, fitted.errors
+        self.fitted_solvers = fitted.solvers
+
+    @property
+    def has_fitted_timesteps(self) -> bool:
+        """Whether the table carries timesteps fitted to its model."""
+        return self.fitted_timesteps is not None
+
+    def with_fitted_timesteps(self, fitted) -> VarianceTable:
+        """A copy of this table carrying ``fitted`` (a :class:`~analytic_sampler.fitted_timesteps.FittedTimesteps`)."""
+        return dataclasses.replace(self, fitted_timesteps=fitted.timesteps, fitted_errors=fitted.errors,
+                                   fitted_solvers=fitted.solvers, provenance=dict(self.provenance))
 
     @property
     def has_sample_cost(self) -> bool:
@@ -448,7 +483,8 @@ class VarianceTable:
         their sums. Tables of another schedule, data range or x0 clip, or that differ in a provenance field of
         ``MERGE_FIELDS`` (the model's fingerprint, prediction type, timestep convention, guidance, latent
         encoding) are refused, naming the field. The merged provenance keeps every field the two share (not the run
-        key: a pooled table is no single run's) and lists both under ``merged_from``.
+        key: a pooled table is no single run's) and lists both under ``merged_from``. Fitted timesteps do not pool: the
+        merged table has none (fit them again on it).
 
         Args:
             other (`VarianceTable`):
@@ -534,6 +570,7 @@ class VarianceTable:
             "num_train_timesteps": self.num_train_timesteps,
             "num_channels": self.num_channels,
             "path_samples": self.path_samples,
+            "fitted_solvers": None if self.fitted_solvers is None else list(self.fitted_solvers),
             "fingerprint": self.fingerprint,
             "data_range": None if self.data_range is None else list(self.data_range),
             "x0_clip": None if self.x0_clip is None else list(self.x0_clip),
@@ -558,6 +595,8 @@ class VarianceTable:
             dtypes.update(dict.fromkeys(CHANNEL_ARRAYS, np.float64))
         if self.has_sample_cost:
             dtypes.update(path_timesteps=np.int64, path_x0_msd=np.float64)
+        if self.has_fitted_timesteps:
+            dtypes.update(fitted_timesteps=np.int64, fitted_errors=np.float64)
         meta = self.metadata()
         header = {HEADER_KEY: json.dumps(meta, sort_keys=True, allow_nan=False)}
         arrays = {k: np.ascontiguousarray(getattr(self, k), dtype=d) for k, d in dtypes.items()}
@@ -649,6 +688,10 @@ class VarianceTable:
             if any(value is None for value in paths.values()):
                 raise _corrupt(arrays_path, f"arrays {PATH_ARRAYS} missing (the JSON records a sample cost)")
             paths["path_samples"] = meta["path_samples"]
+        if version >= 6 and meta.get("fitted_solvers"):
+            paths.update({key: arrays.get(key) for key in FITTED_ARRAYS}, fitted_solvers=tuple(meta["fitted_solvers"]))
+            if any(paths[key] is None for key in FITTED_ARRAYS):
+                raise _corrupt(arrays_path, f"arrays {FITTED_ARRAYS} missing (the JSON records fitted timesteps)")
         data_range, x0_clip = meta.get("data_range"), meta.get("x0_clip")
         try:
             return cls(
@@ -702,6 +745,8 @@ class VarianceTable:
         guided = "" if self.guidance_scale is None else f", guidance_scale={self.guidance_scale:g}"
         if self.has_sample_cost:
             guided += f", sample_cost={self.path_samples} paths x {self.path_timesteps.size} timesteps"
+        if self.has_fitted_timesteps:
+            guided += f", fitted_timesteps={'/'.join(self.fitted_solvers)}"
         return (
             f"VarianceTable(N={self.num_train_timesteps}, estimated={int(est.sum())}, draws/timestep={draws}, "
             f"ms_eps in {span}{channels}{guided}, data_range={self.data_range}, fingerprint={self.fingerprint!r}"

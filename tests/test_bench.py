@@ -54,6 +54,15 @@ def test_bench_on_an_unseen_grey_model_writes_every_output(tmp_path, capsys):
     assert {r["method"] for r in quality["rows"]} >= {"DDPM (btilde)", "Analytic-DDPM", "DDIM", "Analytic-DDIM"}
     assert all(r["num_samples"] == 16 and r["stderr"] > 0 for r in quality["rows"])
     assert {"device", "versions", "date"} <= set(result) and all("seconds" in r for r in rows + quality["rows"])
+    # every deterministic row has its reference error, no stochastic one; the rows that read the table say so
+    by_name = {(r["method"], r["K"]): r for r in quality["rows"]}
+    for method in ("DDIM", "DPM-Solver++(2M)", "UniPC", "DPM-Solver++(2M) (fitted timesteps)", "DDIM (fitted timesteps)"):
+        ref = by_name[(method, 5)]["ref_error"]
+        assert ref["num_samples"] == 16 and ref["rms"] > 0 and ref["se"] > 0
+    for method in ("DDPM (btilde)", "Analytic-DDPM", "Analytic-DDIM", "Euler ancestral"):
+        assert by_name[(method, 5)]["ref_error"] is None
+    assert by_name[("UniPC (fitted timesteps)", 3)]["uses_table"] and by_name[("Analytic-DDIM", 3)]["uses_table"]
+    assert not by_name[("UniPC", 3)]["uses_table"] and quality["reference"]["steps"] == 40
     for name in ("bench.md", "bench_nll.png", "bench_fd.png"):
         assert (out / name).is_file()
     assert "| residual | optimal |" in capsys.readouterr().out
@@ -216,9 +225,10 @@ def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
     assert ran["DDIM"] == [26, 13, 0] and ran["DPM-Solver++(2M)"] == [30, 20, 10]  # each on the config's "leading"
     assert ran["Analytic-DDPM"] == [26, 13, 0] and ran["Analytic-DDPM (optimal trajectory)"][0] == 39
     # one recorded model input per model call: split them into runs by the timesteps each row ran
-    starts = np.cumsum([0] + [len(r["timesteps"]) for r in rows])[:-1]
+    # then the reference solve of the deterministic rows' reference errors, from the same noise
+    starts = np.cumsum([0] + [len(r["timesteps"]) for r in rows])
     initial = [first_inputs[i] for i in starts]
-    assert len(first_inputs) == sum(len(r["timesteps"]) for r in rows)
+    assert len(first_inputs) == sum(len(r["timesteps"]) for r in rows) + result["sample_quality"]["reference"]["steps"]
     unit = [x / x.norm() for x in initial]  # Euler-type schedulers scale x_T: compare directions
     assert all(torch.allclose(u, unit[0], atol=1e-6) for u in unit)
     text = (tmp_path / "out" / "bench.md").read_text()

@@ -15,6 +15,7 @@ from conftest import tiny_unet
 from diffusers import DDPMScheduler
 
 from analytic_sampler.commands.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run_demo
+from analytic_sampler.evaluation.baselines import FITTED
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
 
@@ -65,12 +66,14 @@ def test_demo_writes_grid_and_table(tmp_path):
         assert (tmp_path / name).is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     quality = saved["sample_quality"]
-    assert [r["method"] for r in quality["rows"]] == list(DEMO_METHODS) * 2 and quality["measure"] == "FD-digits"
+    shipped = [m for m in DEMO_METHODS if m not in FITTED]  # the bundled tables carry no fitted timesteps
+    assert [r["method"] for r in quality["rows"]] == shipped * 2 and quality["measure"] == "FD-digits"
+    assert quality["not_applicable"] == [m for m in DEMO_METHODS if m in FITTED]
     assert all(np.isfinite(r["fd"]) and r["stderr"] > 0 for r in quality["rows"]) and quality["real_floor"]["fd"] > 0
     assert {(r["K"], r["trajectory"], r["variance"]) for r in saved["nll"]} >= {(5, "optimal", "residual"),
                                                                                  (8, "even", "analytic")}
     grid = Image.open(tmp_path / "grid.png")
-    rows = 2 * len(DEMO_METHODS)  # one per method and K
+    rows = 2 * len(shipped)  # one per method and K
     scale = math.ceil(512 / max(10 * (8 + 1) + 1, rows * (8 + 1) + 1))  # enlarged until the longer side is 512 px
     unlabelled = (10 * (8 + 1) + 1) * scale
     assert grid.height == (rows * (8 + 1) + 1) * scale and grid.width > unlabelled + 60  # a label margin

@@ -32,7 +32,7 @@ def model_dir(tmp_path):
 def test_precompute_resume_trajectory_sample(model_dir, capsys):
     model, table_dir = str(model_dir / "model"), model_dir / "table"
     checkpoint = model_dir / "table.partial" / "checkpoint.pt"  # beside the table folder, not in it
-    args = ["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
+    args = ["precompute", model, "--fit-paths", "0", "--data", str(model_dir / "images.pt"), "--out", str(table_dir),
             "--num-samples", "8", "--batch-size", "40"]
     main([*args, "--keep-checkpoint"])
     first = VarianceTable.load(table_dir)
@@ -99,7 +99,8 @@ def _png_folder(folder, n: int, size: int):
 def test_image_folder_data_and_new_output_folders(model_dir):
     model, table_dir = str(model_dir / "model"), model_dir / "new" / "table"
     data = _png_folder(model_dir / "pngs", 6, 8)
-    main(["precompute", model, "--data", data, "--out", str(table_dir), "--num-samples", "6", "--timesteps", "all"])
+    main(["precompute", model, "--fit-paths", "0",
+          "--data", data, "--out", str(table_dir), "--num-samples", "6", "--timesteps", "all"])
     assert VarianceTable.load(table_dir).counts.tolist() == [6] * 50  # every image of the folder
     out = model_dir / "no" / "dir" / "x.png"
     main(["sample", model, "--table", str(table_dir), "--steps", "5", "--num-images", "2", "--out", str(out)])
@@ -139,7 +140,8 @@ def test_counts_must_be_positive(value, capsys):
 @pytest.mark.parametrize("spec", ["even:x", "10,abc", "50", "-1,3", "3,3", "even:1", ""])
 def test_malformed_timesteps_list_the_accepted_forms(model_dir, spec):
     with pytest.raises(SystemExit, match=r"is not one of the accepted forms: all, even:K with 2 <= K <= 50, or a"):
-        main(["precompute", str(model_dir / "model"), "--data", "digits:train", "--out", str(model_dir / "t"),
+        main(["precompute", str(model_dir / "model"), "--fit-paths", "0",
+              "--data", "digits:train", "--out", str(model_dir / "t"),
               f"--timesteps={spec}"])
 
 
@@ -205,7 +207,8 @@ def test_sample_trajectory_from_precompute_to_any_scheduler(model_dir, capsys):
     from analytic_sampler.sample_trajectory import sample_quality_trajectory
 
     model, table_dir = str(model_dir / "model"), model_dir / "table"
-    main(["precompute", model, "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--num-samples", "4",
+    main(["precompute", model, "--fit-paths", "0",
+          "--data", str(model_dir / "images.pt"), "--out", str(table_dir), "--num-samples", "4",
           "--paths", "0"])
     capsys.readouterr()
     with pytest.raises(SystemExit, match="no sample cost.*analytic-sampler precompute MODEL --data DATA --out DIR"):

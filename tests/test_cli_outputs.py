@@ -56,7 +56,8 @@ def test_earlier_results_are_never_replaced_without_overwrite(tmp_path, argv, ex
 
 def test_sample_overwrites_when_asked_and_writes_a_visible_grid(model, tmp_path):
     table = tmp_path / "table"
-    main(["precompute", model, "--data", "digits:train", "--num-samples", "2", "--timesteps", "all", "--out",
+    main(["precompute", model, "--fit-paths", "0",
+          "--data", "digits:train", "--num-samples", "2", "--timesteps", "all", "--out",
           str(table)])
     assert not (tmp_path / "table.partial").exists()  # the checkpoint is removed once the table is saved
     out = tmp_path / "grid.png"
@@ -175,7 +176,8 @@ def test_threads_option_env_and_wait_policy(monkeypatch):
 def test_threads_reach_the_command(model, tmp_path, monkeypatch):
     before = torch.get_num_threads()
     try:
-        main(["precompute", model, "--data", "digits:train", "--num-samples", "1", "--timesteps", "even:2",
+        main(["precompute", model, "--fit-paths", "0",
+              "--data", "digits:train", "--num-samples", "1", "--timesteps", "even:2",
               "--out", str(tmp_path / "t"), "--threads", "2"])
         assert torch.get_num_threads() == 2
         assert json.loads((tmp_path / "t" / "variance_table.json").read_text())["num_train_timesteps"] == 20

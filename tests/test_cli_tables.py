@@ -30,7 +30,8 @@ def world(tmp_path):
 
 
 def precompute(world, *extra):
-    main(["precompute", str(world / "model"), "--data", str(world / "images.pt"), "--num-samples", "4",
+    main(["precompute", str(world / "model"), "--fit-paths", "0",
+          "--data", str(world / "images.pt"), "--num-samples", "4",
           "--batch-size", "16", *extra])
 
 

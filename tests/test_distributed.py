@@ -64,7 +64,8 @@ def test_cli_precompute_under_torchrun(tmp_path):
     tiny_unet(channels=1).save_pretrained(tmp_path / "model" / "unet")
     DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "model" / "scheduler")
     torch.save(torch.rand(6, 1, 8, 8) * 2 - 1, tmp_path / "images.pt")
-    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"),
+    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--fit-paths", "0",
+            "--data", str(tmp_path / "images.pt"),
             "--num-samples", "6", "--batch-size", "16", "--device", "cpu", "--out"]
     run([*args, str(tmp_path / "one")])
     launched = run([*args, str(tmp_path / "two")], nproc=2)
@@ -98,7 +99,8 @@ def test_precompute_killed_with_sigkill_resumes_bit_identical(tmp_path, nproc):
     tiny_unet(channels=1).save_pretrained(tmp_path / "model" / "unet")
     DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "model" / "scheduler")
     torch.save(torch.rand(400, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1, tmp_path / "images.pt")
-    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"),
+    args = ["-m", "analytic_sampler", "precompute", str(tmp_path / "model"), "--fit-paths", "0",
+            "--data", str(tmp_path / "images.pt"),
             "--num-samples", "400", "--batch-size", "8", "--checkpoint-every", "5", "--device", "cpu", "--out"]
     run([*args, str(tmp_path / "whole")])  # 1000 batches, uninterrupted
 

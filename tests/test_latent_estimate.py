@@ -263,7 +263,8 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
     folder = write_folder(tmp_path / "images", images)
     (folder / "metadata.jsonl").write_text("".join(
         json.dumps({"file_name": f"{i:03d}.png", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    main(["precompute", str(model), "--data", str(folder), "--num-samples", "8", "--timesteps", "1,301,601,901",
+    main(["precompute", str(model), "--fit-paths", "0",
+          "--data", str(folder), "--num-samples", "8", "--timesteps", "1,301,601,901",
           "--batch-size", "5", "--guidance-scale", "7.5", "--revision", "main"])
     assert f"saved to {model / 'table'}" in capsys.readouterr().out
     table = VarianceTable.load(model, subfolder="table")
@@ -274,7 +275,8 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
     assert record["prompt_source"] == f"captions: {folder / 'metadata.jsonl'}" and record["latent"] == "mean"
     assert record["vae_scaling_factor"] == pytest.approx(0.18215) and record["pipeline"] == "StableDiffusionPipeline"
 
-    main(["precompute", str(model), "--data", str(folder), "--num-samples", "2", "--timesteps", "901",
+    main(["precompute", str(model), "--fit-paths", "0",
+          "--data", str(folder), "--num-samples", "2", "--timesteps", "901",
           "--prompt", "one prompt", "--out", str(tmp_path / "t2")])
     assert VarianceTable.load(tmp_path / "t2").provenance["prompt_source"] == "prompt: 'one prompt'"
     with pytest.raises(SystemExit, match="a latent pipeline reads a folder of images"):
@@ -312,7 +314,8 @@ def test_cli_checks_prompts_before_loading_the_pipeline_and_sample_names_the_way
     pipe.save_pretrained(model)
     folder = write_folder(tmp_path / "images", images)
     monkeypatch.setattr(pretrained, "load_pipeline", lambda *a, **k: pytest.fail("the pipeline was loaded"))
-    base = ["precompute", str(model), "--data", str(folder), "--out", str(tmp_path / "t"), "--num-samples", "4"]
+    base = ["precompute", str(model), "--fit-paths", "0",
+            "--data", str(folder), "--out", str(tmp_path / "t"), "--num-samples", "4"]
     with pytest.raises(SystemExit, match=r"has no captions \(metadata.jsonl or metadata.csv\) and the pipeline is "
                        r"text-conditioned: pass --prompt '...' \(one prompt for every image; --prompt '' for the "
                        r"unconditional model\) or --captions FILE"):

@@ -117,7 +117,8 @@ def test_cli_precompute_bfloat16_with_noise_on_the_model_device(tmp_path):
     tiny_unet(channels=1).save_pretrained(tmp_path / "model" / "unet")
     DDPMScheduler(num_train_timesteps=20).save_pretrained(tmp_path / "model" / "scheduler")
     torch.save(images(6, channels=1), tmp_path / "images.pt")
-    main(["precompute", str(tmp_path / "model"), "--data", str(tmp_path / "images.pt"), "--out", str(tmp_path / "t"),
+    main(["precompute", str(tmp_path / "model"), "--fit-paths", "0",
+          "--data", str(tmp_path / "images.pt"), "--out", str(tmp_path / "t"),
           "--num-samples", "6", "--dtype", "bfloat16", "--noise-device", "model", "--device", "cpu"])
     table = VarianceTable.load(tmp_path / "t")
     assert table.provenance["dtype"] == "torch.bfloat16" and np.isfinite(table.ms_eps).all()

@@ -28,5 +28,5 @@ def test_likelihood_stream_and_streams_differ():
 
 
 def test_unknown_stream_names_the_choices():
-    with pytest.raises(ValueError, match=r"stream='moments'; use one of \('estimate', 'latent', 'likelihood'\)"):
+    with pytest.raises(ValueError, match=r"stream='moments'; use one of \('estimate', 'latent', 'likelihood', 'fit'\)"):
         noise_generator(0, 0, stream="moments")

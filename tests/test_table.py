@@ -185,7 +185,7 @@ def test_mismatched_metadata(tmp_path, table):
                                          r"was written; the file was changed .* restore the file"):
         VarianceTable.load(folder)
     edit_json(folder, **{**record, "format_version": 99})
-    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3, 4, 5\); "
+    with pytest.raises(ValueError, match=r"table format version 99, this package reads versions \(1, 2, 3, 4, 5, 6\); "
                                          r"upgrade"):
         VarianceTable.load(folder)
 

@@ -27,11 +27,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.baselines import BENCH_METHODS, LEARNED, applies, check_names, sampling_methods
+from ..evaluation.baselines import ANALYTIC, BENCH_METHODS, FITTED, LEARNED, applies, check_names, sampling_methods
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import NLLOptions, nll_bpd
+from ..evaluation.peers import is_deterministic
 from ..evaluation.provenance import environment, footer, write_results
-from ..evaluation.sampling import ranked_fd_rows
+from ..evaluation.reference import ErrorStat, ReferenceOptions, reference_solution, squared_errors
+from ..evaluation.sampling import initial_noise, ranked_fd_rows
 from ..options import options_of
 from ..pretrained import TABLE_SUBFOLDER, PretrainedModel, load_pretrained
 from ..table import ARRAYS_NAME, META_NAME, VarianceTable
@@ -39,6 +41,9 @@ from ..trajectory import TrajectoryDP, even_trajectory
 
 REFERENCE_IMAGES = 10_000  # training images (at most) behind the reference statistics
 NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
+REFERENCE_SAMPLES = 100  # the first samples of every deterministic row scored by their reference error
+#: the fit behind the fitted-timestep rows when bench estimates the table: fewer paths and candidates than precompute's
+BENCH_FIT = {"num_paths": 32, "candidates": 60, "max_steps": 25}
 PLOT_APART = ("btilde",)  # tens to hundreds of bits/dim at small K: plotted beside the others, not with them
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -141,14 +146,15 @@ class BenchOptions:
     name: str = "bench"
 
 
-def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | None = None):
+def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | None = None, fit_steps: int = 10):
     """The table to use and where it came from: ``options.table``, else the model's own if it has x0_mse (either
     checked against the model's schedule, channels and weights, unless ``options.force_table``), else one estimated
     into ``out/table`` from ``options.table_samples`` images per timestep
     (:func:`~analytic_sampler.estimation.precompute.precompute_table`: checkpointed beside it, reused when it holds
     this very run, another run's replaced only with ``options.overwrite``) with a sample cost from
     ``min(64, table_samples)`` forward paths (one per image;
-    :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`)."""
+    :func:`~analytic_sampler.estimation.precompute.precompute_sample_cost`) and timesteps fitted up to ``fit_steps``
+    (:data:`BENCH_FIT`; :func:`~analytic_sampler.estimation.precompute.precompute_fitted_timesteps`)."""
     options = options_of(options, BenchOptions)
     table, source = options.table, "given"
     if table is None and model.table is not None and model.table.has_x0_mse:
@@ -156,7 +162,8 @@ def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | N
     if table is not None:  # a table left in the model folder by an earlier model is refused too
         return table.check_schedule(model.scheduler).check_model(model.unet, force=options.force_table), source
     from ..estimation.moments import EstimateOptions
-    from ..estimation.precompute import precompute_sample_cost, precompute_table
+    from ..estimation.precompute import precompute_fitted_timesteps, precompute_sample_cost, precompute_table
+    from ..estimation.timestep_fit import FitOptions
     from ..sample_trajectory import DEFAULT_PATHS
 
     folder, o = out / TABLE_SUBFOLDER, options
@@ -166,11 +173,38 @@ def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | N
                             options=EstimateOptions(device=o.device, provenance={"model_id": model.name}))
     how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
     paths = min(DEFAULT_PATHS, num_samples)
-    done = precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths,
-                                  overwrite=o.overwrite, batch_size=o.batch_size, seed=o.seed, device=o.device,
-                                  progress=False)
-    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, saved to "
-                        f"{folder})")
+    precompute_sample_cost(model.unet, train, model.scheduler, out=folder, num_paths=paths, overwrite=o.overwrite,
+                           batch_size=o.batch_size, seed=o.seed, device=o.device, progress=False)
+    fit = FitOptions(**{**BENCH_FIT, "max_steps": min(BENCH_FIT["max_steps"], max(fit_steps, 2))}, seed=o.seed,
+                     batch_size=o.batch_size)
+    done = precompute_fitted_timesteps(model.unet, model.scheduler, out=folder, options=fit, device=o.device,
+                                       overwrite=o.overwrite, progress=False)
+    return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, timesteps "
+                        f"fitted on {fit.num_paths} paths x {fit.candidates} candidates, saved to {folder})")
+
+
+def add_reference_errors(rows: list[dict], methods_per_k: dict, kept: dict, model, num_samples: int,
+                         options: BenchOptions, data_range) -> dict | None:
+    """Give every row ``uses_table`` and ``ref_error`` (``{"rms", "se", "num_samples"}`` on the first
+    :data:`REFERENCE_SAMPLES` samples; ``None`` for a stochastic sampler), against the reference solution from the
+    same noise (:mod:`~analytic_sampler.evaluation.reference`); return how that reference was solved."""
+    deterministic = [row for row in rows if is_deterministic(methods_per_k[row["K"]][row["method"]])]
+    for row in rows:
+        row.update(uses_table=row["method"] in ANALYTIC or row["method"] in FITTED, ref_error=None)
+    if not deterministic:
+        return None
+    config = model.unet.config
+    size = config.sample_size
+    shape = (config.in_channels, *((size, size) if isinstance(size, int) else size))
+    count = min(REFERENCE_SAMPLES, num_samples)
+    reference = ReferenceOptions(steps=min(ReferenceOptions.steps, model.scheduler.config.num_train_timesteps),
+                                 batch_size=options.batch_size, device=options.device)
+    x_T = initial_noise(num_samples, shape, options.seed, options.batch_size)[:count]
+    solution = reference_solution(model.unet, x_T, model.scheduler, reference)
+    for row in deterministic:
+        stat = ErrorStat.of(squared_errors(kept[(row["method"], row["K"])], solution, data_range))
+        row["ref_error"] = {"rms": stat.rms, "se": stat.se, "num_samples": stat.n}
+    return {"solver": reference.solver.name, "steps": reference.steps, "num_samples": count}
 
 
 def _own_table_label(model) -> str:
@@ -236,7 +270,7 @@ def run_bench(
     if not all(2 <= int(k) <= n for k in steps):
         raise ValueError(f"steps {list(steps)}: each K must be between 2 and the model's num_train_timesteps={n}.")
     names = check_names([*(BENCH_METHODS if o.methods is None else o.methods), *o.schedulers])
-    table, table_source = bench_table(model, train, out, o)
+    table, table_source = bench_table(model, train, out, o, fit_steps=max(steps))
     features, feature_name = feature_extractor(train.shape[1:], o.inception, o.device)
     if o.eps_model is not None:
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
@@ -247,17 +281,18 @@ def run_bench(
     with tqdm(total=cells, desc="bench", unit="cell", disable=not o.progress) as bar:
         nll = nll_rows(model, table, heldout, steps, o.batch_size, o.seed, o.device, on_cell=bar.update,
                        eps_model=o.eps_model)
-        fd, floor = [], None
+        fd, floor, kept = [], None, {}
         if features is not None:
-            fd, floor = _fd_rows(model, methods_per_k, features, train, heldout, fd_samples, o, bar.update)
+            fd, floor, kept = _fd_rows(model, methods_per_k, features, train, heldout, fd_samples, o, bar.update)
+    reference = add_reference_errors(fd, methods_per_k, kept, model, fd_samples, o, table.data_range)
     quality = {"measure": feature_name if features is not None else None,
                "skipped": None if features is not None else feature_name,
                "num_samples": fd_samples if features is not None else 0,
                "reference_images": min(len(train), REFERENCE_IMAGES),
                "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                           "num_images": len(heldout)},
-               "not_applicable": [name for name in names if not applies(name, config, table)],
-               "rows": fd}
+               "not_applicable": [name for name in names if not all(applies(name, config, table, k) for k in steps)],
+               "reference": reference, "rows": fd}
     result = {
         "model": model.name, "table": table_source, "table_samples_per_timestep":
             int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": o.seed,
@@ -270,22 +305,24 @@ def run_bench(
 
 
 def _fd_rows(model, methods_per_k: dict, features: Features, train: torch.Tensor, heldout: torch.Tensor,
-             fd_samples: int, options: BenchOptions, on_cell: Callable[[], object]) -> tuple[list[dict], tuple]:
-    """The ranked FD rows of every K (:func:`ranked_fd_rows`) and the real-data floor ``(fd, stderr)`` of the
-    evaluation images, against the statistics of the training images; ``on_cell()`` after each sampler's set."""
+             fd_samples: int, options: BenchOptions, on_cell: Callable[[], object]) -> tuple[list[dict], tuple, dict]:
+    """The ranked FD rows of every K (:func:`ranked_fd_rows`), the real-data floor ``(fd, stderr)`` of the
+    evaluation images, against the statistics of the training images, and the first :data:`REFERENCE_SAMPLES`
+    samples of each ``(method, K)``; ``on_cell()`` after each sampler's set."""
     o = options
     reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
     floor = frechet_with_stderr(features(heldout).numpy(), reference, o.seed)
-    rows = []
+    rows, kept = [], {}
     for k, samplers in methods_per_k.items():
         def seen(method, images, k=k):
             on_cell()
+            kept[(method, k)] = images[:REFERENCE_SAMPLES]
             if o.on_samples is not None:
                 o.on_samples(method, k, images)
 
         rows += ranked_fd_rows(model.unet, samplers, k, features, reference, fd_samples, o.seed, o.batch_size,
                                o.device, on_samples=seen)
-    return rows, floor
+    return rows, floor, kept
 
 
 def _common_t1(rows: Sequence[dict]) -> int:
@@ -322,12 +359,18 @@ def markdown(r: dict) -> str:
                     if floor["num_images"] < q["num_samples"] else "at least as many images as a cell")
         out += [(f"{q['measure']} to the {q['reference_images']} training images ({q['num_samples']} samples per "
                  f"cell, ± bootstrap standard error; lower is better). Real-data floor: the {floor['num_images']} "
-                 f"evaluation images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation})."), "",
-                *fd_markdown(q["rows"])]
+                 f"evaluation images score {floor['fd']:.3f} ± {floor['stderr']:.3f} ({relation})."), ""]
+        if q.get("reference"):
+            ref = q["reference"]
+            out += [(f"Reference error: RMS distance of a deterministic row's first {ref['num_samples']} samples to "
+                     f"the model's own ODE solution from the same noise ({ref['solver']}, {ref['steps']} timesteps), "
+                     "± standard error; none for stochastic rows. `table`: the row reads the variance table."), ""]
+        out += fd_markdown(q["rows"])
         if q.get("not_applicable"):
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
-                       "`analytic-sampler precompute ... --sample-cost-only`).")
+                       "`analytic-sampler precompute ... --sample-cost-only`, the fitted rows a table with fitted "
+                       "timesteps at that K: `analytic-sampler precompute ... --fit-only`).")
     start_load = r.get("load_average_at_start")
     out += ["", f"Run time {r['seconds_total']:.0f} s"
             + ("" if start_load is None else f" (load average {start_load[0]} when it started)") + ". " + footer(r)]
@@ -339,6 +382,10 @@ def _timesteps_text(timesteps: Sequence[float]) -> str:
     return ", ".join(shown) if len(shown) <= 6 else ", ".join(shown[:3] + ["…"] + shown[-2:])
 
 
+def _ref_text(ref: dict | None) -> str:
+    return "—" if ref is None else f"{ref['rms']:.4f} ± {ref['se']:.4f}"
+
+
 def fd_markdown(rows: Sequence[dict]) -> list[str]:
     """One ranked table per K: FD ± bootstrap standard error, the difference to the best row at that K ± its paired
     standard error (the same resamples of the same initial noise), and the timesteps each sampler ran."""
@@ -346,9 +393,10 @@ def fd_markdown(rows: Sequence[dict]) -> list[str]:
     for k in dict.fromkeys(x["K"] for x in rows):
         at_k = sorted((x for x in rows if x["K"] == k), key=lambda x: x["fd"])
         out += [f"K = {k} (all rows from the same initial noise; difference to the best row ± paired standard error):",
-                "", "| method | FD | − best | timesteps |", "|---|---:|---:|---|"]
+                "", "| method | FD | − best | ref error | table | timesteps |", "|---|---:|---:|---:|---|---|"]
         out += [f"| {x['method']} | {x['fd']:.2f} ± {x['stderr']:.2f} | "
                 + ("best" if x["method"] == x["best"] else f"+{x['diff_to_best']:.2f} ± {x['diff_stderr']:.2f}")
+                + f" | {_ref_text(x.get('ref_error'))} | {'yes' if x.get('uses_table') else 'no'}"
                 + f" | {_timesteps_text(x['timesteps'])} |" for x in at_k]
         out.append("")
     return out
@@ -382,15 +430,45 @@ def plot(r: dict, out: Path, name: str = "bench") -> None:
     plt.close(fig)
     q = r["sample_quality"]
     if q["rows"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in dict.fromkeys(x["method"] for x in q["rows"]):
-            rows = [x for x in q["rows"] if x["method"] == method]
-            ax.errorbar([x["K"] for x in rows], [x["fd"] for x in rows], [x["stderr"] for x in rows], marker="o",
-                        label=method)
-        ax.axhline(q["real_floor"]["fd"], color="grey", lw=0.8, label="real evaluation images")
-        ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
-        ax.legend(fontsize=7)
-        fig.tight_layout()
+        fig = (_fd_bars if len(r["steps"]) == 1 else _fd_lines)(plt, r)
         fig.savefig(out / f"{name}_fd.png", dpi=110)
         plt.close(fig)
+
+
+def _floor_label(q: dict) -> str:
+    """The real-data line's label: at fewer images than a cell it is not the floor at the cells' n."""
+    floor = q["real_floor"]
+    below = floor["num_images"] < q["num_samples"]
+    return (f"real evaluation images (n={floor['num_images']}" + (f"; not the floor at the cells' n={q['num_samples']})"
+                                                                   if below else ")"))
+
+
+def _fd_lines(plt, r: dict):
+    """FD against K, one line per method."""
+    q = r["sample_quality"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(x["method"] for x in q["rows"]):
+        rows = [x for x in q["rows"] if x["method"] == method]
+        ax.errorbar([x["K"] for x in rows], [x["fd"] for x in rows], [x["stderr"] for x in rows], marker="o",
+                    label=method)
+    ax.axhline(q["real_floor"]["fd"], color="grey", lw=0.8, label=_floor_label(q))
+    ax.set(xscale="log", yscale="log", xlabel="K", ylabel=q["measure"], title=r["model"])
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _fd_bars(plt, r: dict):
+    """One K: the methods ranked by FD, best on top, as bars with their bootstrap standard errors."""
+    q = r["sample_quality"]
+    rows = sorted(q["rows"], key=lambda x: x["fd"], reverse=True)
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.5))
+    ax.barh([x["method"] for x in rows], [x["fd"] for x in rows], xerr=[x["stderr"] for x in rows], capsize=3,
+            color=["tab:orange" if x.get("uses_table") else "tab:blue" for x in rows])
+    ax.axvline(q["real_floor"]["fd"], color="grey", lw=0.8, label=_floor_label(q))
+    ax.set(xlabel=q["measure"], title=f"{r['model']}, K = {r['steps'][0]} (orange: uses the table)")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 

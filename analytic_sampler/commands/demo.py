@@ -4,7 +4,8 @@ A short :func:`run_bench` on the bundled digits model: bits/dim at each K for DD
 (even and optimal trajectories), and FD-digits of DDIM (with the model's eps, and with eps from the clipped x0 as
 Analytic-DDIM computes it), Analytic-DDIM, DPM-Solver++(2M), UniPC, Analytic-DPM with the scheduler's defaults
 (``from_table(table)``: trailing spacing) and on the model's spacing (``from_table(table, config)``), and
-Analytic-DDPM on the table's sample-quality trajectory, each but the defaults built on the model's own scheduler
+Analytic-DDPM on the table's sample-quality trajectory, DPM-Solver++(2M) and UniPC on the timesteps fitted to the
+model for them where its table has them, each but the defaults built on the model's own scheduler
 config, all from the same initial noise, ranked with paired standard errors against the training digits, with the
 real-data floor; and ``grid.png``: 10 samples per method and K, each row labelled. Writes ``results.{json,md}``,
 ``results_nll.png`` and ``results_fd.png`` too.
@@ -24,8 +25,10 @@ from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
 from .bench import BenchOptions, output_names, run_bench
 
+#: the last two rows run where the table carries fitted timesteps (``precompute``; not the bundled tables)
 DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
-                "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM (sample trajectory)")
+                "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM (sample trajectory)",
+                "DPM-Solver++(2M) (fitted timesteps)", "UniPC (fitted timesteps)")
 DEMO_STEPS, DEMO_IMAGES = (10,), 2000
 FULL_STEPS, FULL_IMAGES = (10, 25), 2000
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory

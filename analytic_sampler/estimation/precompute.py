@@ -252,3 +252,70 @@ def precompute_sample_cost(
     if not keep_checkpoint:
         _remove(checkpoint)
     return Precomputed(table, "estimated", folder)
+
+
+FIT_CHECKPOINT = "fitted_timesteps.pt"
+
+
+def precompute_fitted_timesteps(
+    model,
+    scheduler,
+    *,
+    out: str | os.PathLike,
+    options=None,
+    sample_shape=None,
+    path_kwargs=None,
+    key_fields=None,
+    device=None,
+    overwrite: bool = False,
+    keep_checkpoint: bool = False,
+    force_table: bool = False,
+    progress: bool = True,
+) -> Precomputed:
+    """Fit timesteps to the model for each solver of ``options``
+    (:func:`~analytic_sampler.estimation.timestep_fit.fit_timesteps`: teacher paths from noise, no data needed) and
+    add them to the finished table in the folder ``out``, with the same rules as :func:`precompute_sample_cost`:
+    the same settings again do nothing, other settings are refused unless ``overwrite``, and the checkpoint
+    (``fitted_timesteps.pt``) waits beside the table's.
+
+    Args:
+        model: a UNet, an :class:`~analytic_sampler.EpsilonAdapter` (conditioning, guidance) or a callable; it must
+            be the table's (:meth:`~analytic_sampler.VarianceTable.check_model`, unless ``force_table``).
+        scheduler: the model's scheduler (its config says how x0 is clipped).
+        options (:class:`~analytic_sampler.estimation.timestep_fit.FitOptions`, *optional*): the fit's settings.
+        sample_shape: one sample's shape (default: the UNet config's channels and size).
+        path_kwargs: per-path model kwargs (one row per path: a pipeline's prompt embeddings).
+        key_fields: more fields of the run key (what identifies ``path_kwargs``, e.g. the prompts' hash).
+    """
+    from ..denoiser import Denoiser, x0_limit
+    from .timestep_fit import FitOptions, fit_key, fit_timesteps
+
+    folder = Path(out)
+    if not (folder / META_NAME).is_file():
+        raise ValueError(f"no variance table in {str(folder)!r} to add fitted timesteps to: estimate the table first "
+                         "(precompute_table, or `analytic-sampler precompute` without --fit-only).")
+    table = VarianceTable.load(folder).check_schedule(scheduler).check_model(model, force_table)
+    options = options or FitOptions()
+    if sample_shape is None:
+        config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+        if config is None:
+            raise ValueError("pass sample_shape=(C, H, W): the model has no config to read it from.")
+        size = config.sample_size
+        sample_shape = (config.in_channels, *((size, size) if isinstance(size, int) else size))
+    denoiser = Denoiser(model, scheduler, x0_limit(scheduler), options.batch_size, device, path_kwargs)
+    key = fit_key(denoiser, scheduler, sample_shape, options, key_fields)
+    recorded = table.provenance.get("fitted_timesteps")
+    if table.has_fitted_timesteps and isinstance(recorded, dict) and recorded.get("run_key") == key:
+        return Precomputed(table, "unchanged", folder)
+    if table.has_fitted_timesteps and not overwrite:
+        diffs = _run_differences(recorded.get("run_key") if isinstance(recorded, dict) else None, key)
+        raise ValueError(f"{folder} already holds fitted timesteps of other settings ({'; '.join(diffs)}); pass "
+                         "overwrite=True (on the command line: --overwrite) to replace them.")
+    checkpoint = checkpoint_path(folder).with_name(FIT_CHECKPOINT)
+    result = fit_timesteps(denoiser, scheduler, sample_shape, options, checkpoint, key_fields, progress)
+    table = table.with_fitted_timesteps(result.fitted)
+    table.provenance["fitted_timesteps"] = {"model_calls": result.model_calls, "run_key": result.key}
+    table.save(folder)
+    if not keep_checkpoint:
+        _remove(checkpoint)
+    return Precomputed(table, "estimated", folder)

@@ -30,6 +30,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from ..fitted_timesteps import FittedTimesteps, fitted_timesteps
 from ..sample_trajectory import sample_quality_trajectory
 from ..schedulers.analytic_dpm import AnalyticDPMScheduler
 
@@ -65,12 +66,19 @@ ANALYTIC: dict[str, dict[str, Any]] = {
     "Analytic-DDPM (sample trajectory)": {"eta": 1.0, "variance": "analytic", "variance_cap_y": None,
                                           SAMPLE_TRAJECTORY: True},
 }
+#: Rows of a peer on the timesteps the table fitted for its solver (``fitted_timesteps``): ``(peer row, solver key)``;
+#: DDIM runs there as its first-order DPM-Solver++ form, DDIMScheduler taking no custom timesteps.
+FITTED: dict[str, tuple[str, str]] = {
+    "DPM-Solver++(2M) (fitted timesteps)": ("DPM-Solver++(2M)", "dpm-solver++"),
+    "UniPC (fitted timesteps)": ("UniPC", "unipc"),
+    "DDIM (fitted timesteps)": ("DDIM (eps from clipped x0)", "ddim"),
+}
 #: What ``bench`` samples by default: the peers a user would pick and the variants that tell the analytic variance
 #: apart (the same mean with and without its noise).
 BENCH_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "DPM-Solver++(2M)", "UniPC", "Euler ancestral",
                  "DDPM (btilde)", "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM",
                  "Analytic-DDIM",
-                 "Analytic-DDPM (optimal trajectory)", "Analytic-DDPM (sample trajectory)")
+                 "Analytic-DDPM (optimal trajectory)", "Analytic-DDPM (sample trajectory)", *FITTED)
 
 
 @dataclass
@@ -114,7 +122,7 @@ def check_names(names: Sequence[str]) -> list[str]:
     """``names`` if each is a compared sampler or a Diffusers scheduler class, else a ValueError naming the options
     (checked before any work)."""
     for name in names:
-        if name in ANALYTIC or name in PEERS:
+        if name in ANALYTIC or name in PEERS or name in FITTED:
             continue
         cls = getattr(diffusers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
@@ -165,15 +173,27 @@ def analytic_sampler(name: str, config: Mapping[str, Any], table, spacing: str |
 
 def build_sampler(name: str, config: Mapping[str, Any], table, spacing: str | None = None,
                   timesteps: Sequence[int] | None = None, num_steps: int | None = None) -> Sampler:
-    """Any row by name: Analytic-DPM's (:data:`ANALYTIC`), a peer (:data:`PEERS`) or a Diffusers class name."""
+    """Any row by name: Analytic-DPM's (:data:`ANALYTIC`), a peer (:data:`PEERS`), a peer on fitted timesteps
+    (:data:`FITTED`) or a Diffusers class name."""
+    if name in FITTED and timesteps is None:
+        peer, solver = FITTED[name]
+        if num_steps is None:
+            raise ValueError(f"{name} needs the number of steps to pick its fitted timesteps; pass num_steps.")
+        return diffusers_sampler(peer, config, spacing, fitted_timesteps(table, solver, num_steps))
+    if name in FITTED:
+        return diffusers_sampler(FITTED[name][0], config, spacing, timesteps)
     if name in ANALYTIC:
         return analytic_sampler(name, config, table, spacing, timesteps, num_steps)
     return diffusers_sampler(name, config, spacing, timesteps)
 
 
-def applies(name: str, config: Mapping[str, Any], table) -> bool:
+def applies(name: str, config: Mapping[str, Any], table, num_steps: int | None = None) -> bool:
     """Whether a row applies to the model: the learned variance needs a model trained for it, the residual rows a
-    table with x0_mse."""
+    table with x0_mse, a fitted row a table with timesteps fitted for its solver (at ``num_steps``)."""
+    if name in FITTED:
+        if not table.has_fitted_timesteps or FITTED[name][1] not in table.fitted_solvers:
+            return False
+        return num_steps is None or num_steps in FittedTimesteps.from_table(table).steps
     if name == "Improved DDPM (learned)":
         return config.get("variance_type") in LEARNED
     if ANALYTIC.get(name, {}).get(SAMPLE_TRAJECTORY):
@@ -187,4 +207,4 @@ def sampling_methods(config, table, num_steps: int, names: Sequence[str] = BENCH
     ``spacing``."""
     config = dict(config)
     return {name: build_sampler(name, config, table, spacing, num_steps=num_steps) for name in names
-            if applies(name, config, table)}
+            if applies(name, config, table, num_steps)}

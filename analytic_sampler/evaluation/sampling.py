@@ -23,6 +23,21 @@ def _step_generator(seed: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1, batch]).generate_state(1)[0]))
 
 
+def _draw_noise(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=generator)
+
+
+def initial_noise(num_samples: int, shape: Sequence[int], seed: int = 0, batch_size: int | None = None
+                  ) -> torch.Tensor:
+    """The x_T :func:`sample` starts sample i from (before ``init_noise_sigma``): one generator seeded with ``seed``,
+    drawn batch after batch of ``batch_size`` (default: all at once). The reference solution of a sampler's
+    samples starts from it (:mod:`analytic_sampler.evaluation.reference`)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    batch_size = batch_size or num_samples
+    return torch.cat([_draw_noise(generator, (min(batch_size, num_samples - start), *shape))
+                      for start in range(0, num_samples, batch_size)])
+
+
 @torch.inference_mode()
 def sample(
     unet,
@@ -71,7 +86,7 @@ def sample(
         n = min(batch_size, num_samples - start)
         if start:
             restart()
-        x = torch.randn((n, *shape), generator=generator).to(device) * scheduler.init_noise_sigma
+        x = _draw_noise(generator, (n, *shape)).to(device) * scheduler.init_noise_sigma
         noise = {"generator": _step_generator(seed, start // batch_size)} if takes_generator else {}
         for t in scheduler.timesteps:
             model_output = unet(scheduler.scale_model_input(x, t), t).sample

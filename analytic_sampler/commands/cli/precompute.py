@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 
 from ...pretrained import BUNDLED_MODELS, TABLE_SUBFOLDER, load_pretrained
-from .arguments import DEVICE_HELP, FORCE_TABLE_HELP, THREADS_HELP, non_negative_int, positive_int
+from ...solver_specs import FITTED_SOLVERS
+from .arguments import DEVICE_HELP, FORCE_TABLE_HELP, THREADS_HELP, non_negative_int, num_steps, positive_int
 from .inputs import check_data, existing_path, load_data, make_folder
+
+FITTED_SOLVER_KEYS = tuple(FITTED_SOLVERS)
 
 
 def add_parser(subcommands) -> None:
@@ -46,6 +49,16 @@ def add_parser(subcommands) -> None:
                    help="timesteps the sample-quality trajectory may use (an even grid; default 250)")
     p.add_argument("--sample-cost-only", action="store_true",
                    help="add the sample cost to the table already in --out, without estimating the moments again")
+    p.add_argument("--fit-solvers", nargs="+", default=list(FITTED_SOLVER_KEYS), choices=FITTED_SOLVER_KEYS,
+                   metavar="SOLVER", help="third pass: timesteps fitted for these solvers "
+                   f"({', '.join(FITTED_SOLVER_KEYS)}; default all), shown by `trajectory --for SOLVER`")
+    p.add_argument("--fit-paths", type=non_negative_int, default=64, metavar="N",
+                   help="third pass: N teacher paths from noise (no data needed; default 64; 0 skips the fit)")
+    p.add_argument("--fit-candidates", type=positive_int, default=120,
+                   help="timesteps a fitted trajectory may use (default 120)")
+    p.add_argument("--fit-max-steps", type=num_steps, default=25, help="fit K = 3 … this (default 25)")
+    p.add_argument("--fit-only", action="store_true",
+                   help="add fitted timesteps to the table already in --out, without the other passes")
     p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of the model")
     conditioning = p.add_mutually_exclusive_group()
@@ -90,19 +103,23 @@ def run(args) -> None:
     else:
         model = load_pretrained(source, revision=args.revision, with_table=False, torch_dtype=dtype)
         data, schedule, options = load_data(args.data, model.unet.config.in_channels), model.scheduler, None
-        check_data(data, model.unet, args.data, needed=1 if args.sample_cost_only else args.num_samples,
-                    count_flag="--num-samples")
+        check_data(data, model.unet, args.data, needed=1 if args.sample_cost_only or args.fit_only else
+                   args.num_samples, count_flag="--num-samples")
     timesteps = _timesteps(args.timesteps, schedule.config.num_train_timesteps)
     make_folder(args.out)
-    if not args.sample_cost_only:
+    if args.sample_cost_only and args.fit_only:
+        raise ValueError("--sample-cost-only and --fit-only each run one pass; pass one of them.")
+    if not (args.sample_cost_only or args.fit_only):
         _moments_pass(args, rank, model if latent else model.unet, data, schedule, timesteps, provenance, options)
-    if rank != 0:  # the sample cost is one process's pass
+    if rank != 0:  # the sample cost and the fit are one process's passes
         return
-    if latent and (args.paths or args.sample_cost_only):
+    if not args.fit_only and latent and (args.paths or args.sample_cost_only):
         print("the sample cost (sample-quality trajectory) is not estimated for latent pipelines by this command: "
               "encode latents and call precompute_sample_cost(unet, latents, scheduler, out=...) in Python.")
-    elif args.paths or args.sample_cost_only:
+    elif not args.fit_only and (args.paths or args.sample_cost_only):
         _sample_cost_pass(args, model.unet, data, schedule)
+    if (args.fit_paths or args.fit_only) and not args.sample_cost_only:
+        _fit_pass(args, model, data if latent else None, schedule)
 
 
 def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, pipeline_options) -> None:
@@ -143,6 +160,35 @@ def _sample_cost_pass(args, unet, data, schedule) -> None:
                                   device=args.device)
     if done.status == "unchanged":
         print(f"{args.out} already holds the sample cost of these settings; nothing to do")
+    else:
+        print(f"{done.table}\nsaved to {args.out}")
+
+
+def _fit_pass(args, model, pipeline_data, schedule) -> None:
+    """The third pass of precompute: timesteps fitted for `trajectory --for SOLVER`, its model calls stated; a latent
+    pipeline's paths each take one prompt of --prompt / --captions, guided at --guidance-scale."""
+    from ...estimation.precompute import precompute_fitted_timesteps
+    from ...estimation.timestep_fit import FitOptions, pipeline_model, planned_calls
+    from ...schedule import as_alphas_cumprod
+
+    options = FitOptions(solvers=tuple(dict.fromkeys(args.fit_solvers)), max_steps=args.fit_max_steps,
+                         num_paths=args.fit_paths or 64, candidates=args.fit_candidates, seed=args.seed,
+                         batch_size=args.batch_size)
+    calls = planned_calls(as_alphas_cumprod(schedule), options)
+    print(f"fitted timesteps (for `trajectory --for SOLVER`): {options.num_paths} teacher paths from noise, "
+          f"{calls['teacher']} model calls, then {calls['per_solver']} per solver x {len(options.solvers)} "
+          f"({', '.join(options.solvers)}) = {calls['total']} model calls")
+    eps_model, path_kwargs, key_fields = model.unet, None, None
+    if pipeline_data is not None:
+        from ...estimation.latents import resolve_prompts
+
+        prompts, _ = resolve_prompts(pipeline_data, options.num_paths, args.prompt, args.captions)
+        eps_model, path_kwargs, key_fields = pipeline_model(model, prompts, args.guidance_scale, args.negative_prompt)
+    done = precompute_fitted_timesteps(eps_model, schedule, out=args.out, options=options, path_kwargs=path_kwargs,
+                                       key_fields=key_fields, device=args.device, overwrite=args.overwrite,
+                                       keep_checkpoint=args.keep_checkpoint, force_table=args.force_table)
+    if done.status == "unchanged":
+        print(f"{args.out} already holds the fitted timesteps of these settings; nothing to do")
     else:
         print(f"{done.table}\nsaved to {args.out}")
 

@@ -11,6 +11,7 @@ from ...pretrained import DEFAULT_MODEL
 from ...table import REESTIMATE_HINT
 from .arguments import num_steps
 from .inputs import make_folder, model_table
+from .precompute import FITTED_SOLVER_KEYS
 
 
 def add_parser(subcommands) -> None:
@@ -21,9 +22,11 @@ def add_parser(subcommands) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--table", default=None)
     p.add_argument("--steps", type=num_steps, nargs="+", default=[10, 25])
-    p.add_argument("--for", dest="goal", choices=("likelihood", "samples"), default="likelihood",
+    p.add_argument("--for", dest="goal", choices=("likelihood", "samples", *FITTED_SOLVER_KEYS), default="likelihood",
                    help="likelihood: the DP on the bits/dim bound (default); samples: the sample-quality trajectory "
-                        "from the table's sample cost (precompute --paths)")
+                        "from the table's sample cost (precompute --paths); "
+                        f"{', '.join(FITTED_SOLVER_KEYS)}: the timesteps fitted to the model for that solver "
+                        "(precompute --fit-paths)")
     p.add_argument("--sigma-min", type=float, default=None,
                    help="samples: the noise level (data units) down to which the bound counts (default: the "
                         "library's, analytic_sampler.sample_trajectory.DEFAULT_SIGMA_MIN; 0: all the way down)")
@@ -42,6 +45,8 @@ def run(args) -> None:
     table = model_table(args)
     if args.goal == "samples":
         return _sample_trajectories(args, table)
+    if args.goal in FITTED_SOLVER_KEYS:
+        return _fitted_trajectories(args, table)
     abar, n, k_max = table.alphas_cumprod, table.num_train_timesteps, max(args.steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the paper's DP is shown on purpose, beside the residual one
@@ -107,6 +112,32 @@ def _sample_trajectories(args, table) -> None:
         path = dp.path(k)
         report[k] = {"timesteps": path, "bound_nats_per_dim": dp.cost(k), "t_1": path[-1]}
         print(f"K={k}: bound {dp.cost(k):.4f}, t_1 = {path[-1]}: {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+
+
+def _fitted_trajectories(args, table) -> None:
+    """``trajectory --for SOLVER``: the timesteps fitted for the solver at each K, with how to run them."""
+    from ...fitted_timesteps import FittedTimesteps
+    from ...solver_specs import solver_by_key
+
+    fitted, solver = FittedTimesteps.from_table(table), solver_by_key(args.goal)
+    class_name, options = solver.diffusers
+    settings = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    recorded = table.provenance.get("fitted_timesteps") or {}
+    key = recorded.get("run_key") or {}
+    print(f"timesteps fitted for {solver.name} from {key.get('num_paths', '?')} teacher paths (the model's ODE solved "
+          f"on {key.get('reference_steps', '?')} points from noise; {recorded.get('model_calls', '?')} model calls). "
+          f"Run them with {class_name}.from_config(config, {settings}) and "
+          "analytic_sampler.apply_timesteps(scheduler, timesteps) (clip x0 as the model's config does: thresholding "
+          "with sample_max_value=1 for clip_sample); the error is the RMS distance to the ODE solution on the fit's "
+          "own paths.")
+    report = {}
+    for k in args.steps:
+        path = fitted.timesteps_for(args.goal, k)
+        report[k] = {"timesteps": path, "fit_error": fitted.error_for(args.goal, k)}
+        print(f"K={k}: error {report[k]['fit_error']:.4f}: {path}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

@@ -1,0 +1,352 @@
+"""``DPMSolverV3Scheduler``: DPM-Solver-v3 (Zheng et al., NeurIPS 2023) on a model's own statistics, as a drop-in
+Diffusers scheduler.
+
+At each of the K model calls, at timestep ``t_i`` (half log-SNR ``lambda_i``, ascending)::
+
+    D_i = x0 predicted by the model (eps, v or x0 output), clipped to the statistics' data range
+    f_i = (1 - l_i) x_i / alpha_i - D_i
+    x_i <- corrector_{i-1}(x_{i-1}, f_{i-p} … f_i)          (after the first call; f_i is kept)
+    x_{i+1} = predictor_i(x_i, f_{i-p+1} … f_i)             (the last call returns D_{K-1} instead)
+
+each a ``decay * x - sum_j w_j f_j - const`` whose float64 coefficients :func:`~analytic_sampler.solver_coefficients.
+solver_plan` computes in ``set_timesteps`` from the statistics ``l, s, b``
+(:class:`~analytic_sampler.solver_statistics.SolverStatistics`). ``step`` works in float64 (float32 on MPS) and
+returns the sample's dtype. The statistics are the scheduler's state (:mod:`.statistics_file`); the config holds the
+options and names the statistics file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+from diffusers.utils import BaseOutput
+
+from ..predictions import check_prediction_type, split_learned_variance, to_x0_and_eps
+from ..schedule import SPACINGS, alphas_cumprod_from_config, spaced_timesteps
+from ..solver_coefficients import solver_plan
+from ..solver_statistics import SolverStatistics, half_log_snr
+from ..trajectory import validate_timesteps
+from . import statistics_file as state_file
+
+LOGSNR = "logsnr"  # K points whose lambda runs from t = N-1 to t_last as lambda_0 + (lambda_last - lambda_0) u^(1/p)
+TIMESTEP_SPACINGS = (*SPACINGS, LOGSNR)
+HINT = ("DPMSolverV3Scheduler.from_table(statistics, config), the statistics from estimate_solver_statistics(...) or "
+        "a table folder's SolverStatistics.load(folder)")
+
+
+@dataclass
+class DPMSolverV3SchedulerOutput(BaseOutput):
+    """``prev_sample``: x at the next model call; ``pred_original_sample``: the clipped data prediction ``D``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor
+
+
+def logsnr_timesteps(alphas_cumprod: np.ndarray, num_steps: int, t_last: int, power: float) -> list[int]:
+    """``num_steps`` integer timesteps from N-1 down to ``t_last`` whose lambda is ``lambda(N-1) + (lambda(t_last) -
+    lambda(N-1)) u^(1/power)``, u uniform on [0, 1] (power > 1: denser at high noise), rounded and kept distinct."""
+    lam = half_log_snr(alphas_cumprod)
+    n = lam.size
+    if not 0 <= t_last < n - 1 or power <= 0:
+        raise ValueError(f"t_last={t_last} must lie in [0, {n - 2}] and power={power} be positive.")
+    u = np.linspace(0.0, 1.0, num_steps) ** (1.0 / power)
+    wanted = lam[-1] + (lam[t_last] - lam[-1]) * u
+    t = np.round(np.interp(wanted, lam[::-1], np.arange(n, dtype=np.float64)[::-1])).astype(np.int64)
+    if num_steps > 1 and np.any(np.diff(t) >= 0):
+        raise ValueError(f"{num_steps} steps of the logsnr spacing round to repeated timesteps above t_last={t_last}; "
+                         "use fewer steps, a smaller logsnr_t_last or a smaller logsnr_power.")
+    return t.tolist()
+
+
+def _settings_from_statistics(state: SolverStatistics, kwargs: dict[str, Any]) -> None:
+    """The statistics' prediction type and clip into ``kwargs``, refusing a contradicting argument."""
+    recorded = state.prediction_type
+    wanted = kwargs.get("prediction_type", recorded)
+    if recorded is not None and wanted != recorded:
+        raise ValueError(f"prediction_type={wanted!r}, but the statistics were estimated reading the model as "
+                         f"{recorded!r}; leave prediction_type out, or estimate statistics for that reading.")
+    if recorded is not None:
+        kwargs["prediction_type"] = recorded
+    lo_hi = state.data_range
+    clip = lo_hi is not None
+    if kwargs.get("clip_sample", clip) != clip:
+        raise ValueError(f"clip_sample={kwargs['clip_sample']}, but the statistics were estimated with the data "
+                         f"prediction {'clipped to ' + str(lo_hi) if clip else 'unclipped (no data range)'}: leave "
+                         "clip_sample out, or estimate statistics with the other data range.")
+    kwargs["clip_sample"] = clip
+    if clip:
+        if lo_hi[0] != -lo_hi[1]:
+            raise ValueError(f"the statistics' data range {lo_hi} is not symmetric; clip_sample_range needs [-r, r].")
+        kwargs["clip_sample_range"] = lo_hi[1]
+
+
+class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
+    """DPM-Solver-v3's multistep predictor-corrector with a model's statistics (module docstring).
+
+    Build it with :meth:`from_table` and assign it to a pipeline (``DDIMPipeline`` replaces any scheduler in its
+    ``__init__``: assign after construction): ``pipe.scheduler = DPMSolverV3Scheduler.from_table(statistics,
+    pipe.scheduler.config)``. Deterministic: ``eta`` must be 0 and a generator is ignored.
+
+    Args:
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas:
+            The model's noise schedule, as in ``DDPMScheduler``; the statistics' schedule must be this one.
+        prediction_type (`str`, defaults to `"epsilon"`):
+            What the model predicts: ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (the statistics' own reading;
+            2C-channel learned-variance outputs are cut to their first C channels).
+        solver_order (`int`, defaults to 3):
+            The predictor's order (1, 2 or 3; lower on the first steps, which lack history).
+        use_corrector (`bool`, defaults to `True`):
+            Redo each step with the model output at its end (one order more; no extra model call).
+        clip_sample (`bool`, defaults to `True`):
+            Clip ``D`` to ``[-clip_sample_range, clip_sample_range]``: set by the statistics' data range (the clip
+            they were estimated with).
+        clip_sample_range (`float`, defaults to 1.0):
+            The bound of that clip.
+        timestep_spacing (`str`, defaults to `"logsnr"`):
+            Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` (as DDIMScheduler gives them), or
+            ``"logsnr"`` (:func:`logsnr_timesteps` with ``logsnr_t_last`` and ``logsnr_power``).
+        steps_offset (`int`, defaults to 0):
+            Added to ``"leading"`` timesteps.
+        logsnr_t_last (`int`, defaults to 40):
+            The last model call's timestep of the ``"logsnr"`` spacing.
+        logsnr_power (`float`, defaults to 2.5):
+            Its exponent: larger puts more steps at high noise.
+        statistics_file (`str`, defaults to `"dpm_solver_v3_statistics.json"`):
+            The statistics file beside ``scheduler_config.json``.
+        statistics_sha256 (`str`, *optional*):
+            The SHA-256 of the statistics, set by :meth:`from_table`: the scheduler samples with the statistics of
+            that checksum, read by ``from_pretrained`` or held by this process.
+    """
+
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        prediction_type: str = "epsilon",
+        solver_order: int = 3,
+        use_corrector: bool = True,
+        clip_sample: bool = True,
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = LOGSNR,
+        steps_offset: int = 0,
+        logsnr_t_last: int = 40,
+        logsnr_power: float = 2.5,
+        statistics_file: str = state_file.FILE_NAME,
+        statistics_sha256: str | None = None,
+    ):
+        self.statistics = state_file.held(statistics_sha256)
+        if self.statistics is None:
+            raise ValueError(f"DPMSolverV3Scheduler needs the model's solver statistics: build it with {HINT}; a saved "
+                             "scheduler loads with DPMSolverV3Scheduler.from_pretrained(folder_or_repo, subfolder=...).")
+        check_prediction_type(prediction_type)
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order={solver_order}; use 1, 2 or 3.")
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {TIMESTEP_SPACINGS}, or "
+                             "set_timesteps(timesteps=[...]).")
+        abar = alphas_cumprod_from_config(self.config)
+        self.statistics.check_schedule(abar)
+        self.alphas_cumprod_64 = abar
+        self.alphas_cumprod = torch.from_numpy(abar).float()
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
+        self.trajectory: list[int] = []
+        self._steps: list[dict[str, Any]] = []
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._history: dict[int, torch.Tensor] = {}
+        self._anchor: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction and files
+    @classmethod
+    def from_table(cls, statistics: SolverStatistics, scheduler_config=None, **kwargs) -> DPMSolverV3Scheduler:
+        """Build from a model's :class:`~analytic_sampler.solver_statistics.SolverStatistics` and its scheduler
+        config (``pipe.scheduler.config``, or the scheduler; default: the statistics' schedule is not recorded, so
+        the config is needed). The statistics' schedule must be the config's; their prediction type and clip set the
+        scheduler's (a contradicting argument is refused).
+
+        Args:
+            statistics (`SolverStatistics`):
+                From :func:`~analytic_sampler.estimation.solver_statistics.estimate_solver_statistics` or
+                ``SolverStatistics.load(table_folder)``.
+            scheduler_config (`dict` or a scheduler):
+                The model's scheduler config.
+            **kwargs:
+                Any option of :class:`DPMSolverV3Scheduler`.
+        """
+        if scheduler_config is None:
+            raise ValueError("pass the model's scheduler config: from_table(statistics, pipe.scheduler.config).")
+        if hasattr(scheduler_config, "config") and not isinstance(scheduler_config, Mapping):
+            scheduler_config = scheduler_config.config
+        config = dict(scheduler_config)
+        statistics.check_schedule(alphas_cumprod_from_config(config))
+        state = state_file.state_of(statistics)  # (this local holds it until the scheduler does)
+        _settings_from_statistics(state, kwargs)
+        for key in ("timestep_spacing", "clip_sample", "clip_sample_range", "prediction_type"):
+            if key not in kwargs:
+                config.pop(key, None)  # this scheduler's own default (a DDPM config's spacing is not ours)
+        return cls.from_config(config, statistics_sha256=state_file.sha256(state), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None = None,
+                        subfolder: str | None = None, return_unused_kwargs: bool = False, **kwargs):
+        """``SchedulerMixin.from_pretrained``, reading the statistics file beside ``scheduler_config.json`` too (a
+        local folder or a Hub repo)."""
+        hub = {name: kwargs[name] for name in state_file.HUB_OPTIONS if name in kwargs}
+        config, kwargs = cls.load_config(pretrained_model_name_or_path=pretrained_model_name_or_path,
+                                         subfolder=subfolder, return_unused_kwargs=True, **kwargs)
+        checksum = config.get("statistics_sha256")
+        state = state_file.held(checksum)  # (this local holds the statistics until the scheduler does)
+        if checksum and state is None:
+            path = state_file.locate(pretrained_model_name_or_path, subfolder,
+                                          config.get("statistics_file") or state_file.FILE_NAME, cls.config_name,
+                                          HINT, **hub)
+            state = state_file.read(path, checksum, HINT)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """``ConfigMixin.save_config`` (which ``save_pretrained`` calls), with the statistics file written first."""
+        if not os.path.isfile(save_directory):
+            os.makedirs(save_directory, exist_ok=True)
+            state_file.save(self.statistics, save_directory, self.config.statistics_file)
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # ------------------------------------------------------------------ Diffusers scheduler API
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step``; ``None`` before the first one and after the last."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the next loop at ``timesteps[begin_index]``; ``set_timesteps`` clears it."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        return sample
+
+    def _spaced(self, num_steps: int) -> list[int]:
+        n, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
+        if spacing == LOGSNR:
+            if num_steps == 1:
+                return [n - 1]
+            return logsnr_timesteps(self.alphas_cumprod_64, num_steps, self.config.logsnr_t_last,
+                                    self.config.logsnr_power)
+        return spaced_timesteps(n, num_steps, spacing, self.config.steps_offset)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list[int] | None = None) -> None:
+        """Choose the K model calls (``num_inference_steps`` of the config's spacing, or explicit descending
+        ``timesteps``) and precompute every step's coefficients (float64, on ``device``)."""
+        n = self.config.num_train_timesteps
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("pass either num_inference_steps or timesteps, not both.")
+            trajectory = validate_timesteps(timesteps, n, min_steps=1)
+        elif num_inference_steps is None:
+            raise ValueError("set_timesteps needs num_inference_steps (K) or an explicit list of timesteps.")
+        else:
+            trajectory = self._spaced(num_inference_steps)
+        lambdas = half_log_snr(self.alphas_cumprod_64)[trajectory]
+        plan = solver_plan(self.statistics, lambdas, self.config.solver_order, self.config.use_corrector)
+        device = torch.device(device or "cpu")
+        work = torch.float32 if device.type == "mps" else torch.float64
+
+        def tensor(a) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=work)
+
+        alpha = np.sqrt(self.alphas_cumprod_64[trajectory])
+        self._steps = [{"alpha": tensor(alpha[i]), "sigma": tensor(np.sqrt(1 - alpha[i] ** 2)), "l": tensor(plan.l[i])}
+                       for i in range(len(trajectory))]
+        for i, (pred, cor) in enumerate(zip(plan.predictors, plan.correctors)):
+            self._steps[i]["predictor"] = (pred.points, tensor(pred.decay), tensor(pred.weights), tensor(pred.const))
+            if cor is not None:
+                self._steps[i]["corrector"] = (cor.points, tensor(cor.decay), tensor(cor.weights), tensor(cor.const))
+        self.trajectory = trajectory
+        self.num_inference_steps = len(trajectory)
+        self.timesteps = torch.tensor(trajectory, dtype=torch.int64, device=device)
+        self._step_index = self._begin_index = None
+        self._history, self._anchor = {}, None
+
+    @staticmethod
+    def _update(coefficients, x: torch.Tensor, history: dict[int, torch.Tensor]) -> torch.Tensor:
+        points, decay, weights, const = coefficients
+        out = decay * x - const
+        for j, p in enumerate(points):
+            out = out - weights[j] * history[p]
+        return out
+
+    def _start_index(self, timestep) -> int:
+        if self._step_index is not None:
+            return self._step_index
+        if self._begin_index is not None:
+            return self._begin_index
+        t = int(timestep)
+        if t not in self.trajectory:
+            raise ValueError(f"timestep {t} is not on the trajectory {self.trajectory[:4]}…; call set_timesteps first.")
+        return self.trajectory.index(t)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int | torch.Tensor,
+        sample: torch.Tensor,
+        eta: float | None = None,
+        use_clipped_model_output: bool | None = None,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DPMSolverV3SchedulerOutput | tuple[torch.Tensor, torch.Tensor]:
+        """One model call's step: ``x`` at the next timestep of the trajectory (the data prediction after the last).
+        Arguments in ``DDIMScheduler.step``'s order; ``eta`` must be 0 (or ``None``), ``use_clipped_model_output``,
+        ``generator`` and ``variance_noise`` are accepted and unused (the solver draws no noise)."""
+        if eta:
+            raise ValueError(f"eta={eta}: DPM-Solver-v3 is an ODE solver (deterministic); sample with eta=0.")
+        if not self._steps:
+            raise ValueError("call set_timesteps(num_inference_steps) before step().")
+        i = self._start_index(timestep)
+        current = self._steps[i]
+        work = current["l"].dtype
+        x = sample.to(work)
+        prediction, _ = split_learned_variance(model_output, sample)
+        d, _ = to_x0_and_eps(prediction.to(work), x, current["alpha"], current["sigma"], self.config.prediction_type)
+        if self.config.clip_sample:
+            d = d.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        self._history[i] = (1.0 - current["l"]) * x / current["alpha"] - d
+        if i > 0 and "corrector" in self._steps[i - 1] and self._anchor is not None:
+            x = self._update(self._steps[i - 1]["corrector"], self._anchor, self._history)
+        if i + 1 < len(self.trajectory):
+            prev = self._update(current["predictor"], x, self._history)
+            self._anchor, self._step_index = x, i + 1
+        else:
+            prev, self._step_index, self._anchor, self._history = d, None, None, {}
+        prev, d = prev.to(sample.dtype), d.to(sample.dtype)
+        return DPMSolverV3SchedulerOutput(prev, d) if return_dict else (prev, d)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar[t]) x0 + sqrt(1 - abar[t]) noise`` (img2img and training)."""
+        abar = self.alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)[timesteps]
+        abar = abar.reshape(-1, *([1] * (original_samples.ndim - 1)))
+        return abar.sqrt() * original_samples + (1 - abar).sqrt() * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+

@@ -13,7 +13,13 @@ output and its derivative along the ODE are
 and the statistics minimise, per grid point and feature, over forward-noised data ``x = alpha x0 + sigma n``::
 
     l = E[ (d(sigma eps)/dx)_ii ] = 1 - (alpha / sigma) E[ n_i (D_i - x0_i) ]        (Stein's identity in n)
-    s = Cov(f', f) / Var(f),    b = E f' - s E f                                     (least squares of f' on f)
+    s = Cov(f', f) / (Var(f) + Var(l_hat) Var(u)),    b = E f' - s E f
+
+the least squares of f' on f with a ridge: ``Var(l_hat) Var(u)`` is the part of Var(f) that the estimation noise of
+``l`` alone puts there (f holds ``-(l_hat - l) u``). Where the model is linear in x per feature (as the exact model
+of Gaussian data is) f is that noise and nothing else, its least-squares s has poles where the noise crosses zero,
+and the solver's ``e^{S}`` factors blow up; the ridge keeps s finite there (b absorbs the drift of f). Where f
+carries the model's own nonlinearity (Var(f) well above the noise) it changes s little.
 
 :meth:`SolverStatistics.from_sums` turns the Monte Carlo sums of
 :mod:`analytic_sampler.estimation.solver_statistics` into ``l, s, b`` with delete-one-group jackknife standard errors;
@@ -46,7 +52,7 @@ HEADER_KEY = "solver_statistics"
 #: per-feature sums the Monte Carlo pass accumulates, in this order (``n`` the noise, ``x0`` the data)
 MOMENTS = ("u", "D", "D1", "uu", "DD", "uD", "D1u", "D1D", "stein")
 STATISTICS = ("l", "s", "b")
-VAR_FLOOR = 1e-12  # Var(f) below this (f constant: a pixel that is always clipped) gives s = 0
+VAR_FLOOR = 1e-12  # keeps s = 0 where f and its parts are constant (a pixel that is always clipped)
 REESTIMATE = ("estimate them with `analytic-sampler precompute MODEL --data DATA` (a pass after the table) or "
               "estimate_solver_statistics(...)")
 
@@ -74,10 +80,16 @@ def statistics_grid(alphas_cumprod: np.ndarray, num_points: int) -> np.ndarray:
     return np.unique(np.round(t).astype(np.int64))[::-1].copy()
 
 
-def _stats_from_means(m: dict[str, np.ndarray], lambdas: np.ndarray, alpha: np.ndarray, sigma: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``l, s, b`` (G, F) from the per-feature means ``m`` (name -> (G, F)) of :data:`MOMENTS` (module docstring)."""
-    l = 1.0 - (alpha / sigma)[:, None] * m["stein"]
+def _l_from_means(m: dict[str, np.ndarray], alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """``l = 1 - (alpha / sigma) E[n (D - x0)]`` (G, F) from the means of :data:`MOMENTS`."""
+    return 1.0 - (alpha / sigma)[:, None] * m["stein"]
+
+
+def _stats_from_means(m: dict[str, np.ndarray], lambdas: np.ndarray, alpha: np.ndarray, sigma: np.ndarray,
+                      l_var: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``l, s, b`` and ``E f``, ``E f'`` (each (G, F)) from the per-feature means ``m`` (name -> (G, F)) of
+    :data:`MOMENTS` and the variance of the estimate of ``l`` (the ridge of ``s``; module docstring)."""
+    l = _l_from_means(m, alpha, sigma)
     dl = np.gradient(l, lambdas, axis=0) if lambdas.size > 1 else np.zeros_like(l)
     a, c = 1.0 - l, 1.0 - l + dl  # f = a u - D,  f' = -c u + a D - D1
     var_u, var_d = m["uu"] - m["u"] ** 2, m["DD"] - m["D"] ** 2
@@ -85,8 +97,13 @@ def _stats_from_means(m: dict[str, np.ndarray], lambdas: np.ndarray, alpha: np.n
     mean_f, mean_f1 = a * m["u"] - m["D"], -c * m["u"] + a * m["D"] - m["D1"]
     var_f = a * a * var_u - 2 * a * cov_ud + var_d
     cov = -c * a * var_u + c * cov_ud + a * a * cov_ud - a * var_d - a * cov_d1u + cov_d1d
-    s = np.where(var_f > VAR_FLOOR, cov / np.maximum(var_f, VAR_FLOOR), 0.0)
-    return l, s, mean_f1 - s * mean_f
+    s = cov / (var_f + l_var * var_u + VAR_FLOOR)
+    return l, s, mean_f1 - s * mean_f, mean_f, mean_f1
+
+
+def _jackknife(replicates: list[np.ndarray]) -> np.ndarray:
+    """Delete-one-group jackknife variance: ``(g - 1) / g * sum_k (theta_k - mean)^2``."""
+    return (len(replicates) - 1) * np.stack(replicates).var(0)
 
 
 @dataclass
@@ -157,7 +174,8 @@ class SolverStatistics:
 
         Args:
             sums (`np.ndarray`):
-                ``(groups, G, len(MOMENTS), F)``: the sums of :data:`MOMENTS` per group, grid point and feature.
+                ``(groups, G, len(MOMENTS), F)``: the sums of :data:`MOMENTS` per group (at least 2), grid point and
+            feature.
             counts (`np.ndarray`):
                 ``(groups, G)``: the entries summed per feature.
             timesteps (`np.ndarray`):
@@ -177,18 +195,17 @@ class SolverStatistics:
         alpha, sigma = np.sqrt(abar[ts]), np.sqrt(1.0 - abar[ts])
         sums, counts = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
 
-        def stats(total: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
-            means = {name: total[:, i] / n[:, None] for i, name in enumerate(MOMENTS)}
-            return _stats_from_means(means, lam, alpha, sigma)
-
-        full = stats(sums.sum(0), counts.sum(0))
         groups = sums.shape[0]
-        errors: list[np.ndarray | None] = [None] * 3
-        if groups > 1:
-            reps = [stats(sums.sum(0) - sums[k], counts.sum(0) - counts[k]) for k in range(groups)]
-            errors = [np.sqrt((groups - 1) * np.stack([r[i] for r in reps]).var(0)) for i in range(3)]
+        if groups < 2:
+            raise ValueError("the statistics need at least 2 groups of draws (the jackknife gives s its ridge).")
+        total, n = sums.sum(0), counts.sum(0)
+        means = [{name: (total - part)[:, i] / (n - k)[:, None] for i, name in enumerate(MOMENTS)}
+                 for part, k in [(0.0, 0.0), *zip(sums, counts)]]  # all draws, then each group left out
+        l_var = _jackknife([_l_from_means(m, alpha, sigma) for m in means[1:]])
+        (l, s, b, mean_f, mean_f1), *reps = (_stats_from_means(m, lam, alpha, sigma, l_var) for m in means)
+        errors = [np.sqrt(_jackknife([r[i] for r in reps])) for i in range(3)]
         shape = (ts.size, *feature_shape)
-        values = [None if v is None else v.reshape(shape) for v in (*full, *errors)]
+        values = [v.reshape(shape) for v in (l, s, mean_f1 - s * mean_f, *errors)]
         return cls(ts, lam, *values[:3], schedule_fingerprint(abar), num_samples, *values[3:],
                    provenance=dict(provenance or {}))
 

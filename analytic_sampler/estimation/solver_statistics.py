@@ -65,7 +65,7 @@ class StatisticsOptions:
         fd_step (`float`, defaults to 0.1):
             The half log-SNR offset of the finite difference for ``dD/dlambda`` (snapped to training timesteps).
         groups (`int`, defaults to 8):
-            Interleaved groups of draws, for the jackknife standard errors.
+            Interleaved groups of draws (at least 2), for the jackknife standard errors and the ridge of ``s``.
         per (`str`, defaults to `"auto"`):
             ``"pixel"``: one ``l, s, b`` per sample entry; ``"channel"``: one per channel (pooled over positions);
             ``"auto"``: per pixel for data with a range, per channel without (latents).
@@ -88,8 +88,8 @@ class StatisticsOptions:
     num_images: int | None = None
 
     def __post_init__(self):
-        if min(self.grid_points - 1, self.num_samples, self.groups, self.batch_size) < 1:
-            raise ValueError("grid_points must be at least 2, num_samples, groups and batch_size at least 1.")
+        if min(self.grid_points - 1, self.num_samples, self.groups - 1, self.batch_size) < 1:
+            raise ValueError("grid_points and groups must be at least 2, num_samples and batch_size at least 1.")
         if self.num_samples < 2 * self.groups:
             raise ValueError(f"num_samples={self.num_samples} gives fewer than 2 draws per group ({self.groups} "
                              "groups); raise num_samples or lower groups.")

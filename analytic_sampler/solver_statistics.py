@@ -86,9 +86,9 @@ def _l_from_means(m: dict[str, np.ndarray], alpha: np.ndarray, sigma: np.ndarray
 
 
 def _stats_from_means(m: dict[str, np.ndarray], lambdas: np.ndarray, alpha: np.ndarray, sigma: np.ndarray,
-                      l_var: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``l, s, b`` and ``E f``, ``E f'`` (each (G, F)) from the per-feature means ``m`` (name -> (G, F)) of
-    :data:`MOMENTS` and the variance of the estimate of ``l`` (the ridge of ``s``; module docstring)."""
+                      l_var: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``l, s, b`` (G, F) from the per-feature means ``m`` (name -> (G, F)) of :data:`MOMENTS` and the variance of
+    the estimate of ``l`` (the ridge of ``s``; module docstring)."""
     l = _l_from_means(m, alpha, sigma)
     dl = np.gradient(l, lambdas, axis=0) if lambdas.size > 1 else np.zeros_like(l)
     a, c = 1.0 - l, 1.0 - l + dl  # f = a u - D,  f' = -c u + a D - D1
@@ -98,7 +98,7 @@ def _stats_from_means(m: dict[str, np.ndarray], lambdas: np.ndarray, alpha: np.n
     var_f = a * a * var_u - 2 * a * cov_ud + var_d
     cov = -c * a * var_u + c * cov_ud + a * a * cov_ud - a * var_d - a * cov_d1u + cov_d1d
     s = cov / (var_f + l_var * var_u + VAR_FLOOR)
-    return l, s, mean_f1 - s * mean_f, mean_f, mean_f1
+    return l, s, mean_f1 - s * mean_f
 
 
 def _jackknife(replicates: list[np.ndarray]) -> np.ndarray:
@@ -202,10 +202,10 @@ class SolverStatistics:
         means = [{name: (total - part)[:, i] / (n - k)[:, None] for i, name in enumerate(MOMENTS)}
                  for part, k in [(0.0, 0.0), *zip(sums, counts)]]  # all draws, then each group left out
         l_var = _jackknife([_l_from_means(m, alpha, sigma) for m in means[1:]])
-        (l, s, b, mean_f, mean_f1), *reps = (_stats_from_means(m, lam, alpha, sigma, l_var) for m in means)
+        full, *reps = (_stats_from_means(m, lam, alpha, sigma, l_var) for m in means)
         errors = [np.sqrt(_jackknife([r[i] for r in reps])) for i in range(3)]
         shape = (ts.size, *feature_shape)
-        values = [v.reshape(shape) for v in (l, s, mean_f1 - s * mean_f, *errors)]
+        values = [v.reshape(shape) for v in (*full[:3], *errors)]
         return cls(ts, lam, *values[:3], schedule_fingerprint(abar), num_samples, *values[3:],
                    provenance=dict(provenance or {}))
 

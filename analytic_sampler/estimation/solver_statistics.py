@@ -26,8 +26,10 @@ same solver (docs/dpm-solver-v3.md). No gradients are needed: ``l`` comes from S
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ from ..predictions import x0_from_eps
 from ..schedule import as_alphas_cumprod
 from ..solver_statistics import MOMENTS, SolverStatistics, half_log_snr, statistics_grid
 from .data import folder_files
+from .distributed import rank_path, world_rank
 from .moments import (
     MonteCarloPlan,
     _batch_kwargs,
@@ -45,10 +48,13 @@ from .moments import (
     _check_finite,
     _fold,
     accumulate,
+    discard_other_checkpoint,
     estimate_arguments,
     prepare_run,
 )
+from .precompute import Precomputed, _remove, _run_differences, checkpoint_path
 
+CHECKPOINT_NAME = "solver_statistics.pt"  # beside the table's checkpoint (outside the folders users upload)
 PASS = "solver statistics 1"  # in the run key: a checkpoint of another pass or version is never resumed
 PER = ("pixel", "channel", "auto")
 
@@ -341,3 +347,57 @@ def estimate_solver_statistics(model, data, scheduler_or_alphas_cumprod=None, op
     sums = accumulate(plan, key, arguments["checkpoint"], arguments["checkpoint_every"], arguments["compile"],
                       arguments["progress"])
     return build_statistics(plan, key, sums, arguments["provenance"])
+
+
+def precompute_solver_statistics(model, data, scheduler_or_alphas_cumprod=None, *, out: str | os.PathLike,
+                                 options: StatisticsOptions | None = None, overwrite: bool = False,
+                                 keep_checkpoint: bool = False, **run) -> Precomputed:
+    """Estimate the statistics into the folder ``out`` (a table's: its own two files beside the table's), with the
+    rules of :func:`~analytic_sampler.estimation.precompute.precompute_table`: the statistics of this very run
+    already there are returned as they are (``"unchanged"``), those of another run are refused unless ``overwrite``,
+    and the run checkpoints beside the folder (``solver_statistics.pt`` next to the table's checkpoint) and resumes.
+
+    Args:
+        model, data, scheduler_or_alphas_cumprod, options, **run:
+            As in :func:`estimate_solver_statistics` (``checkpoint`` defaults to the one beside ``out``).
+        out (`str` or `os.PathLike`):
+            The folder (created if missing).
+        overwrite (`bool`, defaults to `False`):
+            Replace statistics of another run in ``out``.
+        keep_checkpoint (`bool`, defaults to `False`):
+            Keep the checkpoint after the statistics are written.
+
+    Returns:
+        :class:`~analytic_sampler.estimation.precompute.Precomputed` with the statistics as ``table``.
+    """
+    options = options or StatisticsOptions()
+    folder = Path(out)
+    checkpoint = Path(run.pop("checkpoint", None) or checkpoint_path(folder).with_name(CHECKPOINT_NAME))
+    arguments = statistics_arguments(model, data, scheduler_or_alphas_cumprod, options, checkpoint=checkpoint, **run)
+    plan, key = prepare_statistics(arguments, options)
+    found = SolverStatistics.find(folder) if folder.is_dir() else None
+    if found is not None:
+        diffs = _run_differences(found.provenance.get("run_key"), key)
+        if not diffs:
+            return Precomputed(found, "unchanged", folder)
+        if not overwrite:
+            raise ValueError(f"{folder} already holds solver statistics of another run ({'; '.join(diffs)}); pass "
+                             "overwrite=True (on the command line: --overwrite) to replace them.")
+    rank, world = world_rank()
+    mine = Path(rank_path(str(checkpoint), rank))
+    if overwrite and discard_other_checkpoint(mine, key):
+        warnings.warn(f"deleted the checkpoint {mine} of another run (overwrite)", stacklevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    sums = accumulate(plan, key, checkpoint, arguments["checkpoint_every"], arguments["compile"],
+                      arguments["progress"])
+    statistics = build_statistics(plan, key, sums, arguments["provenance"])
+    if rank == 0:
+        statistics.save(folder)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the statistics are written before any checkpoint goes
+    if not keep_checkpoint:
+        _remove(mine)
+    return Precomputed(statistics, "estimated", folder)

@@ -107,8 +107,8 @@ if TYPE_CHECKING:
     from .sample_trajectory import SampleCost, SampleTrajectoryDP, sample_quality_trajectory  # noqa: F401
     from .schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: F401
     from .schedulers.dpm_solver_v3 import DPMSolverV3Scheduler  # noqa: F401
-    from .solver_statistics import SolverStatistics  # noqa: F401
     from .schedulers.timesteps import apply_timesteps  # noqa: F401
+    from .solver_statistics import SolverStatistics  # noqa: F401
     from .table import VarianceTable  # noqa: F401
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401
     from .variance import analytic_variance, residual_variance, variance_bounds  # noqa: F401

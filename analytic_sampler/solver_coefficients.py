@@ -30,7 +30,9 @@ call (DPM-Solver-v3, Zheng et al. 2023; UniPC, Zhao et al. 2023).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -148,12 +150,21 @@ def step(statistics: SolverStatistics, lambdas: np.ndarray, anchor: int, target:
 class SolverPlan:
     """The coefficients of one trajectory with model calls at ``lambdas`` (ascending): ``predictors[i]`` takes
     ``x_i`` to ``x_{i+1}``; ``correctors[i]`` (``None`` without a corrector) redoes that step once ``f_{i+1}`` is
-    known; ``l`` ``(K, *feature_shape)`` is the statistic at each call (``f = (1 - l) x / alpha - D``)."""
+    known; ``l`` ``(K, *feature_shape)`` and ``alpha`` ``(K,)`` at each call (``f = (1 - l) x / alpha - D``)."""
 
     lambdas: np.ndarray
     predictors: tuple[Step, ...]
     correctors: tuple[Step | None, ...]
     l: np.ndarray
+    alpha: np.ndarray
+
+    def to(self, convert: Callable[[np.ndarray], Any]) -> SolverPlan:
+        """The same plan with every array passed through ``convert`` (e.g. to a tensor on a device)."""
+        def moved(step: Step | None) -> Step | None:
+            return None if step is None else Step(step.points, *map(convert, (step.decay, step.weights, step.const)))
+
+        return SolverPlan(self.lambdas, tuple(map(moved, self.predictors)), tuple(map(moved, self.correctors)),
+                          convert(self.l), convert(self.alpha))
 
 
 def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 3, corrector: bool = True
@@ -171,4 +182,34 @@ def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 
         predictors.append(step(statistics, lambdas, i, i + 1, tuple(i - k for k in range(p))))
         extra = (i, i + 1, *(i - k for k in range(1, p)))
         correctors.append(step(statistics, lambdas, i, i + 1, extra) if corrector else None)
-    return SolverPlan(lambdas, tuple(predictors), tuple(correctors), statistics.at(lambdas)[0])
+    return SolverPlan(lambdas, tuple(predictors), tuple(correctors), statistics.at(lambdas)[0], alpha_of(lambdas))
+
+
+def _apply(coefficients: Step, x, history: dict[int, Any]):
+    out = coefficients.decay * x - coefficients.const
+    for j, p in enumerate(coefficients.points):
+        out = out - coefficients.weights[j] * history[p]
+    return out
+
+
+class SolverRun:
+    """The solver along a plan (its arrays converted to the samples' kind with :meth:`SolverPlan.to`), one model call
+    at a time: after call i at ``x_i`` with the clipped data prediction ``D_i``, :meth:`advance` stores
+    ``f_i = (1 - l_i) x_i / alpha_i - D_i``, replaces ``x_i`` by the corrector of step i-1, and returns
+    ``x_{i+1}`` (the predictor) or, after the last call, ``D_{K-1}``."""
+
+    def __init__(self, plan: SolverPlan):
+        self.plan = plan
+        self.history: dict[int, Any] = {}
+        self.anchor = None
+
+    def advance(self, i: int, x, d):
+        plan = self.plan
+        self.history[i] = (1.0 - plan.l[i]) * x / plan.alpha[i] - d
+        if i > 0 and plan.correctors[i - 1] is not None and self.anchor is not None:
+            x = _apply(plan.correctors[i - 1], self.anchor, self.history)
+        if i + 1 == len(plan.lambdas):
+            self.history, self.anchor = {}, None
+            return d
+        self.anchor = x
+        return _apply(plan.predictors[i], x, self.history)

@@ -174,7 +174,7 @@ def test_v_and_x0_models_sample_as_the_eps_model_does(prediction_type):
 def test_output_keeps_the_input_dtype_and_coefficients_are_float64(digits_statistics, ddpm_config):
     scheduler = DPMSolverV3Scheduler.from_table(digits_statistics, ddpm_config)
     scheduler.set_timesteps(4)
-    assert scheduler._steps[0]["predictor"][1].dtype == torch.float64
+    assert scheduler._run.plan.predictors[0].decay.dtype == torch.float64
     x = torch.randn(2, 1, 8, 8)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         scheduler.set_timesteps(4)

@@ -30,7 +30,7 @@ from diffusers.utils import BaseOutput
 
 from ..predictions import check_prediction_type, split_learned_variance, to_x0_and_eps
 from ..schedule import SPACINGS, alphas_cumprod_from_config, spaced_timesteps
-from ..solver_coefficients import solver_plan
+from ..solver_coefficients import SolverRun, solver_plan
 from ..solver_statistics import SolverStatistics, half_log_snr
 from ..trajectory import validate_timesteps
 from . import statistics_file as state_file
@@ -166,11 +166,10 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps: int | None = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
         self.trajectory: list[int] = []
-        self._steps: list[dict[str, Any]] = []
+        self._run: SolverRun | None = None
+        self._clip: tuple[float, float] | None = None
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._history: dict[int, torch.Tensor] = {}
-        self._anchor: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ construction and files
     @classmethod
@@ -273,26 +272,14 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         def tensor(a) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=work)
 
-        alpha = np.sqrt(self.alphas_cumprod_64[trajectory])
-        self._steps = [{"alpha": tensor(alpha[i]), "sigma": tensor(np.sqrt(1 - alpha[i] ** 2)), "l": tensor(plan.l[i])}
-                       for i in range(len(trajectory))]
-        for i, (pred, cor) in enumerate(zip(plan.predictors, plan.correctors)):
-            self._steps[i]["predictor"] = (pred.points, tensor(pred.decay), tensor(pred.weights), tensor(pred.const))
-            if cor is not None:
-                self._steps[i]["corrector"] = (cor.points, tensor(cor.decay), tensor(cor.weights), tensor(cor.const))
+        self._run = SolverRun(plan.to(tensor))
+        self._clip = None
+        if self.config.clip_sample:
+            self._clip = (-self.config.clip_sample_range, self.config.clip_sample_range)
         self.trajectory = trajectory
         self.num_inference_steps = len(trajectory)
         self.timesteps = torch.tensor(trajectory, dtype=torch.int64, device=device)
         self._step_index = self._begin_index = None
-        self._history, self._anchor = {}, None
-
-    @staticmethod
-    def _update(coefficients, x: torch.Tensor, history: dict[int, torch.Tensor]) -> torch.Tensor:
-        points, decay, weights, const = coefficients
-        out = decay * x - const
-        for j, p in enumerate(points):
-            out = out - weights[j] * history[p]
-        return out
 
     def _start_index(self, timestep) -> int:
         if self._step_index is not None:
@@ -320,24 +307,18 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         ``generator`` and ``variance_noise`` are accepted and unused (the solver draws no noise)."""
         if eta:
             raise ValueError(f"eta={eta}: DPM-Solver-v3 is an ODE solver (deterministic); sample with eta=0.")
-        if not self._steps:
+        if self._run is None:
             raise ValueError("call set_timesteps(num_inference_steps) before step().")
         i = self._start_index(timestep)
-        current = self._steps[i]
-        work = current["l"].dtype
-        x = sample.to(work)
+        plan = self._run.plan
+        x = sample.to(plan.alpha.dtype)
+        alpha = plan.alpha[i]
         prediction, _ = split_learned_variance(model_output, sample)
-        d, _ = to_x0_and_eps(prediction.to(work), x, current["alpha"], current["sigma"], self.config.prediction_type)
-        if self.config.clip_sample:
-            d = d.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
-        self._history[i] = (1.0 - current["l"]) * x / current["alpha"] - d
-        if i > 0 and "corrector" in self._steps[i - 1] and self._anchor is not None:
-            x = self._update(self._steps[i - 1]["corrector"], self._anchor, self._history)
-        if i + 1 < len(self.trajectory):
-            prev = self._update(current["predictor"], x, self._history)
-            self._anchor, self._step_index = x, i + 1
-        else:
-            prev, self._step_index, self._anchor, self._history = d, None, None, {}
+        d, _ = to_x0_and_eps(prediction.to(x.dtype), x, alpha, (1 - alpha**2).sqrt(), self.config.prediction_type)
+        if self._clip is not None:
+            d = d.clamp(*self._clip)
+        prev = self._run.advance(i, x, d)
+        self._step_index = i + 1 if i + 1 < len(self.trajectory) else None
         prev, d = prev.to(sample.dtype), d.to(sample.dtype)
         return DPMSolverV3SchedulerOutput(prev, d) if return_dict else (prev, d)
 

@@ -80,6 +80,22 @@ def statistics_grid(alphas_cumprod: np.ndarray, num_points: int) -> np.ndarray:
     return np.unique(np.round(t).astype(np.int64))[::-1].copy()
 
 
+def logsnr_timesteps(alphas_cumprod: np.ndarray, num_steps: int, t_last: int, power: float) -> list[int]:
+    """``num_steps`` integer timesteps from N-1 down to ``t_last`` whose lambda is ``lambda(N-1) + (lambda(t_last) -
+    lambda(N-1)) u^(1/power)``, u uniform on [0, 1] (power > 1: denser at high noise), rounded and kept distinct."""
+    lam = half_log_snr(alphas_cumprod)
+    n = lam.size
+    if not 0 <= t_last < n - 1 or power <= 0:
+        raise ValueError(f"t_last={t_last} must lie in [0, {n - 2}] and power={power} be positive.")
+    u = np.linspace(0.0, 1.0, num_steps) ** (1.0 / power)
+    wanted = lam[-1] + (lam[t_last] - lam[-1]) * u
+    t = np.round(np.interp(wanted, lam[::-1], np.arange(n, dtype=np.float64)[::-1])).astype(np.int64)
+    if num_steps > 1 and np.any(np.diff(t) >= 0):
+        raise ValueError(f"{num_steps} steps of the logsnr spacing round to repeated timesteps above t_last={t_last}; "
+                         "use fewer steps, a smaller logsnr_t_last or a smaller logsnr_power.")
+    return t.tolist()
+
+
 def _l_from_means(m: dict[str, np.ndarray], alpha: np.ndarray, sigma: np.ndarray) -> np.ndarray:
     """``l = 1 - (alpha / sigma) E[n (D - x0)]`` (G, F) from the means of :data:`MOMENTS`."""
     return 1.0 - (alpha / sigma)[:, None] * m["stein"]
@@ -128,6 +144,9 @@ class SolverStatistics:
         provenance (`dict`, *optional*):
             How they were estimated: the model's fingerprint, prediction type, data range (the clip of ``D``), the
             finite-difference step, seed, model calls, run key.
+        fitted_timesteps (`dict`, *optional*):
+            Timesteps fitted to the solver on these statistics, ``{"K": [t_1, …, t_K]}`` descending
+            (:mod:`analytic_sampler.estimation.solver_timesteps`).
     """
 
     timesteps: np.ndarray
@@ -141,6 +160,7 @@ class SolverStatistics:
     s_stderr: np.ndarray | None = None
     b_stderr: np.ndarray | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    fitted_timesteps: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.timesteps = np.asarray(self.timesteps, dtype=np.int64)
@@ -164,6 +184,12 @@ class SolverStatistics:
             setattr(self, name, value)
         self.num_samples = int(self.num_samples)
         self.provenance = json.loads(json.dumps(dict(self.provenance), allow_nan=False, default=str))
+        fitted = {str(k): [int(t) for t in ts] for k, ts in dict(self.fitted_timesteps).items()}
+        for k, ts in fitted.items():
+            if len(ts) != int(k) or np.any(np.diff(ts) >= 0) or ts[0] > self.timesteps[0] or ts[-1] < 0:
+                raise ValueError(f"fitted timesteps for K={k} must be {k} descending timesteps of the schedule; got "
+                                 f"{ts}.")
+        self.fitted_timesteps = dict(sorted(fitted.items(), key=lambda kv: int(kv[0])))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -255,7 +281,8 @@ class SolverStatistics:
     def metadata(self) -> dict[str, Any]:
         """What ``solver_statistics.json`` holds besides the checksum (the arrays file's header holds a copy)."""
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "fingerprint": self.fingerprint,
-                "num_samples": self.num_samples, "provenance": self.provenance}
+                "num_samples": self.num_samples, "provenance": self.provenance,
+                "fitted_timesteps": self.fitted_timesteps}
 
     def save(self, directory: str | os.PathLike) -> str:
         """Write the two files into ``directory`` (beside a table's, or anywhere), each beside its place and renamed
@@ -323,7 +350,7 @@ class SolverStatistics:
                 raise ValueError("its metadata differs from the copy in the arrays file (edited after it was written)")
             return cls(arrays["timesteps"], arrays["lambdas"], *(arrays[k] for k in STATISTICS), meta["fingerprint"],
                        meta["num_samples"], *(arrays.get(f"{k}_stderr") for k in STATISTICS),
-                       provenance=meta.get("provenance", {}))
+                       provenance=meta.get("provenance", {}), fitted_timesteps=meta.get("fitted_timesteps", {}))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
             raise ValueError(f"{meta_path}: unreadable solver statistics ({err}); {fix}.") from err
 

@@ -13,9 +13,9 @@ from conftest import tiny_unet
 from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler
 
 from analytic_sampler.schedule import alphas_cumprod_from_config
-from analytic_sampler.schedulers.dpm_solver_v3 import DPMSolverV3Scheduler, logsnr_timesteps
+from analytic_sampler.schedulers.dpm_solver_v3 import DPMSolverV3Scheduler
 from analytic_sampler.solver_coefficients import solver_plan, step, taylor_matrix
-from analytic_sampler.solver_statistics import SolverStatistics, half_log_snr, statistics_grid
+from analytic_sampler.solver_statistics import SolverStatistics, half_log_snr, logsnr_timesteps, statistics_grid
 from analytic_sampler.testing import ExactGaussianEps, gaussian_ode_solution, gaussian_solver_statistics
 
 V, MU = 0.3, 0.5
@@ -137,7 +137,7 @@ def ddpm_config() -> dict:
 def test_ddpm_and_ddim_pipelines_sample_with_it(digits_statistics, ddpm_config):
     unet = tiny_unet(channels=1, out_channels=2)  # a learned-variance output: its second half is ignored
     scheduler = DPMSolverV3Scheduler.from_table(digits_statistics, ddpm_config)
-    assert scheduler.config.clip_sample and scheduler.config.timestep_spacing == "logsnr"
+    assert scheduler.config.clip_sample and scheduler.config.timestep_spacing == "fitted"  # none: logsnr
     images = {}
     for cls in (DDPMPipeline, DDIMPipeline):
         pipe = cls(unet=unet, scheduler=scheduler)
@@ -233,3 +233,23 @@ def test_bad_input_is_refused_naming_the_fix(digits_statistics, ddpm_config):
         scheduler.set_timesteps(timesteps=[500, 600])
     with pytest.raises(ValueError, match="repeated timesteps"):
         scheduler.set_timesteps(500)
+
+
+def test_fitted_timesteps_are_used_for_their_k_and_travel_with_the_scheduler(digits_statistics, ddpm_config,
+                                                                              tmp_path):
+    fitted = dataclasses.replace(digits_statistics, fitted_timesteps={"3": [999, 400, 60]})
+    scheduler = DPMSolverV3Scheduler.from_table(fitted, ddpm_config)
+    scheduler.set_timesteps(3)
+    assert scheduler.timesteps.tolist() == [999, 400, 60]
+    scheduler.set_timesteps(4)  # no fitted timesteps for K = 4: the logsnr spacing
+    assert scheduler.timesteps.tolist() == logsnr_timesteps(ABAR, 4, 40, 2.5)
+    scheduler.save_pretrained(tmp_path)
+    del scheduler
+    import gc
+
+    gc.collect()
+    loaded = DPMSolverV3Scheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(3)
+    assert loaded.timesteps.tolist() == [999, 400, 60]
+    with pytest.raises(ValueError, match="descending"):
+        dataclasses.replace(digits_statistics, fitted_timesteps={"3": [999, 60, 400]})

@@ -31,12 +31,13 @@ from diffusers.utils import BaseOutput
 from ..predictions import check_prediction_type, split_learned_variance, to_x0_and_eps
 from ..schedule import SPACINGS, alphas_cumprod_from_config, spaced_timesteps
 from ..solver_coefficients import SolverRun, solver_plan
-from ..solver_statistics import SolverStatistics, half_log_snr
+from ..solver_statistics import SolverStatistics, half_log_snr, logsnr_timesteps
 from ..trajectory import validate_timesteps
 from . import statistics_file as state_file
 
 LOGSNR = "logsnr"  # K points whose lambda runs from t = N-1 to t_last as lambda_0 + (lambda_last - lambda_0) u^(1/p)
-TIMESTEP_SPACINGS = (*SPACINGS, LOGSNR)
+FITTED = "fitted"  # the statistics' timesteps fitted for K, else the logsnr spacing
+TIMESTEP_SPACINGS = (*SPACINGS, LOGSNR, FITTED)
 HINT = ("DPMSolverV3Scheduler.from_table(statistics, config), the statistics from estimate_solver_statistics(...) or "
         "a table folder's SolverStatistics.load(folder)")
 
@@ -47,22 +48,6 @@ class DPMSolverV3SchedulerOutput(BaseOutput):
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor
-
-
-def logsnr_timesteps(alphas_cumprod: np.ndarray, num_steps: int, t_last: int, power: float) -> list[int]:
-    """``num_steps`` integer timesteps from N-1 down to ``t_last`` whose lambda is ``lambda(N-1) + (lambda(t_last) -
-    lambda(N-1)) u^(1/power)``, u uniform on [0, 1] (power > 1: denser at high noise), rounded and kept distinct."""
-    lam = half_log_snr(alphas_cumprod)
-    n = lam.size
-    if not 0 <= t_last < n - 1 or power <= 0:
-        raise ValueError(f"t_last={t_last} must lie in [0, {n - 2}] and power={power} be positive.")
-    u = np.linspace(0.0, 1.0, num_steps) ** (1.0 / power)
-    wanted = lam[-1] + (lam[t_last] - lam[-1]) * u
-    t = np.round(np.interp(wanted, lam[::-1], np.arange(n, dtype=np.float64)[::-1])).astype(np.int64)
-    if num_steps > 1 and np.any(np.diff(t) >= 0):
-        raise ValueError(f"{num_steps} steps of the logsnr spacing round to repeated timesteps above t_last={t_last}; "
-                         "use fewer steps, a smaller logsnr_t_last or a smaller logsnr_power.")
-    return t.tolist()
 
 
 def _settings_from_statistics(state: SolverStatistics, kwargs: dict[str, Any]) -> None:
@@ -109,9 +94,12 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
             they were estimated with).
         clip_sample_range (`float`, defaults to 1.0):
             The bound of that clip.
-        timestep_spacing (`str`, defaults to `"logsnr"`):
-            Diffusers' ``"leading"``, ``"linspace"`` or ``"trailing"`` (as DDIMScheduler gives them), or
-            ``"logsnr"`` (:func:`logsnr_timesteps` with ``logsnr_t_last`` and ``logsnr_power``).
+        timestep_spacing (`str`, defaults to `"fitted"`):
+            ``"fitted"``: the timesteps fitted to this solver on the model for K (``statistics.fitted_timesteps``,
+            :mod:`analytic_sampler.estimation.solver_timesteps`), else ``"logsnr"``
+            (:func:`~analytic_sampler.solver_statistics.logsnr_timesteps` with ``logsnr_t_last`` and
+            ``logsnr_power``); or Diffusers' ``"leading"``, ``"linspace"``, ``"trailing"`` (as DDIMScheduler gives
+            them).
         steps_offset (`int`, defaults to 0):
             Added to ``"leading"`` timesteps.
         logsnr_t_last (`int`, defaults to 40):
@@ -141,7 +129,7 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
         use_corrector: bool = True,
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
-        timestep_spacing: str = LOGSNR,
+        timestep_spacing: str = FITTED,
         steps_offset: int = 0,
         logsnr_t_last: int = 40,
         logsnr_power: float = 2.5,
@@ -244,7 +232,10 @@ class DPMSolverV3Scheduler(SchedulerMixin, ConfigMixin):
 
     def _spaced(self, num_steps: int) -> list[int]:
         n, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
-        if spacing == LOGSNR:
+        fitted = self.statistics.fitted_timesteps.get(str(num_steps))
+        if spacing == FITTED and fitted is not None:
+            return list(fitted)
+        if spacing in (LOGSNR, FITTED):  # a fitted spacing without timesteps for this K
             if num_steps == 1:
                 return [n - 1]
             return logsnr_timesteps(self.alphas_cumprod_64, num_steps, self.config.logsnr_t_last,

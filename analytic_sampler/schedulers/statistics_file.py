@@ -30,7 +30,8 @@ def state_of(statistics: SolverStatistics) -> SolverStatistics:
     checksum in this process."""
     keep = {k: statistics.provenance.get(k) for k in ("data_range", "prediction_type", "guidance_scale", "model_id")}
     state = SolverStatistics(statistics.timesteps, statistics.lambdas, statistics.l, statistics.s, statistics.b,
-                             statistics.fingerprint, statistics.num_samples, provenance=keep)
+                             statistics.fingerprint, statistics.num_samples, provenance=keep,
+                             fitted_timesteps=statistics.fitted_timesteps)
     return _HELD.setdefault(sha256(state), state)
 
 
@@ -41,7 +42,8 @@ def sha256(state: SolverStatistics) -> str:
         value = np.ascontiguousarray(getattr(state, name), dtype="<f8")
         digest.update(f"{name}{value.shape}".encode())
         digest.update(value.tobytes())
-    digest.update(json.dumps([state.fingerprint, state.num_samples, state.provenance], sort_keys=True).encode())
+    digest.update(json.dumps([state.fingerprint, state.num_samples, state.provenance, state.fitted_timesteps],
+                             sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -54,6 +56,7 @@ def save(state: SolverStatistics, directory: str | os.PathLike, file_name: str =
     """Write the state file into ``directory`` (atomically); return its path."""
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "sha256": sha256(state),
                 "fingerprint": state.fingerprint, "num_samples": state.num_samples, "provenance": state.provenance,
+                "fitted_timesteps": state.fitted_timesteps,
                 **{name: getattr(state, name).tolist() for name in ("timesteps", "lambdas", *STATISTICS)}}
     path = os.path.join(os.fspath(directory), file_name)
     with open(f"{path}.tmp", "w") as f:
@@ -70,7 +73,8 @@ def read(path: str, expected: str, hint: str) -> SolverStatistics:
         if doc.get("format") != FORMAT or doc.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"not a {FORMAT} file of version {FORMAT_VERSION}")
         state = SolverStatistics(*(np.asarray(doc[k]) for k in ("timesteps", "lambdas", *STATISTICS)),
-                                 doc["fingerprint"], doc["num_samples"], provenance=doc["provenance"])
+                                 doc["fingerprint"], doc["num_samples"], provenance=doc["provenance"],
+                                 fitted_timesteps=doc["fitted_timesteps"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: unreadable solver statistics ({err}); save the scheduler again with "
                          f"save_pretrained, or rebuild it with {hint}.") from err

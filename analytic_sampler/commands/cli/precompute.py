@@ -1,4 +1,5 @@
-"""``analytic-sampler precompute``: a model's table, resumable, with the sample cost as a second pass."""
+"""``analytic-sampler precompute``: a model's table, resumable, with DPM-Solver-v3's statistics and the sample cost
+as further passes."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def add_parser(subcommands) -> None:
                         "cost of `trajectory --for samples`, N x candidates model calls (default 64; 0 skips it)")
     p.add_argument("--candidates", type=positive_int, default=250,
                    help="timesteps the sample-quality trajectory may use (an even grid; default 250)")
+    p.add_argument("--solver-samples", type=non_negative_int, default=None, metavar="M",
+                   help="second pass: DPM-Solver-v3's statistics from M draws per grid point, 3 model calls each "
+                        "(default: --num-samples; 0 skips it)")
+    p.add_argument("--solver-grid", type=positive_int, default=120, metavar="G",
+                   help="grid points of the solver statistics, uniform in log-SNR (default 120)")
     p.add_argument("--sample-cost-only", action="store_true",
                    help="add the sample cost to the table already in --out, without estimating the moments again")
     p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
@@ -96,6 +102,8 @@ def run(args) -> None:
     make_folder(args.out)
     if not args.sample_cost_only:
         _moments_pass(args, rank, model if latent else model.unet, data, schedule, timesteps, provenance, options)
+        if args.solver_samples != 0:
+            _solver_statistics_pass(args, rank, model if latent else model.unet, data, schedule, provenance, options)
     if rank != 0:  # the sample cost is one process's pass
         return
     if latent and (args.paths or args.sample_cost_only):
@@ -126,6 +134,35 @@ def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance:
         else:
             kept = " (checkpoint kept)" if args.keep_checkpoint else ""
             print(f"{done.table}\nsaved to {args.out}{kept}")
+
+
+def _solver_statistics_pass(args, rank: int, model, data, schedule, provenance: dict, pipeline_options) -> None:
+    """The statistics of DPMSolverV3Scheduler, beside the table (resumable, never mixed with another run's), their
+    model calls stated."""
+    from ...estimation.moments import EstimateOptions
+    from ...estimation.solver_statistics import StatisticsOptions, precompute_solver_statistics
+    from ...schedule import as_alphas_cumprod
+    from ...solver_statistics import statistics_grid
+
+    draws = args.num_samples if args.solver_samples is None else args.solver_samples
+    if draws < 4:
+        print(f"solver statistics skipped: {draws} draws per grid point (at least 4: two groups of two)")
+        return
+    stats = StatisticsOptions(grid_points=args.solver_grid, num_samples=draws, groups=min(8, draws // 2),
+                              batch_size=args.batch_size, seed=args.seed)
+    options = EstimateOptions(device=args.device, noise_device=args.noise_device, compile=args.compile,
+                              checkpoint_every=args.checkpoint_every, provenance=provenance)
+    if rank == 0:
+        grid = statistics_grid(as_alphas_cumprod(schedule), args.solver_grid).size
+        print(f"solver statistics (DPMSolverV3Scheduler): {grid} grid points x {draws} draws x 3 = "
+              f"{3 * grid * draws} model calls")
+    done = precompute_solver_statistics(model, data, schedule, stats, options, pipeline_options, out=args.out,
+                                        overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
+    if rank == 0:
+        if done.status == "unchanged":
+            print(f"{args.out} already holds the solver statistics of these settings; nothing to do")
+        else:
+            print(f"{done.table}\nsaved to {args.out}")
 
 
 def _sample_cost_pass(args, unet, data, schedule) -> None:

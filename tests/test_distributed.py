@@ -51,6 +51,7 @@ def test_torchrun_table_equals_single_process_bit_for_bit(single, tmp_path, npro
         f"checkpoint.rank{r}.pt" for r in range(1, nproc)}
 
 
+@pytest.mark.slow  # two torchrun launches: about 15 s
 def test_torchrun_solver_statistics_equal_single_process_bit_for_bit(tmp_path):
     from analytic_sampler.solver_statistics import SolverStatistics
 

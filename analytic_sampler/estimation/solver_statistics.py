@@ -349,7 +349,7 @@ def estimate_solver_statistics(
     ...                                    StatisticsOptions(grid_points=4, num_samples=16),
     ...                                    EstimateOptions(progress=False))
     >>> stats.timesteps.tolist(), stats.l.shape
-    ([999, 460, 52, 0], (4, 1, 8, 8))
+    ([999, 603, 73, 0], (4, 1, 8, 8))
 
     ```
     """

@@ -24,6 +24,11 @@ from ._version import __version__
 
 _EXPORTS = {
     "AnalyticDPMScheduler": "schedulers.analytic_dpm",
+    "DPMSolverV3Scheduler": "schedulers.dpm_solver_v3",
+    "SolverStatistics": "solver_statistics",
+    "StatisticsOptions": "estimation.solver_statistics",
+    "estimate_solver_statistics": "estimation.solver_statistics",
+    "precompute_solver_statistics": "estimation.solver_statistics",
     "EpsilonAdapter": "adapter",
     "VarianceTable": "table",
     "estimate_moments": "estimation.moments",
@@ -69,7 +74,7 @@ class _ImportedOnFirstUse(types.ModuleType):
 # sys.modules only (it never imports it): so that `import analytic_sampler` makes such pipelines loadable while torch
 # and diffusers are still imported only when used, the scheduler modules stand there until first used. This one
 # comment is their reason (tests/test_layers.py shows the failure without them).
-for _module in ("schedulers.analytic_dpm", "scheduler"):  # this version's path, and earlier versions' saves
+for _module in ("schedulers.analytic_dpm", "schedulers.dpm_solver_v3", "scheduler"):  # and earlier versions' saves
     _name = f"{__name__}.{_module}"
     if _name not in sys.modules:
         _spec = importlib.util.find_spec(_name)
@@ -96,10 +101,17 @@ if TYPE_CHECKING:
     from .estimation.moments import EstimateOptions, estimate_moments  # noqa: F401
     from .estimation.precompute import precompute_table  # noqa: F401
     from .estimation.sample_cost import estimate_sample_cost  # noqa: F401
+    from .estimation.solver_statistics import (  # noqa: F401
+        StatisticsOptions,
+        estimate_solver_statistics,
+        precompute_solver_statistics,
+    )
     from .evaluation.likelihood import NLLOptions, NLLResult, nll_bpd, predicted_transitions_bpd  # noqa: F401
     from .sample_trajectory import SampleCost, SampleTrajectoryDP, sample_quality_trajectory  # noqa: F401
     from .schedulers.analytic_dpm import AnalyticDPMScheduler  # noqa: F401
+    from .schedulers.dpm_solver_v3 import DPMSolverV3Scheduler  # noqa: F401
     from .schedulers.timesteps import apply_timesteps  # noqa: F401
+    from .solver_statistics import SolverStatistics  # noqa: F401
     from .table import VarianceTable  # noqa: F401
     from .trajectory import TrajectoryDP, even_trajectory, optimal_trajectory, quadratic_trajectory  # noqa: F401
     from .variance import analytic_variance, residual_variance, variance_bounds  # noqa: F401

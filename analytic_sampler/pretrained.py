@@ -127,12 +127,14 @@ def _refuse_conditional_unet(name: str | os.PathLike, source: str) -> None:
 
 @dataclass
 class PretrainedModel:
-    """A UNet, its scheduler config and, when the model ships one, its variance table."""
+    """A UNet, its scheduler config and, when the model ships them, its variance table and the solver statistics
+    beside it (:class:`~analytic_sampler.solver_statistics.SolverStatistics`; ``None`` for a table without them)."""
 
     unet: object
     scheduler: object
     table: object | None
     source: str
+    solver_statistics: object | None = None
 
     @property
     def name(self) -> str:
@@ -151,12 +153,14 @@ def load_pretrained(
     name_or_path: str | os.PathLike, revision: str | None = None, with_table: bool = True, torch_dtype=None
 ) -> PretrainedModel:
     """``UNet2DModel`` (weights in ``torch_dtype``, default as saved) + ``DDPMScheduler`` from ``<model>/unet`` and
-    ``<model>/scheduler``; the table from ``<model>/table`` if present (``None`` otherwise)."""
+    ``<model>/scheduler``; the table and the solver statistics from ``<model>/table`` if present (``None``
+    otherwise)."""
     source = resolve(name_or_path)  # before importing diffusers: a bad name fails at once
     _refuse_conditional_unet(name_or_path, source)
 
     from diffusers import DDPMScheduler, UNet2DModel
 
+    from .solver_statistics import SolverStatistics
     from .table import VarianceTable
 
     try:
@@ -169,7 +173,7 @@ def load_pretrained(
         if os.path.isdir(source):
             raise
         raise _hub_error(source, err) from err
-    table = None
+    table = statistics = None
     if with_table:
         local = Path(source) / TABLE_SUBFOLDER
         if local.is_dir() or not Path(source).exists():
@@ -178,7 +182,9 @@ def load_pretrained(
             except ValueError:
                 if local.is_dir():
                     raise
-    return PretrainedModel(unet, scheduler, table, source)
+        if table is not None:
+            statistics = SolverStatistics.find(source, subfolder=TABLE_SUBFOLDER, revision=revision)
+    return PretrainedModel(unet, scheduler, table, source, statistics)
 
 
 def _model_index(source: str, revision: str | None) -> dict | None:

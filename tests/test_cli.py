@@ -37,7 +37,8 @@ def test_precompute_resume_trajectory_sample(model_dir, capsys):
     main([*args, "--keep-checkpoint"])
     first = VarianceTable.load(table_dir)
     assert first.counts.tolist() == [8] * 50 and checkpoint.exists()
-    assert sorted(p.name for p in table_dir.iterdir()) == ["variance_table.json", "variance_table.safetensors"]
+    assert sorted(p.name for p in table_dir.iterdir()) == ["solver_statistics.json", "solver_statistics.safetensors",
+                                                            "variance_table.json", "variance_table.safetensors"]
     written = (table_dir / "variance_table.safetensors").read_bytes()
     capsys.readouterr()
     main(args)  # the same settings: nothing to do, nothing written

@@ -50,7 +50,8 @@ def test_the_checkpoint_of_a_model_folder_lives_beside_it(world):
     text = (world / "model" / "table" / "variance_table.json").read_text()
     json.loads(text, parse_constant=lambda constant: pytest.fail(f"bare {constant} in the table's JSON"))
     assert uploaded(world / "model") == [
-        "scheduler/scheduler_config.json", "table/variance_table.json", "table/variance_table.safetensors",
+        "scheduler/scheduler_config.json", "table/solver_statistics.json", "table/solver_statistics.safetensors",
+        "table/variance_table.json", "table/variance_table.safetensors",
         "unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
     for name in ("variance_table.json", "variance_table.safetensors"):
         (world / "model" / "table" / name).unlink()

@@ -51,6 +51,17 @@ def test_torchrun_table_equals_single_process_bit_for_bit(single, tmp_path, npro
         f"checkpoint.rank{r}.pt" for r in range(1, nproc)}
 
 
+@pytest.mark.slow  # two torchrun launches: about 15 s
+def test_torchrun_solver_statistics_equal_single_process_bit_for_bit(tmp_path):
+    from analytic_sampler.solver_statistics import SolverStatistics
+
+    run([SCRIPT, str(tmp_path / "one"), "--statistics"])
+    run([SCRIPT, str(tmp_path / "two"), "--statistics"], nproc=2)  # 10 batches of 16 pairs
+    one, two = (SolverStatistics.load(tmp_path / name) for name in ("one", "two"))
+    for name in ("l", "s", "b", "l_stderr", "s_stderr", "b_stderr"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(two, name), err_msg=name)
+
+
 def test_run_killed_on_one_rank_resumes_to_the_same_table(single, tmp_path):
     crashed = run([SCRIPT, str(tmp_path), "--crash-after", "5"], nproc=2, check=False)
     assert crashed.returncode != 0 and not (tmp_path / "variance_table.json").exists()
@@ -69,7 +80,8 @@ def test_cli_precompute_under_torchrun(tmp_path):
             "--num-samples", "6", "--batch-size", "16", "--device", "cpu", "--out"]
     run([*args, str(tmp_path / "one")])
     launched = run([*args, str(tmp_path / "two")], nproc=2)
-    assert launched.stdout.count("saved to") == 2  # rank 0 alone writes and reports: the table, then its sample cost
+    # rank 0 alone writes and reports: the table, the solver statistics, then the sample cost
+    assert launched.stdout.count("saved to") == 3
     assert_same_table(tmp_path / "one", tmp_path / "two")
     assert not (tmp_path / "two.partial").exists()  # every rank removed its checkpoint after the save
 

@@ -4,10 +4,11 @@ import doctest
 
 import pytest
 
-from analytic_sampler import AnalyticDPMScheduler, VarianceTable, estimate_moments, nll_bpd
+from analytic_sampler import AnalyticDPMScheduler, VarianceTable, estimate_moments, estimate_solver_statistics, nll_bpd
 
 
-@pytest.mark.parametrize("obj", [AnalyticDPMScheduler, VarianceTable, estimate_moments, nll_bpd],
+@pytest.mark.parametrize("obj", [AnalyticDPMScheduler, VarianceTable, estimate_moments, estimate_solver_statistics,
+                                 nll_bpd],
                          ids=lambda obj: obj.__name__)
 def test_docstring_example_runs(obj):
     (test,) = doctest.DocTestFinder(recurse=False).find(obj, obj.__name__, globs={})

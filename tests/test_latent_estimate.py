@@ -22,6 +22,7 @@ from analytic_sampler import (  # noqa: E402
     EpsilonAdapter,
     EstimateOptions,
     PipelineOptions,
+    SolverStatistics,
     VarianceTable,
     estimate_moments,
 )
@@ -263,10 +264,12 @@ def test_cli_precompute_for_a_pipeline_folder(pipe, images, tmp_path, monkeypatc
     folder = write_folder(tmp_path / "images", images)
     (folder / "metadata.jsonl").write_text("".join(
         json.dumps({"file_name": f"{i:03d}.png", "text": p}) + "\n" for i, p in enumerate(PROMPTS)))
-    main(["precompute", str(model), "--fit-paths", "0",
-          "--data", str(folder), "--num-samples", "8", "--timesteps", "1,301,601,901",
-          "--batch-size", "5", "--guidance-scale", "7.5", "--revision", "main"])
+    main(["precompute", str(model), "--fit-paths", "0", "--data", str(folder), "--num-samples", "8",
+          "--timesteps", "1,301,601,901", "--batch-size", "5", "--guidance-scale", "7.5", "--revision", "main",
+          "--solver-grid", "4"])
     assert f"saved to {model / 'table'}" in capsys.readouterr().out
+    statistics = SolverStatistics.load(model, subfolder="table")  # the default second pass: per latent channel
+    assert statistics.feature_shape == (4, 1, 1) and statistics.provenance["guidance_scale"] == 7.5
     table = VarianceTable.load(model, subfolder="table")
     expected = estimate(pipe, str(folder), guidance_scale=7.5)
     assert_same(table, expected)

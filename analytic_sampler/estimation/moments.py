@@ -409,6 +409,7 @@ class MonteCarloPlan:
     user_kwargs: tuple[dict[str, Any], dict[str, Any]]  # the same on the device: (per_sample, shared)
     model_fingerprint: str | None = None  # of the eps model's weights (None: none found)
     names: dict[str, str] = field(default_factory=dict)  # the user's model_id / data_id, where given
+    description = "estimating ms_eps, x0_mse"  # (the progress bar's; another pass's plan names its own)
 
     @property
     def num_pairs(self) -> int:
@@ -439,6 +440,16 @@ class MonteCarloPlan:
     @cached_property
     def timesteps_on_device(self) -> torch.Tensor:
         return torch.from_numpy(self.timesteps).to(self.device)
+
+    # what accumulate() asks of a plan; another Monte Carlo pass's plan answers the same (estimation.solver_statistics)
+    def empty_sums(self) -> torch.Tensor:
+        return torch.zeros(self.num_rows, self.timesteps.size, dtype=torch.float64)
+
+    def batch_sums(self, b: int, fast: EpsilonAdapter) -> torch.Tensor:
+        return _batch_sums(self, b, fast)
+
+    def check_finite(self, sums: torch.Tensor) -> None:
+        _check_finite(sums, self.timesteps)
 
 
 def prepare_estimate(
@@ -545,7 +556,7 @@ def accumulate(plan: MonteCarloPlan, key: dict[str, Any], options: EstimateOptio
     if path is not None and resumed is None and _unidentified(key):
         warnings.warn(f"checkpoint {path} will not resume this run if it is interrupted: "
                       f"{'; '.join(_unidentified(key))}.", stacklevel=3)
-    start, sums = (0, torch.zeros(plan.num_rows, plan.timesteps.size, dtype=torch.float64)) if resumed is None else resumed
+    start, sums = (0, plan.empty_sums()) if resumed is None else resumed
     start, sums = agree_on_start(start, sums.to(plan.device), world)
     num_batches = plan.num_batches
     if start and progress and rank == 0:
@@ -553,19 +564,19 @@ def accumulate(plan: MonteCarloPlan, key: dict[str, Any], options: EstimateOptio
     fast = _compiled(plan.adapter, options.compile)
     rounds = -(-(num_batches - start) // world)
     with torch.inference_mode(), _eval_mode(plan.adapter.model), tqdm(
-        total=num_batches, initial=start, disable=not progress or rank > 0, desc="estimating ms_eps, x0_mse",
+        total=num_batches, initial=start, disable=not progress or rank > 0, desc=plan.description,
         unit="batch",
     ) as bar:
         for r in range(rounds):
             first = start + r * world  # batches first … first + world - 1, one per rank
             mine = first + rank
-            part = _batch_sums(plan, mine, fast) if mine < num_batches else torch.zeros_like(sums)
+            part = plan.batch_sums(mine, fast) if mine < num_batches else torch.zeros_like(sums)
             done = min(first + world, num_batches)
             for contribution in all_gather(part, world)[: done - first]:  # in batch order, as one process adds them
                 sums += contribution
             bar.update(done - first)
             if (r + 1) % checkpoint_every == 0 or done == num_batches:
-                _check_finite(sums, plan.timesteps)
+                plan.check_finite(sums)
                 if path is not None:
                     _save_checkpoint(path, key, done, sums)
     return sums

@@ -41,9 +41,10 @@ _HELD: weakref.WeakValueDictionary[str, SchedulerTable] = weakref.WeakValueDicti
 
 
 class SchedulerTable:
-    """Base of a scheduler's table: a dataclass (``eq=False``) whose fields are arrays, numbers, strings or tuples,
-    ``None`` for what it lacks. Subclasses check and normalise their fields in ``__post_init__`` and then call this
-    one, which makes the arrays read-only (the checksum must stay true); ``describes`` names the table in messages."""
+    """Base of a scheduler's table: a dataclass (``eq=False``) whose fields are arrays, numbers, strings, tuples or
+    JSON-able dicts, ``None`` for what it lacks. Subclasses check and normalise their fields in ``__post_init__`` and
+    then call this one, which makes the arrays read-only (the checksum must stay true); ``describes`` names the table
+    in messages."""
 
     describes: ClassVar[str] = "table"
 
@@ -59,13 +60,14 @@ class SchedulerTable:
     @functools.cached_property
     def sha256(self) -> str:
         """SHA-256 of every field with its name: numbers as float64 little-endian with their shape (NaN and -0.0
-        made canonical), strings as UTF-8; ``None`` fields are left out."""
+        made canonical), strings as UTF-8, dicts as JSON with sorted keys; ``None`` fields are left out."""
         digest = hashlib.sha256()
         for name, value in sorted(self.fields().items()):
             if value is None:
                 continue
-            if isinstance(value, str):
-                digest.update(f"{name}:{value}".encode())
+            if isinstance(value, (str, dict)):
+                text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+                digest.update(f"{name}:{text}".encode())
                 continue
             a = np.asarray(value, dtype="<f8")
             a = np.where(np.isnan(a), np.nan, a) + 0.0
@@ -140,8 +142,14 @@ class TableFileMixin:
     def held_table(cls, sha256: str | None) -> SchedulerTable:
         """The table this process holds under the config's ``table_sha256``, else a ValueError naming the fix."""
         table = None if sha256 is None else _HELD.get(sha256)
-        if table is not None:
+        if isinstance(table, cls.table_type):
             return table
+        if table is not None:
+            raise ValueError(
+                f"this scheduler config's table_sha256 names a {table.describes}, not the "
+                f"{cls.table_type.describes} {cls.__name__} samples with (a config of another scheduler): build it "
+                f"with {cls.table_hint}."
+            )
         if sha256 is None:
             raise ValueError(f"{cls.__name__} needs the model's {cls.table_type.describes}: build it with "
                              f"{cls.table_hint}; a saved scheduler loads with {cls.__name__}.from_pretrained("

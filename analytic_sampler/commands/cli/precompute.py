@@ -1,4 +1,5 @@
-"""``analytic-sampler precompute``: a model's table, resumable, with the sample cost as a second pass."""
+"""``analytic-sampler precompute``: a model's table, resumable, with DPM-Solver-v3's statistics, the sample cost and
+timesteps fitted to the solvers as further passes."""
 
 from __future__ import annotations
 
@@ -43,17 +44,22 @@ def add_parser(subcommands) -> None:
                         "the same kind of GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
     p.add_argument("--paths", type=non_negative_int, default=64, metavar="N",
-                   help="second pass: N forward paths (one per image, at most as many as --data holds) for the sample "
+                   help="third pass: N forward paths (one per image, at most as many as --data holds) for the sample "
                         "cost of `trajectory --for samples`, N x candidates model calls (default 64; 0 skips it)")
     p.add_argument("--candidates", type=positive_int, default=250,
                    help="timesteps the sample-quality trajectory may use (an even grid; default 250)")
+    p.add_argument("--solver-samples", type=non_negative_int, default=None, metavar="M",
+                   help="second pass: DPM-Solver-v3's statistics from M draws per grid point, 3 model calls each "
+                        "(default: --num-samples; 0 skips it)")
+    p.add_argument("--solver-grid", type=positive_int, default=120, metavar="G",
+                   help="grid points of the solver statistics, uniform in log-SNR (default 120)")
     p.add_argument("--sample-cost-only", action="store_true",
                    help="add the sample cost to the table already in --out, without estimating the moments again")
     p.add_argument("--fit-solvers", nargs="+", default=list(FITTED_SOLVER_KEYS), choices=FITTED_SOLVER_KEYS,
-                   metavar="SOLVER", help="third pass: timesteps fitted for these solvers "
+                   metavar="SOLVER", help="fourth pass: timesteps fitted for these solvers "
                    f"({', '.join(FITTED_SOLVER_KEYS)}; default all), shown by `trajectory --for SOLVER`")
     p.add_argument("--fit-paths", type=non_negative_int, default=64, metavar="N",
-                   help="third pass: N teacher paths from noise (no data needed; default 64; 0 skips the fit)")
+                   help="fourth pass: N teacher paths from noise (no data needed; default 64; 0 skips the fit)")
     p.add_argument("--fit-candidates", type=positive_int, default=120,
                    help="timesteps a fitted trajectory may use (default 120)")
     p.add_argument("--fit-max-steps", type=num_steps, default=25, help="fit K = 3 … this (default 25)")
@@ -111,6 +117,8 @@ def run(args) -> None:
         raise ValueError("--sample-cost-only and --fit-only each run one pass; pass one of them.")
     if not (args.sample_cost_only or args.fit_only):
         _moments_pass(args, rank, model if latent else model.unet, data, schedule, timesteps, provenance, options)
+        if args.solver_samples != 0:
+            _solver_statistics_pass(args, rank, model if latent else model.unet, data, schedule, provenance, options)
     if rank != 0:  # the sample cost and the fit are one process's passes
         return
     if not args.fit_only and latent and (args.paths or args.sample_cost_only):
@@ -145,8 +153,37 @@ def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance:
             print(f"{done.table}\nsaved to {args.out}{kept}")
 
 
+def _solver_statistics_pass(args, rank: int, model, data, schedule, provenance: dict, pipeline_options) -> None:
+    """The statistics of DPMSolverV3Scheduler, beside the table (resumable, never mixed with another run's), their
+    model calls stated."""
+    from ...estimation.moments import EstimateOptions
+    from ...estimation.solver_statistics import StatisticsOptions, precompute_solver_statistics
+    from ...schedule import as_alphas_cumprod
+    from ...solver_statistics import statistics_grid
+
+    draws = args.num_samples if args.solver_samples is None else args.solver_samples
+    if draws < 4:
+        print(f"solver statistics skipped: {draws} draws per grid point (at least 4: two groups of two)")
+        return
+    stats = StatisticsOptions(grid_points=args.solver_grid, num_samples=draws, groups=min(8, draws // 2),
+                              batch_size=args.batch_size, seed=args.seed)
+    options = EstimateOptions(device=args.device, noise_device=args.noise_device, compile=args.compile,
+                              checkpoint_every=args.checkpoint_every, provenance=provenance)
+    if rank == 0:
+        grid = statistics_grid(as_alphas_cumprod(schedule), args.solver_grid).size
+        print(f"solver statistics (DPMSolverV3Scheduler): {grid} grid points x {draws} draws x 3 = "
+              f"{3 * grid * draws} model calls")
+    done = precompute_solver_statistics(model, data, schedule, stats, options, pipeline_options, out=args.out,
+                                        overwrite=args.overwrite, keep_checkpoint=args.keep_checkpoint)
+    if rank == 0:
+        if done.status == "unchanged":
+            print(f"{args.out} already holds the solver statistics of these settings; nothing to do")
+        else:
+            print(f"{done.table}\nsaved to {args.out}")
+
+
 def _sample_cost_pass(args, unet, data, schedule) -> None:
-    """The second pass of precompute: the sample cost of `trajectory --for samples`, its model calls stated."""
+    """The third pass of precompute: the sample cost of `trajectory --for samples`, its model calls stated."""
     from ...estimation.precompute import precompute_sample_cost
     from ...sample_trajectory import DEFAULT_PATHS, candidate_timesteps
 
@@ -165,7 +202,7 @@ def _sample_cost_pass(args, unet, data, schedule) -> None:
 
 
 def _fit_pass(args, model, pipeline_data, schedule) -> None:
-    """The third pass of precompute: timesteps fitted for `trajectory --for SOLVER`, its model calls stated; a latent
+    """The fourth pass of precompute: timesteps fitted for `trajectory --for SOLVER`, its model calls stated; a latent
     pipeline's paths each take one prompt of --prompt / --captions, guided at --guidance-scale."""
     from ...estimation.precompute import precompute_fitted_timesteps
     from ...estimation.timestep_fit import FitOptions, pipeline_model, planned_calls

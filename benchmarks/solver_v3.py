@@ -1,0 +1,250 @@
+"""DPM-Solver-v3 (DPMSolverV3Scheduler) against UniPC and DPM-Solver++(2M) on their best fixed spacing, both bundled
+models, K = 5 and 10: reference error and FD-digits from the same initial noise, paired standard errors; the cost of
+the statistics and of the fitted timesteps (model calls, seconds), and the solver's per-step overhead against UniPC.
+
+    python benchmarks/solver_v3.py --models digits-ddpm-linear     # one model's cells (cached; run models in parallel)
+    python benchmarks/solver_v3.py                                  # every model not cached yet, then the results
+
+Reference error of a cell: per sample, the RMS over pixels of its output minus the reference solution's from the same
+x_T (DPM-Solver++(3M), 500 steps, both clipped to [-1, 1]); the cell's figure is the mean over samples, its standard
+error that of the per-sample values, and the paired standard error of a difference that of the per-sample
+differences. FD-digits: the shipped classifier's features against the training images', with paired bootstrap
+standard errors (:func:`~analytic_sampler.evaluation.frechet.bootstrap_distances`). Writes ``solver_v3.json`` and
+``solver_v3.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: no spinning on a shared machine
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
+
+from analytic_sampler import DPMSolverV3Scheduler, EstimateOptions, SolverStatistics  # noqa: E402
+from analytic_sampler.commands.bench import REFERENCE_IMAGES  # noqa: E402
+from analytic_sampler.digits import DigitFeatures, load_digits_split  # noqa: E402
+from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics  # noqa: E402
+from analytic_sampler.estimation.solver_timesteps import FitOptions, fit_solver_timesteps  # noqa: E402
+from analytic_sampler.evaluation.baselines import _clip_as_thresholding, build_sampler  # noqa: E402
+from analytic_sampler.evaluation.frechet import FrechetReference, bootstrap_distances  # noqa: E402
+from analytic_sampler.evaluation.provenance import environment, footer, write_results  # noqa: E402
+from analytic_sampler.evaluation.sampling import sample  # noqa: E402
+from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa: E402
+
+STEPS = (5, 10)
+PEERS = ("UniPC", "DPM-Solver++(2M)")
+SPACINGS = ("linspace", "leading", "trailing", "karras")
+REFERENCE_STEPS = 500
+STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
+FIT = FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70), powers=(1.5, 2.0, 2.5, 3.0),
+                 moves=(16, 8, 4), rounds=1, batch_size=1000)
+QUICK_STATISTICS = StatisticsOptions(grid_points=8, num_samples=16, groups=4, batch_size=1000)
+QUICK_FIT = FitOptions(steps=STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
+
+
+def timed(function, *args, **kwargs):
+    start = time.time()
+    out = function(*args, **kwargs)
+    return out, time.time() - start
+
+
+def statistics_with_fit(model, train: torch.Tensor, cache: Path, quick: bool) -> tuple[SolverStatistics, dict]:
+    """The model's statistics with timesteps fitted for K = 5, 10 (cached), and what they cost."""
+    options, fit = (QUICK_STATISTICS, QUICK_FIT) if quick else (STATISTICS, FIT)
+    folder, cost_file = cache / f"{model.name}-statistics", cache / f"{model.name}-statistics-cost.json"
+    if cost_file.is_file():
+        return SolverStatistics.load(folder), json.loads(cost_file.read_text())
+    stats, seconds = timed(estimate_solver_statistics, model.unet, train, model.scheduler, options,
+                           EstimateOptions(progress=False, model_id=model.name))
+    (fitted, fit_calls), fit_seconds = timed(fit_solver_timesteps, model.unet, stats, model.scheduler, fit,
+                                             progress=False)
+    stats.fitted_timesteps = fitted
+    stats.save(folder)
+    cost = {"grid_points": int(stats.timesteps.size), "draws_per_point": options.num_samples,
+            "model_calls": stats.provenance["model_calls"], "seconds": seconds, "fit_model_calls": fit_calls,
+            "fit_seconds": fit_seconds, "fitted_timesteps": fitted, "threads": torch.get_num_threads()}
+    cost_file.write_text(json.dumps(cost))
+    return stats, cost
+
+
+def cells(model, stats: SolverStatistics) -> list[dict]:
+    """(method, spacing, K, scheduler, timesteps) of every compared cell."""
+    config = model.scheduler.config
+    out = []
+    for k in STEPS:
+        for spacing in ("fitted", "logsnr"):
+            scheduler = DPMSolverV3Scheduler.from_table(stats, config, timestep_spacing=spacing)
+            out.append({"method": "DPM-Solver-v3", "spacing": spacing, "K": k, "scheduler": scheduler,
+                        "timesteps": None, "step_kwargs": {}})
+        for method in PEERS:
+            for spacing in SPACINGS:
+                s = build_sampler(method, config, model.table, spacing)
+                out.append({"method": method, "spacing": spacing, "K": k, "scheduler": s.scheduler,
+                            "timesteps": s.timesteps, "step_kwargs": s.step_kwargs})
+    return out
+
+
+def reference_solution(model, n: int, seed: int, steps: int) -> torch.Tensor:
+    """DPM-Solver++(3M) on ``steps`` linspace timesteps, x0 clipped as the config (and every compared sampler) clips
+    it: unclipped, Diffusers' DPM-Solver++ on the cosine model does not converge (500 against 200 steps: 0.58 RMS)."""
+    config = model.scheduler.config
+    scheduler = DPMSolverMultistepScheduler.from_config(config, solver_order=3, variance_type=None,
+                                                        algorithm_type="dpmsolver++", timestep_spacing="linspace",
+                                                        **_clip_as_thresholding(config))
+    return sample(model.unet, scheduler, n, steps, seed=seed, batch_size=1000, progress=False)
+
+
+def rms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS over pixels of ``a - b``."""
+    return (a - b).flatten(1).pow(2).mean(1).sqrt()
+
+
+def step_overhead(model, stats: SolverStatistics, k: int = 10, batch: int = 500, repeats: int = 5) -> dict:
+    """Milliseconds per ``step`` (the scheduler alone, a fixed model output) of DPM-Solver-v3 and UniPC, batch 500."""
+    config = model.scheduler.config
+    schedulers = {"DPM-Solver-v3": DPMSolverV3Scheduler.from_table(stats, config, timestep_spacing="logsnr"),
+                  "UniPC": UniPCMultistepScheduler.from_config(config, timestep_spacing="trailing")}
+    x0 = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, scheduler in schedulers.items():
+        best = float("inf")
+        for _ in range(repeats):
+            scheduler.set_timesteps(k)
+            x, start = x0, time.perf_counter()
+            for t in scheduler.timesteps:
+                x = scheduler.step(0.1 * x0, t, x).prev_sample
+            best = min(best, (time.perf_counter() - start) / k)
+        out[name] = 1000 * best
+    return out
+
+
+def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train: torch.Tensor, quick: bool) -> dict:
+    model = load_pretrained(name)
+    stats, cost = statistics_with_fit(model, train, cache, quick)
+    result = {"model": name, "statistics_cost": cost, "step_ms": step_overhead(model, stats), "cells": []}
+    steps = 20 if quick else REFERENCE_STEPS
+    for seed in seeds:
+        reference, ref_seconds = timed(reference_solution, model, n, seed, steps)
+        result.setdefault("reference_seconds", {})[seed] = ref_seconds
+        if seed == seeds[0]:  # the reference's own error: against half the steps, first 100 samples
+            half = reference_solution(model, min(n, 100), seed, steps // 2)
+            result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
+        for c in cells(model, stats):
+            images, seconds = timed(sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"],
+                                    c["timesteps"], seed=seed, batch_size=1000, progress=False, **c["step_kwargs"])
+            error = rms(images, reference)
+            result["cells"].append({
+                "method": c["method"], "spacing": c["spacing"], "K": c["K"], "seed": seed, "seconds": seconds,
+                "timesteps": c["scheduler"].timesteps.tolist(), "ref_error": error.numpy().tolist(),
+                "features": features(images).numpy().astype(np.float32).tolist(),
+            })
+            print(f"{name} seed {seed} K={c['K']} {c['method']} {c['spacing']}: ref {float(error.mean()):.4f} "
+                  f"({seconds:.1f} s)", flush=True)
+    return result
+
+
+def summarise(model_result: dict, reference: FrechetReference) -> list[dict]:
+    """Per (K, seed): each cell's ref error and FD with SEs, and v3 against the best peer cell (by each metric)."""
+    rows = []
+    groups = {(c["K"], c["seed"]) for c in model_result["cells"]}
+    for k, seed in sorted(groups):
+        group = [c for c in model_result["cells"] if (c["K"], c["seed"]) == (k, seed)]
+        feats = [np.asarray(c["features"]) for c in group]
+        boot = bootstrap_distances(feats, reference, seed)
+        errors = [np.asarray(c["ref_error"]) for c in group]
+        fds = [reference.distance(f) for f in feats]
+        peers = [i for i, c in enumerate(group) if c["method"] in PEERS]
+        best_ref = min(peers, key=lambda i: errors[i].mean())
+        best_fd = min(peers, key=lambda i: fds[i])
+        for i, c in enumerate(group):
+            n = errors[i].size
+            rows.append({
+                "model": model_result["model"], "K": k, "seed": seed, "method": c["method"], "spacing": c["spacing"],
+                "timesteps": c["timesteps"], "ref_error": float(errors[i].mean()),
+                "ref_error_se": float(errors[i].std(ddof=1) / np.sqrt(n)),
+                "ref_ratio_to_best_peer": float(errors[i].mean() / errors[best_ref].mean()),
+                "ref_diff_to_best_peer_se": float((errors[i] - errors[best_ref]).std(ddof=1) / np.sqrt(n)),
+                "fd": fds[i], "fd_se": float(np.std(boot[:, i], ddof=1)),
+                "fd_diff_to_best_peer": fds[i] - fds[best_fd],
+                "fd_diff_se": float(np.std(boot[:, i] - boot[:, best_fd], ddof=1)),
+                "best_peer_ref": f"{group[best_ref]['method']} {group[best_ref]['spacing']}",
+                "best_peer_fd": f"{group[best_fd]['method']} {group[best_fd]['spacing']}",
+                "seconds": c["seconds"],
+            })
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# DPM-Solver-v3 against the best peer ({result['num_samples']} samples per cell)", "",
+             f"Reference error: mean per-sample RMS distance to a {result['reference_steps']}-step DPM-Solver++(3M) solution from the same "
+             "x_T (x0 clipped to [-1, 1] as every compared sampler clips it; outputs clipped); ratio and paired SE against the best UniPC / DPM-Solver++(2M) cell on a "
+             "fixed spacing (linspace, leading, trailing, Karras) by that metric. FD-digits against the training "
+             "images' features; difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
+             "(model, K, seed) starts from the same noise.", ""]
+    for m in result["models"]:
+        c = m["statistics_cost"]
+        lines += [f"## {m['model']}", "",
+                  f"Statistics: {c['grid_points']} grid points x {c['draws_per_point']} draws x 3 = "
+                  f"{c['model_calls']} model calls, {c['seconds']:.0f} s; fitted timesteps (K = 5, 10): "
+                  f"{c['fit_model_calls']} model calls, {c['fit_seconds']:.0f} s ({c['threads']} torch thread(s)). "
+                  f"Fitted: {c['fitted_timesteps']}. Scheduler step alone, batch 500, K = 10: DPM-Solver-v3 "
+                  f"{m['step_ms']['DPM-Solver-v3']:.2f} ms, UniPC {m['step_ms']['UniPC']:.2f} ms. Reference against "
+                  f"its half-step solve: {m['reference_vs_half_steps']:.4f} RMS.", "",
+                  "| K | seed | method | spacing | ref error ± SE | / best peer (paired SE of diff) | FD ± SE | "
+                  "FD − best peer ± paired SE |", "|---:|---:|---|---|---:|---:|---:|---:|"]
+        for r in m["rows"]:
+            lines.append(f"| {r['K']} | {r['seed']} | {r['method']} | {r['spacing']} | {r['ref_error']:.4f} ± "
+                         f"{r['ref_error_se']:.4f} | {r['ref_ratio_to_best_peer']:.2f}x ({r['ref_diff_to_best_peer_se']:.4f}) | "
+                         f"{r['fd']:.2f} ± {r['fd_se']:.2f} | {r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f} |")
+        best = {(r["K"], r["seed"]): (r["best_peer_ref"], r["best_peer_fd"]) for r in m["rows"]}
+        lines += ["", "Best peer cell (by ref error; by FD): " + "; ".join(
+            f"K={k} seed {s}: {a}; {b}" for (k, s), (a, b) in sorted(best.items())), ""]
+    lines.append(footer(result))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=None, help="run these models' cells only (no results written)")
+    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--cache", default="outputs/solver_v3_cache")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny statistics and fit, 20-step reference")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    train = load_digits_split("train")[0]
+    features = DigitFeatures()
+    env = {**environment("cpu"), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    for name in args.models or BUNDLED_MODELS:
+        path = cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}.json"
+        if not path.is_file():
+            path.write_text(json.dumps(run_model(name, args.num_samples, args.seeds, cache, features, train,
+                                                 args.quick)))
+    if args.models:
+        return None
+    reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
+    result = {"quick": args.quick, "num_samples": args.num_samples, "seeds": args.seeds,
+              "reference_steps": 20 if args.quick else REFERENCE_STEPS,
+              "statistics_options": asdict(QUICK_STATISTICS if args.quick else STATISTICS),
+              "fit_options": asdict(QUICK_FIT if args.quick else FIT),
+              **env, "models": []}
+    for name in BUNDLED_MODELS:
+        m = json.loads((cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}.json").read_text())
+        result["models"].append({k: v for k, v in m.items() if k != "cells"} | {"rows": summarise(m, reference)})
+    write_results(args.out, "solver_v3", result, markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

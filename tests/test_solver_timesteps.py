@@ -1,0 +1,54 @@
+"""Timesteps fitted to DPM-Solver-v3: the search never ends worse than where it starts, and the statistics carry the
+result to the scheduler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+
+from analytic_sampler.adapter import as_epsilon_model
+from analytic_sampler.estimation.moments import EstimateOptions
+from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics
+from analytic_sampler.estimation.solver_timesteps import FitOptions, _family, _Objective, fit_solver_timesteps
+from analytic_sampler.noise import noise_generator
+from analytic_sampler.schedule import alphas_cumprod_from_config
+
+SCHEDULER = DDPMScheduler(num_train_timesteps=100)
+ABAR = alphas_cumprod_from_config(SCHEDULER.config)
+OPTIONS = FitOptions(steps=(3, 4), paths=8, teacher_steps=40, t_lasts=(2, 8), powers=(1.0, 2.0), moves=(8, 2),
+                     rounds=1)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet(channels=1)
+
+
+@pytest.fixture(scope="module")
+def statistics(unet):
+    data = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return estimate_solver_statistics(unet, data, SCHEDULER, StatisticsOptions(grid_points=12, num_samples=16,
+                                      groups=4, batch_size=64), EstimateOptions(progress=False))
+
+
+def test_fitted_timesteps_beat_the_best_of_the_family(unet, statistics):
+    fitted, calls = fit_solver_timesteps(unet, statistics, SCHEDULER, OPTIONS, progress=False)
+    assert set(fitted) == {"3", "4"} and calls > 0
+    for k, ts in fitted.items():
+        assert len(ts) == int(k) and ts[0] == 99 and np.all(np.diff(ts) < 0)
+    generator = noise_generator(OPTIONS.seed, 0, stream="estimate")  # the fit's own paths
+    x_t = torch.randn((OPTIONS.paths, 1, 8, 8), generator=generator, dtype=torch.float64)
+    objective = _Objective(as_epsilon_model(unet, SCHEDULER), statistics, ABAR, x_t, OPTIONS, {})
+    for k, ts in fitted.items():
+        family = [objective(start) for start in _family(ABAR, int(k), OPTIONS)]
+        assert objective(ts) <= min(family)
+
+
+def test_fit_options_refuse_what_cannot_work():
+    with pytest.raises(ValueError, match="steps"):
+        FitOptions(steps=(1,))
+    with pytest.raises(ValueError, match="paths"):
+        FitOptions(paths=0)

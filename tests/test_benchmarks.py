@@ -19,6 +19,7 @@ import throughput  # noqa: E402
 import trajectory  # noqa: E402
 
 
+@pytest.mark.slow
 def test_steps_quick(tmp_path):
     steps.main(["--quick", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "steps.json").read_text())
@@ -35,6 +36,7 @@ def test_cost_quick(tmp_path):
     assert (tmp_path / "cost.md").is_file()
 
 
+@pytest.mark.slow
 def test_trajectory_quick(tmp_path):
     result = trajectory.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "tables")])
     model = result["models"][0]
@@ -44,6 +46,7 @@ def test_trajectory_quick(tmp_path):
     assert "Checks:" in (tmp_path / "trajectory.md").read_text()
 
 
+@pytest.mark.slow
 def test_throughput_quick(tmp_path):
     """One process and, where the machine has two cores, two under torchrun; every option but compile (too slow)."""
     result = throughput.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
@@ -65,6 +68,7 @@ def test_per_channel_small(tmp_path):
     assert (tmp_path / "per_channel.md").is_file()
 
 
+@pytest.mark.slow
 def test_threads_quick(tmp_path):
     """Each configuration runs the real command once, in a fresh process, and is timed."""
     result = threads.main(["--quick", "--out", str(tmp_path)])
@@ -82,6 +86,7 @@ def test_fingerprint_quick(tmp_path):
     assert "of that precompute" in (tmp_path / "fingerprint_cpu.md").read_text()
 
 
+@pytest.mark.slow
 def test_samplers_quick(tmp_path):
     """Every cell of one (model, K) from the same noise: each has its paired difference to the best cell; the checks
     with a second table and the defaults against DDIM are there."""

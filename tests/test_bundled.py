@@ -58,6 +58,7 @@ def test_bundled_model_loads_by_repo_id_from_an_offline_hub_cache(tmp_path):
     assert out.stdout.split() == [local.table.fingerprint, "1", "fixed_small"]
 
 
+@pytest.mark.slow
 def test_demo_writes_grid_and_table(tmp_path):
     from PIL import Image
 
@@ -94,6 +95,7 @@ def test_demo_size_options():
     assert demo.DEMO_STEPS == (10,) and demo.DEMO_IMAGES == 2000 and demo.FULL_STEPS == (10, 25)
 
 
+@pytest.mark.slow
 def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     model_dir = tmp_path / "model"
     tiny_unet(channels=1).save_pretrained(model_dir / "unet")
@@ -105,6 +107,7 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS)
 
 
+@pytest.mark.slow
 def test_demo_command_records_its_whole_time(tmp_path, capsys):
     from analytic_sampler.commands.cli import main
 

@@ -18,6 +18,8 @@ from diffusers import DDPMScheduler
 
 from analytic_sampler.table import VarianceTable
 
+pytestmark = pytest.mark.slow  # every test launches torchrun or kills a run: 7-45 s each on 2 cores
+
 SCRIPT = str(Path(__file__).with_name("distributed_estimate.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -51,7 +53,6 @@ def test_torchrun_table_equals_single_process_bit_for_bit(single, tmp_path, npro
         f"checkpoint.rank{r}.pt" for r in range(1, nproc)}
 
 
-@pytest.mark.slow  # two torchrun launches: about 15 s
 def test_torchrun_solver_statistics_equal_single_process_bit_for_bit(tmp_path):
     from analytic_sampler.solver_statistics import SolverStatistics
 

@@ -32,7 +32,7 @@ from analytic_sampler import DPMSolverV3Scheduler, EstimateOptions, SolverStatis
 from analytic_sampler.commands.bench import REFERENCE_IMAGES  # noqa: E402
 from analytic_sampler.digits import DigitFeatures, load_digits_split  # noqa: E402
 from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics  # noqa: E402
-from analytic_sampler.estimation.solver_timesteps import FitOptions, fit_solver_timesteps  # noqa: E402
+from analytic_sampler.estimation.solver_timesteps import V3FitOptions, fit_solver_timesteps  # noqa: E402
 from analytic_sampler.evaluation.baselines import _clip_as_thresholding, build_sampler  # noqa: E402
 from analytic_sampler.evaluation.frechet import FrechetReference, bootstrap_distances  # noqa: E402
 from analytic_sampler.evaluation.provenance import environment, footer, write_results  # noqa: E402
@@ -44,10 +44,10 @@ PEERS = ("UniPC", "DPM-Solver++(2M)")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 REFERENCE_STEPS = 500
 STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
-FIT = FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70), powers=(1.5, 2.0, 2.5, 3.0),
+FIT = V3FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70), powers=(1.5, 2.0, 2.5, 3.0),
                  moves=(16, 8, 4), rounds=1, batch_size=1000)
 QUICK_STATISTICS = StatisticsOptions(grid_points=8, num_samples=16, groups=4, batch_size=1000)
-QUICK_FIT = FitOptions(steps=STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
+QUICK_FIT = V3FitOptions(steps=STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
 
 
 def timed(function, *args, **kwargs):

@@ -12,13 +12,13 @@ from diffusers import DDPMScheduler
 from analytic_sampler.adapter import as_epsilon_model
 from analytic_sampler.estimation.moments import EstimateOptions
 from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics
-from analytic_sampler.estimation.solver_timesteps import FitOptions, _family, _Objective, fit_solver_timesteps
+from analytic_sampler.estimation.solver_timesteps import V3FitOptions, _family, _Objective, fit_solver_timesteps
 from analytic_sampler.noise import noise_generator
 from analytic_sampler.schedule import alphas_cumprod_from_config
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=100)
 ABAR = alphas_cumprod_from_config(SCHEDULER.config)
-OPTIONS = FitOptions(steps=(3, 4), paths=8, teacher_steps=40, t_lasts=(2, 8), powers=(1.0, 2.0), moves=(8, 2),
+OPTIONS = V3FitOptions(steps=(3, 4), paths=8, teacher_steps=40, t_lasts=(2, 8), powers=(1.0, 2.0), moves=(8, 2),
                      rounds=1)
 
 
@@ -49,6 +49,6 @@ def test_fitted_timesteps_beat_the_best_of_the_family(unet, statistics):
 
 def test_fit_options_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="steps"):
-        FitOptions(steps=(1,))
+        V3FitOptions(steps=(1,))
     with pytest.raises(ValueError, match="paths"):
-        FitOptions(paths=0)
+        V3FitOptions(paths=0)

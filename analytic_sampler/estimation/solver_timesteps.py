@@ -29,7 +29,7 @@ from ..solver_statistics import SolverStatistics, half_log_snr, logsnr_timesteps
 
 
 @dataclass(frozen=True)
-class FitOptions:
+class V3FitOptions:
     """How the timesteps are fitted (module docstring).
 
     Args:
@@ -76,7 +76,7 @@ class _Objective:
     """The solver on the paths for any trajectory, against the teacher's output (module docstring)."""
 
     def __init__(self, adapter, statistics: SolverStatistics, abar: np.ndarray, x_t: torch.Tensor,
-                 options: FitOptions, kwargs: Mapping[str, Any]):
+                 options: V3FitOptions, kwargs: Mapping[str, Any]):
         self.adapter, self.statistics, self.abar, self.x_t = adapter, statistics, abar, x_t
         self.options, self.kwargs, self.calls = options, dict(kwargs), 0
         n = abar.size
@@ -108,7 +108,7 @@ class _Objective:
         return float(diff.pow(2).mean().sqrt())
 
 
-def _family(abar: np.ndarray, k: int, options: FitOptions) -> list[list[int]]:
+def _family(abar: np.ndarray, k: int, options: V3FitOptions) -> list[list[int]]:
     out = []
     for t_last in options.t_lasts:
         for power in options.powers:
@@ -119,7 +119,7 @@ def _family(abar: np.ndarray, k: int, options: FitOptions) -> list[list[int]]:
     return out
 
 
-def _descend(objective: _Objective, start: list[int], options: FitOptions) -> tuple[list[int], float]:
+def _descend(objective: _Objective, start: list[int], options: V3FitOptions) -> tuple[list[int], float]:
     """Coordinate descent on the integer timesteps (module docstring); the first one stays."""
     best, value = list(start), objective(start)
     top = objective.abar.size - 1
@@ -135,12 +135,12 @@ def _descend(objective: _Objective, start: list[int], options: FitOptions) -> tu
 
 
 def fit_solver_timesteps(model, statistics: SolverStatistics, scheduler_or_alphas_cumprod,
-                         options: FitOptions | None = None, device: str | torch.device | None = None,
+                         options: V3FitOptions | None = None, device: str | torch.device | None = None,
                          prediction_type: str | None = None, progress: bool = True, **model_kwargs
                          ) -> tuple[dict[str, list[int]], int]:
     """Timesteps fitted to the solver on ``statistics`` for each K of ``options.steps`` (module docstring):
     ``({"K": [t_1, …, t_K]}, model calls made)``. ``model_kwargs``: conditioning passed to every model call."""
-    options = options or FitOptions()
+    options = options or V3FitOptions()
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     statistics.check_schedule(abar)
     adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type or statistics.prediction_type)

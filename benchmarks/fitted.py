@@ -19,7 +19,8 @@ Per model:
 4. Final rows on all 2000 samples of each seed: the best peer, the best fixed spacing of DPM-Solver++(2M), UniPC-2
    (bh2), DDIM (eps from clipped x0) and DDIM, each solver on its timesteps of the first fit; on seed 0 also the
    second fit's and the sample-quality trajectory's (the table's, Align Your Steps' bound). Fitted vs the solver's
-   own best spacing: reference-error ratio ± paired SE and FD-digits difference ± paired bootstrap SE.
+   own best spacing: reference-error ratio ± paired SE and FD-digits difference ± paired bootstrap SE. Also the
+   FD-digits of the reference solution itself, where every accurate sampler's FD-digits converges.
 
 Acceptance (reported, not assumed): at K = 5, on both models, UniPC and DPM-Solver++(2M) on fitted timesteps reach
 at most 0.8x the reference error of the same solver's best fixed spacing with FD-digits no worse beyond one paired
@@ -98,7 +99,8 @@ class ModelRun:
     """One bundled model's part of the benchmark: its references, fits and cells, cached under ``cache/<model>``."""
 
     def __init__(self, name: str, settings: Settings, cache: Path, features, fd_reference: FrechetReference, log):
-        self.name, self.settings, self.features, self.fd_reference, self.log = name, settings, features, fd_reference, log
+        self.name, self.settings, self.log = name, settings, log
+        self.features, self.fd_reference = features, fd_reference
         self.model = load_pretrained(name)
         config = self.model.unet.config
         self.shape = (config.in_channels, config.sample_size, config.sample_size)
@@ -236,6 +238,11 @@ def final_rows(run: ModelRun, k: int, seed: int, screened: list[dict], fits: dic
                      "timesteps": result["timesteps"].tolist(), "nfe": len(result["timesteps"]),
                      "seconds": float(result["seconds"]), **_stat(result["errors"]), "_errors": result["errors"]})
         feats.append(result["features"])
+    # the reference's own samples: how far FD-digits moves when a sampler reaches the ODE's solution
+    rows.append({"model": run.name, "K": k, "seed": seed, "row": "reference solution", "family": None, "solver": None,
+                 "peer": f"DPM-Solver++(3M), {run.settings.reference.steps} points", "fit_seed": None,
+                 "timesteps": [], "nfe": run.settings.reference.steps, "seconds": 0.0, "ref_rms": None, "ref_se": None})
+    feats.append(run.features(run.reference(seed)[:n].clamp(-1, 1).float()).numpy())
     boot = bootstrap_distances(feats, run.fd_reference, seed)
     for i, row in enumerate(rows):
         row.update(fd=run.fd_reference.distance(feats[i]), fd_se=float(np.std(boot[:, i], ddof=1)), _boot=boot[:, i])
@@ -263,6 +270,15 @@ def comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+def reference_fd(rows: list[dict]) -> list[dict]:
+    """FD-digits of the reference solution minus each tuned baseline's (best peer, best spacings), ± paired SE: where
+    it is positive, a sampler that comes closer to the ODE moves FD-digits up, towards the ODE's own."""
+    reference = next(r for r in rows if r["row"] == "reference solution")
+    return [{"model": r["model"], "K": r["K"], "seed": r["seed"], "against": r["row"], "peer": r["peer"],
+             "fd_diff": reference["fd"] - r["fd"], "fd_diff_se": float(np.std(reference["_boot"] - r["_boot"], ddof=1))}
+            for r in rows if r["row"] == "best peer" or r["row"].startswith("best spacing")]
+
+
 def acceptance(compared: list[dict]) -> list[dict]:
     """The issue's acceptance per (model, K, seed, solver, fit) of UniPC and DPM-Solver++(2M)."""
     out = []
@@ -279,7 +295,8 @@ def acceptance(compared: list[dict]) -> list[dict]:
 def run_model(name: str, settings: Settings, cache: Path, features, fd_reference, log, save) -> dict:
     """Everything of one model, K after K; ``save(result)`` after each K (a long run shows its progress)."""
     run = ModelRun(name, settings, cache, features, fd_reference, log)
-    result = {"model": name, "screening": {}, "rows": [], "comparisons": [], "fits": {}, "convergence": []}
+    result = {"model": name, "screening": {}, "rows": [], "comparisons": [], "reference_fd": [], "fits": {},
+              "convergence": []}
     fits = {}
     for fit_seed in settings.fit_seeds:
         fits[fit_seed] = run.fit(fit_seed)
@@ -291,6 +308,7 @@ def run_model(name: str, settings: Settings, cache: Path, features, fd_reference
         for seed in settings.seeds:
             rows = final_rows(run, k, seed, screened, fits)
             result["comparisons"] += comparisons(rows)
+            result["reference_fd"] += reference_fd(rows)
             result["rows"] += [{key: v for key, v in row.items() if not key.startswith("_")} for row in rows]
         save(result)
     result["convergence"] = run.convergence()
@@ -303,6 +321,8 @@ def _f(value, digits: int = 4) -> str:
 
 
 def _ts(timesteps) -> str:
+    if not len(timesteps):
+        return "—"
     ts = [f"{t:g}" for t in timesteps]
     return "[" + (", ".join(ts) if len(ts) <= 10 else ", ".join(ts[:4] + ["…"] + ts[-2:])) + "]"
 
@@ -310,8 +330,8 @@ def _ts(timesteps) -> str:
 def model_markdown(r: dict, settings: Settings) -> list[str]:
     out = [f"## {r['model']}", ""]
     if r["convergence"]:
-        out += [f"Reference convergence (first {r['convergence'][0]['samples']} samples of seed 0): RMS distance of the "
-                f"{settings.reference.steps}-point reference to solves with other numbers of points.", "",
+        out += [f"Reference convergence (first {r['convergence'][0]['samples']} samples of seed 0): RMS distance of "
+                f"the {settings.reference.steps}-point reference to solves with other numbers of points.", "",
                 "| points | distance to the reference |", "|---:|---:|"]
         out += [f"| {c['steps']} | {c['rms']:.5f} ± {c['se']:.5f} |" for c in r["convergence"]]
         ranked = [row["ref_rms"] for row in r["rows"] if row["ref_rms"] is not None]
@@ -352,6 +372,11 @@ def model_markdown(r: dict, settings: Settings) -> list[str]:
                     "|---:|---|---|---|---:|---:|"]
             out += [f"| {c['seed']} | {c['solver']} | {c['row']} | {c['against']} | {c['ratio']:.3f} ± "
                     f"{c['ratio_se']:.3f} | {c['fd_diff']:+.2f} ± {c['fd_diff_se']:.2f} |" for c in compared]
+        against = [c for c in r.get("reference_fd", []) if str(c["K"]) == k]
+        if against:
+            out += ["", "FD-digits of the reference solution minus the tuned baselines' (paired SE): "
+                    + "; ".join(f"seed {c['seed']}, {c['peer']}: {c['fd_diff']:+.2f} ± {c['fd_diff_se']:.2f}"
+                                for c in against) + "."]
         out.append("")
     return out
 
@@ -367,7 +392,8 @@ def markdown(result: dict, settings: Settings) -> str:
     if accepted:
         out += ["## Acceptance", "", "K = 5: fitted / best-spacing reference error <= 0.8 and FD-digits no worse "
                 "beyond one paired SE; K = 10: ratio <= 1.0 (UniPC and DPM-Solver++(2M)).", "",
-                "| model | K | seed | solver | row | ratio | FD difference | met |", "|---|---:|---:|---|---|---:|---:|---|"]
+                "| model | K | seed | solver | row | ratio | FD difference | met |",
+                "|---|---:|---:|---|---|---:|---:|---|"]
         out += [f"| {a['model']} | {a['K']} | {a['seed']} | {a['solver']} | {a['row']} | {a['ratio']:.3f} ± "
                 f"{a['ratio_se']:.3f} | {a['fd_diff']:+.2f} ± {a['fd_diff_se']:.2f} | {'yes' if a['met'] else 'no'} |"
                 for a in accepted]

@@ -280,7 +280,7 @@ def reference_fd(rows: list[dict]) -> list[dict]:
 
 
 def acceptance(compared: list[dict]) -> list[dict]:
-    """The issue's acceptance per (model, K, seed, solver, fit) of UniPC and DPM-Solver++(2M)."""
+    """The bar the fit is held to per (model, K, seed, solver, fit) of UniPC and DPM-Solver++(2M)."""
     out = []
     for c in compared:
         if c["K"] in ACCEPTANCE and c["solver"] in ACCEPTED_SOLVERS and c["against"] == "best spacing" and c[

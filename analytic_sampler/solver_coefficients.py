@@ -167,10 +167,12 @@ class SolverPlan:
                           convert(self.l), convert(self.alpha))
 
 
-def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 3, corrector: bool = True
-                ) -> SolverPlan:
-    """The coefficients of every predictor (order ``min(order, i + 1)``) and corrector (one order more) of a
-    trajectory of model calls at the ascending half log-SNRs ``lambdas``."""
+def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 3, corrector: bool = True,
+                lower_order_final: bool = True) -> SolverPlan:
+    """The coefficients of every predictor and corrector (one order more) of a trajectory of model calls at the
+    ascending half log-SNRs ``lambdas``. Step i (to point i+1 of K) has order ``min(order, i + 1)``, and with
+    ``lower_order_final`` at most ``K - 1 - i`` (the last step first order, as Diffusers' multistep solvers do):
+    near t = 0 the remainder's higher derivatives, from statistics of a rough model, amplify rather than cancel."""
     lambdas = np.asarray(lambdas, dtype=np.float64)
     if order not in (1, 2, 3):
         raise ValueError(f"solver order {order}; DPM-Solver-v3 here has orders 1, 2 and 3.")
@@ -178,7 +180,7 @@ def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 
         raise ValueError("the trajectory's half log-SNRs must ascend (timesteps descend).")
     predictors, correctors = [], []
     for i in range(lambdas.size - 1):
-        p = min(order, i + 1)
+        p = min(order, i + 1, lambdas.size - 1 - i if lower_order_final else order)
         predictors.append(step(statistics, lambdas, i, i + 1, tuple(i - k for k in range(p))))
         extra = (i, i + 1, *(i - k for k in range(1, p)))
         correctors.append(step(statistics, lambdas, i, i + 1, extra) if corrector else None)

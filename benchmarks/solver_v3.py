@@ -44,7 +44,8 @@ PEERS = ("UniPC", "DPM-Solver++(2M)")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 REFERENCE_STEPS = 500
 STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
-FIT = V3FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70), powers=(1.5, 2.0, 2.5, 3.0),
+FIT = V3FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70, 120, 200),
+                 powers=(1.5, 2.0, 2.5, 3.0),
                  moves=(16, 8, 4), rounds=1, batch_size=1000)
 QUICK_STATISTICS = StatisticsOptions(grid_points=8, num_samples=16, groups=4, batch_size=1000)
 QUICK_FIT = V3FitOptions(steps=STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)

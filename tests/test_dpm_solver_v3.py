@@ -107,6 +107,17 @@ def test_exact_statistics_make_the_solver_exact_on_gaussian_data(order, timestep
         assert errors[0] < errors[1] / 8  # 4x the grid points: ~16x smaller
 
 
+@pytest.mark.parametrize("lower_order_final, orders", [(True, [1, 2, 3, 2, 1]), (False, [1, 2, 3, 3, 3])])
+def test_lower_order_final_lowers_the_last_steps(lower_order_final, orders):
+    """Step i of K uses min(order, i + 1) outputs, and with lower_order_final at most K - 1 - i; the corrector one
+    more."""
+    lam = half_log_snr(ABAR)
+    plan = solver_plan(gaussian_statistics(50), lam[[999, 800, 600, 400, 200, 50]], order=3,
+                       lower_order_final=lower_order_final)
+    assert [len(step.points) for step in plan.predictors] == orders
+    assert [len(step.points) for step in plan.correctors] == [p + 1 for p in orders]
+
+
 def test_l_one_and_s_b_zero_give_dpm_solver_pp():
     """l = 1, s = b = 0: the first-order step is DPM-Solver++'s (DDIM with eps from the clipped x0):
     x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) D_s."""

@@ -47,7 +47,8 @@ def test_l_matches_its_closed_form_within_its_standard_errors(gaussian_estimate)
 def test_estimated_statistics_sample_the_gaussian_ode_about_as_well_as_exact_ones():
     """The solver on Monte Carlo l, s, b (per channel: 16 entries a draw) stays within a few times the error the exact
     statistics on the same grid make (their linear interpolation in lambda): the ridge of s keeps the noise of l from
-    blowing up e^S (without it: errors of 1e7 on a 12-point grid)."""
+    blowing up e^S (without it: errors of 1e7 on a 12-point grid). Full order to the end: this Gaussian's remainder
+    is smooth, so its higher derivatives measure the statistics (a first-order last step leaves 0.07 here)."""
     estimated = estimate(StatisticsOptions(grid_points=60, num_samples=1024, groups=16, batch_size=512))
     assert estimated.feature_shape == (1, 1, 1)  # data without a range: per channel
     x_start = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -58,7 +59,7 @@ def test_estimated_statistics_sample_the_gaussian_ode_about_as_well_as_exact_one
     answer = MU + a**0.5 * V * (x_end - a**0.5 * MU) / (a * V + 1 - a)
     errors = []
     for stats in (exact, estimated):
-        scheduler = DPMSolverV3Scheduler.from_table(stats, CONFIG)
+        scheduler = DPMSolverV3Scheduler.from_table(stats, CONFIG, lower_order_final=False)
         scheduler.set_timesteps(timesteps=ts)
         x = x_start
         for t in scheduler.timesteps:

@@ -45,8 +45,8 @@ class V3FitOptions:
             The coordinate descent's step sizes.
         rounds (`int`, defaults to 2):
             Improving moves taken per step size at most.
-        order, corrector:
-            The solver fitted for (the scheduler's ``solver_order``, ``use_corrector``).
+        order, corrector, lower_order_final:
+            The solver fitted for (the scheduler's ``solver_order``, ``use_corrector``, ``lower_order_final``).
         seed (`int`, defaults to 0):
             Seeds ``x_T`` (a stream of its own: never the noise a sampling run of the same seed starts from).
         batch_size (`int`, defaults to 256):
@@ -56,12 +56,13 @@ class V3FitOptions:
     steps: tuple[int, ...] = (3, 5, 7, 10)
     paths: int = 128
     teacher_steps: int = 250
-    t_lasts: tuple[int, ...] = (10, 20, 40, 70, 120)
+    t_lasts: tuple[int, ...] = (10, 20, 40, 70, 120, 200)
     powers: tuple[float, ...] = (1.0, 1.5, 2.0, 2.5, 3.0)
     moves: tuple[int, ...] = (32, 16, 8, 4, 2)
     rounds: int = 2
     order: int = 3
     corrector: bool = True
+    lower_order_final: bool = True
     seed: int = 0
     batch_size: int = 256
 
@@ -87,7 +88,7 @@ class _Objective:
         """The solver's output (clipped data prediction at the last call) from every path."""
         trajectory = [int(t) for t in trajectory]
         plan = solver_plan(self.statistics, half_log_snr(self.abar)[trajectory], self.options.order,
-                           self.options.corrector)
+                           self.options.corrector, self.options.lower_order_final)
         plan = plan.to(lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.x_t))
         outs, size, clip = [], self.options.batch_size, self.statistics.data_range
         for lo in range(0, self.x_t.shape[0], size):

@@ -90,6 +90,10 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
             The predictor's order (1, 2 or 3; lower on the first steps, which lack history).
         use_corrector (`bool`, defaults to `True`):
             Redo each step with the model output at its end (one order more; no extra model call).
+        lower_order_final (`bool`, defaults to `True`):
+            Lower the order on the last steps (step i of K at most ``K - 1 - i``: the last one first order), as
+            Diffusers' multistep solvers do. Without it, trajectories that end near t = 0 (``"leading"``, or many
+            steps) lose accuracy several-fold on the bundled models.
         clip_sample (`bool`, defaults to `True`):
             Clip ``D`` to ``[-clip_sample_range, clip_sample_range]``: set by the statistics' data range (the clip
             they were estimated with).
@@ -131,6 +135,7 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         solver_order: int = 3,
         use_corrector: bool = True,
+        lower_order_final: bool = True,
         clip_sample: bool = True,
         clip_sample_range: float = 1.0,
         timestep_spacing: str = FITTED,
@@ -238,7 +243,8 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         else:
             trajectory = self._spaced(num_inference_steps)
         lambdas = half_log_snr(self.alphas_cumprod_64)[trajectory]
-        plan = solver_plan(self.statistics, lambdas, self.config.solver_order, self.config.use_corrector)
+        plan = solver_plan(self.statistics, lambdas, self.config.solver_order, self.config.use_corrector,
+                           self.config.lower_order_final)
         device = torch.device(device or "cpu")
         work = torch.float32 if device.type == "mps" else torch.float64
 

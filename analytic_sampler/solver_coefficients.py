@@ -180,7 +180,9 @@ def solver_plan(statistics: SolverStatistics, lambdas: np.ndarray, order: int = 
         raise ValueError("the trajectory's half log-SNRs must ascend (timesteps descend).")
     predictors, correctors = [], []
     for i in range(lambdas.size - 1):
-        p = min(order, i + 1, lambdas.size - 1 - i if lower_order_final else order)
+        p = min(order, i + 1)
+        if lower_order_final:
+            p = min(p, lambdas.size - 1 - i)
         predictors.append(step(statistics, lambdas, i, i + 1, tuple(i - k for k in range(p))))
         extra = (i, i + 1, *(i - k for k in range(1, p)))
         correctors.append(step(statistics, lambdas, i, i + 1, extra) if corrector else None)

@@ -4,8 +4,9 @@ from the same x_T, as in ``solver_v3.py``), mean over samples ± standard error.
 
     python benchmarks/solver_v3_final_order.py      # after solver_v3.py: reads the statistics from its --cache
 
-Trajectories: ``uniform K to T``, K timesteps evenly spaced from 999 to T (T = 0: Diffusers' "leading" ends there);
-``linspace K``, Diffusers' spacing (ends at 999 / K); ``logsnr K``, the scheduler's own spacing (ends at 40).
+Trajectories: ``uniform K to T``, K timesteps evenly spaced from N-1 to T (T = 0: Diffusers' "leading" ends there);
+``linspace K``, UniPC's and DPM-Solver++'s "linspace" (ends near N / K); ``logsnr K``, the scheduler's own spacing
+(ends at 40).
 Writes ``solver_v3_final_order.json`` / ``.md``.
 """
 
@@ -19,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from diffusers import UniPCMultistepScheduler  # noqa: E402
 from solver_v3 import REFERENCE_STEPS, reference_solution, rms  # noqa: E402
 
 from analytic_sampler import DPMSolverV3Scheduler, SolverStatistics  # noqa: E402
@@ -28,12 +30,17 @@ from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa:
 from analytic_sampler.solver_statistics import logsnr_timesteps  # noqa: E402
 
 
-def trajectories(abar: np.ndarray) -> dict[str, list[int]]:
+def trajectories(config, abar: np.ndarray) -> dict[str, list[int]]:
+    def multistep_linspace(k: int) -> list[int]:  # UniPC's and DPM-Solver++'s "linspace" (DDIM's differs)
+        scheduler = UniPCMultistepScheduler.from_config(config, timestep_spacing="linspace")
+        scheduler.set_timesteps(k)
+        return scheduler.timesteps.tolist()
+
     def uniform(k: int, last: int) -> list[int]:
-        return np.unique(np.linspace(last, 999, k).round()).astype(int)[::-1].tolist()
+        return np.unique(np.linspace(last, abar.size - 1, k).round()).astype(int)[::-1].tolist()
 
     out = {f"uniform {k} to {last}": uniform(k, last) for last in (0, 10) for k in (5, 10, 25, 100)}
-    out.update({f"linspace {k}": np.linspace(0, 999, k + 1).round()[::-1][:-1].astype(int).tolist() for k in (5, 10)})
+    out.update({f"linspace {k}": multistep_linspace(k) for k in (5, 10)})
     out.update({f"logsnr {k}": logsnr_timesteps(abar, k, 40, 2.5) for k in (5, 10)})
     return out
 
@@ -44,7 +51,7 @@ def run_model(name: str, cache: Path, n: int, orders: tuple[int, ...]) -> list[d
     reference = reference_solution(model, n, 0, REFERENCE_STEPS)
     abar = model.scheduler.alphas_cumprod.numpy().astype(np.float64)
     rows = []
-    for label, timesteps in trajectories(abar).items():
+    for label, timesteps in trajectories(model.scheduler.config, abar).items():
         for order in orders:
             row = {"model": name, "trajectory": label, "order": order, "timesteps": timesteps}
             for final in (False, True):

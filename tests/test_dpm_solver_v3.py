@@ -107,13 +107,13 @@ def test_exact_statistics_make_the_solver_exact_on_gaussian_data(order, timestep
         assert errors[0] < errors[1] / 8  # 4x the grid points: ~16x smaller
 
 
-@pytest.mark.parametrize("lower_order_final, orders", [(True, [1, 2, 3, 2, 1]), (False, [1, 2, 3, 3, 3])])
-def test_lower_order_final_lowers_the_last_steps(lower_order_final, orders):
-    """Step i of K uses min(order, i + 1) outputs, and with lower_order_final at most K - 1 - i; the corrector one
-    more."""
-    lam = half_log_snr(ABAR)
-    plan = solver_plan(gaussian_statistics(50), lam[[999, 800, 600, 400, 200, 50]], order=3,
-                       lower_order_final=lower_order_final)
+@pytest.mark.parametrize("options, orders", [({}, [1, 2, 3, 2, 1]), ({"lower_order_final": False}, [1, 2, 3, 3, 3])])
+def test_lower_order_final_lowers_the_last_steps(options, orders):
+    """Step i of K uses min(order, i + 1) outputs, and with lower_order_final (the default) at most K - 1 - i; the
+    corrector one more."""
+    scheduler = DPMSolverV3Scheduler.from_table(gaussian_statistics(50), CONFIG, **options)
+    scheduler.set_timesteps(timesteps=[999, 800, 600, 400, 200, 50])
+    plan = scheduler._run.plan
     assert [len(step.points) for step in plan.predictors] == orders
     assert [len(step.points) for step in plan.correctors] == [p + 1 for p in orders]
 

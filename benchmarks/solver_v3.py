@@ -39,16 +39,16 @@ from analytic_sampler.evaluation.provenance import environment, footer, write_re
 from analytic_sampler.evaluation.sampling import sample  # noqa: E402
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa: E402
 
-STEPS = (5, 10)
+STEPS = (3, 5, 7, 10, 25)
+FIT_STEPS = (3, 5, 7, 10)  # K = 25 takes the logsnr spacing (the fit stops at 15)
 PEERS = ("UniPC", "DPM-Solver++(2M)")
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 REFERENCE_STEPS = 500
 STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
-FIT = V3FitOptions(steps=STEPS, paths=64, teacher_steps=100, t_lasts=(10, 20, 40, 70, 120, 200),
-                 powers=(1.5, 2.0, 2.5, 3.0),
-                 moves=(16, 8, 4), rounds=1, batch_size=1000)
+FIT = V3FitOptions(steps=FIT_STEPS, paths=128, teacher_steps=100, t_lasts=(10, 20, 40, 70, 120, 200),
+                   powers=(1.5, 2.0, 2.5, 3.0), starts=3, moves=(64, 32, 16, 8, 4), rounds=4, batch_size=1000)
 QUICK_STATISTICS = StatisticsOptions(grid_points=8, num_samples=16, groups=4, batch_size=1000)
-QUICK_FIT = V3FitOptions(steps=STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
+QUICK_FIT = V3FitOptions(steps=FIT_STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
 
 
 def timed(function, *args, **kwargs):
@@ -62,17 +62,20 @@ def statistics_with_fit(model, train: torch.Tensor, cache: Path, quick: bool) ->
     options, fit = (QUICK_STATISTICS, QUICK_FIT) if quick else (STATISTICS, FIT)
     folder, cost_file = cache / f"{model.name}-statistics", cache / f"{model.name}-statistics-cost.json"
     if cost_file.is_file():
-        return SolverStatistics.load(folder), json.loads(cost_file.read_text())
-    stats, seconds = timed(estimate_solver_statistics, model.unet, train, model.scheduler, options,
-                           EstimateOptions(progress=False, model_id=model.name))
-    (fitted, fit_calls), fit_seconds = timed(fit_solver_timesteps, model.unet, stats, model.scheduler, fit,
-                                             progress=False)
-    stats.fitted_timesteps = fitted
-    stats.save(folder)
-    cost = {"grid_points": int(stats.timesteps.size), "draws_per_point": options.num_samples,
-            "model_calls": stats.provenance["model_calls"], "seconds": seconds, "fit_model_calls": fit_calls,
-            "fit_seconds": fit_seconds, "fitted_timesteps": fitted, "threads": torch.get_num_threads()}
-    cost_file.write_text(json.dumps(cost))
+        stats, cost = SolverStatistics.load(folder), json.loads(cost_file.read_text())
+    else:
+        stats, seconds = timed(estimate_solver_statistics, model.unet, train, model.scheduler, options,
+                               EstimateOptions(progress=False, model_id=model.name))
+        cost = {"grid_points": int(stats.timesteps.size), "draws_per_point": options.num_samples,
+                "model_calls": stats.provenance["model_calls"], "seconds": seconds, "threads": torch.get_num_threads()}
+    if cost.get("fit_options") != json.loads(json.dumps(asdict(fit))):  # the statistics kept, the fit redone
+        (fitted, fit_calls), fit_seconds = timed(fit_solver_timesteps, model.unet, stats, model.scheduler, fit,
+                                                 progress=False)
+        stats.fitted_timesteps = fitted
+        stats.save(folder)
+        cost.update(fit_model_calls=fit_calls, fit_seconds=fit_seconds, fitted_timesteps=fitted,
+                    fit_options=asdict(fit))
+        cost_file.write_text(json.dumps(cost))
     return stats, cost
 
 
@@ -133,14 +136,20 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
     result = {"model": name, "statistics_cost": cost, "step_ms": step_overhead(model, stats), "cells": []}
     steps = 20 if quick else REFERENCE_STEPS
     for seed in seeds:
-        reference, ref_seconds = timed(reference_solution, model, n, seed, steps)
+        reference, ref_seconds = cached(cache / f"{name}-reference{steps}-n{n}-s{seed}.pt",
+                                        reference_solution, model, n, seed, steps)
         result.setdefault("reference_seconds", {})[seed] = ref_seconds
         if seed == seeds[0]:  # the reference's own error: against half the steps, first 100 samples
             half = reference_solution(model, min(n, 100), seed, steps // 2)
             result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
         for c in cells(model, stats):
-            images, seconds = timed(sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"],
-                                    c["timesteps"], seed=seed, batch_size=1000, progress=False, **c["step_kwargs"])
+            run = (sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"], c["timesteps"])
+            kwargs = {"seed": seed, "batch_size": 1000, "progress": False, **c["step_kwargs"]}
+            if c["method"] in PEERS:  # the peers' samples do not depend on the statistics: kept across runs
+                images, seconds = cached(cache / f"{name}-{c['method']}-{c['spacing']}-K{c['K']}-n{n}-s{seed}.pt",
+                                         *run, **kwargs)
+            else:
+                images, seconds = timed(*run, **kwargs)
             error = rms(images, reference)
             result["cells"].append({
                 "method": c["method"], "spacing": c["spacing"], "K": c["K"], "seed": seed, "seconds": seconds,
@@ -150,6 +159,16 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
             print(f"{name} seed {seed} K={c['K']} {c['method']} {c['spacing']}: ref {float(error.mean()):.4f} "
                   f"({seconds:.1f} s)", flush=True)
     return result
+
+
+def cached(path: Path, function, *args, **kwargs) -> tuple[torch.Tensor, float]:
+    """``timed(function, ...)``'s images and seconds, saved at ``path`` and read back on a later run."""
+    if path.is_file():
+        saved = torch.load(path)
+        return saved["images"], saved["seconds"]
+    images, seconds = timed(function, *args, **kwargs)
+    torch.save({"images": images, "seconds": seconds}, path)
+    return images, seconds
 
 
 def summarise(model_result: dict, reference: FrechetReference) -> list[dict]:

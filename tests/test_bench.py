@@ -199,7 +199,9 @@ def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
     """Diffusers' peers on the model's own config and Analytic-DPM's variants (plus a scheduler added by name) each
     give a row with its difference to the best row, its paired standard error and the timesteps it ran; every
     sampler starts from the same initial noise."""
+    from analytic_sampler import EstimateOptions
     from analytic_sampler.commands.bench import BenchOptions, run_bench
+    from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics
     from analytic_sampler.evaluation.baselines import BENCH_METHODS
     from analytic_sampler.pretrained import load_pretrained
 
@@ -212,9 +214,12 @@ def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
             first_inputs.append(sample.clone())
         return forward(sample, timestep, *args, **kwargs)
 
+    statistics = estimate_solver_statistics(model.unet, train, model.scheduler, StatisticsOptions(
+        grid_points=6, num_samples=8, groups=2, batch_size=64), EstimateOptions(progress=False))
     model.unet.forward = recording
     result = run_bench(model, train, train[:12], [3], tmp_path / "out", BenchOptions(
-        table_samples=4, fd_samples=16, batch_size=64, progress=False, schedulers=["EulerDiscreteScheduler"]))
+        table_samples=4, fd_samples=16, batch_size=64, progress=False, schedulers=["EulerDiscreteScheduler"],
+        solver_statistics=statistics))
     rows = result["sample_quality"]["rows"]
     assert [r["method"] for r in rows] == [*BENCH_METHODS, "EulerDiscreteScheduler"]
     best = min(rows, key=lambda r: r["fd"])
@@ -224,6 +229,8 @@ def test_bench_ranks_the_peers_from_the_same_initial_noise(tmp_path):
     ran = {r["method"]: r["timesteps"] for r in rows}
     assert ran["DDIM"] == [26, 13, 0] and ran["DPM-Solver++(2M)"] == [30, 20, 10]  # each on the config's "leading"
     assert ran["Analytic-DDPM"] == [26, 13, 0] and ran["Analytic-DDPM (optimal trajectory)"][0] == 39
+    v3 = next(r for r in rows if r["method"] == "DPM-Solver-v3")  # no fitted timesteps: its logsnr spacing
+    assert ran["DPM-Solver-v3"][0] == 39 and v3["uses_table"] and v3["ref_error"]["rms"] > 0
     # one recorded model input per model call: split them into runs by the timesteps each row ran
     # then the reference solve of the deterministic rows' reference errors, from the same noise
     starts = np.cumsum([0] + [len(r["timesteps"]) for r in rows])

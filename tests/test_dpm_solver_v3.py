@@ -244,6 +244,8 @@ def test_bad_input_is_refused_naming_the_fix(digits_statistics, ddpm_config):
         scheduler.set_timesteps(timesteps=[500, 600])
     with pytest.raises(ValueError, match="repeated timesteps"):
         scheduler.set_timesteps(500)
+    with pytest.raises(ValueError, match=r"logsnr_t_last=999; use a timestep in \[0, 998\]"):
+        DPMSolverV3Scheduler.from_table(digits_statistics, ddpm_config, logsnr_t_last=999)
 
 
 def test_fitted_timesteps_are_used_for_their_k_and_travel_with_the_scheduler(digits_statistics, ddpm_config,

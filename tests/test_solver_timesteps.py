@@ -47,8 +47,25 @@ def test_fitted_timesteps_beat_the_best_of_the_family(unet, statistics):
         assert objective(ts) <= min(family)
 
 
+def test_more_starts_never_end_worse_and_each_trajectory_is_solved_once(unet, statistics):
+    """The descent from the family's best three ends no worse than from its best one; asking the objective again
+    for a trajectory costs no model call."""
+    one = V3FitOptions(steps=(4,), paths=8, teacher_steps=40, t_lasts=(2, 8, 20), powers=(1.0, 2.0), moves=(8, 2),
+                       rounds=1, starts=1)
+    three = V3FitOptions(**{**one.__dict__, "starts": 3})
+    x_t = torch.randn((8, 1, 8, 8), generator=noise_generator(0, 0, stream="estimate"), dtype=torch.float64)
+    objective = _Objective(as_epsilon_model(unet, SCHEDULER), statistics, ABAR, x_t, one, {})
+    fitted = {n: fit_solver_timesteps(unet, statistics, SCHEDULER, o, progress=False)[0]["4"]
+              for n, o in (("one", one), ("three", three))}
+    assert objective(fitted["three"]) <= objective(fitted["one"])
+    calls = objective.calls
+    assert objective(fitted["one"]) == objective(list(fitted["one"])) and objective.calls == calls
+
+
 def test_fit_options_refuse_what_cannot_work():
     with pytest.raises(ValueError, match="steps"):
         V3FitOptions(steps=(1,))
     with pytest.raises(ValueError, match="paths"):
         V3FitOptions(paths=0)
+    with pytest.raises(ValueError, match="starts"):
+        V3FitOptions(starts=0)

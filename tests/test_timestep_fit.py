@@ -18,7 +18,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from analytic_sampler import AnalyticDPMScheduler, VarianceTable
+from analytic_sampler import AnalyticDPMScheduler, SolverStatistics, VarianceTable
 from analytic_sampler.denoiser import Denoiser, x0_limit
 from analytic_sampler.estimation.precompute import precompute_fitted_timesteps
 from analytic_sampler.estimation.timestep_fit import FitOptions, fit_timesteps, initial_noise, planned_calls
@@ -176,10 +176,17 @@ def test_precompute_fit_only_then_trajectory_for_a_solver(tmp_path, capsys):
     calls = table.provenance["fitted_timesteps"]["model_calls"]
     options = FitOptions(num_paths=4, candidates=12, max_steps=4, batch_size=256)
     assert calls == planned_calls(table.alphas_cumprod, options)["total"]
-    assert f"x 3 (dpm-solver++, unipc, ddim) = {calls} model calls" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"x 3 (dpm-solver++, unipc, ddim) = {calls} model calls" in printed
+    assert "dpm-solver-v3 timesteps for K = 3: 8 paths from noise" in printed
     assert table.counts.tolist() == [4] * N  # the moments are kept
+    statistics = SolverStatistics.load(tmp_path / "table")  # DPMSolverV3Scheduler's own fit, K <= 4
+    assert list(statistics.fitted_timesteps) == ["3"] and statistics.fitted_timesteps["3"][0] == N - 1
+    assert statistics.provenance["timestep_fit"]["options"]["paths"] == 8
     main([*base, *fit])
-    assert "already holds the fitted timesteps of these settings; nothing to do" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already holds the fitted timesteps of these settings; nothing to do" in printed
+    assert "already holds dpm-solver-v3 timesteps of these settings; nothing to do" in printed
     main(["trajectory", "--table", str(tmp_path / "table"), "--for", "unipc", "--steps", "3", "4", "--json",
           str(tmp_path / "f.json")])
     printed = capsys.readouterr().out

@@ -27,7 +27,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluation.baselines import ANALYTIC, BENCH_METHODS, FITTED, LEARNED, applies, check_names, sampling_methods
+from ..evaluation.baselines import (
+    ANALYTIC,
+    BENCH_METHODS,
+    FITTED,
+    LEARNED,
+    SOLVER_V3,
+    applies,
+    check_names,
+    sampling_methods,
+)
 from ..evaluation.frechet import FrechetReference, frechet_with_stderr
 from ..evaluation.likelihood import NLLOptions, nll_bpd
 from ..evaluation.peers import is_deterministic
@@ -98,6 +107,9 @@ class BenchOptions:
             into ``out/table`` (:func:`bench_table`).
         table_samples (`int`, defaults to 100):
             Images per timestep for an estimated table.
+        solver_statistics (`SolverStatistics`, *optional*):
+            What the DPM-Solver-v3 row samples with; default: the model's own (a table folder with them), else the
+            row is left out.
         force_table (`bool`, defaults to `False`):
             Use the table even where it was estimated for another model.
         overwrite (`bool`, defaults to `False`):
@@ -131,6 +143,7 @@ class BenchOptions:
 
     table: VarianceTable | None = None
     table_samples: int = 100
+    solver_statistics: Any = None
     force_table: bool = False
     overwrite: bool = False
     fd_samples: int | None = None
@@ -190,7 +203,7 @@ def add_reference_errors(rows: list[dict], methods_per_k: dict, kept: dict, mode
     same noise (:mod:`~analytic_sampler.evaluation.reference`); return how that reference was solved."""
     deterministic = [row for row in rows if is_deterministic(methods_per_k[row["K"]][row["method"]])]
     for row in rows:
-        row.update(uses_table=row["method"] in ANALYTIC or row["method"] in FITTED, ref_error=None)
+        row.update(uses_table=row["method"] in (*ANALYTIC, *FITTED, SOLVER_V3), ref_error=None)
     if not deterministic:
         return None
     config = model.unet.config
@@ -276,7 +289,9 @@ def run_bench(
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
                                         "sampling loop would run the bare UNet.")
     fd_samples = o.fd_samples or min(len(train), 5000)
-    methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names) for k in steps}
+    statistics = model.solver_statistics if o.solver_statistics is None else o.solver_statistics
+    methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names, statistics=statistics)
+                                                 for k in steps}
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
     with tqdm(total=cells, desc="bench", unit="cell", disable=not o.progress) as bar:
         nll = nll_rows(model, table, heldout, steps, o.batch_size, o.seed, o.device, on_cell=bar.update,
@@ -291,7 +306,8 @@ def run_bench(
                "reference_images": min(len(train), REFERENCE_IMAGES),
                "real_floor": None if floor is None else {"fd": floor[0], "stderr": floor[1],
                                                           "num_images": len(heldout)},
-               "not_applicable": [name for name in names if not all(applies(name, config, table, k) for k in steps)],
+               "not_applicable": [name for name in names
+                                  if not all(applies(name, config, table, k, statistics) for k in steps)],
                "reference": reference, "rows": fd}
     result = {
         "model": model.name, "table": table_source, "table_samples_per_timestep":

@@ -25,10 +25,11 @@ from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
 from .bench import BenchOptions, output_names, run_bench
 
-#: the last two rows run where the table carries fitted timesteps (``precompute``; not the bundled tables)
+#: the two "(fitted timesteps)" rows run where the table carries fitted timesteps (``precompute``; not the bundled
+#: tables), DPM-Solver-v3 where the model ships solver statistics (the bundled models do)
 DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
                 "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM (sample trajectory)",
-                "DPM-Solver++(2M) (fitted timesteps)", "UniPC (fitted timesteps)")
+                "DPM-Solver++(2M) (fitted timesteps)", "UniPC (fitted timesteps)", "DPM-Solver-v3")
 DEMO_STEPS, DEMO_IMAGES = (10,), 2000
 FULL_STEPS, FULL_IMAGES = (10, 25), 2000
 # Precompute budget when a model ships no table: 10 draws per timestep already match 200 on the even trajectory

@@ -33,6 +33,7 @@ from diffusers import (
 from ..fitted_timesteps import FittedTimesteps, fitted_timesteps
 from ..sample_trajectory import sample_quality_trajectory
 from ..schedulers.analytic_dpm import AnalyticDPMScheduler
+from ..schedulers.dpm_solver_v3 import DPMSolverV3Scheduler
 
 LEARNED = ("learned", "learned_range")
 SPACINGS = ("leading", "linspace", "trailing", "karras")
@@ -73,12 +74,15 @@ FITTED: dict[str, tuple[str, str]] = {
     "UniPC (fitted timesteps)": ("UniPC", "unipc"),
     "DDIM (fitted timesteps)": ("DDIM (eps from clipped x0)", "ddim"),
 }
+#: DPM-Solver-v3 on the model's solver statistics (``DPMSolverV3Scheduler.from_table(statistics, config)``: its
+#: fitted timesteps for K where the statistics have them, else its logsnr spacing); applies where statistics exist.
+SOLVER_V3 = "DPM-Solver-v3"
 #: What ``bench`` samples by default: the peers a user would pick and the variants that tell the analytic variance
 #: apart (the same mean with and without its noise).
 BENCH_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "DPM-Solver++(2M)", "UniPC", "Euler ancestral",
                  "DDPM (btilde)", "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM",
                  "Analytic-DDIM",
-                 "Analytic-DDPM (optimal trajectory)", "Analytic-DDPM (sample trajectory)", *FITTED)
+                 "Analytic-DDPM (optimal trajectory)", "Analytic-DDPM (sample trajectory)", *FITTED, SOLVER_V3)
 
 
 @dataclass
@@ -122,13 +126,14 @@ def check_names(names: Sequence[str]) -> list[str]:
     """``names`` if each is a compared sampler or a Diffusers scheduler class, else a ValueError naming the options
     (checked before any work)."""
     for name in names:
-        if name in ANALYTIC or name in PEERS or name in FITTED:
+        if name in ANALYTIC or name in PEERS or name in FITTED or name == SOLVER_V3:
             continue
         cls = getattr(diffusers, name, None)
         if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
             known = [n for n in dir(diffusers) if n.endswith("Scheduler")]
             close = difflib.get_close_matches(name, [*ANALYTIC, *PEERS, *known], n=3)
-            raise ValueError(f"{name!r} is neither a compared sampler ({', '.join([*ANALYTIC, *PEERS])}) nor a "
+            rows = ", ".join([*ANALYTIC, *PEERS, SOLVER_V3])
+            raise ValueError(f"{name!r} is neither a compared sampler ({rows}) nor a "
                              f"Diffusers scheduler class{f'; did you mean {close}?' if close else ''}")
     return list(names)
 
@@ -171,10 +176,24 @@ def analytic_sampler(name: str, config: Mapping[str, Any], table, spacing: str |
                    None if timesteps is None else list(timesteps))
 
 
+def solver_v3_sampler(config: Mapping[str, Any], statistics, spacing: str | None = None,
+                      timesteps: Sequence[int] | None = None) -> Sampler:
+    """:data:`SOLVER_V3` on ``statistics`` (``SolverStatistics``) and the model's ``config``: its own spacing
+    (fitted, else logsnr), or a Diffusers ``spacing`` (not Karras), or explicit ``timesteps``."""
+    if statistics is None:
+        raise ValueError(f"{SOLVER_V3} needs the model's solver statistics (a table folder with them, or "
+                         "`analytic-sampler precompute`'s statistics pass).")
+    options = {} if spacing is None else _spacing_options(DPMSolverV3Scheduler, spacing)
+    return Sampler(DPMSolverV3Scheduler.from_table(statistics, dict(config), **options),
+                   None if timesteps is None else list(timesteps))
+
+
 def build_sampler(name: str, config: Mapping[str, Any], table, spacing: str | None = None,
-                  timesteps: Sequence[int] | None = None, num_steps: int | None = None) -> Sampler:
+                  timesteps: Sequence[int] | None = None, num_steps: int | None = None, statistics=None) -> Sampler:
     """Any row by name: Analytic-DPM's (:data:`ANALYTIC`), a peer (:data:`PEERS`), a peer on fitted timesteps
-    (:data:`FITTED`) or a Diffusers class name."""
+    (:data:`FITTED`), DPM-Solver-v3 on ``statistics`` (:data:`SOLVER_V3`) or a Diffusers class name."""
+    if name == SOLVER_V3:
+        return solver_v3_sampler(config, statistics, spacing, timesteps)
     if name in FITTED and timesteps is None:
         peer, solver = FITTED[name]
         if num_steps is None:
@@ -187,9 +206,12 @@ def build_sampler(name: str, config: Mapping[str, Any], table, spacing: str | No
     return diffusers_sampler(name, config, spacing, timesteps)
 
 
-def applies(name: str, config: Mapping[str, Any], table, num_steps: int | None = None) -> bool:
+def applies(name: str, config: Mapping[str, Any], table, num_steps: int | None = None, statistics=None) -> bool:
     """Whether a row applies to the model: the learned variance needs a model trained for it, the residual rows a
-    table with x0_mse, a fitted row a table with timesteps fitted for its solver (at ``num_steps``)."""
+    table with x0_mse, a fitted row a table with timesteps fitted for its solver (at ``num_steps``), DPM-Solver-v3
+    solver ``statistics``."""
+    if name == SOLVER_V3:
+        return statistics is not None
     if name in FITTED:
         if not table.has_fitted_timesteps or FITTED[name][1] not in table.fitted_solvers:
             return False
@@ -201,10 +223,10 @@ def applies(name: str, config: Mapping[str, Any], table, num_steps: int | None =
     return ANALYTIC.get(name, {}).get("variance") != "residual" or table.has_x0_mse
 
 
-def sampling_methods(config, table, num_steps: int, names: Sequence[str] = BENCH_METHODS, spacing: str | None = None
-                     ) -> dict[str, Sampler]:
-    """``name -> Sampler`` at K = ``num_steps`` for the ``names`` that apply to the model, on the config's spacing or
-    ``spacing``."""
+def sampling_methods(config, table, num_steps: int, names: Sequence[str] = BENCH_METHODS, spacing: str | None = None,
+                     statistics=None) -> dict[str, Sampler]:
+    """``name -> Sampler`` at K = ``num_steps`` for the ``names`` that apply to the model (``statistics``: its
+    solver statistics, for DPM-Solver-v3), on the config's spacing or ``spacing``."""
     config = dict(config)
-    return {name: build_sampler(name, config, table, spacing, num_steps=num_steps) for name in names
-            if applies(name, config, table, num_steps)}
+    return {name: build_sampler(name, config, table, spacing, num_steps=num_steps, statistics=statistics)
+            for name in names if applies(name, config, table, num_steps, statistics)}

@@ -107,8 +107,9 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
             them).
         steps_offset (`int`, defaults to 0):
             Added to ``"leading"`` timesteps.
-        logsnr_t_last (`int`, defaults to 40):
-            The last model call's timestep of the ``"logsnr"`` spacing.
+        logsnr_t_last (`int`, *optional*):
+            The last model call's timestep of the ``"logsnr"`` spacing; default ``num_train_timesteps // 25`` (40 of
+            1000).
         logsnr_power (`float`, defaults to 2.5):
             Its exponent: larger puts more steps at high noise.
         table_file (`str`, defaults to `"dpm_solver_v3_statistics.json"`):
@@ -140,7 +141,7 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         clip_sample_range: float = 1.0,
         timestep_spacing: str = FITTED,
         steps_offset: int = 0,
-        logsnr_t_last: int = 40,
+        logsnr_t_last: int | None = None,
         logsnr_power: float = 2.5,
         table_file: str = TABLE_FILE,
         table_sha256: str | None = None,
@@ -149,6 +150,9 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         check_prediction_type(prediction_type)
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order={solver_order}; use 1, 2 or 3.")
+        if logsnr_t_last is not None and not 0 <= logsnr_t_last <= num_train_timesteps - 2:
+            raise ValueError(f"logsnr_t_last={logsnr_t_last}; use a timestep in [0, {num_train_timesteps - 2}], or "
+                             "leave it out for num_train_timesteps // 25.")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {TIMESTEP_SPACINGS}, or "
                              "set_timesteps(timesteps=[...]).")
@@ -225,7 +229,9 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         if spacing in (LOGSNR, FITTED):  # a fitted spacing without timesteps for this K
             if num_steps == 1:
                 return [n - 1]
-            return logsnr_timesteps(self.alphas_cumprod_64, num_steps, self.config.logsnr_t_last,
+            t_last = self.config.logsnr_t_last
+            t_last = n // 25 if t_last is None else t_last
+            return logsnr_timesteps(self.alphas_cumprod_64, num_steps, t_last,
                                     self.config.logsnr_power)
         return spaced_timesteps(n, num_steps, spacing, self.config.steps_offset)
 

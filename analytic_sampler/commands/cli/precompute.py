@@ -11,6 +11,8 @@ from .arguments import DEVICE_HELP, FORCE_TABLE_HELP, THREADS_HELP, non_negative
 from .inputs import check_data, existing_path, load_data, make_folder
 
 FITTED_SOLVER_KEYS = tuple(FITTED_SOLVERS)
+V3_KEY = "dpm-solver-v3"  # the solver statistics' own fit (estimation.solver_timesteps)
+V3_FIT_STEPS = (3, 5, 7, 10)
 
 
 def add_parser(subcommands) -> None:
@@ -55,9 +57,11 @@ def add_parser(subcommands) -> None:
                    help="grid points of the solver statistics, uniform in log-SNR (default 120)")
     p.add_argument("--sample-cost-only", action="store_true",
                    help="add the sample cost to the table already in --out, without estimating the moments again")
-    p.add_argument("--fit-solvers", nargs="+", default=list(FITTED_SOLVER_KEYS), choices=FITTED_SOLVER_KEYS,
-                   metavar="SOLVER", help="fourth pass: timesteps fitted for these solvers "
-                   f"({', '.join(FITTED_SOLVER_KEYS)}; default all), shown by `trajectory --for SOLVER`")
+    p.add_argument("--fit-solvers", nargs="+", default=[*FITTED_SOLVER_KEYS, V3_KEY],
+                   choices=(*FITTED_SOLVER_KEYS, V3_KEY), metavar="SOLVER", help="fourth pass: timesteps fitted for "
+                   f"these solvers ({', '.join(FITTED_SOLVER_KEYS)}: shown by `trajectory --for SOLVER`; {V3_KEY}: "
+                   f"K = {', '.join(map(str, V3_FIT_STEPS))} up to --fit-max-steps, saved with the solver statistics, "
+                   "used by DPMSolverV3Scheduler's default spacing; default all)")
     p.add_argument("--fit-paths", type=non_negative_int, default=64, metavar="N",
                    help="fourth pass: N teacher paths from noise (no data needed; default 64; 0 skips the fit)")
     p.add_argument("--fit-candidates", type=positive_int, default=120,
@@ -126,8 +130,11 @@ def run(args) -> None:
               "encode latents and call precompute_sample_cost(unet, latents, scheduler, out=...) in Python.")
     elif not args.fit_only and (args.paths or args.sample_cost_only):
         _sample_cost_pass(args, model.unet, data, schedule)
-    if (args.fit_paths or args.fit_only) and not args.sample_cost_only:
+    fit = (args.fit_paths or args.fit_only) and not args.sample_cost_only
+    if fit and set(args.fit_solvers) - {V3_KEY}:
         _fit_pass(args, model, data if latent else None, schedule)
+    if fit and V3_KEY in args.fit_solvers:
+        _solver_timesteps_pass(args, model, schedule, latent)
 
 
 def _moments_pass(args, rank: int, model, data, schedule, timesteps, provenance: dict, pipeline_options) -> None:
@@ -208,7 +215,8 @@ def _fit_pass(args, model, pipeline_data, schedule) -> None:
     from ...estimation.timestep_fit import FitOptions, pipeline_model, planned_calls
     from ...schedule import as_alphas_cumprod
 
-    options = FitOptions(solvers=tuple(dict.fromkeys(args.fit_solvers)), max_steps=args.fit_max_steps,
+    options = FitOptions(solvers=tuple(k for k in dict.fromkeys(args.fit_solvers) if k != V3_KEY),
+                         max_steps=args.fit_max_steps,
                          num_paths=args.fit_paths or 64, candidates=args.fit_candidates, seed=args.seed,
                          batch_size=args.batch_size)
     calls = planned_calls(as_alphas_cumprod(schedule), options)
@@ -228,6 +236,34 @@ def _fit_pass(args, model, pipeline_data, schedule) -> None:
         print(f"{args.out} already holds the fitted timesteps of these settings; nothing to do")
     else:
         print(f"{done.table}\nsaved to {args.out}")
+
+
+def _solver_timesteps_pass(args, model, schedule, latent: bool) -> None:
+    """The fourth pass for DPMSolverV3Scheduler: its timesteps for K = 3, 5, 7, 10 (up to --fit-max-steps) fitted to
+    the statistics in --out on 2 x --fit-paths paths (a coordinate descent overfits fewer), saved with them."""
+    from ...estimation.solver_timesteps import V3FitOptions, precompute_solver_timesteps
+    from ...solver_statistics import SolverStatistics
+
+    if latent:
+        print(f"{V3_KEY} timesteps are not fitted for latent pipelines by this command: call "
+              "precompute_solver_timesteps(unet, scheduler, out=...) in Python with the pipeline's conditioning.")
+        return
+    if SolverStatistics.find(args.out) is None:
+        print(f"{V3_KEY} timesteps skipped: {args.out} holds no solver statistics (--solver-samples 0)")
+        return
+    steps = tuple(k for k in V3_FIT_STEPS if k <= args.fit_max_steps)
+    if not steps:
+        print(f"{V3_KEY} timesteps skipped: --fit-max-steps {args.fit_max_steps} is below its K = {V3_FIT_STEPS[0]}")
+        return
+    options = V3FitOptions(steps=steps, paths=2 * (args.fit_paths or 64), seed=args.seed, batch_size=args.batch_size)
+    print(f"{V3_KEY} timesteps for K = {', '.join(map(str, steps))}: {options.paths} paths from noise, "
+          f"K x {options.paths} model calls per trajectory tried")
+    statistics, status = precompute_solver_timesteps(model.unet, schedule, options, out=args.out, device=args.device)
+    if status == "unchanged":
+        print(f"{args.out} already holds {V3_KEY} timesteps of these settings; nothing to do")
+    else:
+        calls = statistics.provenance["timestep_fit"]["model_calls"]
+        print(f"{V3_KEY} timesteps {statistics.fitted_timesteps} ({calls} model calls) saved to {args.out}")
 
 
 def _pipeline_data(args) -> str:

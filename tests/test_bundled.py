@@ -16,6 +16,7 @@ from diffusers import DDPMScheduler
 
 from analytic_sampler.commands.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run_demo
 from analytic_sampler.evaluation.baselines import FITTED
+from analytic_sampler.fingerprint import weights_fingerprint
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
 from analytic_sampler.table import VarianceTable
 
@@ -32,6 +33,11 @@ def test_bundled_model_loads_with_its_table(name):
     assert np.all((model.table.ms_eps > 0) & (model.table.ms_eps < 1.5))
     card = (BUNDLED_DIR / name / "README.md").read_text()
     assert "FD-digits" in card and (BUNDLED_DIR / name / "samples.png").is_file()
+    stats = model.solver_statistics  # DPM-Solver-v3's, with its timesteps fitted for K = 3, 5, 7, 10
+    assert stats is not None and sorted(map(int, stats.fitted_timesteps)) == [3, 5, 7, 10]
+    stats.check_schedule(model.scheduler)
+    assert stats.provenance["model_fingerprint"] == weights_fingerprint(model.unet)  # estimated on these weights
+    assert "solver_statistics" in card
 
 
 def test_shipped_weights_stay_under_20_mb():
@@ -67,7 +73,8 @@ def test_demo_writes_grid_and_table(tmp_path):
         assert (tmp_path / name).is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     quality = saved["sample_quality"]
-    shipped = [m for m in DEMO_METHODS if m not in FITTED]  # the bundled tables carry no fitted timesteps
+    shipped = [m for m in DEMO_METHODS if m not in FITTED]  # the bundled tables carry no fitted timesteps (their
+    # solver statistics carry DPM-Solver-v3's)
     assert [r["method"] for r in quality["rows"]] == shipped * 2 and quality["measure"] == "FD-digits"
     assert quality["not_applicable"] == [m for m in DEMO_METHODS if m in FITTED]
     assert all(np.isfinite(r["fd"]) and r["stderr"] > 0 for r in quality["rows"]) and quality["real_floor"]["fd"] > 0

@@ -255,7 +255,7 @@ def test_fitted_timesteps_are_used_for_their_k_and_travel_with_the_scheduler(dig
     scheduler.set_timesteps(3)
     assert scheduler.timesteps.tolist() == [999, 400, 60]
     scheduler.set_timesteps(4)  # no fitted timesteps for K = 4: the logsnr spacing
-    assert scheduler.timesteps.tolist() == logsnr_timesteps(ABAR, 4, 40, 2.5)
+    assert scheduler.timesteps.tolist() == logsnr_timesteps(ABAR, 4, 50, 2.5)  # round(1000 / (5 K))
     scheduler.save_pretrained(tmp_path)
     del scheduler
     import gc

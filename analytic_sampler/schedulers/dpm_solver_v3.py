@@ -108,8 +108,9 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
         steps_offset (`int`, defaults to 0):
             Added to ``"leading"`` timesteps.
         logsnr_t_last (`int`, *optional*):
-            The last model call's timestep of the ``"logsnr"`` spacing; default ``num_train_timesteps // 25`` (40 of
-            1000).
+            The last model call's timestep of the ``"logsnr"`` spacing; default ``round(num_train_timesteps / (5 K))``
+            (40 of 1000 at K = 5, 8 at K = 25: a fixed end is a floor on the error as K grows, and the timesteps
+            fitted for K = 3-10 end near this).
         logsnr_power (`float`, defaults to 2.5):
             Its exponent: larger puts more steps at high noise.
         table_file (`str`, defaults to `"dpm_solver_v3_statistics.json"`):
@@ -152,7 +153,7 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
             raise ValueError(f"solver_order={solver_order}; use 1, 2 or 3.")
         if logsnr_t_last is not None and not 0 <= logsnr_t_last <= num_train_timesteps - 2:
             raise ValueError(f"logsnr_t_last={logsnr_t_last}; use a timestep in [0, {num_train_timesteps - 2}], or "
-                             "leave it out for num_train_timesteps // 25.")
+                             "leave it out for round(num_train_timesteps / (5 K)).")
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}; use one of {TIMESTEP_SPACINGS}, or "
                              "set_timesteps(timesteps=[...]).")
@@ -230,7 +231,7 @@ class DPMSolverV3Scheduler(TableFileMixin, SchedulerMixin, ConfigMixin):
             if num_steps == 1:
                 return [n - 1]
             t_last = self.config.logsnr_t_last
-            t_last = n // 25 if t_last is None else t_last
+            t_last = round(n / (5 * num_steps)) if t_last is None else t_last
             return logsnr_timesteps(self.alphas_cumprod_64, num_steps, t_last,
                                     self.config.logsnr_power)
         return spaced_timesteps(n, num_steps, spacing, self.config.steps_offset)

@@ -1,5 +1,5 @@
-"""Few-step sample quality: FD-digits of DDIM, Analytic-DDIM, DPM-Solver++(2M), UniPC and Analytic-DDPM on each
-spacing and on the sample-quality trajectory, at K = 5, 10, 25, on both bundled models.
+"""Few-step sample quality: FD-digits of DDIM, Analytic-DDIM, DPM-Solver++(2M), UniPC, DPM-Solver-v3 and
+Analytic-DDPM on each spacing and on the sample-quality trajectory, at K = 5, 10, 25, on both bundled models.
 
     python benchmarks/samplers.py            # full run: 2000 samples per cell (resumable: cells are cached)
     python benchmarks/samplers.py --quick    # smoke run: one model, K = 5, 32 samples per cell
@@ -8,7 +8,8 @@ Every cell of one (model, K) starts from the same initial noise (seed 0), so eac
 best cell's with a paired bootstrap standard error (the same resampled indices for both). Trajectories: "even" is
 each scheduler's ``linspace`` spacing, "leading" / "trailing" Diffusers' spacings (the bundled configs say
 "leading"), "karras" Karras sigmas (DPM-Solver++ and UniPC only), "samples" the sample-quality trajectory of the
-table's sample cost. DDIM appears with the model's eps (DDIMScheduler's default) and with eps from the clipped x0
+table's sample cost, "own" DPM-Solver-v3's default (its timesteps fitted for K, else its logsnr spacing) on the
+statistics the model ships. DDIM appears with the model's eps (DDIMScheduler's default) and with eps from the clipped x0
 (Analytic-DDIM's mean). The checks rerun the Analytic-DPM and sample-trajectory cells at K = 10 with a second
 table (10 samples per timestep, seed 1) and a second sample cost (seed 1, other training images), and the
 scheduler's defaults against DDIMScheduler at K = 10 and 25 with a second sampling seed; and DDIM (eps from clipped
@@ -42,7 +43,7 @@ from analytic_sampler.evaluation.sampling import sample
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained
 from analytic_sampler.sample_trajectory import SampleCost, SampleTrajectoryDP
 
-KINDS = ("even", "leading", "trailing", "karras", "samples")
+KINDS = ("even", "leading", "trailing", "karras", "samples", "own")
 #: method -> the trajectories it runs (its spacing, Karras sigmas where it has them, the sample-quality trajectory)
 CELLS = {
     "DDIM": ("even", "leading", "trailing"),
@@ -53,6 +54,7 @@ CELLS = {
     "Analytic-DDIM (cap y=2)": ("leading", "trailing"),
     "DPM-Solver++(2M)": ("even", "leading", "trailing", "karras", "samples"),
     "UniPC": ("even", "leading", "trailing", "karras", "samples"),
+    "DPM-Solver-v3": ("even", "leading", "trailing", "own"),
 }
 ANALYTIC_ROWS = ("Analytic-DDIM", "Analytic-DDPM", "Analytic-DDPM (cap y=2)", "Analytic-DDIM (cap y=2)")
 #: the defaults check: (method, spacing) cells; "defaults" is from_table(table) alone (the scheduler's trailing
@@ -118,8 +120,9 @@ def cells_for(model, table, steps, methods: dict, tag: str) -> list[dict]:
     for k in steps:
         for method, kinds in methods.items():
             for kind in kinds:
-                spacing = {"even": "linspace", "samples": None}.get(kind, kind)
-                sampler = build_sampler(method, config, table, spacing, dp.path(k) if kind == "samples" else None)
+                spacing = {"even": "linspace", "samples": None, "own": None}.get(kind, kind)
+                sampler = build_sampler(method, config, table, spacing, dp.path(k) if kind == "samples" else None,
+                                        statistics=model.solver_statistics)
                 out.append({"table": tag, "method": method, "trajectory": kind, "K": k, "sampler": sampler})
     return out
 
@@ -163,7 +166,8 @@ def markdown(result: dict) -> str:
            "even = "
            "each scheduler's linspace spacing, leading / trailing = Diffusers' spacings (the bundled configs say "
            "leading), karras = Karras sigmas, samples = the sample-quality trajectory (sigma_min "
-           f"{result['sigma_min']}). Real-data floor: the {result['real_floor']['num_images']} held-out digits score "
+           f"{result['sigma_min']}), own = DPM-Solver-v3's fitted timesteps (logsnr spacing where none are fitted). "
+           f"Real-data floor: the {result['real_floor']['num_images']} held-out digits score "
            f"{result['real_floor']['fd']:.2f} ± {result['real_floor']['stderr']:.2f} (fewer images than a cell, so "
            "above the floor at the cells' n).", ""]
     for m in result["models"]:

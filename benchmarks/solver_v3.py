@@ -1,9 +1,13 @@
 """DPM-Solver-v3 (DPMSolverV3Scheduler) against UniPC and DPM-Solver++(2M) on their best fixed spacing, both bundled
-models, K = 5 and 10: reference error and FD-digits from the same initial noise, paired standard errors; the cost of
-the statistics and of the fitted timesteps (model calls, seconds), and the solver's per-step overhead against UniPC.
+models, K = 3, 5, 7, 10, 25: reference error and FD-digits from the same initial noise, paired standard errors; the
+cost of the statistics and of the fitted timesteps (model calls, seconds), and the solver's per-step overhead against
+UniPC. 2000 samples per cell, sampling seeds 0 and 1 by default.
 
-    python benchmarks/solver_v3.py --models digits-ddpm-linear     # one model's cells (cached; run models in parallel)
+    python benchmarks/solver_v3.py --models digits-ddpm-linear     # one model's cells (run models in parallel)
     python benchmarks/solver_v3.py                                  # every model not cached yet, then the results
+
+The cache folder keeps the statistics, the fit (redone when its options change), the reference solutions and the
+peers' samples, so a rerun after a change to the solver samples only its own cells.
 
 Reference error of a cell: per sample, the RMS over pixels of its output minus the reference solution's from the same
 x_T (DPM-Solver++(3M), 500 steps, both clipped to [-1, 1]); the cell's figure is the mean over samples, its standard
@@ -71,7 +75,9 @@ def statistics_with_fit(model, train: torch.Tensor, cache: Path, quick: bool) ->
     if cost.get("fit_options") != json.loads(json.dumps(asdict(fit))):  # the statistics kept, the fit redone
         (fitted, fit_calls), fit_seconds = timed(fit_solver_timesteps, model.unet, stats, model.scheduler, fit,
                                                  progress=False)
-        stats.fitted_timesteps = fitted
+        stats.fitted_timesteps = fitted  # with the record precompute_solver_timesteps writes
+        stats.provenance = {**stats.provenance, "timestep_fit": {"options": json.loads(json.dumps(asdict(fit))),
+                                                                 "model_calls": fit_calls}}
         stats.save(folder)
         cost.update(fit_model_calls=fit_calls, fit_seconds=fit_seconds, fitted_timesteps=fitted,
                     fit_options=asdict(fit))
@@ -204,16 +210,27 @@ def summarise(model_result: dict, reference: FrechetReference) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [f"# DPM-Solver-v3 against the best peer ({result['num_samples']} samples per cell)", "",
-             f"Reference error: mean per-sample RMS distance to a {result['reference_steps']}-step DPM-Solver++(3M) solution from the same "
-             "x_T (x0 clipped to [-1, 1] as every compared sampler clips it; outputs clipped); ratio and paired SE against the best UniPC / DPM-Solver++(2M) cell on a "
-             "fixed spacing (linspace, leading, trailing, Karras) by that metric. FD-digits against the training "
-             "images' features; difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
+             f"Reference error: mean per-sample RMS distance to a {result['reference_steps']}-step DPM-Solver++(3M) "
+             "solution from the same x_T (x0 clipped to [-1, 1] as every compared sampler clips it; outputs clipped); "
+             "ratio and paired SE against the best UniPC / DPM-Solver++(2M) cell on a fixed spacing (linspace, "
+             "leading, trailing, Karras) by that metric. FD-digits against the training images' features; difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
              "(model, K, seed) starts from the same noise.", ""]
+    lines += ["## Summary: DPM-Solver-v3 on its fitted timesteps against the best peer cell", "",
+              "| model | K | ref error / best peer (seeds) | FD-digits − best peer ± paired SE (seeds) |",
+              "|---|---:|---:|---:|"]
+    for m in result["models"]:
+        for k in dict.fromkeys(r["K"] for r in m["rows"]):
+            mine = [r for r in m["rows"] if (r["K"], r["method"], r["spacing"]) == (k, "DPM-Solver-v3", "fitted")]
+            lines.append(f"| {m['model']} | {k} | " + ", ".join(f"{r['ref_ratio_to_best_peer']:.2f}x" for r in mine)
+                         + " | " + ", ".join(f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f}"
+                                             for r in mine) + " |")
+    lines += ["", "K = 25 is not fitted: its \"fitted\" row is the logsnr spacing.", ""]
     for m in result["models"]:
         c = m["statistics_cost"]
         lines += [f"## {m['model']}", "",
                   f"Statistics: {c['grid_points']} grid points x {c['draws_per_point']} draws x 3 = "
-                  f"{c['model_calls']} model calls, {c['seconds']:.0f} s; fitted timesteps (K = 5, 10): "
+                  f"{c['model_calls']} model calls, {c['seconds']:.0f} s; fitted timesteps (K = "
+                  f"{', '.join(c['fitted_timesteps'])}): "
                   f"{c['fit_model_calls']} model calls, {c['fit_seconds']:.0f} s ({c['threads']} torch thread(s)). "
                   f"Fitted: {c['fitted_timesteps']}. Scheduler step alone, batch 500, K = 10: DPM-Solver-v3 "
                   f"{m['step_ms']['DPM-Solver-v3']:.2f} ms, UniPC {m['step_ms']['UniPC']:.2f} ms. Reference against "
@@ -222,8 +239,9 @@ def markdown(result: dict) -> str:
                   "FD − best peer ± paired SE |", "|---:|---:|---|---|---:|---:|---:|---:|"]
         for r in m["rows"]:
             lines.append(f"| {r['K']} | {r['seed']} | {r['method']} | {r['spacing']} | {r['ref_error']:.4f} ± "
-                         f"{r['ref_error_se']:.4f} | {r['ref_ratio_to_best_peer']:.2f}x ({r['ref_diff_to_best_peer_se']:.4f}) | "
-                         f"{r['fd']:.2f} ± {r['fd_se']:.2f} | {r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f} |")
+                         f"{r['ref_error_se']:.4f} | {r['ref_ratio_to_best_peer']:.2f}x "
+                         f"({r['ref_diff_to_best_peer_se']:.4f}) | {r['fd']:.2f} ± {r['fd_se']:.2f} | "
+                         f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f} |")
         best = {(r["K"], r["seed"]): (r["best_peer_ref"], r["best_peer_fd"]) for r in m["rows"]}
         lines += ["", "Best peer cell (by ref error; by FD): " + "; ".join(
             f"K={k} seed {s}: {a}; {b}" for (k, s), (a, b) in sorted(best.items())), ""]
@@ -234,8 +252,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=None, help="run these models' cells only (no results written)")
-    p.add_argument("--num-samples", type=int, default=500)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--cache", default="outputs/solver_v3_cache")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny statistics and fit, 20-step reference")

@@ -111,7 +111,8 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     assert load_pretrained(str(model_dir)).table is None  # the table goes to the output folder, not the model's
     saved = VarianceTable.load(tmp_path / "out" / "table")
     assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000
-    assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS)
+    assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS) - 1  # no solver statistics: no v3 row
+    assert result["sample_quality"]["not_applicable"] == ["DPM-Solver-v3"]
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa:
 STEPS = (3, 5, 7, 10, 25)
 FIT_STEPS = (3, 5, 7, 10)  # K = 25 takes the logsnr spacing (the fit stops at 15)
 PEERS = ("UniPC", "DPM-Solver++(2M)")
+ODE = "ODE (reference solution)"
 SPACINGS = ("linspace", "leading", "trailing", "karras")
 REFERENCE_STEPS = 500
 STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
@@ -148,6 +149,7 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
         if seed == seeds[0]:  # the reference's own error: against half the steps, first 100 samples
             half = reference_solution(model, min(n, 100), seed, steps // 2)
             result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
+        result["cells"] += reference_cells(reference, steps, seed, ref_seconds, features)
         for c in cells(model, stats):
             run = (sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"], c["timesteps"])
             kwargs = {"seed": seed, "batch_size": 1000, "progress": False, **c["step_kwargs"]}
@@ -165,6 +167,14 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
             print(f"{name} seed {seed} K={c['K']} {c['method']} {c['spacing']}: ref {float(error.mean()):.4f} "
                   f"({seconds:.1f} s)", flush=True)
     return result
+
+
+def reference_cells(reference: torch.Tensor, steps: int, seed: int, seconds: float, features) -> list[dict]:
+    """The reference solution as a row of every K: its FD-digits is the ODE's own, which a sampler approaches as its
+    reference error goes to 0."""
+    feats = features(reference).numpy().astype(np.float32).tolist()
+    return [{"method": ODE, "spacing": f"{steps} steps", "K": k, "seed": seed, "seconds": seconds, "timesteps": [],
+             "ref_error": [0.0] * len(reference), "features": feats} for k in STEPS]
 
 
 def cached(path: Path, function, *args, **kwargs) -> tuple[torch.Tensor, float]:
@@ -216,14 +226,18 @@ def markdown(result: dict) -> str:
              "leading, trailing, Karras) by that metric. FD-digits against the training images' features; difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
              "(model, K, seed) starts from the same noise.", ""]
     lines += ["## Summary: DPM-Solver-v3 on its fitted timesteps against the best peer cell", "",
-              "| model | K | ref error / best peer (seeds) | FD-digits − best peer ± paired SE (seeds) |",
-              "|---|---:|---:|---:|"]
+              "| model | K | ref error / best peer (seeds) | FD-digits − best peer ± paired SE (seeds) | the ODE's own "
+              "FD-digits − best peer |", "|---|---:|---:|---:|---:|"]
+
+    def diffs(rows):
+        return ", ".join(f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f}" for r in rows)
+
     for m in result["models"]:
         for k in dict.fromkeys(r["K"] for r in m["rows"]):
             mine = [r for r in m["rows"] if (r["K"], r["method"], r["spacing"]) == (k, "DPM-Solver-v3", "fitted")]
+            ode = [r for r in m["rows"] if (r["K"], r["method"]) == (k, ODE)]
             lines.append(f"| {m['model']} | {k} | " + ", ".join(f"{r['ref_ratio_to_best_peer']:.2f}x" for r in mine)
-                         + " | " + ", ".join(f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f}"
-                                             for r in mine) + " |")
+                         + f" | {diffs(mine)} | {diffs(ode)} |")
     lines += ["", "K = 25 is not fitted: its \"fitted\" row is the logsnr spacing.", ""]
     for m in result["models"]:
         c = m["statistics_cost"]

@@ -36,7 +36,7 @@ from analytic_sampler import DPMSolverV3Scheduler, EstimateOptions, SolverStatis
 from analytic_sampler.commands.bench import REFERENCE_IMAGES  # noqa: E402
 from analytic_sampler.digits import DigitFeatures, load_digits_split  # noqa: E402
 from analytic_sampler.estimation.solver_statistics import StatisticsOptions, estimate_solver_statistics  # noqa: E402
-from analytic_sampler.estimation.solver_timesteps import V3FitOptions, fit_solver_timesteps  # noqa: E402
+from analytic_sampler.estimation.solver_timesteps import V3FitOptions, precompute_solver_timesteps  # noqa: E402
 from analytic_sampler.evaluation.baselines import _clip_as_thresholding, build_sampler  # noqa: E402
 from analytic_sampler.evaluation.frechet import FrechetReference, bootstrap_distances  # noqa: E402
 from analytic_sampler.evaluation.provenance import environment, footer, write_results  # noqa: E402
@@ -63,25 +63,23 @@ def timed(function, *args, **kwargs):
 
 
 def statistics_with_fit(model, train: torch.Tensor, cache: Path, quick: bool) -> tuple[SolverStatistics, dict]:
-    """The model's statistics with timesteps fitted for K = 5, 10 (cached), and what they cost."""
+    """The model's statistics with timesteps fitted for FIT_STEPS (cached), and what they cost."""
     options, fit = (QUICK_STATISTICS, QUICK_FIT) if quick else (STATISTICS, FIT)
     folder, cost_file = cache / f"{model.name}-statistics", cache / f"{model.name}-statistics-cost.json"
     if cost_file.is_file():
-        stats, cost = SolverStatistics.load(folder), json.loads(cost_file.read_text())
+        cost = json.loads(cost_file.read_text())
     else:
         stats, seconds = timed(estimate_solver_statistics, model.unet, train, model.scheduler, options,
                                EstimateOptions(progress=False, model_id=model.name))
         cost = {"grid_points": int(stats.timesteps.size), "draws_per_point": options.num_samples,
                 "model_calls": stats.provenance["model_calls"], "seconds": seconds, "threads": torch.get_num_threads()}
-    if cost.get("fit_options") != json.loads(json.dumps(asdict(fit))):  # the statistics kept, the fit redone
-        (fitted, fit_calls), fit_seconds = timed(fit_solver_timesteps, model.unet, stats, model.scheduler, fit,
-                                                 progress=False)
-        stats.fitted_timesteps = fitted  # with the record precompute_solver_timesteps writes
-        stats.provenance = {**stats.provenance, "timestep_fit": {"options": json.loads(json.dumps(asdict(fit))),
-                                                                 "model_calls": fit_calls}}
         stats.save(folder)
-        cost.update(fit_model_calls=fit_calls, fit_seconds=fit_seconds, fitted_timesteps=fitted,
-                    fit_options=asdict(fit))
+    (stats, status), fit_seconds = timed(precompute_solver_timesteps, model.unet, model.scheduler, fit, out=folder,
+                                         progress=False)  # redone only when the fit's options change
+    if status == "fitted":
+        record = stats.provenance["timestep_fit"]
+        cost.update(fit_model_calls=record["model_calls"], fit_seconds=fit_seconds,
+                    fitted_timesteps=stats.fitted_timesteps, fit_options=record["options"])
         cost_file.write_text(json.dumps(cost))
     return stats, cost
 
@@ -223,7 +221,8 @@ def markdown(result: dict) -> str:
              f"Reference error: mean per-sample RMS distance to a {result['reference_steps']}-step DPM-Solver++(3M) "
              "solution from the same x_T (x0 clipped to [-1, 1] as every compared sampler clips it; outputs clipped); "
              "ratio and paired SE against the best UniPC / DPM-Solver++(2M) cell on a fixed spacing (linspace, "
-             "leading, trailing, Karras) by that metric. FD-digits against the training images' features; difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
+             "leading, trailing, Karras) by that metric. FD-digits against the training images' features; "
+             "difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
              "(model, K, seed) starts from the same noise.", ""]
     lines += ["## Summary: DPM-Solver-v3 on its fitted timesteps against the best peer cell", "",
               "| model | K | ref error / best peer (seeds) | FD-digits − best peer ± paired SE (seeds) | the ODE's own "

@@ -69,3 +69,13 @@ def test_fit_options_refuse_what_cannot_work():
         V3FitOptions(paths=0)
     with pytest.raises(ValueError, match="starts"):
         V3FitOptions(starts=0)
+
+
+def test_a_fit_without_statistics_or_a_family_is_refused_naming_the_fix(unet, statistics, tmp_path):
+    from analytic_sampler.estimation.solver_timesteps import precompute_solver_timesteps
+
+    with pytest.raises(ValueError, match="holds no solver statistics to fit timesteps to; estimate them first"):
+        precompute_solver_timesteps(unet, SCHEDULER, OPTIONS, out=tmp_path, progress=False)
+    too_late = V3FitOptions(steps=(3,), paths=2, teacher_steps=10, t_lasts=(99,), powers=(1.0,))
+    with pytest.raises(ValueError, match=r"no 3-step trajectory of the family .* pass t_lasts below 97"):
+        fit_solver_timesteps(unet, statistics, SCHEDULER, too_late, progress=False)

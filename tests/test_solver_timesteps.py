@@ -79,3 +79,39 @@ def test_a_fit_without_statistics_or_a_family_is_refused_naming_the_fix(unet, st
     too_late = V3FitOptions(steps=(3,), paths=2, teacher_steps=10, t_lasts=(99,), powers=(1.0,))
     with pytest.raises(ValueError, match=r"no 3-step trajectory of the family .* pass t_lasts below 97"):
         fit_solver_timesteps(unet, statistics, SCHEDULER, too_late, progress=False)
+
+
+def test_a_stopped_fit_resumes_at_its_first_missing_k_and_ends_as_an_uninterrupted_one(unet, statistics, tmp_path,
+                                                                                       monkeypatch):
+    from analytic_sampler.estimation import solver_timesteps
+    from analytic_sampler.solver_statistics import SolverStatistics
+
+    statistics.save(tmp_path)
+    fit_one, fitted_k = solver_timesteps._fit_one, []
+
+    def stopped_at_4(objective, k):
+        if k == 4:
+            raise KeyboardInterrupt
+        return fit_one(objective, k)
+
+    monkeypatch.setattr(solver_timesteps, "_fit_one", stopped_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        solver_timesteps.precompute_solver_timesteps(unet, SCHEDULER, OPTIONS, out=tmp_path, progress=False)
+    saved = SolverStatistics.load(tmp_path)
+    assert set(saved.fitted_timesteps) == {"3"} and saved.provenance["timestep_fit"]["complete"] is False
+    first_calls = saved.provenance["timestep_fit"]["model_calls"]
+
+    monkeypatch.setattr(solver_timesteps, "_fit_one", lambda objective, k: fitted_k.append(k) or fit_one(objective, k))
+    resumed, status = solver_timesteps.precompute_solver_timesteps(unet, SCHEDULER, OPTIONS, out=tmp_path,
+                                                                  progress=False)
+    assert status == "fitted" and fitted_k == [4]
+    whole, _ = fit_solver_timesteps(unet, statistics, SCHEDULER, OPTIONS, progress=False)
+    assert resumed.fitted_timesteps == whole == SolverStatistics.load(tmp_path).fitted_timesteps
+    record = SolverStatistics.load(tmp_path).provenance["timestep_fit"]
+    assert record["complete"] is True and record["model_calls"] > first_calls
+    assert solver_timesteps.precompute_solver_timesteps(unet, SCHEDULER, OPTIONS, out=tmp_path,
+                                                        progress=False)[1] == "unchanged"
+    other = V3FitOptions(**{**OPTIONS.__dict__, "steps": (3,)})  # other options start over
+    fitted_k.clear()
+    refit, _ = solver_timesteps.precompute_solver_timesteps(unet, SCHEDULER, other, out=tmp_path, progress=False)
+    assert fitted_k == [3] and set(refit.fitted_timesteps) == {"3"}

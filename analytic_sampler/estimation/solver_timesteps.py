@@ -153,13 +153,9 @@ def _descend(objective: _Objective, start: list[int], options: V3FitOptions) -> 
     return best, value
 
 
-def fit_solver_timesteps(model, statistics: SolverStatistics, scheduler_or_alphas_cumprod,
-                         options: V3FitOptions | None = None, device: str | torch.device | None = None,
-                         prediction_type: str | None = None, progress: bool = True, **model_kwargs
-                         ) -> tuple[dict[str, list[int]], int]:
-    """Timesteps fitted to the solver on ``statistics`` for each K of ``options.steps`` (module docstring):
-    ``({"K": [t_1, …, t_K]}, model calls made)``. ``model_kwargs``: conditioning passed to every model call."""
-    options = options or V3FitOptions()
+def _objective(model, statistics: SolverStatistics, scheduler_or_alphas_cumprod, options: V3FitOptions,
+               device, prediction_type: str | None, model_kwargs: Mapping[str, Any]) -> _Objective:
+    """The fit's objective on its seeded paths (the same paths for every K and every run of these options)."""
     abar = as_alphas_cumprod(scheduler_or_alphas_cumprod)
     statistics.check_schedule(abar)
     adapter = as_epsilon_model(model, scheduler_or_alphas_cumprod, prediction_type or statistics.prediction_type)
@@ -170,35 +166,60 @@ def fit_solver_timesteps(model, statistics: SolverStatistics, scheduler_or_alpha
     shape = tuple(statistics.provenance.get("sample_shape") or statistics.feature_shape)
     generator = noise_generator(options.seed, 0, stream="estimate")
     x_t = torch.randn((options.paths, *shape), generator=generator, dtype=torch.float64).to(device)
-    objective = _Objective(adapter, statistics, abar, x_t, options, model_kwargs)
-    fitted = {}
-    for k in tqdm(options.steps, desc="fitting timesteps to DPM-Solver-v3", disable=not progress):
-        family = sorted(_family(abar, k, options), key=objective)
-        if not family:
-            raise ValueError(f"no {k}-step trajectory of the family ends at t_lasts={options.t_lasts} on a schedule "
-                             f"of {abar.size} timesteps; pass t_lasts below {abar.size - k}.")
-        ends = [_descend(objective, start, options) for start in family[: options.starts]]
-        fitted[str(k)] = min(ends, key=lambda end: end[1])[0]
+    return _Objective(adapter, statistics, abar, x_t, options, model_kwargs)
+
+
+def _fit_one(objective: _Objective, k: int) -> list[int]:
+    """The fitted ``k``-step trajectory: the best end of the descents from the family's best starts."""
+    options = objective.options
+    family = sorted(_family(objective.abar, k, options), key=objective)
+    if not family:
+        raise ValueError(f"no {k}-step trajectory of the family ends at t_lasts={options.t_lasts} on a schedule "
+                         f"of {objective.abar.size} timesteps; pass t_lasts below {objective.abar.size - k}.")
+    ends = [_descend(objective, start, options) for start in family[: options.starts]]
+    return min(ends, key=lambda end: end[1])[0]
+
+
+def fit_solver_timesteps(model, statistics: SolverStatistics, scheduler_or_alphas_cumprod,
+                         options: V3FitOptions | None = None, device: str | torch.device | None = None,
+                         prediction_type: str | None = None, progress: bool = True, **model_kwargs
+                         ) -> tuple[dict[str, list[int]], int]:
+    """Timesteps fitted to the solver on ``statistics`` for each K of ``options.steps`` (module docstring):
+    ``({"K": [t_1, …, t_K]}, model calls made)``. ``model_kwargs``: conditioning passed to every model call."""
+    options = options or V3FitOptions()
+    objective = _objective(model, statistics, scheduler_or_alphas_cumprod, options, device, prediction_type,
+                           model_kwargs)
+    fitted = {str(k): _fit_one(objective, k)
+              for k in tqdm(options.steps, desc="fitting timesteps to DPM-Solver-v3", disable=not progress)}
     return fitted, objective.calls
 
 
 def precompute_solver_timesteps(model, scheduler_or_alphas_cumprod, options: V3FitOptions | None = None, *,
                                 out: str | os.PathLike, device: str | torch.device | None = None,
                                 progress: bool = True) -> tuple[SolverStatistics, str]:
-    """Fit the timesteps (:func:`fit_solver_timesteps`) to the statistics in the folder ``out`` and save them there:
-    ``(statistics, "fitted")``, or ``(statistics, "unchanged")`` where they already hold a fit of these options.
-    The fit's options and model calls go to the statistics' provenance (``"timestep_fit"``)."""
+    """Fit the timesteps (:func:`fit_solver_timesteps`) to the statistics in the folder ``out`` and save them there
+    after each K: ``(statistics, "fitted")``, or ``(statistics, "unchanged")`` where they already hold a complete
+    fit of these options. A fit of these options that was stopped resumes at its first missing K (the paths are
+    seeded: the result is the uninterrupted one's); other options start over. The fit's options, model calls and
+    whether it is complete go to the statistics' provenance (``"timestep_fit"``)."""
     options = options or V3FitOptions()
     statistics = SolverStatistics.find(out)
     if statistics is None:
         raise ValueError(f"{os.fspath(out)} holds no solver statistics to fit timesteps to; estimate them first "
                          "(precompute's statistics pass, --solver-samples).")
     wanted = json.loads(json.dumps(asdict(options)))
-    if statistics.provenance.get("timestep_fit", {}).get("options") == wanted:
+    record = statistics.provenance.get("timestep_fit", {})
+    same = record.get("options") == wanted
+    if same and record.get("complete", True):
         return statistics, "unchanged"
-    fitted, calls = fit_solver_timesteps(model, statistics, scheduler_or_alphas_cumprod, options, device=device,
-                                         progress=progress)
-    statistics.fitted_timesteps = fitted
-    statistics.provenance = {**statistics.provenance, "timestep_fit": {"options": wanted, "model_calls": calls}}
-    statistics.save(out)
+    fitted = {k: t for k, t in (statistics.fitted_timesteps or {}).items() if same and int(k) in options.steps}
+    calls = record.get("model_calls", 0) if same else 0
+    objective = _objective(model, statistics, scheduler_or_alphas_cumprod, options, device, None, {})
+    todo = [k for k in options.steps if str(k) not in fitted]
+    for k in tqdm(todo, desc="fitting timesteps to DPM-Solver-v3", disable=not progress):
+        fitted[str(k)] = _fit_one(objective, k)
+        statistics.fitted_timesteps = {str(j): fitted[str(j)] for j in options.steps if str(j) in fitted}
+        statistics.provenance = {**statistics.provenance, "timestep_fit": {
+            "options": wanted, "model_calls": calls + objective.calls, "complete": k == todo[-1]}}
+        statistics.save(out)
     return statistics, "fitted"

@@ -23,7 +23,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: no spinning on a shared machine
@@ -48,11 +48,18 @@ FIT_STEPS = (3, 5, 7, 10)  # K = 25 takes the logsnr spacing (the fit stops at 1
 PEERS = ("UniPC", "DPM-Solver++(2M)")
 ODE = "ODE (reference solution)"
 SPACINGS = ("linspace", "leading", "trailing", "karras")
+#: DPM-Solver-v3's cells: its fitted timesteps (logsnr where none are fitted), its logsnr spacing, Diffusers' spacings
+V3 = "DPM-Solver-v3"
+V3_SPACINGS = ("fitted", "logsnr", "linspace", "leading", "trailing")
+#: the second-table check: statistics re-estimated from other draws (no fit: logsnr and Diffusers' spacings) at these K
+SECOND = f"{V3} (second table)"
+SECOND_STEPS = (5, 10)
 REFERENCE_STEPS = 500
 STATISTICS = StatisticsOptions(grid_points=60, num_samples=1024, batch_size=1000)
 FIT = V3FitOptions(steps=FIT_STEPS, paths=128, teacher_steps=100, t_lasts=(10, 20, 40, 70, 120, 200),
                    powers=(1.5, 2.0, 2.5, 3.0), starts=3, moves=(64, 32, 16, 8, 4), rounds=4, batch_size=1000)
 QUICK_STATISTICS = StatisticsOptions(grid_points=8, num_samples=16, groups=4, batch_size=1000)
+SECOND_SEED = 1  # StatisticsOptions.seed of the second table
 QUICK_FIT = V3FitOptions(steps=FIT_STEPS, paths=4, teacher_steps=20, t_lasts=(20,), powers=(2.0,), moves=(8,), rounds=1)
 
 
@@ -84,15 +91,30 @@ def statistics_with_fit(model, train: torch.Tensor, cache: Path, quick: bool) ->
     return stats, cost
 
 
-def cells(model, stats: SolverStatistics) -> list[dict]:
+def second_statistics(model, train: torch.Tensor, cache: Path, quick: bool) -> SolverStatistics:
+    """The second table: the statistics of ``statistics_with_fit`` from other draws (cached), not fitted."""
+    options = replace(QUICK_STATISTICS if quick else STATISTICS, seed=SECOND_SEED)
+    folder = cache / f"{model.name}-statistics-seed{SECOND_SEED}"
+    stats = SolverStatistics.find(folder) if folder.is_dir() else None
+    if stats is None:
+        stats = estimate_solver_statistics(model.unet, train, model.scheduler, options,
+                                           EstimateOptions(progress=False, model_id=model.name))
+        stats.save(folder)
+    return stats
+
+
+def cells(model, stats: SolverStatistics, second: SolverStatistics) -> list[dict]:
     """(method, spacing, K, scheduler, timesteps) of every compared cell."""
     config = model.scheduler.config
     out = []
     for k in STEPS:
-        for spacing in ("fitted", "logsnr"):
-            scheduler = DPMSolverV3Scheduler.from_table(stats, config, timestep_spacing=spacing)
-            out.append({"method": "DPM-Solver-v3", "spacing": spacing, "K": k, "scheduler": scheduler,
-                        "timesteps": None, "step_kwargs": {}})
+        for method, table, spacings in ((V3, stats, V3_SPACINGS), (SECOND, second, V3_SPACINGS[1:])):
+            if method == SECOND and k not in SECOND_STEPS:
+                continue
+            for spacing in spacings:
+                scheduler = DPMSolverV3Scheduler.from_table(table, config, timestep_spacing=spacing)
+                out.append({"method": method, "spacing": spacing, "K": k, "scheduler": scheduler,
+                            "timesteps": None, "step_kwargs": {}})
         for method in PEERS:
             for spacing in SPACINGS:
                 s = build_sampler(method, config, model.table, spacing)
@@ -138,6 +160,7 @@ def step_overhead(model, stats: SolverStatistics, k: int = 10, batch: int = 500,
 def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train: torch.Tensor, quick: bool) -> dict:
     model = load_pretrained(name)
     stats, cost = statistics_with_fit(model, train, cache, quick)
+    second = second_statistics(model, train, cache, quick)
     result = {"model": name, "statistics_cost": cost, "step_ms": step_overhead(model, stats), "cells": []}
     steps = 20 if quick else REFERENCE_STEPS
     for seed in seeds:
@@ -148,7 +171,7 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
             half = reference_solution(model, min(n, 100), seed, steps // 2)
             result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
         result["cells"] += reference_cells(reference, steps, seed, ref_seconds, features)
-        for c in cells(model, stats):
+        for c in cells(model, stats, second):
             run = (sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"], c["timesteps"])
             kwargs = {"seed": seed, "batch_size": 1000, "progress": False, **c["step_kwargs"]}
             if c["method"] in PEERS:  # the peers' samples do not depend on the statistics: kept across runs
@@ -224,19 +247,36 @@ def markdown(result: dict) -> str:
              "leading, trailing, Karras) by that metric. FD-digits against the training images' features; "
              "difference to the best peer cell by FD, paired bootstrap SE. Every cell of one "
              "(model, K, seed) starts from the same noise.", ""]
-    lines += ["## Summary: DPM-Solver-v3 on its fitted timesteps against the best peer cell", "",
-              "| model | K | ref error / best peer (seeds) | FD-digits − best peer ± paired SE (seeds) | the ODE's own "
-              "FD-digits − best peer |", "|---|---:|---:|---:|---:|"]
+    lines += ["## Summary: DPM-Solver-v3 against the best peer cell", "",
+              "Fitted: v3 on its fitted timesteps (its default). Best v3 cell: the v3 cell with the lowest FD-digits "
+              "of its spacings (fitted, logsnr, linspace, leading, trailing) per (K, seed), chosen as the best peer "
+              "cell is chosen among the peers'.", "",
+              "| model | K | fitted: ref error / best peer (seeds) | fitted: FD-digits − best peer ± paired SE "
+              "(seeds) | best v3 cell by FD: FD-digits − best peer (seeds) | the ODE's own FD-digits − best peer |",
+              "|---|---:|---:|---:|---:|---:|"]
 
-    def diffs(rows):
-        return ", ".join(f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f}" for r in rows)
+    def diffs(rows, spacing=False):
+        return ", ".join((f"{r['spacing']} " if spacing else "")
+                         + f"{r['fd_diff_to_best_peer']:+.2f} ± {r['fd_diff_se']:.2f}" for r in rows)
 
     for m in result["models"]:
         for k in dict.fromkeys(r["K"] for r in m["rows"]):
-            mine = [r for r in m["rows"] if (r["K"], r["method"], r["spacing"]) == (k, "DPM-Solver-v3", "fitted")]
+            mine = [r for r in m["rows"] if (r["K"], r["method"], r["spacing"]) == (k, V3, "fitted")]
             ode = [r for r in m["rows"] if (r["K"], r["method"]) == (k, ODE)]
+            best = [min((r for r in m["rows"] if (r["K"], r["seed"], r["method"]) == (k, seed, V3)),
+                        key=lambda r: r["fd"]) for seed in dict.fromkeys(r["seed"] for r in mine)]
             lines.append(f"| {m['model']} | {k} | " + ", ".join(f"{r['ref_ratio_to_best_peer']:.2f}x" for r in mine)
-                         + f" | {diffs(mine)} | {diffs(ode)} |")
+                         + f" | {diffs(mine)} | {diffs(best, spacing=True)} | {diffs(ode)} |")
+    lines += ["", f"## Second-table check: v3's FD-digits − best peer on statistics re-estimated from other draws "
+              f"(seed {SECOND_SEED}, same options; not fitted)", "",
+              "| model | K | spacing | first table (seeds) | second table (seeds) |", "|---|---:|---|---:|---:|"]
+    for m in result["models"]:
+        for k in SECOND_STEPS:
+            for spacing in V3_SPACINGS[1:]:
+                first, again = ([r for r in m["rows"] if (r["K"], r["method"], r["spacing"]) == (k, method, spacing)]
+                                for method in (V3, SECOND))
+                if again:
+                    lines.append(f"| {m['model']} | {k} | {spacing} | {diffs(first)} | {diffs(again)} |")
     lines += ["", "K = 25 is not fitted: its \"fitted\" row is the logsnr spacing.", ""]
     for m in result["models"]:
         c = m["statistics_cost"]

@@ -195,3 +195,12 @@ def test_precompute_fit_only_then_trajectory_for_a_solver(tmp_path, capsys):
     assert report["4"]["timesteps"] == fitted_timesteps(table, "unipc", 4)
     with pytest.raises(SystemExit, match="no 7-step trajectory fitted"):
         main(["trajectory", "--table", str(tmp_path / "table"), "--for", "ddim", "--steps", "7"])
+    v3_only = [*base, "--fit-only", "--fit-paths", "4", "--fit-solvers", "dpm-solver-v3"]
+    capsys.readouterr()
+    main([*v3_only, "--fit-max-steps", "2"])
+    assert "dpm-solver-v3 timesteps skipped: --fit-max-steps 2 is below its K = 3" in capsys.readouterr().out
+    for name in ("solver_statistics.json", "solver_statistics.safetensors"):
+        (tmp_path / "table" / name).unlink()
+    main(v3_only)
+    printed = capsys.readouterr().out
+    assert f"dpm-solver-v3 timesteps skipped: {tmp_path / 'table'} holds no solver statistics" in printed

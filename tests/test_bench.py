@@ -13,6 +13,7 @@ from PIL import Image
 
 from analytic_sampler.commands.cli import main
 from analytic_sampler.evaluation.frechet import FD_BOOTSTRAP, FrechetReference, frechet_with_stderr
+from analytic_sampler.solver_statistics import SolverStatistics
 
 
 def png_folder(folder, count: int, channels: int, seed: int) -> str:
@@ -40,9 +41,13 @@ def test_bench_on_an_unseen_grey_model_writes_every_output(tmp_path, capsys):
     train, heldout = png_folder(tmp_path / "train", 24, 1, 0), png_folder(tmp_path / "heldout", 12, 1, 1)
     out = tmp_path / "report"
     main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "5", "--out", str(out),
-          "--table-samples", "4", "--fd-samples", "16", "--batch-size", "64"])
+          "--table-samples", "4", "--solver-samples", "8", "--fd-samples", "16", "--batch-size", "64"])
     result = json.loads((out / "bench.json").read_text())
     assert result["table"].startswith("estimated here (4 images per timestep")
+    assert result["solver_statistics"].startswith("estimated here (") and "K = 3, 5 on 32 paths" in \
+        result["solver_statistics"]  # DPM-Solver-v3's statistics and fit, beside the table
+    statistics = SolverStatistics.load(out / "table")
+    assert statistics.num_samples == 8 and set(statistics.fitted_timesteps) == {"3", "5"}
     assert (out / "table" / "variance_table.json").is_file()  # the estimated table is kept beside the report
     rows = result["nll"]
     assert {"K", "trajectory", "variance", "bpd", "stderr"} <= set(rows[0])
@@ -63,14 +68,16 @@ def test_bench_on_an_unseen_grey_model_writes_every_output(tmp_path, capsys):
         assert by_name[(method, 5)]["ref_error"] is None
     assert by_name[("UniPC (fitted timesteps)", 3)]["uses_table"] and by_name[("Analytic-DDIM", 3)]["uses_table"]
     assert not by_name[("UniPC", 3)]["uses_table"] and quality["reference"]["steps"] == 40
+    assert by_name[("DPM-Solver-v3", 5)]["timesteps"] == statistics.fitted_timesteps["5"]
     for name in ("bench.md", "bench_nll.png", "bench_fd.png"):
         assert (out / name).is_file()
     assert "| residual | optimal |" in capsys.readouterr().out
 
     # a second run reuses the table given with --table
     main(["bench", model, "--data", train, "--eval-data", heldout, "--steps", "3", "--out", str(tmp_path / "again"),
-          "--table", str(out / "table"), "--fd-samples", "8"])
-    assert json.loads((tmp_path / "again" / "bench.json").read_text())["table"] == "given"
+          "--table", str(out / "table"), "--fd-samples", "8", "--solver-samples", "0"])
+    again = json.loads((tmp_path / "again" / "bench.json").read_text())
+    assert again["table"] == "given" and "DPM-Solver-v3" in again["sample_quality"]["not_applicable"]
 
 
 def test_bench_without_a_feature_extractor_says_why(tmp_path):

@@ -53,6 +53,10 @@ NLL_VARIANCES = ("btilde", "beta", "analytic", "residual")
 REFERENCE_SAMPLES = 100  # the first samples of every deterministic row scored by their reference error
 #: the fit behind the fitted-timestep rows when bench estimates the table: fewer paths and candidates than precompute's
 BENCH_FIT = {"num_paths": 32, "candidates": 60, "max_steps": 25}
+#: DPM-Solver-v3's statistics and fit when bench estimates them: fewer grid points, paths and moves than precompute's
+BENCH_STATISTICS = {"grid_points": 40}
+BENCH_V3_FIT = {"paths": 32, "teacher_steps": 100, "starts": 1, "moves": (32, 8, 2), "rounds": 2}
+V3_FIT_STEPS = (3, 5, 7, 10)  # the K bench fits DPM-Solver-v3's timesteps for (up to its largest K)
 PLOT_APART = ("btilde",)  # tens to hundreds of bits/dim at small K: plotted beside the others, not with them
 Features = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,8 +112,10 @@ class BenchOptions:
         table_samples (`int`, defaults to 100):
             Images per timestep for an estimated table.
         solver_statistics (`SolverStatistics`, *optional*):
-            What the DPM-Solver-v3 row samples with; default: the model's own (a table folder with them), else the
-            row is left out.
+            What the DPM-Solver-v3 row samples with; default: the model's own (a table folder with them), else
+            estimated into ``out/table`` (:func:`bench_statistics`).
+        solver_samples (`int`, defaults to 128):
+            Draws per grid point for estimated solver statistics; 0 leaves the DPM-Solver-v3 row out instead.
         force_table (`bool`, defaults to `False`):
             Use the table even where it was estimated for another model.
         overwrite (`bool`, defaults to `False`):
@@ -144,6 +150,7 @@ class BenchOptions:
     table: VarianceTable | None = None
     table_samples: int = 100
     solver_statistics: Any = None
+    solver_samples: int = 128
     force_table: bool = False
     overwrite: bool = False
     fd_samples: int | None = None
@@ -157,6 +164,11 @@ class BenchOptions:
     device: str = "cpu"
     progress: bool = True
     name: str = "bench"
+
+    def __post_init__(self):
+        if self.solver_samples != 0 and self.solver_samples < 4:
+            raise ValueError(f"solver_samples={self.solver_samples}: at least 4 draws per grid point (two groups of "
+                             "two), or 0 to leave the DPM-Solver-v3 row out.")
 
 
 def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | None = None, fit_steps: int = 10):
@@ -194,6 +206,44 @@ def bench_table(model, train: torch.Tensor, out: Path, options: BenchOptions | N
                                        overwrite=o.overwrite, progress=False)
     return done.table, (f"{how} ({num_samples} images per timestep, {paths} paths for the sample cost, timesteps "
                         f"fitted on {fit.num_paths} paths x {fit.candidates} candidates, saved to {folder})")
+
+
+def bench_statistics(model, train: torch.Tensor, out: Path, options: BenchOptions | None = None,
+                     fit_steps: int = 10):
+    """DPM-Solver-v3's statistics and where they came from: ``options.solver_statistics``, else the model's own
+    (either checked against the model's schedule), else estimated into ``out/table`` from
+    ``options.solver_samples`` draws per grid point (:data:`BENCH_STATISTICS`;
+    :func:`~analytic_sampler.estimation.solver_statistics.precompute_solver_statistics`: checkpointed, reused when it
+    holds this very run, another run's replaced only with ``options.overwrite``) with timesteps fitted for the K of
+    :data:`V3_FIT_STEPS` up to ``fit_steps`` (:data:`BENCH_V3_FIT`; resumable per K); ``(None, why)`` where
+    ``options.solver_samples`` is 0."""
+    o = options_of(options, BenchOptions)
+    given = o.solver_statistics if o.solver_statistics is not None else model.solver_statistics
+    if given is not None:
+        source = "given" if o.solver_statistics is not None else "shipped with the model"
+        return given.check_schedule(model.scheduler), source
+    if o.solver_samples == 0:
+        return None, "not estimated (solver_samples=0)"
+    from ..estimation.moments import EstimateOptions
+    from ..estimation.solver_statistics import StatisticsOptions, precompute_solver_statistics
+    from ..estimation.solver_timesteps import V3FitOptions, precompute_solver_timesteps
+
+    folder = out / TABLE_SUBFOLDER
+    stats = StatisticsOptions(**BENCH_STATISTICS, num_samples=o.solver_samples, groups=min(8, o.solver_samples // 2),
+                              batch_size=o.batch_size, seed=o.seed)
+    done = precompute_solver_statistics(model.unet, train, model.scheduler, stats,
+                                        EstimateOptions(device=o.device, progress=False,
+                                                        provenance={"model_id": model.name}),
+                                        out=folder, overwrite=o.overwrite)
+    statistics, steps = done.table, tuple(k for k in V3_FIT_STEPS if k <= fit_steps)
+    if steps:
+        fit = V3FitOptions(steps=steps, **BENCH_V3_FIT, seed=o.seed, batch_size=o.batch_size)
+        statistics, _ = precompute_solver_timesteps(model.unet, model.scheduler, fit, out=folder, device=o.device,
+                                                    progress=False)
+    how = "estimated here" if done.status == "estimated" else "found in the output folder, estimated earlier"
+    return statistics, (f"{how} ({statistics.timesteps.size} grid points x {o.solver_samples} draws, timesteps "
+                        f"fitted for K = {', '.join(map(str, steps)) or 'none'} on {BENCH_V3_FIT['paths']} paths, "
+                        f"saved to {folder})")
 
 
 def add_reference_errors(rows: list[dict], methods_per_k: dict, kept: dict, model, num_samples: int,
@@ -289,7 +339,8 @@ def run_bench(
         features, feature_name = None, ("sample quality skipped: the NLL rows score the eps_model given, the "
                                         "sampling loop would run the bare UNet.")
     fd_samples = o.fd_samples or min(len(train), 5000)
-    statistics = model.solver_statistics if o.solver_statistics is None else o.solver_statistics
+    statistics, statistics_source = (None, "not needed") if SOLVER_V3 not in names or features is None else \
+        bench_statistics(model, train, out, o, fit_steps=max(steps))
     methods_per_k = {} if features is None else {k: sampling_methods(config, table, k, names, statistics=statistics)
                                                  for k in steps}
     cells = 2 * len(steps) + sum(len(m) for m in methods_per_k.values())
@@ -310,7 +361,8 @@ def run_bench(
                                   if not all(applies(name, config, table, k, statistics) for k in steps)],
                "reference": reference, "rows": fd}
     result = {
-        "model": model.name, "table": table_source, "table_samples_per_timestep":
+        "model": model.name, "table": table_source, "solver_statistics": statistics_source,
+        "table_samples_per_timestep":
             int(np.median(table.counts[table.estimated])), "steps": list(steps), "seed": o.seed,
         "train_images": len(train), "eval_images": len(heldout), "nll": nll, "sample_quality": quality,
         "seconds_total": time.time() - start, "load_average_at_start": load_at_start, **environment(o.device),
@@ -354,7 +406,8 @@ def markdown(r: dict) -> str:
     steps = r["steps"]
     head = " | ".join(f"K={k}" for k in steps)
     out = [f"# bench: {r['model']}", "",
-           f"Table: {r['table']}, {r['table_samples_per_timestep']} samples per timestep. Seed {r['seed']}.", "",
+           f"Table: {r['table']}, {r['table_samples_per_timestep']} samples per timestep. Seed {r['seed']}."
+           + (f" DPM-Solver-v3's statistics: {r['solver_statistics']}." if r.get("solver_statistics") else ""), "",
            (f"NLL bound (bits/dim ± standard error over {r['eval_images']} evaluation images; lower is better; "
             "optimal = the residual DP's trajectory). Bits/dim compare only between trajectories that end at the "
             f"same t_1; every row here ends at t_1 = {_common_t1(r['nll'])}:"), "",
@@ -386,7 +439,8 @@ def markdown(r: dict) -> str:
             out.append(f"Not run: {', '.join(q['not_applicable'])} (a learned variance needs a model trained for it, "
                        "the residual rows a table with x0_mse, the sample trajectory a table with a sample cost: "
                        "`analytic-sampler precompute ... --sample-cost-only`, the fitted rows a table with fitted "
-                       "timesteps at that K: `analytic-sampler precompute ... --fit-only`).")
+                       "timesteps at that K: `analytic-sampler precompute ... --fit-only`, DPM-Solver-v3 solver "
+                       "statistics: `--solver-samples` above 0).")
     start_load = r.get("load_average_at_start")
     out += ["", f"Run time {r['seconds_total']:.0f} s"
             + ("" if start_load is None else f" (load average {start_load[0]} when it started)") + ". " + footer(r)]

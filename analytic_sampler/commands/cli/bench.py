@@ -7,7 +7,15 @@ import os
 
 from ...pretrained import load_pretrained
 from ..outputs import refuse_overwrite
-from .arguments import DATA_FORMS, FORCE_TABLE_HELP, OVERWRITE_HELP, add_run_options, num_steps, positive_int
+from .arguments import (
+    DATA_FORMS,
+    FORCE_TABLE_HELP,
+    OVERWRITE_HELP,
+    add_run_options,
+    non_negative_int,
+    num_steps,
+    positive_int,
+)
 from .inputs import check_data, load_data, load_table, make_folder
 
 
@@ -23,6 +31,9 @@ def add_parser(subcommands) -> None:
     p.add_argument("--table", default=None, help="reuse this table (default: the model's own, else estimate one)")
     p.add_argument("--force-table", action="store_true", help=FORCE_TABLE_HELP)
     p.add_argument("--table-samples", type=positive_int, default=100, help="samples per timestep for a new table")
+    p.add_argument("--solver-samples", type=non_negative_int, default=128, metavar="M",
+                   help="draws per grid point for DPM-Solver-v3's statistics where the model has none (0: leave "
+                        "its row out)")
     p.add_argument("--fd-samples", type=positive_int, default=None,
                    help="samples per FD cell (default: the number of training images, at most 5000)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception network for FID on RGB models")
@@ -49,7 +60,8 @@ def run(args) -> None:
     check_data(heldout, model.unet, args.eval_data, "--eval-data", needed=2)
     table = load_table(args) if args.table else None  # run_bench checks it against the model
     out = make_folder(args.out)
-    options = BenchOptions(table=table, table_samples=args.table_samples, force_table=args.force_table,
+    options = BenchOptions(table=table, table_samples=args.table_samples, solver_samples=args.solver_samples,
+                           force_table=args.force_table,
                            overwrite=args.overwrite, fd_samples=args.fd_samples, inception=args.inception,
                            schedulers=args.scheduler or (), batch_size=args.batch_size, seed=args.seed,
                            device=args.device)

@@ -18,6 +18,7 @@ from analytic_sampler.commands.demo import DEMO_METHODS, DEMO_TABLE_SAMPLES, run
 from analytic_sampler.evaluation.baselines import FITTED
 from analytic_sampler.fingerprint import weights_fingerprint
 from analytic_sampler.pretrained import BUNDLED_DIR, BUNDLED_MODELS, load_pretrained
+from analytic_sampler.solver_statistics import SolverStatistics
 from analytic_sampler.table import VarianceTable
 
 EXPECTED_VARIANCE = {"digits-ddpm-linear": "fixed_small", "digits-iddpm-cosine": "learned_range"}
@@ -111,8 +112,9 @@ def test_demo_estimates_a_table_for_a_model_that_ships_none(tmp_path):
     assert load_pretrained(str(model_dir)).table is None  # the table goes to the output folder, not the model's
     saved = VarianceTable.load(tmp_path / "out" / "table")
     assert saved.counts.tolist() == [DEMO_TABLE_SAMPLES] * 1000
-    assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS) - 1  # no solver statistics: no v3 row
-    assert result["sample_quality"]["not_applicable"] == ["DPM-Solver-v3"]
+    assert len(result["sample_quality"]["rows"]) == len(DEMO_METHODS)  # v3 on statistics estimated beside the table
+    assert result["sample_quality"]["not_applicable"] == [] and result["solver_statistics"].startswith("estimated")
+    assert set(SolverStatistics.load(tmp_path / "out" / "table").fitted_timesteps) == {"3", "5"}
 
 
 @pytest.mark.slow

@@ -25,8 +25,9 @@ from ..evaluation.sampling import save_grid
 from ..pretrained import load_pretrained
 from .bench import BenchOptions, output_names, run_bench
 
-#: the two "(fitted timesteps)" rows run where the table carries fitted timesteps (``precompute``; not the bundled
-#: tables), DPM-Solver-v3 where the model ships solver statistics (the bundled models do)
+#: the two "(fitted timesteps)" rows run where the table carries fitted timesteps (``precompute``, or a table the
+#: demo estimates; not the bundled tables); DPM-Solver-v3 on the model's solver statistics (the bundled models ship
+#: them), else on statistics the demo estimates beside its table
 DEMO_METHODS = ("DDIM", "DDIM (eps from clipped x0)", "Analytic-DDIM", "DPM-Solver++(2M)", "UniPC",
                 "Analytic-DPM (defaults)", "Analytic-DPM (model's spacing)", "Analytic-DDPM (sample trajectory)",
                 "DPM-Solver++(2M) (fitted timesteps)", "UniPC (fitted timesteps)", "DPM-Solver-v3")

@@ -100,3 +100,19 @@ def test_samplers_quick(tmp_path):
     assert any(c["table"] == "second" and "vs_shipped" in c for c in cells)
     assert any(c["table"] == "defaults" and "vs_ddim" in c for c in cells)
     assert "sample-quality trajectory" in (tmp_path / "samplers.md").read_text()
+
+@pytest.mark.slow
+def test_solver_v3_tail_quick(tmp_path):
+    """Every v3 trajectory of the tail study runs K model calls on both bundled models; each cell is paired with the
+    best peer cell of its (model, seed)."""
+    import solver_v3_tail
+
+    result = solver_v3_tail.main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    for model in result["models"]:
+        rows = model["rows"]
+        v3 = [r for r in rows if r["method"] == solver_v3_tail.V3]
+        assert {r["spacing"] for r in v3} >= {"fitted", "stop at 70", "jump from 50"}
+        assert all(len(r["timesteps"]) == solver_v3_tail.K for r in v3)
+        assert [r["timesteps"][-1] for r in v3 if r["spacing"].startswith("jump")] == [1] * len(solver_v3_tail.JUMPS)
+        assert min(r["fd_diff_to_best_peer"] for r in rows if r["method"] in solver_v3_tail.PEERS) == 0
+    assert "jump from 50" in (tmp_path / "solver_v3_tail.md").read_text()

@@ -11,7 +11,9 @@ spacings, and two changes to where the trajectory ends:
 - ``stop at T``: the logsnr spacing ending at T, whose last model call's data prediction is the sample (it stops
   early and denoises in one call);
 - ``jump from T``: the logsnr spacing of K - 1 calls ending at T, then one long step to t = 1 and the data
-  prediction there.
+  prediction there;
+- ``samples, sigma_min S``: the table's sample-quality trajectory (Align Your Steps' bound, truncated at the noise
+  level S), a per-model rule chosen without FD-digits.
 
 Reference error and FD-digits as in ``solver_v3.py`` (paired standard errors against the best peer cell by each
 measure), against a 200-step DPM-Solver++(3M) reference whose own error (against 100 steps, first 100 samples) the
@@ -40,12 +42,14 @@ from analytic_sampler.evaluation.frechet import FrechetReference  # noqa: E402
 from analytic_sampler.evaluation.provenance import environment, footer, write_results  # noqa: E402
 from analytic_sampler.evaluation.sampling import sample  # noqa: E402
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa: E402
+from analytic_sampler.sample_trajectory import sample_quality_trajectory  # noqa: E402
 from analytic_sampler.solver_statistics import logsnr_timesteps  # noqa: E402
 
 K = 10
 REFERENCE_STEPS = 200
 STOPS = (20, 70, 100)  # 20 = the logsnr spacing's own t_last at K = 10 (N / 5K)
 JUMPS = (30, 50, 100)
+SIGMA_MINS = (0.3, 0.1)  # the sample-quality trajectory's default, and a finer one
 LOGSNR_POWER = 2.5  # the scheduler's default
 
 
@@ -56,6 +60,7 @@ def v3_trajectories(model) -> dict[str, list[int] | str]:
     out.update({spacing: spacing for spacing in ("linspace", "leading", "trailing")})
     out.update({f"stop at {t}": logsnr_timesteps(abar, K, t, LOGSNR_POWER) for t in STOPS})
     out.update({f"jump from {t}": logsnr_timesteps(abar, K - 1, t, LOGSNR_POWER) + [1] for t in JUMPS})
+    out.update({f"samples, sigma_min {s}": sample_quality_trajectory(model.table, K, s) for s in SIGMA_MINS})
     return out
 
 
@@ -103,8 +108,9 @@ def markdown(result: dict) -> str:
              "cell by that measure. FD-digits − the best peer cell by FD-digits, ± paired bootstrap SE. Peers: UniPC "
              "and DPM-Solver++(2M) on linspace, leading, trailing and Karras spacings. v3 cells: its fitted "
              "timesteps (its default), Diffusers' spacings, `stop at T` (the logsnr spacing ending at T: its last "
-             "call's data prediction is the sample) and `jump from T` (K - 1 logsnr calls to T, then one long step "
-             "to t = 1 and the data prediction there). The bundled statistics and fitted timesteps.", "",
+             "call's data prediction is the sample), `jump from T` (K - 1 logsnr calls to T, then one long step to "
+             "t = 1 and the data prediction there) and `samples, sigma_min S` (the table's sample-quality "
+             "trajectory, truncated at noise level S). The bundled statistics, fitted timesteps and tables.", "",
              "| model | cell | timesteps | ref error / best peer (seeds) | FD-digits − best peer ± paired SE "
              "(seeds) |", "|---|---|---|---:|---:|"]
     for m in result["models"]:

@@ -2,7 +2,7 @@
 early, both bundled models: the reference error of each (the RMS distance to a 500-step DPM-Solver++(3M) solution
 from the same x_T, as in ``solver_v3.py``), mean over samples ± standard error.
 
-    python benchmarks/solver_v3_final_order.py      # after solver_v3.py: reads the statistics from its --cache
+    python benchmarks/solver_v3_final_order.py      # the bundled models' statistics; --quick for a smoke run
 
 Trajectories: ``uniform K to T``, K timesteps evenly spaced from N-1 to T (T = 0: Diffusers' "leading" ends there);
 ``linspace K``, UniPC's and DPM-Solver++'s "linspace" (ends near N / K); ``logsnr K``, the scheduler's own spacing
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 from diffusers import UniPCMultistepScheduler  # noqa: E402
 from solver_v3 import REFERENCE_STEPS, reference_solution, rms  # noqa: E402
 
-from analytic_sampler import DPMSolverV3Scheduler, SolverStatistics  # noqa: E402
+from analytic_sampler import DPMSolverV3Scheduler  # noqa: E402
 from analytic_sampler.evaluation.provenance import environment, footer, write_results  # noqa: E402
 from analytic_sampler.evaluation.sampling import sample  # noqa: E402
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa: E402
@@ -45,13 +44,15 @@ def trajectories(config, abar: np.ndarray) -> dict[str, list[int]]:
     return out
 
 
-def run_model(name: str, cache: Path, n: int, orders: tuple[int, ...]) -> list[dict]:
+def run_model(name: str, n: int, orders: tuple[int, ...], reference_steps: int, max_steps: int) -> list[dict]:
     model = load_pretrained(name)
-    stats = SolverStatistics.load(cache / f"{name}-statistics")
-    reference = reference_solution(model, n, 0, REFERENCE_STEPS)
+    stats = model.solver_statistics
+    reference = reference_solution(model, n, 0, reference_steps)
     abar = model.scheduler.alphas_cumprod.numpy().astype(np.float64)
     rows = []
     for label, timesteps in trajectories(model.scheduler.config, abar).items():
+        if len(timesteps) > max_steps:
+            continue
         for order in orders:
             row = {"model": name, "trajectory": label, "order": order, "timesteps": timesteps}
             for final in (False, True):
@@ -67,8 +68,9 @@ def run_model(name: str, cache: Path, n: int, orders: tuple[int, ...]) -> list[d
 
 def markdown(result: dict) -> str:
     lines = ["# DPM-Solver-v3: `lower_order_final` on and off", "",
-             f"Reference error (RMS distance to the {REFERENCE_STEPS}-step DPM-Solver++(3M) solution from the same "
-             f"x_T, mean ± SE over {result['num_samples']} samples of seed 0). Statistics: `solver_v3.py`'s.", "",
+             f"Reference error (RMS distance to the {result['reference_steps']}-step DPM-Solver++(3M) solution from "
+             f"the same x_T, mean ± SE over {result['num_samples']} samples of seed 0). Statistics: the bundled "
+             "models'.", "",
              "| model | trajectory | order | off | on | off / on |", "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         (off, off_se), (on, on_se) = r["lower_order_final=False"], r["lower_order_final=True"]
@@ -79,14 +81,15 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", default="outputs/solver_v3_cache", help="solver_v3.py's --cache")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 samples, a 20-step reference, K <= 10")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     env = environment("cpu")
-    rows = [row for name in BUNDLED_MODELS for row in run_model(name, Path(args.cache), args.num_samples, (2, 3))]
-    result = {"num_samples": args.num_samples, "rows": rows, **env}
+    n, steps, max_steps = (8, 20, 10) if args.quick else (args.num_samples, REFERENCE_STEPS, 100)
+    rows = [row for name in BUNDLED_MODELS for row in run_model(name, n, (2, 3), steps, max_steps)]
+    result = {"quick": args.quick, "num_samples": n, "reference_steps": steps, "rows": rows, **env}
     write_results(args.out, "solver_v3_final_order", result, markdown(result))
     return result
 

@@ -116,3 +116,15 @@ def test_solver_v3_tail_quick(tmp_path):
         assert [r["timesteps"][-1] for r in v3 if r["spacing"].startswith("jump")] == [1] * len(solver_v3_tail.JUMPS)
         assert min(r["fd_diff_to_best_peer"] for r in rows if r["method"] in solver_v3_tail.PEERS) == 0
     assert "jump from 50" in (tmp_path / "solver_v3_tail.md").read_text()
+
+
+@pytest.mark.slow
+def test_solver_v3_final_order_quick(tmp_path):
+    """lower_order_final on and off on the bundled statistics: both orders of every trajectory up to K = 10 get a
+    reference error with its standard error."""
+    import solver_v3_final_order
+
+    result = solver_v3_final_order.main(["--quick", "--out", str(tmp_path)])
+    assert {r["order"] for r in result["rows"]} == {2, 3} and all(len(r["timesteps"]) <= 10 for r in result["rows"])
+    assert all(r[f"lower_order_final={f}"][0] > 0 for r in result["rows"] for f in (False, True))
+    assert "lower_order_final" in (tmp_path / "solver_v3_final_order.md").read_text()

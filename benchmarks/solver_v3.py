@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -167,10 +168,9 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
         reference, ref_seconds = cached(cache / f"{name}-reference{steps}-n{n}-s{seed}.pt",
                                         reference_solution, model, n, seed, steps)
         result.setdefault("reference_seconds", {})[seed] = ref_seconds
-        if seed == seeds[0]:  # the reference's own error: against half the steps, first 100 samples
-            half = reference_solution(model, min(n, 100), seed, steps // 2)
-            result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
-        result["cells"] += reference_cells(reference, steps, seed, ref_seconds, features)
+        if seed == seeds[0]:
+            result["reference_vs_half_steps"] = half_step_error(model, reference, seed, steps)
+        result["cells"] += reference_cells(reference, steps, seed, ref_seconds, features, STEPS)
         for c in cells(model, stats, second):
             run = (sample, model.unet, c["scheduler"], n, None if c["timesteps"] else c["K"], c["timesteps"])
             kwargs = {"seed": seed, "batch_size": 1000, "progress": False, **c["step_kwargs"]}
@@ -179,23 +179,32 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, train:
                                          *run, **kwargs)
             else:
                 images, seconds = timed(*run, **kwargs)
-            error = rms(images, reference)
-            result["cells"].append({
-                "method": c["method"], "spacing": c["spacing"], "K": c["K"], "seed": seed, "seconds": seconds,
-                "timesteps": c["scheduler"].timesteps.tolist(), "ref_error": error.numpy().tolist(),
-                "features": features(images).numpy().astype(np.float32).tolist(),
-            })
-            print(f"{name} seed {seed} K={c['K']} {c['method']} {c['spacing']}: ref {float(error.mean()):.4f} "
-                  f"({seconds:.1f} s)", flush=True)
+            result["cells"].append(scored_cell(name, c["method"], c["spacing"], c["K"], seed, seconds,
+                                               c["scheduler"].timesteps.tolist(), images, reference, features))
     return result
 
 
-def reference_cells(reference: torch.Tensor, steps: int, seed: int, seconds: float, features) -> list[dict]:
-    """The reference solution as a row of every K: its FD-digits is the ODE's own, which a sampler approaches as its
-    reference error goes to 0."""
+def half_step_error(model, reference: torch.Tensor, seed: int, steps: int) -> float:
+    """The reference's own error: mean RMS against its solve with half the steps, first 100 samples."""
+    half = reference_solution(model, min(len(reference), 100), seed, steps // 2)
+    return float(rms(half, reference[: len(half)]).mean())
+
+
+def scored_cell(name: str, method: str, spacing: str, k: int, seed: int, seconds: float, timesteps: list[int],
+                images: torch.Tensor, reference: torch.Tensor, features) -> dict:
+    """One cell's record for :func:`summarise`: per-sample reference errors and classifier features."""
+    error = rms(images, reference)
+    print(f"{name} seed {seed} K={k} {method} {spacing}: ref {float(error.mean()):.4f} ({seconds:.1f} s)", flush=True)
+    return {"method": method, "spacing": spacing, "K": k, "seed": seed, "seconds": seconds, "timesteps": timesteps,
+            "ref_error": error.numpy().tolist(), "features": features(images).numpy().astype(np.float32).tolist()}
+
+
+def reference_cells(reference: torch.Tensor, steps: int, seed: int, seconds: float, features, ks) -> list[dict]:
+    """The reference solution as a row of every K in ``ks``: its FD-digits is the ODE's own, which a sampler
+    approaches as its reference error goes to 0."""
     feats = features(reference).numpy().astype(np.float32).tolist()
     return [{"method": ODE, "spacing": f"{steps} steps", "K": k, "seed": seed, "seconds": seconds, "timesteps": [],
-             "ref_error": [0.0] * len(reference), "features": feats} for k in STEPS]
+             "ref_error": [0.0] * len(reference), "features": feats} for k in ks]
 
 
 def cached(path: Path, function, *args, **kwargs) -> tuple[torch.Tensor, float]:
@@ -302,26 +311,49 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cell_arguments(description: str, cache: str, quick: str) -> argparse.ArgumentParser:
+    """The options of a benchmark whose cells run per model (``--models`` to run some in parallel) into a cache."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--models", nargs="+", default=None, help="run these models' cells only (no results written)")
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--cache", default="outputs/solver_v3_cache")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny statistics and fit, 20-step reference")
-    args = p.parse_args(argv)
+    p.add_argument("--cache", default=cache)
+    p.add_argument("--quick", action="store_true", help=quick)
+    return p
+
+
+def run_models(names, path_of: Callable[[str], Path], run: Callable[[str], dict]) -> None:
+    """``run(name)`` for each model whose cells are not at ``path_of(name)`` yet, saved there."""
+    for name in names:
+        if not path_of(name).is_file():
+            path_of(name).write_text(json.dumps(run(name)))
+
+
+def summaries(path_of: Callable[[str], Path], reference: FrechetReference) -> list[dict]:
+    """Each bundled model's saved result without its cells, with :func:`summarise`'s rows."""
+    out = []
+    for name in BUNDLED_MODELS:
+        m = json.loads(path_of(name).read_text())
+        out.append({k: v for k, v in m.items() if k != "cells"} | {"rows": summarise(m, reference)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = cell_arguments(__doc__.splitlines()[0], "outputs/solver_v3_cache",
+                          "smoke run: tiny statistics and fit, 20-step reference").parse_args(argv)
     torch.set_num_threads(1)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     train = load_digits_split("train")[0]
     features = DigitFeatures()
     env = {**environment("cpu"), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    for name in args.models or BUNDLED_MODELS:
-        path = cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}.json"
-        if not path.is_file():
-            path.write_text(json.dumps(run_model(name, args.num_samples, args.seeds, cache, features, train,
-                                                 args.quick)))
+
+    def path_of(name: str) -> Path:
+        return cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}.json"
+
+    run_models(args.models or BUNDLED_MODELS, path_of,
+               lambda name: run_model(name, args.num_samples, args.seeds, cache, features, train, args.quick))
     if args.models:
         return None
     reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
@@ -329,10 +361,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "reference_steps": 20 if args.quick else REFERENCE_STEPS,
               "statistics_options": asdict(QUICK_STATISTICS if args.quick else STATISTICS),
               "fit_options": asdict(QUICK_FIT if args.quick else FIT),
-              **env, "models": []}
-    for name in BUNDLED_MODELS:
-        m = json.loads((cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}.json").read_text())
-        result["models"].append({k: v for k, v in m.items() if k != "cells"} | {"rows": summarise(m, reference)})
+              **env, "models": summaries(path_of, reference)}
     write_results(args.out, "solver_v3", result, markdown(result))
     return result
 

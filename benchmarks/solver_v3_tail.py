@@ -22,17 +22,26 @@ file reports. Writes ``solver_v3_tail.json`` and ``solver_v3_tail.md``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP: no spinning on a shared machine
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from solver_v3 import ODE, PEERS, SPACINGS, V3, cached, rms, summarise, timed  # noqa: E402
-from solver_v3 import reference_solution as reference_at  # noqa: E402
+from solver_v3 import (  # noqa: E402
+    PEERS,
+    SPACINGS,
+    V3,
+    cached,
+    cell_arguments,
+    half_step_error,
+    reference_cells,
+    reference_solution,
+    run_models,
+    scored_cell,
+    summaries,
+    timed,
+)
 
 from analytic_sampler import DPMSolverV3Scheduler  # noqa: E402
 from analytic_sampler.commands.bench import REFERENCE_IMAGES  # noqa: E402
@@ -43,23 +52,26 @@ from analytic_sampler.evaluation.provenance import environment, footer, write_re
 from analytic_sampler.evaluation.sampling import sample  # noqa: E402
 from analytic_sampler.pretrained import BUNDLED_MODELS, load_pretrained  # noqa: E402
 from analytic_sampler.sample_trajectory import sample_quality_trajectory  # noqa: E402
-from analytic_sampler.solver_statistics import logsnr_timesteps  # noqa: E402
 
 K = 10
 REFERENCE_STEPS = 200
 STOPS = (20, 70, 100)  # 20 = the logsnr spacing's own t_last at K = 10 (N / 5K)
 JUMPS = (30, 50, 100)
 SIGMA_MINS = (0.3, 0.1)  # the sample-quality trajectory's default, and a finer one
-LOGSNR_POWER = 2.5  # the scheduler's default
 
 
-def v3_trajectories(model) -> dict[str, list[int] | str]:
-    """v3's cells: a Diffusers spacing by name, or explicit timesteps."""
-    abar = model.scheduler.alphas_cumprod.numpy().astype(np.float64)
-    out: dict[str, list[int] | str] = {"fitted": model.solver_statistics.fitted_timesteps[str(K)]}
-    out.update({spacing: spacing for spacing in ("linspace", "leading", "trailing")})
-    out.update({f"stop at {t}": logsnr_timesteps(abar, K, t, LOGSNR_POWER) for t in STOPS})
-    out.update({f"jump from {t}": logsnr_timesteps(abar, K - 1, t, LOGSNR_POWER) + [1] for t in JUMPS})
+def v3_trajectories(model) -> dict[str, list[int]]:
+    """v3's cells: label -> its K timesteps (the scheduler's own spacings, or a trajectory it is given)."""
+
+    def spaced(k: int, **options) -> list[int]:
+        scheduler = DPMSolverV3Scheduler.from_table(model.solver_statistics, model.scheduler.config, **options)
+        scheduler.set_timesteps(k)
+        return scheduler.timesteps.tolist()
+
+    out = {"fitted": spaced(K)}
+    out.update({spacing: spaced(K, timestep_spacing=spacing) for spacing in ("linspace", "leading", "trailing")})
+    out.update({f"stop at {t}": spaced(K, timestep_spacing="logsnr", logsnr_t_last=t) for t in STOPS})
+    out.update({f"jump from {t}": spaced(K - 1, timestep_spacing="logsnr", logsnr_t_last=t) + [1] for t in JUMPS})
     out.update({f"samples, sigma_min {s}": sample_quality_trajectory(model.table, K, s) for s in SIGMA_MINS})
     return out
 
@@ -68,35 +80,24 @@ def run_model(name: str, n: int, seeds: list[int], cache: Path, features, steps:
     model = load_pretrained(name)
     stats, config = model.solver_statistics, model.scheduler.config
     result = {"model": name, "cells": []}
+    runs = []
+    for method in PEERS:
+        for spacing in SPACINGS:
+            s = build_sampler(method, config, model.table, spacing)
+            runs.append((method, spacing, s.scheduler, s.timesteps, s.step_kwargs))
+    runs += [(V3, label, DPMSolverV3Scheduler.from_table(stats, config), timesteps, {})
+             for label, timesteps in v3_trajectories(model).items()]
     for seed in seeds:
-        reference, _ = cached(cache / f"{name}-reference{steps}-n{n}-s{seed}.pt", reference_at, model, n, seed,
+        reference, _ = cached(cache / f"{name}-reference{steps}-n{n}-s{seed}.pt", reference_solution, model, n, seed,
                               steps)
         if seed == seeds[0]:
-            half = reference_at(model, min(n, 100), seed, steps // 2)
-            result["reference_vs_half_steps"] = float(rms(half, reference[: len(half)]).mean())
-        result["cells"].append({"method": ODE, "spacing": f"{steps} steps", "K": K, "seed": seed,
-                                "seconds": 0.0, "timesteps": [], "ref_error": [0.0] * n,
-                                "features": features(reference).numpy().astype(np.float32).tolist()})
-        runs = []
-        for method in PEERS:
-            for spacing in SPACINGS:
-                s = build_sampler(method, config, model.table, spacing)
-                runs.append((method, spacing, s.scheduler, s.timesteps, s.step_kwargs))
-        for label, trajectory in v3_trajectories(model).items():
-            spaced = isinstance(trajectory, str)
-            scheduler = DPMSolverV3Scheduler.from_table(stats, config, **({"timestep_spacing": trajectory}
-                                                                             if spaced else {}))
-            runs.append((V3, label, scheduler, None if spaced else trajectory, {}))
+            result["reference_vs_half_steps"] = half_step_error(model, reference, seed, steps)
+        result["cells"] += reference_cells(reference, steps, seed, 0.0, features, (K,))
         for method, spacing, scheduler, timesteps, kwargs in runs:
             images, seconds = timed(sample, model.unet, scheduler, n, None if timesteps else K, timesteps, seed=seed,
                                     batch_size=1000, progress=False, **kwargs)
-            error = rms(images, reference)
-            result["cells"].append({
-                "method": method, "spacing": spacing, "K": K, "seed": seed, "seconds": seconds,
-                "timesteps": scheduler.timesteps.tolist(), "ref_error": error.numpy().tolist(),
-                "features": features(images).numpy().astype(np.float32).tolist(),
-            })
-            print(f"{name} seed {seed} {method} {spacing}: ref {float(error.mean()):.4f} ({seconds:.1f} s)", flush=True)
+            result["cells"].append(scored_cell(name, method, spacing, K, seed, seconds, scheduler.timesteps.tolist(),
+                                               images, reference, features))
     return result
 
 
@@ -135,14 +136,8 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=None, help="run these models' cells only (no results written)")
-    p.add_argument("--num-samples", type=int, default=2000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--cache", default="outputs/solver_v3_tail_cache")
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 samples, seed 0, a 20-step reference")
-    args = p.parse_args(argv)
+    args = cell_arguments(__doc__.splitlines()[0], "outputs/solver_v3_tail_cache",
+                          "smoke run: 16 samples, seed 0, a 20-step reference").parse_args(argv)
     if args.quick:
         args.num_samples, args.seeds = 16, [0]
     steps = 20 if args.quick else REFERENCE_STEPS
@@ -151,21 +146,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     cache.mkdir(parents=True, exist_ok=True)
     features = DigitFeatures()
     env = {**environment("cpu"), "load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    tag = f"n{args.num_samples}-s{'_'.join(map(str, args.seeds))}-r{steps}"
-    for name in args.models or BUNDLED_MODELS:
-        path = cache / f"{name}-{tag}.json"
-        if not path.is_file():
-            path.write_text(json.dumps(run_model(name, args.num_samples, args.seeds, cache, features, steps)))
+
+    def path_of(name: str) -> Path:
+        return cache / f"{name}-n{args.num_samples}-s{'_'.join(map(str, args.seeds))}-r{steps}.json"
+
+    run_models(args.models or BUNDLED_MODELS, path_of,
+               lambda name: run_model(name, args.num_samples, args.seeds, cache, features, steps))
     if args.models:
         return None
     train = load_digits_split("train")[0]
     reference = FrechetReference.of(features(train[:REFERENCE_IMAGES]).numpy())
     result = {"quick": args.quick, "num_samples": args.num_samples, "seeds": args.seeds, "K": K,
-              "reference_steps": steps,
-              **env, "models": []}
-    for name in BUNDLED_MODELS:
-        m = json.loads((cache / f"{name}-{tag}.json").read_text())
-        result["models"].append({k: v for k, v in m.items() if k != "cells"} | {"rows": summarise(m, reference)})
+              "reference_steps": steps, **env, "models": summaries(path_of, reference)}
     write_results(args.out, "solver_v3_tail", result, markdown(result))
     return result
 
